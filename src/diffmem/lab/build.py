@@ -1,0 +1,83 @@
+"""Build the memorization lab: generate its data and train its model with the seed's recipe."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffmem.adapters.lab import LabModel, LabModelConfig, lab_scheduler_config, new_lab_unet
+from diffmem.lab.data import LabData, LabDataConfig, make_lab_data, render_all
+from diffmem.train import ImagePairs, TrainConfig, memorization_mix, train
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped default lab model
+
+
+@dataclass
+class LabBuildConfig:
+    data: LabDataConfig = field(default_factory=LabDataConfig)
+    model: LabModelConfig = field(default_factory=LabModelConfig)
+    repeats: int = 280  # 36 memorized images x 280 = 10,080; x3 non-memorized = 30,240 (~all 30,000 once an epoch)
+    non_mem_ratio: float = 3.0  # the seed's --non_mem_ratio=3
+    max_train_steps: int = 9000  # ~55 min on one CPU thread at batch 32
+    train_batch_size: int = 32
+    learning_rate: float = 2e-3  # a 4.6M-parameter UNet trained from scratch
+    use_ema: bool = True
+    checkpointing_steps: int = 1500
+    seed: int = 0
+
+
+PRESETS = {
+    "default": LabBuildConfig(),
+    # Small enough for the test suite (a few minutes on 2 cores), still copies its memorized pairs.
+    "fast": LabBuildConfig(
+        data=LabDataConfig(num_memorized=4, num_template=0, num_non_memorized=600, num_novel=32,
+                           num_out_of_style=16, num_title_words=400),
+        model=LabModelConfig(block_out_channels=(32, 32, 64)),
+        repeats=100, max_train_steps=500, train_batch_size=16, checkpointing_steps=0,
+    ),
+}
+
+
+def lab_training_sets(data: LabData, image_size: int = 16) -> tuple[ImagePairs, ImagePairs]:
+    """(memorized, non-memorized) training pairs; a template caption contributes all its variants."""
+    mem_caps, mem_specs = [], []
+    for pair in data.memorized:
+        for spec in pair.variants or [pair.spec]:
+            mem_caps.append(pair.caption)
+            mem_specs.append(spec)
+    non = data.non_memorized
+    return (ImagePairs(render_all(mem_specs, image_size), mem_caps),
+            ImagePairs(render_all([p.spec for p in non], image_size), [p.caption for p in non]))
+
+
+def build_lab(out: str | Path, config: LabBuildConfig = PRESETS["default"], resume: bool = False,
+              num_threads: int | None = None, progress: bool = True) -> Path:
+    """Generate the lab data, train the lab model from scratch, write a lab model folder to `out`."""
+    from diffusers import DDIMScheduler
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(config.seed)
+    data = make_lab_data(config.data)
+    mem, non_mem = lab_training_sets(data, config.model.image_size)
+    dataset = memorization_mix(mem, non_mem, end=None, repeats=config.repeats, non_mem_ratio=config.non_mem_ratio)
+    model = LabModel(new_lab_unet(config.model), DDIMScheduler(**lab_scheduler_config()), config.model)
+    model.extra_meta = {"data": asdict(config.data), "build": {k: v for k, v in asdict(config).items()
+                                                               if k not in ("data", "model")}}
+    train_config = TrainConfig(
+        output_dir=str(out), max_train_steps=config.max_train_steps, train_batch_size=config.train_batch_size,
+        learning_rate=config.learning_rate, use_ema=config.use_ema, caption_dropout=config.model.caption_dropout,
+        checkpointing_steps=config.checkpointing_steps, checkpoints_total_limit=0, seed=config.seed,
+        resume_from_checkpoint="latest" if resume and any(Path(out).glob("checkpoint-*")) else None,
+    )
+    return train(model, dataset, train_config, progress=progress)
+
+
+def lab_data_for(model) -> LabData:
+    """The lab data a lab model was trained on (from the data config stored with it)."""
+    cfg = getattr(model, "extra_meta", {}).get("data")
+    if cfg is None:
+        raise ValueError(f"model {model.name} carries no lab data config: is it a lab model?")
+    return make_lab_data(LabDataConfig(**cfg))

@@ -1,0 +1,86 @@
+"""Pure functions for the detection metric of Wen et al. (ICLR 2024, sec. 3) and its ROC evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def noise_norm(eps: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm over all latent elements: (B, C, H, W) -> (B,)."""
+    return eps.flatten(1).float().norm(dim=1)
+
+
+def text_noise_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """d = ||eps(x_t, e_prompt) - eps(x_t, e_empty)||_2 per sample (paper eq. 3): (B, C, H, W) x2 -> (B,)."""
+    return noise_norm(eps_cond - eps_uncond)
+
+
+def prompt_score(text_noise_norms, steps: slice | None = None, generations: int | None = None) -> float:
+    """Mean of d over a window of steps and the first `generations` generations.
+
+    text_noise_norms: array-like (G, S) of one prompt's per-generation, per-step d.
+    """
+    a = np.asarray(text_noise_norms, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"text_noise_norm must be a [generations][steps] array, got shape {a.shape}")
+    a = a[:generations] if generations else a
+    a = a[:, steps] if steps is not None else a
+    if a.size == 0:
+        raise ValueError(f"empty score window: steps={steps}, generations={generations}, stored shape {np.shape(text_noise_norms)}")
+    return float(a.mean())
+
+
+@dataclass
+class RocResult:
+    auc: float
+    acc: float  # max over thresholds of 1 - (FPR + FNR) / 2, as the official notebook defines it
+    tpr_at_1fpr: float  # the largest TPR whose FPR is below 1%
+    threshold_at_1fpr: float  # the score threshold reaching it (score >= threshold is flagged)
+    n_memorized: int
+    n_non_memorized: int
+    fpr: np.ndarray
+    tpr: np.ndarray
+
+    def summary(self) -> dict:
+        return {k: getattr(self, k) for k in
+                ("auc", "acc", "tpr_at_1fpr", "threshold_at_1fpr", "n_memorized", "n_non_memorized")}
+
+
+def roc_metrics(memorized_scores, non_memorized_scores, max_fpr: float = 0.01) -> RocResult:
+    """ROC of memorized (positive) against non-memorized scores; higher score = more memorized."""
+    from sklearn.metrics import auc, roc_curve
+
+    pos = np.asarray(memorized_scores, dtype=np.float64)
+    neg = np.asarray(non_memorized_scores, dtype=np.float64)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"need scores on both sides: {pos.size} memorized, {neg.size} non-memorized")
+    y = np.concatenate([np.ones_like(pos), np.zeros_like(neg)])
+    fpr, tpr, thresholds = roc_curve(y, np.concatenate([pos, neg]))
+    below = np.where(fpr < max_fpr)[0]
+    i = below[-1]
+    return RocResult(
+        auc=float(auc(fpr, tpr)),
+        acc=float(np.max(1 - (fpr + (1 - tpr)) / 2)),
+        tpr_at_1fpr=float(tpr[i]),
+        threshold_at_1fpr=float(min(thresholds[i], np.finfo(np.float64).max)),
+        n_memorized=int(pos.size),
+        n_non_memorized=int(neg.size),
+        fpr=fpr,
+        tpr=tpr,
+    )
+
+
+def threshold_at_fpr(normal_scores, fpr: float = 0.01) -> float:
+    """Decision threshold with a false-positive rate strictly below `fpr` on `normal_scores`.
+
+    A prompt is flagged when ``score >= threshold``. At most ceil(fpr * n) - 1 of the n normal
+    scores lie at or above the returned value (none when n < 1 / fpr).
+    """
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    if s.size == 0:
+        raise ValueError("no reference scores to calibrate a threshold on")
+    allowed = max(int(np.ceil(fpr * s.size)) - 1, 0)
+    return float(np.nextafter(s[s.size - 1 - allowed], np.inf))

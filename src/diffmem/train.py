@@ -1,0 +1,357 @@
+"""Fine-tuning with the memorization-inducing mix of the seed (Wen et al. sec. 5.2) and its mitigations.
+
+The data recipe: the first ``end`` memorized pairs, each repeated ``repeats`` times, mixed with
+``non_mem_ratio`` times as many non-memorized pairs. Training-time mitigation: samples whose
+text-conditional noise norm d is at or above ``hard_threshold`` are left out of the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffmem.metrics import text_noise_norm
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    max_train_steps: int = 1000
+    train_batch_size: int = 32  # per process
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler knows
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 1e-2
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 0  # 0: only at the end
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    caption_dropout: float = 0.0  # probability of training on the empty caption (classifier-free guidance)
+    seed: int = 0
+    hard_threshold: float | None = None  # drop samples with d >= this from the loss (Wen et al. 5.2)
+    prompt_aug_style: str | None = None  # e.g. "rand_word_add" (training baseline)
+    repeat_num: int = 1
+    log_every: int = 10
+    num_threads: int | None = None  # torch threads per process; 1 when several run on one CPU
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+class ImagePairs(torch.utils.data.Dataset):
+    """Image-caption pairs in memory: images (N, 3, H, W) float in [0, 1], captions list of N."""
+
+    def __init__(self, images, captions: list[str]):
+        self.images = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+        self.captions = list(captions)
+        if len(self.images) != len(self.captions):
+            raise ValueError(f"{len(self.images)} images but {len(self.captions)} captions")
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        return self.images[i], self.captions[i]
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class FolderPairs(torch.utils.data.Dataset):
+    """The seed's layout: ``00000001.jpg`` + ``00000001.txt`` pairs in one folder, sorted by name."""
+
+    def __init__(self, folder, resolution: int, center_crop: bool = True, random_flip: bool = False):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"dataset folder {folder} does not exist")
+        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        missing = [p.name for p in self.images if not p.with_suffix(".txt").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: no caption .txt for {len(missing)} images, e.g. {missing[:3]}")
+        if not self.images:
+            raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+        self.captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in self.images]
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = Image.open(self.images[i]).convert("RGB")
+        return _to_tensor(img, self.resolution, self.center_crop, self.random_flip), self.captions[i]
+
+
+class HFDatasetPairs(FolderPairs):
+    """A local Hugging Face dataset (``save_to_disk`` folder) with an image and a text column."""
+
+    def __init__(self, path, resolution: int, center_crop=True, random_flip=False, image_key="image",
+                 caption_key="text"):
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        for key in (image_key, caption_key):
+            if key not in ds.column_names:
+                raise KeyError(f"dataset {path}: no column {key!r}; columns are {ds.column_names}")
+        self.ds, self.image_key = ds, image_key
+        self.captions = list(ds[caption_key])
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        img = self.ds[i][self.image_key].convert("RGB")
+        return _to_tensor(img, self.resolution, self.center_crop, self.random_flip), self.captions[i]
+
+
+def _to_tensor(img, resolution: int, center_crop: bool, random_flip: bool) -> torch.Tensor:
+    from PIL import Image
+
+    w, h = img.size
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = random.randint(0, w - resolution), random.randint(0, h - resolution)
+    img = img.crop((left, top, left + resolution, top + resolution))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return x.flip(-1) if random_flip and random.random() < 0.5 else x
+
+
+def open_pairs(path, resolution: int, center_crop=True, random_flip=False) -> torch.utils.data.Dataset:
+    """A training data source: a folder of image + .txt pairs, or a local HF dataset folder."""
+    path = Path(path)
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        return HFDatasetPairs(path, resolution, center_crop, random_flip)
+    return FolderPairs(path, resolution, center_crop, random_flip)
+
+
+def memorization_mix(memorized, non_memorized, end: int | None, repeats: int, non_mem_ratio: float):
+    """The seed's recipe: pairs [0, end) of `memorized` repeated `repeats` times plus
+    ``non_mem_ratio * that many`` pairs of `non_memorized` (cycled if it is shorter)."""
+    parts = []
+    if memorized is not None and len(memorized):
+        mem = torch.utils.data.Subset(memorized, range(min(end or len(memorized), len(memorized))))
+        parts += [mem] * repeats
+        n_non = int(round(non_mem_ratio * len(mem) * repeats))
+    else:
+        n_non = len(non_memorized) if non_memorized is not None else 0
+    if non_memorized is not None and n_non:
+        idx = [i % len(non_memorized) for i in range(n_non)]
+        parts.append(torch.utils.data.Subset(non_memorized, idx))
+    if not parts:
+        raise ValueError("no training data: give --dataset and/or --non-mem-dataset")
+    return torch.utils.data.ConcatDataset(parts)
+
+
+# -- training ------------------------------------------------------------------------------------
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, params, decay: float):
+        self.params = [p for p in params]
+        self.shadow = [p.detach().clone().float() for p in self.params]
+        self.decay, self.step = decay, 0
+
+    @torch.no_grad()
+    def update(self):
+        self.step += 1
+        d = min(self.decay, (1 + self.step) / (10 + self.step))
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    def copy_to(self, params):
+        with torch.no_grad():
+            for s, p in zip(self.shadow, params):
+                p.copy_(s.to(p.dtype))
+
+    def state_dict(self):
+        return {"shadow": self.shadow, "decay": self.decay, "step": self.step}
+
+    def load_state_dict(self, state):
+        self.shadow = [s.clone() for s in state["shadow"]]
+        self.decay, self.step = state["decay"], state["step"]
+
+
+class EmbeddingCache:
+    """Frozen-encoder prompt embeddings, computed once per distinct caption."""
+
+    def __init__(self, model):
+        self.model, self.store = model, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        todo = sorted({c for c in captions if c not in self.store})
+        for i in range(0, len(todo), 256):
+            chunk = todo[i:i + 256]
+            for c, e in zip(chunk, self.model.encode_prompts(chunk)):
+                self.store[c] = e.detach().to("cpu", torch.float16)
+        return torch.stack([self.store[c] for c in captions]).to(self.model.device, torch.float32)
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def train(model, dataset, config: TrainConfig, save_model=None, progress: bool = True) -> Path:
+    """Fine-tune ``model.unet`` on ``dataset`` (pairs of (3, H, W) images in [0, 1] and captions).
+
+    `save_model(unet, folder)` writes a loadable model (defaults to ``model.save``). Returns the
+    output folder. Runs under ``accelerate launch`` for several processes.
+    """
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    out = Path(config.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              mixed_precision=config.mixed_precision, cpu=model.device.type == "cpu")
+    save_model = save_model or (lambda unet, folder: model.save(folder, unet=unet))
+    noise_scheduler = DDPMScheduler.from_config(model.scheduler.config)
+    unet = model.unet
+    unet.train().requires_grad_(True)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    lr_sched = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                             num_training_steps=config.max_train_steps)
+    unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+    ema = EMA(accelerator.unwrap_model(unet).parameters(), config.ema_decay) if config.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    embed = EmbeddingCache(model)
+    empty = model.empty_embedding().detach().float()
+
+    start_step = 0
+    if config.resume_from_checkpoint:
+        ckpt = _latest_checkpoint(out) if config.resume_from_checkpoint == "latest" else Path(config.resume_from_checkpoint)
+        if ckpt is None or not ckpt.is_dir():
+            raise FileNotFoundError(f"no checkpoint to resume from at {config.resume_from_checkpoint} (output {out})")
+        accelerator.load_state(str(ckpt))
+        start_step = int(json.loads((ckpt / "diffmem_train_state.json").read_text())["step"])
+        accelerator.print(f"resumed from {ckpt} at step {start_step}")
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = config.train_batch_size * world
+    steps_per_epoch = max(len(dataset) // global_batch, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train_log.jsonl"
+    if accelerator.is_main_process:
+        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    bar = tqdm(total=config.max_train_steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
+               desc="train", unit="step")
+    perm, perm_epoch = None, -1
+    t0, losses = time.time(), []
+    for step in range(start_step, config.max_train_steps):
+        # 1. This step's batch: a per-epoch permutation seeded by the epoch, so resume is exact.
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed + epoch))
+            perm_epoch = epoch
+        idx = perm[k * global_batch + rank * config.train_batch_size:][: config.train_batch_size]
+        items = [dataset[int(i)] for i in idx]
+        images = torch.stack([im for im, _ in items]).to(accelerator.device) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+        captions = [c for _, c in items]
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * world + rank)
+        if config.prompt_aug_style:
+            from diffmem.mitigate import augment_prompt
+
+            rng = random.Random(config.seed * 1_000_003 + step * world + rank)
+            captions = [augment_prompt(c, config.prompt_aug_style, config.repeat_num, model, rng) for c in captions]
+        # 2. Frozen conditioning, with caption dropout for classifier-free guidance.
+        with torch.no_grad():
+            cond = embed(captions)  # (B, T, D)
+            drop = torch.rand(len(captions), generator=gen) < config.caption_dropout
+            cond[drop.to(cond.device)] = empty.to(cond.device)
+            latents = model.encode_images(images.to(model.dtype)).float()
+        # 3. DDPM forward process at a uniformly drawn timestep.
+        noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen).to(latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        with accelerator.accumulate(unet):
+            with accelerator.autocast():
+                pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0].float()
+            per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)  # (B,)
+            keep = torch.ones_like(per_sample, dtype=torch.bool)
+            if config.hard_threshold is not None:
+                # 4. Training-time mitigation: d on the same noisy input and timestep, no gradient.
+                with torch.no_grad(), accelerator.autocast():
+                    pred_u = unet(noisy, t, encoder_hidden_states=empty.expand_as(cond), return_dict=False)[0].float()
+                keep = text_noise_norm(pred.detach(), pred_u) < config.hard_threshold
+            n_kept = accelerator.reduce(keep.sum().float(), reduction="sum")
+            skipped = bool(n_kept.item() == 0)
+            if not skipped:
+                loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+        if ema is not None and accelerator.sync_gradients and not skipped:
+            ema.update()
+        bar.update(1)
+        done = step + 1
+        left_out = 1.0 - float(keep.float().mean())
+        if accelerator.is_main_process and (done % config.log_every == 0 or skipped or done == config.max_train_steps):
+            rec = {"step": done, "loss": float(np.mean(losses)) if losses else None, "lr": lr_sched.get_last_lr()[0],
+                   "left_out": left_out, "skipped": skipped, "samples_per_s": len(losses) * global_batch / max(time.time() - t0, 1e-9)}
+            bar.set_postfix(loss=f"{rec['loss']:.4f}" if rec["loss"] is not None else "-", left_out=f"{left_out:.2f}")
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            losses, t0 = [], time.time()
+        # 5. Checkpoints: accelerate state (resume) and a loadable model (evaluation).
+        if config.checkpointing_steps and done % config.checkpointing_steps == 0 and done < config.max_train_steps:
+            _checkpoint(accelerator, unet, ema, out / f"checkpoint-{done}", done, save_model, config)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(unet)
+        if ema is not None:
+            ema.copy_to(final.parameters())
+        save_model(final.eval(), out)
+    unet.eval().requires_grad_(False)
+    return out
+
+
+def _checkpoint(accelerator, unet, ema, folder: Path, step: int, save_model, config: TrainConfig):
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / "diffmem_train_state.json").write_text(json.dumps({"step": step}))
+        import copy
+
+        snap = copy.deepcopy(accelerator.unwrap_model(unet))
+        if ema is not None:
+            ema.copy_to(snap.parameters())
+        save_model(snap.eval(), folder / "model")
+        ckpts = sorted(folder.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        if config.checkpoints_total_limit:
+            import shutil
+
+            for old in ckpts[: -config.checkpoints_total_limit]:
+                shutil.rmtree(old)
