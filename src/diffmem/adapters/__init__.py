@@ -1,0 +1,73 @@
+"""Model adapters: one file per model family, one ``load_model`` to pick the right one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_MODEL = "lab"  # the built-in memorization lab model
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """Parse a dtype name and check that the device can run a convolution in it."""
+    dtype = name if isinstance(name, torch.dtype) else DTYPES.get(str(name))
+    if dtype is None:
+        raise ValueError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    try:
+        x = torch.zeros(1, 1, 4, 4, device=device, dtype=dtype)
+        torch.nn.functional.conv2d(x, torch.zeros(1, 1, 3, 3, device=device, dtype=dtype))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--dtype {name} is not supported on device {device}: {e}") from e
+    return dtype
+
+
+def resolve_model_path(model: str) -> tuple[str, Path]:
+    """(family, folder) for a --model value: 'lab', a lab or SD folder, or a cached hub id."""
+    if model == DEFAULT_MODEL:
+        from diffmem.lab.build import WEIGHTS_DIR
+
+        if not (WEIGHTS_DIR / "lab_model.json").is_file():
+            raise FileNotFoundError(f"the built-in lab model is not installed at {WEIGHTS_DIR}; "
+                                    "run `diffmem lab build --out DIR` and pass --model DIR")
+        return "lab", WEIGHTS_DIR
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"--model {model}: is a file; expected a model folder or hub id")
+        from diffmem.adapters.lab import is_lab_folder
+
+        return ("lab" if is_lab_folder(path) else "stable-diffusion"), path
+    return "stable-diffusion", _cached_hub_snapshot(model)
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path:
+    """The local Hugging Face cache's snapshot of `repo_id`; never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--model {repo_id}: no such folder, and not a hub id of the form owner/name")
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError and friends
+        raise FileNotFoundError(
+            f"--model {repo_id}: not a local folder and not in the Hugging Face cache ({HF_HUB_CACHE}). "
+            f"diffmem never downloads at run time; on a machine with internet run "
+            f"`hf download {repo_id}` (or `huggingface-cli download {repo_id}`), then copy the cache "
+            f"or pass the downloaded folder to --model.") from e
+
+
+def load_model(model: str = DEFAULT_MODEL, unet: str | None = None, device: str = "cpu",
+               dtype: str | torch.dtype = "float32"):
+    """Load any supported model behind the common interface (``diffmem.model.DiffusionModel``)."""
+    torch_dtype = resolve_dtype(dtype, device)
+    family, path = resolve_model_path(model)
+    if family == "lab":
+        from diffmem.adapters.lab import load_lab_model
+
+        return load_lab_model(path, unet, device=device, dtype=torch_dtype)
+    from diffmem.adapters.stable_diffusion import load_stable_diffusion
+
+    return load_stable_diffusion(path, unet, device=device, dtype=torch_dtype)

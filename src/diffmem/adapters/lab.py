@@ -91,7 +91,8 @@ class LabModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self.config = config
-        self.unet = unet.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.unet = unet.to(self.device) if unet.dtype == dtype else unet.to(self.device, dtype)
+        self.unet.eval().requires_grad_(False)
         self.scheduler = scheduler
         self.latent_shape = (3, config.image_size, config.image_size)
         self.max_tokens = config.max_tokens
@@ -159,11 +160,15 @@ def save_lab_model(unet, config: LabModelConfig, path: str | Path, fp16: bool = 
     (path / "lab_model.json").write_text(json.dumps(meta, indent=2))
 
 
-def read_lab_config(path: Path) -> LabModelConfig:
-    meta = json.loads((path / "lab_model.json").read_text())
+def load_lab_meta(path: Path) -> dict:
+    meta = json.loads((Path(path) / "lab_model.json").read_text())
     if meta.get("format") != LAB_FORMAT:
         raise ValueError(f"{path / 'lab_model.json'}: format is {meta.get('format')!r}, expected {LAB_FORMAT!r}")
-    cfg = meta["config"]
+    return meta
+
+
+def read_lab_config(path: Path) -> LabModelConfig:
+    cfg = load_lab_meta(path)["config"]
     return LabModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 
@@ -177,9 +182,9 @@ def load_lab_model(path: str | Path, unet_path: str | Path | None = None, device
     unet_dir = Path(unet_path) if unet_path else path / "unet"
     if not (unet_dir / "config.json").is_file():
         raise FileNotFoundError(f"lab model {path}: no UNet at {unet_dir} (expected config.json + safetensors)")
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
     model = LabModel(unet, scheduler, config, name=str(path), device=device, dtype=dtype)
-    meta = json.loads((path / "lab_model.json").read_text())
+    meta = load_lab_meta(path)
     model.extra_meta = {k: v for k, v in meta.items() if k not in ("format", "diffmem_version", "text_encoder", "config")}
     return model

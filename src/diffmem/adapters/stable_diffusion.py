@@ -1,0 +1,116 @@
+"""Adapter for Stable Diffusion 1.x/2.x folders in the diffusers layout.
+
+    model_index.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/
+
+The components are loaded one by one (no pipeline object) and sampled with DDIM, as in the paper.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffmem.model import Token
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_sd_folder(path: Path) -> None:
+    """Raise a clear error naming what a Stable Diffusion folder lacks."""
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path}: no model_index.json; expected a diffusers Stable Diffusion folder "
+                                f"with {', '.join(c + '/' for c in SD_COMPONENTS)}")
+    for comp in SD_COMPONENTS:
+        if not (path / comp).is_dir():
+            raise FileNotFoundError(f"{path}: component {comp}/ is missing (a Stable Diffusion folder needs "
+                                    f"{', '.join(c + '/' for c in SD_COMPONENTS)})")
+    if not (path / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: unet/config.json is missing; the folder has no usable UNet")
+
+
+class StableDiffusionModel:
+    """A Stable Diffusion model behind the common interface (see ``diffmem.model.DiffusionModel``)."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, name: str,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = dtype
+        place = lambda m: (m.to(self.device) if m.dtype == dtype else m.to(self.device, dtype)).eval().requires_grad_(False)
+        self.unet, self.vae, self.text_encoder = place(unet), place(vae), place(text_encoder)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        size = self.unet.config.sample_size
+        self.latent_shape = (self.unet.config.in_channels, size, size)
+        self.max_tokens = tokenizer.model_max_length
+        self.default_guidance_scale = 7.5
+        self._empty: torch.Tensor | None = None
+
+    # -- prompts -----------------------------------------------------------------------------
+    def _input_ids(self, prompts: list[str]):
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.max_tokens, truncation=True,
+                              return_tensors="pt")
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        enc = self._input_ids(prompts)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = enc.attention_mask.to(self.device)
+        return self.text_encoder(enc.input_ids.to(self.device), attention_mask=mask)[0]
+
+    def empty_embedding(self) -> torch.Tensor:
+        if self._empty is None:
+            self._empty = self.encode_prompts([""])
+        return self._empty
+
+    def tokens(self, prompt: str) -> list[Token]:
+        ids = self._input_ids([prompt]).input_ids[0].tolist()
+        special_ids = set(self.tokenizer.all_special_ids)
+        out, ended = [], False
+        for i in ids:
+            text = self.tokenizer.decode([i]).strip()
+            out.append(Token(text, int(i), ended or i in special_ids))
+            ended = ended or i == self.tokenizer.eos_token_id
+        return out
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt).input_ids)
+
+    # -- images ------------------------------------------------------------------------------
+    def predict_noise(self, x_t, t, embedding):
+        return self.unet(x_t, t, encoder_hidden_states=embedding, return_dict=False)[0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+
+    def save(self, path: str | Path, unet=None) -> None:
+        """Write the (fine-tuned) UNet as ``path/unet``, loadable with ``--unet path/unet``."""
+        (unet if unet is not None else self.unet).save_pretrained(Path(path) / "unet", safe_serialization=True)
+
+
+def load_stable_diffusion(path: str | Path, unet_path: str | Path | None = None, device="cpu",
+                          dtype=torch.float32) -> StableDiffusionModel:
+    """Load an SD 1.x/2.x folder component by component; ``unet_path`` swaps in a fine-tuned UNet."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    path = Path(path)
+    check_sd_folder(path)
+    unet_dir = Path(unet_path) if unet_path else path / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--unet {unet_dir}: no config.json; expected a diffusers UNet folder")
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    scheduler = DDIMScheduler.from_pretrained(path / "scheduler")  # the paper samples with DDIM
+    return StableDiffusionModel(unet, vae, text_encoder, tokenizer, scheduler, str(path), device, dtype)

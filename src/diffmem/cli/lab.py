@@ -1,0 +1,72 @@
+"""``diffmem lab``: the built-in memorization lab (build the model, export prompts and data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("lab", help="the built-in memorization lab: build, prompts, data")
+    lab = p.add_subparsers(dest="lab_verb", required=True, metavar="ACTION")
+
+    b = lab.add_parser("build", help="generate the lab data and train the lab model from scratch")
+    b.add_argument("--out", required=True, help="output lab model folder (checkpoints inside)")
+    b.add_argument("--preset", default="default", choices=("default", "fast"),
+                   help="default: the shipped model (~70 min on one CPU thread); fast: the test-suite variant")
+    b.add_argument("--max-train-steps", type=int, default=None, help="override the preset's step count")
+    b.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when running beside other jobs)")
+    b.set_defaults(run=run_build)
+
+    s = lab.add_parser("prompts", help="export a lab prompt set with ground truth as JSON Lines")
+    s.add_argument("--set", required=True, choices=("memorized", "non-memorized", "novel", "out-of-style"))
+    s.add_argument("--out", required=True)
+    s.add_argument("--limit", type=int, default=None, help="at most this many rows")
+    s.add_argument("--model", default="lab", help="lab model whose data to use (default: the built-in one)")
+    s.set_defaults(run=run_prompts)
+
+    d = lab.add_parser("data", help="export the lab's training pairs in the seed's folder layout")
+    d.add_argument("--out", required=True)
+    d.add_argument("--limit", type=int, default=None, help="at most this many non-memorized pairs")
+    d.add_argument("--model", default="lab")
+    d.set_defaults(run=run_data)
+
+
+def lab_data_of(model_arg: str):
+    from diffmem.adapters import resolve_model_path
+    from diffmem.adapters.lab import load_lab_meta
+    from diffmem.lab.data import LabDataConfig, make_lab_data
+
+    family, path = resolve_model_path(model_arg)
+    if family != "lab":
+        raise ValueError(f"--model {model_arg}: not a lab model folder (no lab_model.json)")
+    return make_lab_data(LabDataConfig(**load_lab_meta(path)["data"]))
+
+
+def run_build(args) -> int:
+    from dataclasses import replace
+
+    from diffmem.lab.build import PRESETS, build_lab
+
+    config = PRESETS[args.preset]
+    if args.max_train_steps:
+        config = replace(config, max_train_steps=args.max_train_steps)
+    out = build_lab(args.out, config, resume=args.resume, num_threads=args.threads)
+    print(f"lab model written to {out}; use it with --model {out}")
+    return 0
+
+
+def run_prompts(args) -> int:
+    from diffmem.lab.prompts import write_prompt_set
+
+    n = write_prompt_set(lab_data_of(args.model), args.set, args.out, args.limit)
+    print(f"wrote {n} {args.set} prompts to {args.out}")
+    return 0
+
+
+def run_data(args) -> int:
+    from diffmem.lab.export import export_training_data
+
+    counts = export_training_data(lab_data_of(args.model), Path(args.out), args.limit)
+    print(f"wrote {counts['memorized']} memorized and {counts['non_memorized']} non-memorized pairs to {args.out}")
+    return 0

@@ -1,0 +1,60 @@
+"""The ``diffmem`` command: one module per verb, each parsing arguments and making one library call."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS = ("detect", "roc", "lab", "train")  # modules under diffmem.cli
+
+
+def common_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="lab", help="'lab' (built-in lab model, default), a diffusers Stable "
+                   "Diffusion folder, a lab model folder, or a hub id in the local Hugging Face cache")
+    g.add_argument("--unet", default=None, help="a fine-tuned UNet folder to use instead of the model's")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: accelerate's device for this process)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+
+
+def load_model_from_args(args):
+    import torch
+    from accelerate import PartialState
+
+    from diffmem.adapters import load_model
+
+    state = PartialState()
+    device = str(state.device) if args.device == "auto" else args.device
+    if state.num_processes > 1 and device == "cpu":
+        torch.set_num_threads(max(1, (torch.get_num_threads()) // state.num_processes))
+    return load_model(args.model, unet=args.unet, device=device, dtype=args.dtype)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import diffmem
+
+    parser = argparse.ArgumentParser(prog="diffmem", description="Detect, explain and mitigate memorization "
+                                     "in text-to-image diffusion models (Wen et al., ICLR 2024).")
+    parser.add_argument("--version", action="version", version=f"diffmem {diffmem.__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb in VERBS:
+        importlib.import_module(f"diffmem.cli.{verb}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, NotADirectoryError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"diffmem {args.verb}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"diffmem {args.verb}: interrupted; results written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""``diffmem roc``: AUC, accuracy and TPR@1%FPR of two detection outputs over any step window."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def parse_steps(text: str | None) -> slice | None:
+    """'a:b' -> slice(a, b); 'a' -> slice(a, a + 1); None -> all steps."""
+    if not text:
+        return None
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            return slice(int(a) if a else None, int(b) if b else None)
+        return slice(int(text), int(text) + 1)
+    except ValueError:
+        raise ValueError(f"--steps {text!r}: expected a:b (0-based, end exclusive), e.g. 0:1 for the first step") from None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("roc", help="ROC metrics of memorized vs non-memorized detection outputs",
+                       description="Recompute prompt scores from stored per-step arrays and report AUC, "
+                       "accuracy and TPR@1%%FPR as the official notebook defines them.")
+    p.add_argument("--memorized", required=True, help="detection output (.jsonl) of memorized prompts")
+    p.add_argument("--non-memorized", required=True, help="detection output (.jsonl) of normal prompts")
+    p.add_argument("--steps", default=None, help="step window a:b (default: all tracked steps)")
+    p.add_argument("--generations", type=int, default=None, help="use the first g generations (default: all)")
+    p.add_argument("--json", default=None, help="write the summary here")
+    p.add_argument("--plot", default=None, help="write the ROC + score distribution PNG here "
+                   "(default: beside --json, or roc.png)")
+    p.set_defaults(run=run)
+
+
+def scores_from(path: str | Path, steps: slice | None, generations: int | None) -> list[float]:
+    from diffmem.detect import read_rows
+    from diffmem.metrics import prompt_score
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such detection output")
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"{path}: no result rows")
+    out = []
+    for i, r in enumerate(rows, 1):
+        if "text_noise_norm" not in r:
+            raise ValueError(f"{path}:{i}: no text_noise_norm field; is this a diffmem detect output?")
+        try:
+            out.append(prompt_score(r["text_noise_norm"], steps, generations))
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: {e}") from None
+    return out
+
+
+def run(args) -> int:
+    from diffmem.metrics import roc_metrics
+    from diffmem.reports.plots import roc_figure
+
+    steps = parse_steps(args.steps)
+    pos = scores_from(args.memorized, steps, args.generations)
+    neg = scores_from(args.non_memorized, steps, args.generations)
+    roc = roc_metrics(pos, neg)
+    summary = {**roc.summary(), "steps": args.steps or "all", "generations": args.generations or "all"}
+    print(f"AUC {roc.auc:.4f}   ACC {roc.acc:.4f}   TPR@1%FPR {roc.tpr_at_1fpr:.4f}   "
+          f"threshold@1%FPR {roc.threshold_at_1fpr:.6g}   ({roc.n_memorized} memorized, {roc.n_non_memorized} non-memorized)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else "roc.png")
+    roc_figure(roc, pos, neg, plot, title=f"steps {summary['steps']}, generations {summary['generations']}")
+    print(f"wrote {plot}" + (f" and {args.json}" if args.json else ""))
+    return 0

@@ -1,0 +1,155 @@
+"""Memorization detection runs: tracked sampling over a prompt list, written as JSON Lines.
+
+Output rows follow the official ``det_outputs`` field names (``text_noise_norm``,
+``uncond_noise_norm`` as [generations][steps] lists) plus ``prompt``, ``index``, ``seed`` and
+``score``. Run metadata goes beside the results in ``<name>.meta.json``. Rows are appended one work
+unit at a time with a single ``write``, so an interrupted run never leaves a broken line and
+loses at most the unit in flight; ``resume=True`` continues it. Under ``accelerate launch`` the
+work units are spread over the processes and merged into one file ordered by ``index``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from diffmem.metrics import prompt_score
+from diffmem.prompts import PromptRecord
+from diffmem.sampling import PromptSamples, SamplingConfig, plan_units, sample_unit
+
+RESUME_KEYS = ("model", "unet", "settings", "prompts")  # metadata that must match to resume
+
+
+def meta_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".meta.json")
+
+
+def read_rows(path: Path, repair: bool = False) -> list[dict]:
+    """Complete rows of a JSON Lines file; with `repair`, cut off a trailing partial line."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if repair and end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    rows = []
+    for lineno, line in enumerate(data[:end].splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: broken result line ({e.msg}); the file was not written by diffmem") from None
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows with one write() call, then fsync: a crash leaves whole lines only."""
+    payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool) -> dict:
+    text = samples.text_noise_norm.tolist()
+    return {
+        "prompt": record.prompt,
+        "index": record.position,
+        "seed": samples.seed,
+        "score": prompt_score(text),
+        "text_noise_norm": text,
+        "uncond_noise_norm": samples.uncond_noise_norm.tolist(),
+        "truncated": truncated,
+        **({"source": record.source} if record.source else {}),
+    }
+
+
+def save_images(folder: Path, samples: PromptSamples) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for g, img in enumerate(samples.images):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(arr).save(folder / f"{samples.position:05d}_{g}.png")
+
+
+def run_detection(model, records: list[PromptRecord], out: str | Path, config: SamplingConfig = SamplingConfig(),
+                  resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
+                  unet: str | None = None, progress: bool = True) -> Path:
+    """Detect memorization for `records`; write rows to `out` (JSON Lines). Returns `out`."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    import diffmem
+
+    state = PartialState()
+    out = Path(out)
+    settings = {**asdict(config), "guidance_scale": model.default_guidance_scale
+                if config.guidance_scale is None else config.guidance_scale}
+    truncated = {r.position for r in records if model.count_tokens(r.prompt) > model.max_tokens}
+    meta = {"diffmem_version": diffmem.__version__, "model": model.name, "unet": unet, "settings": settings,
+            "prompts": prompts_info or {}, "num_prompts": len(records), "num_truncated": len(truncated),
+            "max_tokens": model.max_tokens, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+            "num_processes": state.num_processes}
+    parts = sorted(out.parent.glob(out.name + ".part*"))
+
+    # 1. Check the output: a new run must not overwrite, a resumed run must match its settings.
+    if state.is_main_process:
+        if out.exists() or parts:
+            if not resume:
+                raise FileExistsError(f"{out} exists; pass --resume to continue that run, or choose another --out")
+            old = json.loads(meta_path(out).read_text()) if meta_path(out).exists() else {}
+            diff = [k for k in RESUME_KEYS if old.get(k) != meta[k]]
+            if diff:
+                raise ValueError(f"cannot resume {out}: its {', '.join(diff)} differ from this run's "
+                                 f"({'; '.join(f'{k}: {old.get(k)!r} vs {meta[k]!r}' for k in diff)})")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not meta_path(out).exists() or not resume:
+            meta_path(out).write_text(json.dumps({**meta, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+        if truncated:
+            print(f"{len(truncated)} of {len(records)} prompts are longer than {model.max_tokens} tokens "
+                  f"and were truncated, as diffusers does")
+    state.wait_for_everyone()
+
+    # 2. What is left: whole work units not yet in the output (or in a process's part file).
+    done = {r["index"] for p in [out, *parts] for r in read_rows(p, repair=state.is_main_process)}
+    state.wait_for_everyone()
+    by_pos = {r.position: r for r in records}
+    units = plan_units([r.position for r in records], config.num_generations, config.batch_size)
+    todo = [u for u in units if not all(p in done for p in u)][state.process_index::state.num_processes]
+    target = out if state.num_processes == 1 else out.with_name(f"{out.name}.part{state.process_index}")
+
+    # 3. Sample unit by unit, appending each unit's rows in one write.
+    bar = tqdm(total=sum(map(len, todo)), desc="detect", unit="prompt", disable=not progress or not state.is_main_process)
+    for unit in todo:
+        results = sample_unit(model, [by_pos[p].prompt for p in unit], unit, config, decode=images_dir is not None)
+        if images_dir is not None:
+            for s in results:
+                save_images(Path(images_dir), s)
+        append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated) for s in results])
+        bar.update(len(unit))
+    bar.close()
+
+    # 4. Several processes: merge the parts into one file ordered like a single-process run.
+    state.wait_for_everyone()
+    if state.is_main_process and (state.num_processes > 1 or parts):
+        merge_parts(out)
+    state.wait_for_everyone()
+    return out
+
+
+def merge_parts(out: Path) -> None:
+    parts = sorted(out.parent.glob(out.name + ".part*"))
+    rows = {r["index"]: r for p in [out, *parts] for r in read_rows(p)}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
+    os.replace(tmp, out)
+    for p in parts:
+        p.unlink()

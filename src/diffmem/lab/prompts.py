@@ -1,0 +1,47 @@
+"""The lab's prompt sets with ground truth, as rows that ``diffmem detect`` reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffmem.lab.data import LabData, LabPair
+from diffmem.prompts import PromptRecord
+
+PROMPT_SETS = ("memorized", "non-memorized", "novel", "out-of-style")
+
+
+def default_lab_data() -> LabData:
+    """The data of the shipped lab model."""
+    from diffmem.adapters.lab import load_lab_meta
+    from diffmem.lab.build import WEIGHTS_DIR
+    from diffmem.lab.data import LabDataConfig, make_lab_data
+
+    return make_lab_data(LabDataConfig(**load_lab_meta(WEIGHTS_DIR)["data"]))
+
+
+def prompt_row(pair: LabPair) -> dict:
+    row = {"caption": pair.caption, "set": pair.kind, "colour": pair.spec.colour, "shape": pair.spec.shape}
+    if pair.kind in ("memorized", "template"):
+        row["trigger_words"] = list(pair.title_words)
+    return row
+
+
+def prompt_rows(data: LabData, name: str, limit: int | None = None) -> list[dict]:
+    return [prompt_row(p) for p in data.prompt_set(name)[:limit]]
+
+
+def write_prompt_set(data: LabData, name: str, out: str | Path, limit: int | None = None) -> int:
+    rows = prompt_rows(data, name, limit)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def default_detection_prompts(start: int = 0, end: int | None = None, data: LabData | None = None,
+                              num_novel: int = 100) -> list[PromptRecord]:
+    """The lab's memorized prompts followed by `num_novel` novel ones (what bare `diffmem detect` runs)."""
+    data = data or default_lab_data()
+    rows = prompt_rows(data, "memorized") + prompt_rows(data, "novel", num_novel)
+    records = [PromptRecord(i, r["caption"], {k: v for k, v in r.items() if k != "caption"}) for i, r in enumerate(rows)]
+    return records[start:end]

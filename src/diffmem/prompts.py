@@ -1,0 +1,109 @@
+"""Reading prompt lists: .jsonl, .txt, .csv, .parquet, or a local Hugging Face dataset folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUFFIXES = (".jsonl", ".txt", ".csv", ".parquet")
+
+
+@dataclass
+class PromptRecord:
+    position: int  # 0-based position in the input; the prompt's seed is seed + position
+    prompt: str
+    source: dict = field(default_factory=dict)  # the input row's other fields (e.g. index, url, trigger_words)
+
+
+class PromptFileError(ValueError):
+    """Malformed prompt input; the message names the file and line or column."""
+
+
+def read_prompts(path: str | Path, prompt_key: str = "caption", start: int = 0, end: int | None = None) -> list[PromptRecord]:
+    """Prompts at positions [start, end) of the input. Rows keep their position in the whole input."""
+    path = Path(path)
+    if not path.exists():
+        raise PromptFileError(f"{path}: no such file or folder")
+    if path.is_dir():
+        records = _read_hf_dataset(path, prompt_key)
+    elif path.suffix == ".jsonl":
+        records = _read_jsonl(path, prompt_key)
+    elif path.suffix == ".txt":
+        records = [PromptRecord(i, line) for i, line in enumerate(
+            l.rstrip("\n") for l in path.read_text(encoding="utf-8").splitlines() if l.strip())]
+    elif path.suffix in (".csv", ".parquet"):
+        records = _read_table(path, prompt_key)
+    else:
+        raise PromptFileError(f"{path}: unknown prompt file type {path.suffix!r}; expected one of "
+                              f"{', '.join(SUFFIXES)} or a local Hugging Face dataset folder")
+    if not records:
+        raise PromptFileError(f"{path}: no prompts in the file")
+    if start < 0 or (end is not None and end < start):
+        raise PromptFileError(f"--start {start} --end {end}: not a valid range")
+    selected = records[start:end]
+    if not selected:
+        raise PromptFileError(f"{path}: --start {start} --end {end} selects none of its {len(records)} prompts")
+    return selected
+
+
+def _read_jsonl(path: Path, key: str) -> list[PromptRecord]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptFileError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            if key not in row:
+                raise PromptFileError(f"{path}:{lineno}: no key {key!r} (keys: {', '.join(row)}); set --prompt-key")
+            if not isinstance(row[key], str):
+                raise PromptFileError(f"{path}:{lineno}: {key!r} is {type(row[key]).__name__}, expected a string")
+            records.append(PromptRecord(len(records), row[key], {k: v for k, v in row.items() if k != key}))
+    return records
+
+
+def _read_table(path: Path, key: str) -> list[PromptRecord]:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        return []
+    except Exception as e:
+        raise PromptFileError(f"{path}: cannot read as {path.suffix[1:]}: {e}") from e
+    if key not in df.columns:
+        raise PromptFileError(f"{path}: no column {key!r} (columns: {', '.join(map(str, df.columns))}); set --prompt-key")
+    out = []
+    for i, row in enumerate(df.to_dict(orient="records")):
+        if not isinstance(row[key], str):
+            raise PromptFileError(f"{path}: row {i + 1}, column {key!r}: {row[key]!r} is not a string")
+        out.append(PromptRecord(i, row[key], {k: v for k, v in row.items() if k != key and _jsonable(v)}))
+    return out
+
+
+def _read_hf_dataset(path: Path, key: str) -> list[PromptRecord]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise PromptFileError(f"{path}: a folder, but not a Hugging Face dataset saved with save_to_disk ({e})") from e
+    if isinstance(ds, datasets.DatasetDict):
+        split = "test" if "test" in ds else next(iter(ds))
+        ds = ds[split]
+    if key not in ds.column_names:
+        raise PromptFileError(f"{path}: no column {key!r} (columns: {', '.join(ds.column_names)}); set --prompt-key")
+    return [PromptRecord(i, text) for i, text in enumerate(ds[key])]
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return v == v  # drop NaN
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,1 @@
+"""Records -> figures and pages; no computation here."""
