@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models built offline in code, once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A random-weight Stable Diffusion 1.x-layout folder (diffusers' dummy-component sizes)."""
+    from diffmem.testing import make_tiny_sd_folder
+
+    return make_tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_sd_folder):
+    from diffmem.adapters import load_model
+
+    return load_model(str(tiny_sd_folder))
+
+
+@pytest.fixture(scope="session")
+def fast_lab_folder(tmp_path_factory):
+    """The lab's fast variant, trained from scratch with `diffmem lab build --preset fast` (~2 min)."""
+    from diffmem.lab.build import PRESETS, build_lab
+
+    out = tmp_path_factory.mktemp("fast_lab") / "model"
+    build_lab(out, PRESETS["fast"], progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fast_lab(fast_lab_folder):
+    from diffmem.adapters import load_model
+
+    return load_model(str(fast_lab_folder))
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
