@@ -1,0 +1,222 @@
+"""Token significance (Wen et al. sec. 4): the gradient is taken through the conditional branch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffmem.explain import (prompt_scores, significance_from_grad, text_noise_norm_grad, token_char_starts,
+                             token_significance, word_scores)
+from diffmem.model import Token
+from diffmem.sampling import SamplingConfig, initial_noise, sample_prompts
+
+torch.set_num_threads(1)
+
+
+# -- analytic fakes ---------------------------------------------------------------------------
+
+def tanh_reader(T=6, D=5, shape=(2, 3, 3), reads=(2,), seed=0):
+    """eps(x, t, e) = x + tanh(L e): a denoiser whose prompt response depends only on tokens `reads`."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.tensor(shape).prod())
+    L = torch.randn(n, T, D, generator=g, dtype=torch.float64)
+    mask = torch.zeros(T, dtype=torch.float64)
+    mask[list(reads)] = 1
+    L = L * mask[None, :, None]
+
+    def denoise(x, t, e):
+        return x + torch.tanh(torch.einsum("ntd,btd->bn", L, e)).reshape(len(x), *shape)
+    return denoise, L
+
+
+def test_tokens_the_denoiser_ignores_get_zero_significance():
+    denoise, _ = tanh_reader(reads=(2, 4))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64)
+    cond, uncond = (torch.randn(1, 6, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    d, grad = text_noise_norm_grad(denoise, x, torch.tensor(10), cond, uncond)
+    s = significance_from_grad(grad)
+    assert grad.shape == cond.shape and d.shape == (3,)
+    assert (s[[0, 1, 3, 5]] == 0).all() and (s[[2, 4]] > 1e-3).all()
+
+
+def test_analytic_gradient_of_the_fake():
+    """d = ||tanh(L e_c) - tanh(L e_u)||, so grad_c = L^T (diag(1 - tanh^2(L e_c)) r / ||r||)."""
+    denoise, L = tanh_reader(reads=(1, 2, 3))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, 3, 3, generator=g, dtype=torch.float64)
+    cond, uncond = (torch.randn(1, 6, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    d, grad = text_noise_norm_grad(denoise, x, torch.tensor(0), cond, uncond)
+    a_c, a_u = torch.tanh(torch.einsum("ntd,td->n", L, cond[0])), torch.tanh(torch.einsum("ntd,td->n", L, uncond[0]))
+    r = a_c - a_u
+    expected = torch.einsum("ntd,n->td", L, (1 - a_c ** 2) * r / r.norm())
+    torch.testing.assert_close(d, r.norm().reshape(1))
+    torch.testing.assert_close(grad[0], expected)
+
+
+def test_a_denoiser_that_ignores_the_prompt_gives_zero():
+    def denoise(x, t, e):
+        return 0.5 * x
+    x = torch.randn(2, 3, 4, 4)
+    cond, uncond = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    d, grad = text_noise_norm_grad(denoise, x, torch.tensor(1), cond, uncond)
+    assert (d == 0).all() and (grad == 0).all()  # no NaN from the norm at zero
+
+
+# -- the order proof on a real (tiny, random) UNet --------------------------------------------
+
+@pytest.fixture(scope="module")
+def unet64(tiny_sd):
+    """The tiny SD model in float64, for finite differences; the session fixture stays untouched."""
+    unet = copy.deepcopy(tiny_sd.unet).double()
+    return lambda x, t, e: unet(x, t, encoder_hidden_states=e, return_dict=False)[0]
+
+
+@pytest.fixture(scope="module")
+def sd_inputs(tiny_sd):
+    cond = tiny_sd.encode_prompts(["a red cat on a mat"]).double()  # (1, 77, 32)
+    uncond = tiny_sd.empty_embedding().double()
+    tiny_sd.scheduler.set_timesteps(50)
+    t = tiny_sd.scheduler.timesteps[0]
+    x = initial_noise(tiny_sd, 3, seed=0).double()
+    return x, t, cond, uncond
+
+
+def test_conditional_and_unconditional_are_distinguishable(tiny_sd, unet64, sd_inputs):
+    x, t, cond, uncond = sd_inputs
+    assert (cond - uncond).abs().max() > 0.1
+    d, _ = text_noise_norm_grad(unet64, x, t, cond, uncond)
+    assert (d > 1e-4).all()
+
+
+def test_gradient_differs_from_the_swapped_computation(unet64, sd_inputs):
+    """The official code put the embedding it differentiated in the unconditional slot."""
+    x, t, cond, uncond = sd_inputs
+    d, correct = text_noise_norm_grad(unet64, x, t, cond, uncond)
+    # Swapped: the prompt in the unconditional slot, the differentiated embedding in the conditional slot.
+    d_swapped, swapped = text_noise_norm_grad(unet64, x, t, uncond, cond)
+    torch.testing.assert_close(d, d_swapped)  # ||a - b|| = ||b - a||: the metric cannot tell ...
+    # ... but the gradient is another vector (not even the negated one) and the attributions differ
+    assert (correct + swapped).norm() > 0.05 * correct.norm()
+    s, s_swapped = significance_from_grad(correct), significance_from_grad(swapped)
+    assert ((s - s_swapped).abs() / s).max() > 0.03
+
+
+def test_swap_changes_attributions_on_a_strongly_nonlinear_denoiser():
+    denoise, _ = tanh_reader(T=6, D=5, reads=(1, 2, 3, 4), seed=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    cond, uncond = 2 * torch.randn(1, 6, 5, generator=g, dtype=torch.float64), torch.zeros(1, 6, 5, dtype=torch.float64)
+    _, correct = text_noise_norm_grad(denoise, x, torch.tensor(0), cond, uncond)
+    _, swapped = text_noise_norm_grad(denoise, x, torch.tensor(0), uncond, cond)
+    s, s_swapped = significance_from_grad(correct)[1:5], significance_from_grad(swapped)[1:5]
+    assert ((s - s_swapped).abs() / s).max() > 0.5
+    assert s.argsort().tolist() != s_swapped.argsort().tolist()  # another ranking of the tokens
+
+
+def _metric(denoise, x, t, cond, uncond):
+    with torch.no_grad():
+        eps_u, eps_c = denoise(torch.cat([x, x]), t, torch.cat([uncond.expand(len(x), -1, -1),
+                                                               cond.expand(len(x), -1, -1)])).chunk(2)
+        return (eps_c - eps_u).flatten(1).norm(dim=1).mean()
+
+
+def test_gradient_equals_finite_differences_per_token(tiny_sd, unet64, sd_inputs):
+    """For each token j: (d(e + h u_j) - d(e - h u_j)) / 2h = <grad_j, u_j> for a direction u_j at j alone."""
+    x, t, cond, uncond = sd_inputs
+    _, grad = text_noise_norm_grad(unet64, x, t, cond, uncond)
+    _, swapped = text_noise_norm_grad(unet64, x, t, uncond, cond)
+    n_text = sum(not tok.special for tok in tiny_sd.tokens("a red cat on a mat"))
+    positions = list(range(0, n_text + 4))  # start token, every character, end token, padding
+    gen = torch.Generator().manual_seed(3)
+    h = 1e-5
+    for j in positions:
+        for u_j in (grad[0, j] / grad[0, j].norm(), torch.randn(cond.shape[-1], generator=gen, dtype=torch.float64)):
+            u = torch.zeros_like(cond)
+            u[0, j] = u_j
+            fd = (_metric(unet64, x, t, cond + h * u, uncond) - _metric(unet64, x, t, cond - h * u, uncond)) / (2 * h)
+            assert fd.item() == pytest.approx((grad * u).sum().item(), rel=1e-5, abs=1e-9), f"token {j}"
+        # along grad_j the change per unit step is the significance itself, which the swap gets wrong
+        s_j = significance_from_grad(grad)[j]
+        u = torch.zeros_like(cond)
+        u[0, j] = grad[0, j] / grad[0, j].norm()
+        fd = (_metric(unet64, x, t, cond + h * u, uncond) - _metric(unet64, x, t, cond - h * u, uncond)) / (2 * h)
+        assert fd.item() == pytest.approx(s_j.item(), rel=1e-5)
+    # the swapped computation's significance misses the finite differences by far more than their error
+    s_swapped = significance_from_grad(swapped)[positions]
+    s = significance_from_grad(grad)[positions]
+    assert ((s - s_swapped).abs() / s).max() > 0.03
+
+
+# -- on a model ------------------------------------------------------------------------------
+
+def test_token_significance_on_tiny_sd(tiny_sd):
+    prompt = "a red cat, on a mat"
+    ex = token_significance(tiny_sd, prompt, steps=(0, 1), generations=2, seed=5)
+    assert [t.token for t in ex.tokens] == [t.text for t in tiny_sd.tokens(prompt)]
+    assert len(ex.tokens) == tiny_sd.max_tokens
+    assert [t.special for t in ex.tokens[:3]] == [True, False, False] and ex.tokens[-1].special
+    assert all(t.score >= 0 for t in ex.tokens) and max(t.score for t in ex.tokens) > 0
+    assert [w.word for w in ex.words] == ["a", "red", "cat", ",", "on", "a", "mat"]
+    # character-level CLIP BPE: "red" is three tokens, and its word score is their sum
+    red = [t for t in ex.tokens if t.word == 1]
+    assert [t.token for t in red] == ["r", "e", "d"]
+    assert ex.words[1].score == pytest.approx(sum(t.score for t in red))
+    assert all(t.word is None for t in ex.tokens if t.special)
+    assert len(ex.text_noise_norm) == 2 and len(ex.text_noise_norm[0]) == 1
+    rec = ex.to_json()
+    assert rec["tokens"][1] == {"token": "a", "score": ex.tokens[1].score, "special": False,
+                                "token_id": ex.tokens[1].token_id, "word": 0}
+    assert rec["words"][2]["word"] == "cat" and rec["model"] == tiny_sd.name and rec["settings"]["seed"] == 5
+
+
+@pytest.mark.parametrize("steps", [(0, 1), (0, 3), (2, 4)])
+def test_score_matches_tracked_sampling(tiny_sd, steps):
+    """The window's x_t come from the same DDIM + CFG loop as detection, so the scores agree."""
+    prompts = ["a red cat", "a blue dog"]
+    ex = [token_significance(tiny_sd, p, steps=steps, generations=2, seed=7) for p in prompts]
+    fast = prompt_scores(tiny_sd, prompts, steps=steps, generations=2, seed=7)
+    for p, e, f in zip(prompts, ex, fast):
+        tracked = sample_prompts(tiny_sd, [p], SamplingConfig(num_generations=2, seed=7, track_steps=steps[1]),
+                                 decode=False)[0].text_noise_norm  # (G, S)
+        torch.testing.assert_close(torch.tensor(e.text_noise_norm), tracked[:, steps[0]:steps[1]], rtol=1e-4, atol=1e-6)
+        assert e.score == pytest.approx(f, rel=1e-4)
+
+
+def test_bad_window_is_refused(tiny_sd):
+    with pytest.raises(ValueError, match="step window"):
+        token_significance(tiny_sd, "a cat", steps=(3, 3))
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        token_significance(tiny_sd, "a cat", steps=(0, 60))
+
+
+# -- words ------------------------------------------------------------------------------------
+
+def _toks(texts):
+    return [Token(t, i, t.startswith("[")) for i, t in enumerate(texts)]
+
+
+def test_wordpiece_subwords_sum_into_words():
+    prompt = "The zephyr unbelievably: a red circle"
+    toks = _toks(["[CLS]", "the", "ze", "##phy", "##r", "un", "##bel", "##ie", "##va", "##bly", ":", "a", "red",
+                  "circle", "[SEP]", "[PAD]"])
+    scores = [float(i) for i in range(len(toks))]
+    words, token_word = word_scores(prompt, toks, scores)
+    assert [w.word for w in words] == ["The", "zephyr", "unbelievably", ":", "a", "red", "circle"]
+    assert [w.score for w in words] == [1.0, 2 + 3 + 4, 5 + 6 + 7 + 8 + 9, 10.0, 11.0, 12.0, 13.0]
+    assert token_word == [None, 0, 1, 1, 1, 2, 2, 2, 2, 2, 3, 4, 5, 6, None, None]
+    assert prompt[words[2].start:words[2].end] == "unbelievably"
+
+
+def test_accents_and_byte_pieces_stay_in_their_word():
+    prompt = "héllo wörld"
+    toks = _toks(["[CLS]", "h", "\ufffd", "\ufffd", "l", "l", "o", "w", "\ufffd", "\ufffd", "r", "l", "d", "[SEP]"])
+    starts = token_char_starts(prompt, toks)
+    assert starts == [None, 0, 1, 1, 2, 3, 4, 6, 7, 7, 8, 9, 10, None]
+    words, _ = word_scores(prompt, toks, [1.0] * len(toks))
+    assert [(w.word, w.score) for w in words] == [("héllo", 6.0), ("wörld", 6.0)]
+    # an uncased WordPiece tokenizer strips the accents
+    words, _ = word_scores("Héllo", _toks(["[CLS]", "hello", "[SEP]"]), [0.0, 2.0, 0.0])
+    assert words[0].score == 2.0
