@@ -1,0 +1,1 @@
+"""A local web page over a small JSON API: type a prompt, see its memorization score and token significance."""

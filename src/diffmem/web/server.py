@@ -1,0 +1,192 @@
+"""``diffmem serve``: a stdlib HTTP server with one static page over a JSON API.
+
+    GET  /              the page (static/index.html; no external network, no CDN)
+    GET  /api/info      model, threshold and its provenance, settings, whether mitigation is available
+    POST /api/analyze   {"prompt": str} -> score, verdict, threshold, tokens with significance, words, images
+    POST /api/mitigate  {"prompt": str} -> the same shape, generated with mitigation (501 until a hook is set)
+
+Startable from Python (tests, notebooks)::
+
+    app = ExplainApp(model, threshold=0.3)
+    server, url = start_server(app, port=0)   # serves in a daemon thread
+    ...
+    server.shutdown()
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from typing import Callable
+
+from diffmem.explain import ExplainConfig, prompt_scores, token_significance
+
+MAX_PROMPT_CHARS = 2000
+MAX_BODY_BYTES = 64 * 1024
+
+# The mitigation hook: (model, prompt, ExplainConfig) -> {"images": [data URLs], ...anything else to show}.
+# Set ExplainApp.mitigate once diffmem.mitigate lands; the page enables its button when it is set.
+Mitigate = Callable[[object, str, ExplainConfig], dict]
+
+
+@dataclass
+class Threshold:
+    value: float  # a prompt is flagged memorized when score >= value
+    source: str  # how it was chosen, shown on the page
+    fpr: float | None = None  # target false-positive rate of the calibration
+    num_reference: int | None = None  # normal prompts it was calibrated on
+
+
+def calibrate_threshold(model, normal_prompts: list[str], config: ExplainConfig = ExplainConfig(),
+                        fpr: float = 0.01, source: str = "normal prompts") -> Threshold:
+    """The score threshold with false-positive rate below `fpr` on `normal_prompts`, same settings as the page."""
+    from diffmem.metrics import threshold_at_fpr
+
+    scores = prompt_scores(model, normal_prompts, config.steps, config.generations, config.seed,
+                           config.num_inference_steps, config.guidance_scale)
+    return Threshold(threshold_at_fpr(scores, fpr), f"{source} at {fpr:.0%} FPR", fpr, len(normal_prompts))
+
+
+def lab_novel_threshold(model, config: ExplainConfig = ExplainConfig(), fpr: float = 0.01,
+                        limit: int | None = None) -> Threshold:
+    """Calibrate on the novel prompts of the lab model's own data (titles never seen in training)."""
+    from diffmem.lab.build import lab_data_for
+
+    novel = [p.caption for p in lab_data_for(model).prompt_set("novel")[:limit]]
+    return calibrate_threshold(model, novel, config, fpr, source=f"{len(novel)} lab novel prompts")
+
+
+def png_data_url(image) -> str:
+    """(3, H, W) tensor in [0, 1] -> a data: URL of its PNG."""
+    from PIL import Image
+
+    arr = (image.permute(1, 2, 0).float().numpy() * 255).round().clip(0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclass
+class ExplainApp:
+    """What the page shows for a prompt; one request at a time uses the model (its scheduler has state)."""
+
+    model: object
+    threshold: Threshold
+    config: ExplainConfig = field(default_factory=ExplainConfig)
+    image_steps: int | None = 50  # DDIM steps of the images shown; None: no images
+    mitigate: Mitigate | None = None  # the hook for "generate with mitigation"
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def info(self) -> dict:
+        return {"model": self.model.name, "threshold": asdict(self.threshold),
+                "settings": {**asdict(self.config), "image_steps": self.image_steps},
+                "mitigation_available": self.mitigate is not None, "max_tokens": self.model.max_tokens}
+
+    def analyze(self, prompt: str) -> dict:
+        t0 = time.perf_counter()
+        with self._lock:
+            ex = token_significance(self.model, prompt, **vars(self.config))
+            images = self._images(prompt) if self.image_steps else []
+        memorized = ex.score >= self.threshold.value
+        return {**ex.to_json(), "threshold": self.threshold.value, "memorized": memorized,
+                "verdict": "memorized" if memorized else "not memorized", "images": images,
+                "elapsed_s": round(time.perf_counter() - t0, 3)}
+
+    def mitigated(self, prompt: str) -> dict:
+        if self.mitigate is None:
+            raise NotImplementedError("mitigation is not available in this version of diffmem")
+        with self._lock:
+            return {"prompt": prompt, **self.mitigate(self.model, prompt, self.config)}
+
+    def _images(self, prompt: str) -> list[str]:
+        from diffmem.sampling import SamplingConfig, sample_prompts
+
+        cfg = SamplingConfig(num_inference_steps=self.image_steps, guidance_scale=self.config.guidance_scale,
+                             num_generations=self.config.generations, seed=self.config.seed)
+        samples = sample_prompts(self.model, [prompt], cfg, decode=True)[0]  # same x_T as the explanation
+        return [png_data_url(img) for img in samples.images]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    app: ExplainApp  # set on the subclass that make_server builds
+    server_version = "diffmem"
+
+    def log_message(self, fmt, *args):  # quiet by default; the CLI turns it on
+        if getattr(self.server, "verbose", False):
+            super().log_message(fmt, *args)
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: dict) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            page = resources.files("diffmem.web").joinpath("static/index.html").read_bytes()
+            self._send(200, page, "text/html; charset=utf-8")
+        elif path == "/api/info":
+            self._json(200, self.app.info())
+        else:
+            self._json(404, {"error": f"no such page: {path}"})
+
+    def do_POST(self):
+        path = self.path.split("?", 1)[0]
+        if path not in ("/api/analyze", "/api/mitigate"):
+            return self._json(404, {"error": f"no such endpoint: {path}"})
+        try:
+            prompt = self._read_prompt()
+        except ValueError as e:
+            return self._json(400, {"error": str(e)})
+        try:
+            if path == "/api/analyze":
+                return self._json(200, self.app.analyze(prompt))
+            return self._json(200, self.app.mitigated(prompt))
+        except NotImplementedError as e:
+            return self._json(501, {"error": str(e)})
+        except Exception as e:  # the page shows it; the server keeps running
+            return self._json(500, {"error": f"{type(e).__name__}: {e}"})
+
+    def _read_prompt(self) -> str:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise ValueError(f"request body of {length} bytes; at most {MAX_BODY_BYTES}")
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"request body is not JSON: {e.msg}") from None
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError('expected {"prompt": "<non-empty text>"}')
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt of {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        return prompt
+
+
+def make_server(app: ExplainApp, host: str = "127.0.0.1", port: int = 8765, verbose: bool = False) -> ThreadingHTTPServer:
+    """A server bound to host:port (port 0: any free port; read it from ``server.server_address``)."""
+    handler = type("Handler", (_Handler,), {"app": app})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    server.verbose = verbose
+    return server
+
+
+def start_server(app: ExplainApp, host: str = "127.0.0.1", port: int = 0) -> tuple[ThreadingHTTPServer, str]:
+    """Serve in a daemon thread; returns the server (call ``shutdown()``) and the page's URL."""
+    server = make_server(app, host, port)
+    threading.Thread(target=server.serve_forever, name="diffmem-serve", daemon=True).start()
+    h, p = server.server_address[:2]
+    return server, f"http://{h}:{p}/"
