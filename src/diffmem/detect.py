@@ -133,7 +133,9 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         if images_dir is not None:
             for s in results:
                 save_images(Path(images_dir), s)
-        append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated) for s in results])
+        # A unit is redone whole (same batch, same numbers) but rows already written are not repeated.
+        append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated) for s in results
+                             if s.position not in done])
         bar.update(len(unit))
     bar.close()
 

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("detect", "roc", "lab", "train", "explain", "serve")  # modules under diffmem.cli
+VERBS = ("detect", "roc", "lab", "train", "mitigate", "evaluate", "explain", "serve")  # modules under diffmem.cli
 
 
 def common_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,9 @@ def load_model_from_args(args):
 
     from diffmem.adapters import load_model
 
-    state = PartialState()
+    # The first PartialState fixes the process group: on a machine without GPUs (or with --device cpu)
+    # it must be a CPU one (gloo), so that `accelerate launch` / torchrun spreads work over CPU processes.
+    state = PartialState(cpu=args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()))
     device = str(state.device) if args.device == "auto" else args.device
     if state.num_processes > 1 and device == "cpu":
         torch.set_num_threads(max(1, (torch.get_num_threads()) // state.num_processes))

@@ -38,3 +38,81 @@ def roc_figure(roc, memorized_scores, non_memorized_scores, out: str | Path, tit
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return Path(out)
+
+
+def comparison_grid(training, generations, out: str | Path, tile: int = 64, gap: int = 4) -> Path:
+    """One row per prompt: its training image, a gap, then its generations; PNG.
+
+    training: list of (<=1, 3, H, W) tensors/arrays in [0, 1] (empty: a blank tile); generations: list of
+    (G, 3, H, W). Small images are enlarged with nearest-neighbour so that pixels stay visible.
+    """
+    from PIL import Image
+
+    rows = []
+    G = max(len(g) for g in generations)
+    for train, gens in zip(training, generations):
+        gens = np.asarray(gens, dtype=np.float32)
+        blank = np.ones_like(gens[0])
+        cells = [np.asarray(train[0], dtype=np.float32) if len(train) else blank]
+        cells += [np.full((3, gens.shape[-2], gap), 1.0, np.float32)]
+        cells += [np.concatenate([g, np.ones((3, g.shape[-2], 1), np.float32)], -1) for g in gens]
+        cells += [np.ones((3, gens.shape[-2], gens.shape[-1] + 1), np.float32)] * (G - len(gens))
+        H = gens.shape[-2]
+        cells = [c if c.shape[-2] == H else _resize_chw(c, H, c.shape[-1] * H // c.shape[-2]) for c in cells]
+        rows.append(np.concatenate(cells, -1))
+        rows.append(np.ones((3, 1, rows[-1].shape[-1]), np.float32))
+    grid = np.concatenate(rows, -2)
+    img = Image.fromarray((grid.transpose(1, 2, 0).clip(0, 1) * 255).round().astype(np.uint8))
+    scale = max(1, tile // max(generations[0].shape[-2], 1))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    img.save(out)
+    return Path(out)
+
+
+def _resize_chw(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.fromarray((x.transpose(1, 2, 0).clip(0, 1) * 255).round().astype(np.uint8)).resize((w, h), Image.BILINEAR)
+    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+TRADEOFF_X_LABELS = {"alignment_mean": "prompt alignment (lab content correct)", "clip_score_mean": "CLIP score",
+                     "final_d_mean": "first-step d after mitigation"}
+
+
+def tradeoff_figure(results: dict, out: str | Path, x_key: str | None, similarity_metric: str = "pixel_cosine") -> Path:
+    """Similarity (left) and copy rate (right) against alignment / CLIP score, one curve per mitigation
+    method across its hyperparameter sweep; no mitigation is a star (Wen et al.'s trade-off figure)."""
+    plt = _pyplot()
+    x_key = x_key or "final_d_mean"
+    panels = [("similarity_mean", f"{similarity_metric} similarity to training image (mean best match)")]
+    if any(s.get("copy_rate") is not None for m in results.values() for s in m.values()):
+        panels.append(("copy_rate", "copy rate"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for method, settings in results.items():
+            pts = []
+            for name, s in settings.items():
+                y = s[key].get(similarity_metric) if key == "similarity_mean" else s[key]
+                if y is not None and s.get(x_key) is not None:
+                    pts.append((s["value"] if s["value"] is not None else 0, s[x_key], y, name))
+            pts.sort()
+            if not pts:
+                continue
+            xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+            if method == "none":
+                ax.plot(xs, ys, "k*", ms=14, label="no mitigation")
+                continue
+            line, = ax.plot(xs, ys, "o-", label=method)
+            for v, x, y, _ in pts:
+                ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
+        ax.set(xlabel=TRADEOFF_X_LABELS.get(x_key, x_key), ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("mitigation trade-off (labels: target loss / words added)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,79 @@
+"""``diffmem evaluate``: copy similarity and alignment of memorized prompts' generations, per mitigation setting."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    from diffmem.cli.main import common_model_args
+    from diffmem.cli.mitigate import add_sampling_args
+    from diffmem.mitigate import METHODS
+
+    p = sub.add_parser("evaluate", help="evaluate mitigations: similarity to training images, alignment, trade-off plot",
+                       description="For each memorized prompt and each mitigation setting, generate N images and "
+                       "report their similarity to the prompt's training image(s) (SSCD when --sscd is given, "
+                       "tiled L2 and pixel cosine always; mean/max/min over generations of the best match), the "
+                       "copy rate, and prompt alignment (lab) or CLIP score (--clip). Writes per_prompt.jsonl/.csv, "
+                       "summary.json, grids/ and tradeoff.png to --out.")
+    common_model_args(p)
+    p.add_argument("--dataset", default=None, help="a folder of image + caption .txt pairs, a ground-truth .jsonl "
+                   "(caption, index; gt_images/<index>/*.png beside it), or lab:<set>; default for lab models: "
+                   "lab:memorized")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
+    p.add_argument("--mitigation", nargs="+", default=["none", "embedding-opt", "rand_word_add"], choices=METHODS,
+                   help="methods to compare (default: none embedding-opt rand_word_add)")
+    p.add_argument("--target-loss", nargs="+", default=["3"], help="embedding-opt sweep; 'pN' = the N-th percentile "
+                   "of first-step d on --calibration-set prompts (e.g. p50 p95)")
+    p.add_argument("--repeat-num", nargs="+", type=int, default=[4], help="augmentation sweep (items inserted)")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--max-iters", type=int, default=10)
+    p.add_argument("--calibration-set", default="lab:non-memorized", help="prompts whose first-step d calibrates "
+                   "'pN' target losses (same formats as --dataset)")
+    p.add_argument("--calibration-limit", type=int, default=200)
+    p.add_argument("--sscd", default=None, help="SSCD TorchScript checkpoint (e.g. sscd_disc_large.torchscript.pt)")
+    p.add_argument("--clip", default=None, help="local transformers CLIP model folder for the CLIP score")
+    p.add_argument("--copy-threshold", type=float, default=None, help="similarity beyond this is a copy "
+                   "(SSCD: 0.5 in Somepalli et al.); lab models use the lab's copy rule in any case")
+    p.add_argument("--copy-metric", default=None, choices=("sscd", "tiled_l2", "pixel_cosine"))
+    p.add_argument("--save-images", action="store_true", help="also write every generation as PNG")
+    p.add_argument("--out", required=True, help="output folder")
+    add_sampling_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import json
+
+    from diffmem.cli.main import load_model_from_args
+    from diffmem.cli.mitigate import sampling_config
+    from diffmem.evaluate import EvaluateConfig, calibrate_target_loss, load_eval_set, run_evaluation
+
+    sampling = sampling_config(args)
+    model = load_model_from_args(args)
+    eval_set = load_eval_set(model, args.dataset, args.limit)
+    targets, calibration = [], None
+    percentiles = [float(v[1:]) for v in args.target_loss if v.startswith("p")]
+    if percentiles and "embedding-opt" in args.mitigation:
+        ref = load_eval_set(model, args.calibration_set, args.calibration_limit)
+        calibration = calibrate_target_loss(model, [p.caption for p in ref.prompts], sampling, percentiles)
+        print("target losses from first-step d of " + ref.name + ": " +
+              ", ".join(f"p{k:g} = {v:.4f}" for k, v in calibration.items()))
+    for v in args.target_loss:
+        targets.append(calibration[float(v[1:])] if v.startswith("p") else float(v))
+    config = EvaluateConfig(methods=tuple(args.mitigation), target_losses=tuple(targets),
+                            repeat_nums=tuple(args.repeat_num), lr=args.lr, max_iters=args.max_iters, sampling=sampling,
+                            sscd=args.sscd, clip=args.clip, copy_threshold=args.copy_threshold,
+                            copy_metric=args.copy_metric, save_images=args.save_images)
+    summary = run_evaluation(model, eval_set, config, args.out, progress=not args.no_progress)
+    if calibration:
+        summary["target_loss_calibration"] = {"set": args.calibration_set, "limit": args.calibration_limit,
+                                              "percentiles": calibration}
+        from pathlib import Path
+
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    for method, settings in summary["results"].items():
+        for key, s in settings.items():
+            extra = "".join(f"  {k} {s[k]:.3f}" for k in ("alignment_mean", "clip_score_mean") if k in s)
+            copy = f"copy rate {s['copy_rate']:.3f}" if s["copy_rate"] is not None else "copy rate -"
+            print(f"{method:17s} {key:18s} {copy}  d {s['initial_d_mean']:.3f}->{s['final_d_mean']:.3f}" + extra)
+    print(f"wrote {args.out}/summary.json, per_prompt.jsonl/.csv, grids/, tradeoff.png")
+    return 0

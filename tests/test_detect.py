@@ -1,0 +1,185 @@
+"""diffmem detect: outputs, resume after a killed run, bad inputs, input formats, scale-out."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from diffmem.cli.main import main
+from diffmem.detect import read_rows
+from diffmem.prompts import PromptFileError, read_prompts
+
+FAST = ["--num-inference-steps", "3", "--num-generations", "2", "--no-progress"]
+
+
+def detect(model, prompts, out, *extra):
+    return main(["detect", "--model", str(model), "--prompts", str(prompts), "--out", str(out), *FAST, *extra])
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    p = tmp_path / "prompts.jsonl"
+    rows = [{"caption": f"prompt number {i} of a test", "index": 1000 + i, "url": f"http://x/{i}"} for i in range(6)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_output_rows_and_metadata(tiny_sd_folder, prompt_file, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert detect(tiny_sd_folder, prompt_file, out, "--start", "2", "--end", "5") == 0
+    rows = read_rows(out)
+    assert [r["index"] for r in rows] == [2, 3, 4]
+    assert rows[0]["source"] == {"index": 1002, "url": "http://x/2"}
+    for r in rows:
+        assert set(r) >= {"prompt", "index", "seed", "text_noise_norm", "uncond_noise_norm", "score"}
+        assert len(r["text_noise_norm"]) == 2 and len(r["text_noise_norm"][0]) == 3
+    meta = json.loads((tmp_path / "r.meta.json").read_text())
+    assert meta["settings"]["num_generations"] == 2 and meta["diffmem_version"]
+    assert meta["model"] == str(tiny_sd_folder)
+
+
+def test_existing_output_is_not_overwritten(tiny_sd_folder, prompt_file, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"keep": 1}\n')
+    assert detect(tiny_sd_folder, prompt_file, out) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert out.read_text() == '{"keep": 1}\n'
+
+
+def test_resume_after_killed_run_equals_uninterrupted_run(tiny_sd_folder, tmp_path):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"a picture of thing {i}\n" for i in range(40)))
+    full = tmp_path / "full.jsonl"
+    assert detect(tiny_sd_folder, prompts, full, "--batch-size", "4") == 0
+    out = tmp_path / "killed.jsonl"
+    cmd = [sys.executable, "-m", "diffmem.cli.main", "detect", "--model", str(tiny_sd_folder), "--prompts", str(prompts),
+           "--out", str(out), *FAST, "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = out.read_bytes()
+    assert partial.endswith(b"\n")  # whole lines only
+    n_done = len(read_rows(out))
+    assert 3 <= n_done < 40, "the run should have been killed part-way"
+    assert main(["detect", "--model", str(tiny_sd_folder), "--prompts", str(prompts), "--out", str(out), *FAST,
+                 "--batch-size", "4", "--resume"]) == 0
+    assert read_rows(out) == read_rows(full)
+
+
+def test_resume_repairs_a_torn_last_line(tiny_sd_folder, prompt_file, tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert detect(tiny_sd_folder, prompt_file, out) == 0
+    full = read_rows(out)
+    data = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(data[:2]) + data[2][:25])  # a crash in the middle of a line
+    assert detect(tiny_sd_folder, prompt_file, out, "--resume") == 0
+    assert read_rows(out) == full
+
+
+def test_resume_with_other_settings_is_refused(tiny_sd_folder, prompt_file, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert detect(tiny_sd_folder, prompt_file, out, "--end", "2") == 0
+    before = out.read_bytes()
+    assert detect(tiny_sd_folder, prompt_file, out, "--end", "2", "--resume", "--guidance-scale", "3") == 2
+    assert "settings" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("content,suffix,message", [
+    ('{"caption": "ok"}\n{"caption": "broken\n', ".jsonl", ":2: invalid JSON"),
+    ('{"caption": "ok"}\n{"text": "no caption key"}\n', ".jsonl", ":2: no key 'caption'"),
+    ("", ".jsonl", "no prompts"),
+    ("", ".txt", "no prompts"),
+    ("a,b\n1,2\n", ".csv", "no column 'caption'"),
+    ("whatever", ".xlsx", "unknown prompt file type '.xlsx'"),
+])
+def test_bad_prompt_files_name_the_problem(tiny_sd_folder, tmp_path, capsys, content, suffix, message):
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_text(content)
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"earlier": true}\n')
+    assert detect(tiny_sd_folder, bad, out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and message in err
+    assert out.read_text() == '{"earlier": true}\n'
+
+
+def test_model_folder_without_unet_is_an_error(tiny_sd_folder, prompt_file, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken_model"
+    shutil.copytree(tiny_sd_folder, broken)
+    shutil.rmtree(broken / "unet")
+    assert detect(broken, prompt_file, tmp_path / "r.jsonl") == 2
+    assert "unet/" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_long_prompts_are_truncated_and_counted(tiny_sd_folder, tmp_path, capsys):
+    p = tmp_path / "long.txt"
+    p.write_text("short prompt\n" + "a very long prompt " * 10 + "\n")  # the tiny tokenizer is per character
+    out = tmp_path / "r.jsonl"
+    assert detect(tiny_sd_folder, p, out) == 0
+    assert "1 of 2 prompts" in capsys.readouterr().out
+    assert [r["truncated"] for r in read_rows(out)] == [False, True]
+    assert json.loads((tmp_path / "r.meta.json").read_text())["num_truncated"] == 1
+
+
+def test_prompt_formats(tmp_path):
+    import datasets
+    import pandas as pd
+
+    texts = ["first prompt", "second, with a comma", "third"]
+    (tmp_path / "p.txt").write_text("\n".join(texts) + "\n\n")
+    pd.DataFrame({"caption": texts, "n": [1, 2, 3]}).to_csv(tmp_path / "p.csv", index=False)
+    pd.DataFrame({"text": texts}).to_parquet(tmp_path / "p.parquet")
+    datasets.Dataset.from_dict({"Prompt": texts}).save_to_disk(str(tmp_path / "hf"))
+    assert [r.prompt for r in read_prompts(tmp_path / "p.txt")] == texts
+    csv = read_prompts(tmp_path / "p.csv")
+    assert [r.prompt for r in csv] == texts and csv[1].source == {"n": 2}
+    assert [r.prompt for r in read_prompts(tmp_path / "p.parquet", prompt_key="text")] == texts
+    hf = read_prompts(tmp_path / "hf", prompt_key="Prompt", start=1)
+    assert [(r.position, r.prompt) for r in hf] == [(1, texts[1]), (2, texts[2])]
+    with pytest.raises(PromptFileError, match="selects none"):
+        read_prompts(tmp_path / "p.txt", start=5)
+
+
+def test_shared_benchmark_prompt_sets_load():
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not shared.exists():
+        pytest.skip(f"{shared} not present")
+    mem = read_prompts(shared / "sdv1_500_memorized.jsonl")
+    assert len(mem) == 500 and "url" in mem[0].source
+    assert len(read_prompts(shared / "sd1_nonmemorized_500.txt")) >= 499
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_equal_single_process(tiny_sd_folder, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt {i} for scale-out\n" for i in range(7)))
+    single = tmp_path / "single.jsonl"
+    assert detect(tiny_sd_folder, prompts, single, "--batch-size", "4") == 0
+    multi = tmp_path / "multi.jsonl"
+    import diffmem.cli.main as cli
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", cli.__file__, "detect", "--model", str(tiny_sd_folder),
+           "--prompts", str(prompts), "--out", str(multi), *FAST, "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert not list(tmp_path.glob("multi.jsonl.part*"))
+    a, b = read_rows(single), read_rows(multi)
+    assert [r["index"] for r in b] == list(range(7))
+    assert a == b
+    assert json.loads((tmp_path / "multi.meta.json").read_text())["num_processes"] == 2

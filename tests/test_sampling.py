@@ -1,0 +1,137 @@
+"""Tracked sampling equals diffusers' pipeline, honours the seed contract and is batch-independent."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffmem.sampling import SamplingConfig, denoise_tracked, initial_noise, sample_prompts, sample_unit
+
+PROMPTS = ["a red cat on a mat", "the velvet harbor: a blue square", "an astronaut riding a horse"]
+
+
+def test_latents_equal_stable_diffusion_pipeline(tiny_sd, tiny_sd_folder):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    cfg = SamplingConfig(num_inference_steps=6, guidance_scale=7.5, num_generations=3, seed=11, batch_size=4)
+    ours = sample_prompts(tiny_sd, PROMPTS, cfg, decode=True)
+    for i, prompt in enumerate(PROMPTS):
+        ref = pipe(prompt, num_inference_steps=6, guidance_scale=7.5, num_images_per_prompt=3,
+                   generator=torch.Generator("cpu").manual_seed(11 + i), output_type="latent").images
+        assert (ref - ours[i].latents).abs().max().item() <= 1e-5
+        assert ours[i].seed == 11 + i
+        assert ours[i].text_noise_norm.shape == (3, 6)
+        assert ours[i].images.shape == (3, 3, 32, 32) and 0 <= ours[i].images.min() <= ours[i].images.max() <= 1
+
+
+def test_seed_contract_initial_noise(tiny_sd):
+    x = initial_noise(tiny_sd, 4, seed=7)
+    expected = torch.randn((4, *tiny_sd.latent_shape), generator=torch.Generator("cpu").manual_seed(7))
+    assert torch.equal(x, expected * tiny_sd.scheduler.init_noise_sigma)
+
+
+def test_values_independent_of_batch_size_and_other_prompts(tiny_sd):
+    base = dict(num_inference_steps=4, guidance_scale=5.0, num_generations=3, seed=3)
+    small = sample_prompts(tiny_sd, PROMPTS, SamplingConfig(**base, batch_size=2), decode=False)
+    large = sample_prompts(tiny_sd, PROMPTS, SamplingConfig(**base, batch_size=32), decode=False)
+    alone = sample_unit(tiny_sd, [PROMPTS[2]], [2], SamplingConfig(**base, batch_size=6))[0]
+    for a, b in zip(small, large):
+        torch.testing.assert_close(a.text_noise_norm, b.text_noise_norm, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a.uncond_noise_norm, b.uncond_noise_norm, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(alone.text_noise_norm, large[2].text_noise_norm, rtol=1e-5, atol=1e-7)
+    # different prompts really give different values (the check above is not vacuous)
+    assert not torch.allclose(large[0].text_noise_norm, large[1].text_noise_norm)
+
+
+def test_track_steps_is_a_prefix_of_the_full_run(tiny_sd):
+    base = dict(num_inference_steps=5, guidance_scale=7.5, num_generations=2, seed=0, batch_size=8)
+    full = sample_prompts(tiny_sd, PROMPTS[:2], SamplingConfig(**base), decode=False)
+    first = sample_prompts(tiny_sd, PROMPTS[:2], SamplingConfig(**base, track_steps=1), decode=False)
+    for f, s in zip(full, first):
+        assert s.text_noise_norm.shape == (2, 1)
+        torch.testing.assert_close(s.text_noise_norm[:, 0], f.text_noise_norm[:, 0], rtol=1e-5, atol=1e-7)
+
+
+class PromptBlindDenoiser:
+    """An analytic fake: eps(x_t, t, e) = 0.5 x_t whatever the prompt, so d must be exactly 0."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.latent_shape = (4, 8, 8)
+        self.default_guidance_scale = 7.5
+
+    def predict_noise(self, x_t, t, embedding):
+        return 0.5 * x_t
+
+    def encode_prompts(self, prompts):
+        return torch.randn(len(prompts), 5, 3)
+
+    def empty_embedding(self):
+        return torch.zeros(1, 5, 3)
+
+    def decode(self, latents):
+        return latents[:, :3].clamp(0, 1)
+
+
+def test_prompt_blind_denoiser_gives_zero_metric(tiny_sd):
+    from diffusers import DDIMScheduler
+
+    fake = PromptBlindDenoiser(DDIMScheduler.from_config(tiny_sd.scheduler.config))
+    res = sample_prompts(fake, ["anything", "something else"], SamplingConfig(num_inference_steps=4, num_generations=2),
+                         decode=False)
+    for r in res:
+        assert torch.count_nonzero(r.text_noise_norm) == 0
+        assert (r.uncond_noise_norm > 0).all()
+    x = initial_noise(fake, 2, 0)
+    fake.scheduler.set_timesteps(4)
+    _, d, u = denoise_tracked(fake, x, torch.zeros(2, 5, 3), torch.ones(2, 5, 3), fake.scheduler.timesteps[:1], 7.5)
+    torch.testing.assert_close(u[:, 0], (0.5 * x).flatten(1).norm(dim=1))
+
+
+def test_track_steps_out_of_range_is_an_error(tiny_sd):
+    with pytest.raises(ValueError, match="track-steps"):
+        sample_prompts(tiny_sd, PROMPTS[:1], SamplingConfig(num_inference_steps=3, track_steps=4))
+
+
+def _reference_detection(model, prompt, position, steps, gens, seed, guidance, track):
+    """A straightforward re-implementation: one generation at a time, separate UNet calls per branch."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(model.scheduler.config)
+    sched.set_timesteps(steps)
+    noise = torch.randn((gens, *model.latent_shape), generator=torch.Generator("cpu").manual_seed(seed + position))
+    cond, uncond = model.encode_prompts([prompt]), model.encode_prompts([""])
+    out = np.zeros((gens, track))
+    for g in range(gens):
+        x = noise[g:g + 1] * sched.init_noise_sigma
+        for k, t in enumerate(sched.timesteps[:track]):
+            with torch.no_grad():
+                e_c = model.unet(x, t, encoder_hidden_states=cond).sample
+                e_u = model.unet(x, t, encoder_hidden_states=uncond).sample
+            out[g, k] = torch.sqrt(((e_c - e_u) ** 2).sum()).item()
+            x = sched.step(e_u + guidance * (e_c - e_u), t, x).prev_sample
+    return out
+
+
+@pytest.mark.parametrize("track", [1, None])
+def test_detect_cli_matches_reference_implementation(tiny_sd, tiny_sd_folder, tmp_path, track):
+    from diffmem.cli.main import main
+    from diffmem.detect import read_rows
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "r.jsonl"
+    args = ["detect", "--model", str(tiny_sd_folder), "--prompts", str(prompts), "--out", str(out),
+            "--num-inference-steps", "4", "--num-generations", "2", "--seed", "5", "--no-progress", "--batch-size", "6"]
+    assert main(args + (["--track-steps", str(track)] if track else [])) == 0
+    rows = read_rows(out)
+    assert [r["index"] for r in rows] == [0, 1, 2] and [r["seed"] for r in rows] == [5, 6, 7]
+    for r in rows:
+        ref = _reference_detection(tiny_sd, r["prompt"], r["index"], 4, 2, 5, 7.5, track or 4)
+        got = np.asarray(r["text_noise_norm"])
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-4)
+        assert r["score"] == pytest.approx(got.mean())
