@@ -31,6 +31,7 @@ class TrainConfig:
     lr_scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler knows
     lr_warmup_steps: int = 0
     adam_weight_decay: float = 1e-2
+    adam_beta2: float = 0.999
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     use_ema: bool = False
@@ -235,7 +236,8 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
     unet.train().requires_grad_(True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay,
+                                  betas=(0.9, config.adam_beta2))
     lr_sched = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                              num_training_steps=config.max_train_steps)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
