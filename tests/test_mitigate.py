@@ -1,0 +1,174 @@
+"""Embedding optimization (Wen et al. 5.1) and the prompt-augmentation baselines, on tiny models."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from diffmem.mitigate import (AUGMENT_STYLES, MitigationConfig, augment_prompt, mitigate_unit,
+                              optimize_prompt_embedding)
+from diffmem.sampling import SamplingConfig, initial_noise, sample_unit
+
+PROMPTS = ["a cat on a mat", "a dog in the fog", "the red barn at dawn"]
+
+
+def first_step(model, prompts, G=2, steps=10, seed=0):
+    model.scheduler.set_timesteps(steps)
+    t = model.scheduler.timesteps[0]
+    x = torch.stack([initial_noise(model, G, seed + p) for p in range(len(prompts))])  # (P, G, C, H, W)
+    return model.encode_prompts(prompts), x, t
+
+
+def test_unreachable_target_runs_all_iterations_and_reduces_d(tiny_sd):
+    cond, x, t = first_step(tiny_sd, PROMPTS)
+    r = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=-1.0, lr=0.05, max_iters=10)
+    assert r.iterations.tolist() == [10, 10, 10]
+    assert (r.final_d < 0.7 * r.initial_d).all()
+    assert not torch.equal(r.embeddings[:, 1:], cond[:, 1:])
+
+
+def test_start_token_never_changes(tiny_sd):
+    cond, x, t = first_step(tiny_sd, PROMPTS)
+    r = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=-1.0, lr=0.5, max_iters=5)
+    assert torch.equal(r.embeddings[:, 0], cond[:, 0])  # AdamW's weight decay included
+
+
+def test_target_above_d_stops_at_once_and_changes_nothing(tiny_sd):
+    cond, x, t = first_step(tiny_sd, PROMPTS)
+    r = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=1e6)
+    assert r.iterations.tolist() == [0, 0, 0]
+    assert torch.equal(r.embeddings, cond)
+    assert torch.equal(r.final_d, r.initial_d)
+
+
+def test_stops_as_soon_as_d_reaches_the_target(tiny_sd):
+    cond, x, t = first_step(tiny_sd, PROMPTS[:1])
+    three = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=-1.0, max_iters=3)
+    target = float(three.final_d[0])  # d after exactly 3 steps
+    r = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=target, max_iters=10)
+    assert 1 <= int(r.iterations[0]) <= 3
+    assert float(r.final_d[0]) <= target
+    if int(r.iterations[0]) == 3:
+        assert torch.equal(r.embeddings, three.embeddings)
+
+
+def test_a_finished_prompt_stops_changing_while_others_continue(tiny_sd):
+    cond, x, t = first_step(tiny_sd, PROMPTS)
+    d0 = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=1e6).initial_d
+    lo = int(d0.argmin())
+    target = float(d0[lo]) + 1e-6  # only the lowest prompt is already there
+    joint = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=target)
+    assert int(joint.iterations[lo]) == 0
+    assert torch.equal(joint.embeddings[lo], cond[lo])
+    others = [i for i in range(len(PROMPTS)) if i != lo]
+    assert all(int(joint.iterations[i]) > 0 for i in others)
+    for i in others:  # batching does not change any prompt's optimization
+        alone = optimize_prompt_embedding(tiny_sd, cond[i:i + 1], x[i:i + 1], t, target_loss=target)
+        assert int(alone.iterations[0]) == int(joint.iterations[i])
+        torch.testing.assert_close(alone.embeddings[0], joint.embeddings[i], atol=1e-5, rtol=1e-4)
+        assert float(joint.final_d[i]) <= target or int(joint.iterations[i]) == 10
+
+
+def test_prompt_that_ignores_the_text_has_d_zero_and_needs_no_iterations(tiny_sd):
+    fake = SimpleNamespace(scheduler=tiny_sd.scheduler, empty_embedding=tiny_sd.empty_embedding,
+                           predict_noise=lambda x, t, emb: 0.5 * x + 0 * emb.sum())
+    cond, x, t = first_step(tiny_sd, PROMPTS[:2])
+    r = optimize_prompt_embedding(fake, cond, x, t, target_loss=0.0)
+    assert r.initial_d.tolist() == [0.0, 0.0]
+    assert r.iterations.tolist() == [0, 0]
+
+
+def test_bad_shapes_are_rejected(tiny_sd):
+    cond, x, t = first_step(tiny_sd, PROMPTS[:2])
+    with pytest.raises(ValueError, match="cond"):
+        optimize_prompt_embedding(tiny_sd, cond, x.flatten(0, 1), t, target_loss=1.0)
+
+
+# -- sampling with a mitigation -------------------------------------------------------------------
+
+SAMPLING = SamplingConfig(num_inference_steps=3, num_generations=2, seed=7)
+
+
+def test_no_mitigation_and_a_target_above_d_sample_as_plain_sampling(tiny_sd):
+    plain = sample_unit(tiny_sd, PROMPTS[:2], [0, 1], SAMPLING, decode=True)
+    none = mitigate_unit(tiny_sd, PROMPTS[:2], [0, 1], MitigationConfig(method="none"), SAMPLING)
+    opt = mitigate_unit(tiny_sd, PROMPTS[:2], [0, 1], MitigationConfig(method="embedding-opt", target_loss=1e6), SAMPLING)
+    for p, n, o in zip(plain, none, opt):
+        assert torch.equal(p.images, n.images)
+        assert torch.equal(p.images, o.images)
+        assert n.final_d == n.initial_d and o.iterations == 0
+
+
+def test_embedding_opt_samples_with_the_optimized_embedding(tiny_sd):
+    res = mitigate_unit(tiny_sd, PROMPTS[:2], [0, 1], MitigationConfig(method="embedding-opt", target_loss=-1.0,
+                                                                      max_iters=4), SAMPLING)
+    for r in res:
+        assert r.iterations == 4 and r.final_d < r.initial_d
+        assert r.images.shape == (2, 3, 32, 32) and r.modified_prompt == r.prompt
+    direct = sample_unit(tiny_sd, PROMPTS[:2], [0, 1], SAMPLING, decode=True,
+                         embeddings=torch.stack([r.embedding for r in res]))
+    for r, s in zip(res, direct):
+        torch.testing.assert_close(r.images, s.images)
+
+
+def test_augmentation_samples_the_modified_prompt(tiny_sd):
+    res = mitigate_unit(tiny_sd, PROMPTS[:2], [0, 1], MitigationConfig(method="rand_numb_add", repeat_num=2), SAMPLING)
+    for r in res:
+        assert len(r.modified_prompt.split(" ")) == len(r.prompt.split(" ")) + 2
+    direct = sample_unit(tiny_sd, [r.modified_prompt for r in res], [0, 1], SAMPLING, decode=True)
+    for r, s in zip(res, direct):
+        torch.testing.assert_close(r.images, s.images)
+
+
+# -- prompt augmentation --------------------------------------------------------------------------
+
+def inserted(original: str, augmented: str) -> list[str]:
+    """The inserted words, after checking that the original words survive in order."""
+    new, it = augmented.split(" "), iter(augmented.split(" "))
+    assert all(w in it for w in original.split(" ")), (original, augmented)
+    return list((Counter(new) - Counter(original.split(" "))).elements())
+
+
+@pytest.fixture(scope="module")
+def lab_tokenizer_model():
+    from transformers import AutoTokenizer
+
+    from diffmem.adapters.lab import text_encoder_path
+
+    return SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(text_encoder_path()))
+
+
+@pytest.mark.parametrize("style", AUGMENT_STYLES)
+@pytest.mark.parametrize("repeat_num", [0, 1, 4, 8])
+def test_augmentations_insert_exactly_repeat_num_items(style, repeat_num, tiny_sd, lab_tokenizer_model):
+    for model in (tiny_sd, lab_tokenizer_model):
+        for seed in range(5):
+            prompt = "the cobalt wages: a green circle"
+            out = augment_prompt(prompt, style, repeat_num, model, random.Random(seed))
+            items = inserted(prompt, out)
+            assert len(out.split(" ")) == len(prompt.split(" ")) + repeat_num
+            assert len(items) == repeat_num
+            assert all(i.strip() == i and i for i in items)
+            if style == "rand_numb_add":
+                assert all(i.isdigit() and int(i) < 100000 for i in items)
+            if style == "rand_word_repeat":
+                assert set(items) <= set(prompt.split(" "))
+
+
+def test_rand_word_add_draws_vocabulary_tokens(lab_tokenizer_model):
+    tok = lab_tokenizer_model.tokenizer
+    prompt = "the cobalt wages: a green circle"
+    for seed in range(10):
+        for item in inserted(prompt, augment_prompt(prompt, "rand_word_add", 3, lab_tokenizer_model, random.Random(seed))):
+            assert item in tok.get_vocab() and item not in tok.all_special_tokens
+
+
+def test_augmentation_is_seeded_and_checked(tiny_sd):
+    a = augment_prompt("a b c", "rand_word_add", 4, tiny_sd, random.Random(3))
+    assert a == augment_prompt("a b c", "rand_word_add", 4, tiny_sd, random.Random(3))
+    with pytest.raises(ValueError, match="expected one of"):
+        augment_prompt("a b c", "rand_word_swap", 1, tiny_sd, random.Random(0))
