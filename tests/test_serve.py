@@ -200,3 +200,26 @@ def test_fast_lab_top_token_is_a_trigger_word(fast_lab):
         ex = token_significance(fast_lab, pair.caption)
         assert ex.ranked_tokens()[0].token in pair.title_words, pair.caption
         assert ex.ranked_words()[0].word in pair.title_words, pair.caption
+
+
+# -- the lab measurement behind the "done" figures -------------------------------------
+
+def test_remove_word_tidies_spaces():
+    from diffmem.lab.attribution import remove_word
+
+    p = "the wages cobalt: a green circle"
+    assert remove_word(p, 4, 9) == "the cobalt: a green circle"
+    assert remove_word(p, 10, 16) == "the wages: a green circle"
+    assert remove_word(p, 10, 16, "pencil") == "the wages pencil: a green circle"
+
+
+@pytest.mark.slow
+def test_attribution_benchmark_on_the_fast_lab(fast_lab):
+    from diffmem.lab.attribution import attribution_benchmark, format_results
+
+    (result,) = attribution_benchmark(fast_lab, [(0, 1)], num_calibration=16, num_ordinary=8, progress=False)
+    mem = {s.name: s for s in result.sets}["memorized"]
+    print(format_results([result]))
+    assert mem.top1_token_is_title == 1.0 and mem.top1_word_is_title == 1.0
+    assert mem.flagged > 0 and mem.flagged_cleared_by_deletion >= 0.5
+    assert {s.name for s in result.sets} == {"memorized", "non-memorized", "novel"}

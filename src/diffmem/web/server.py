@@ -139,6 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, page, "text/html; charset=utf-8")
         elif path == "/api/info":
             self._json(200, self.app.info())
+        elif path == "/favicon.ico":
+            self._send(204, b"", "image/x-icon")
         else:
             self._json(404, {"error": f"no such page: {path}"})
 
