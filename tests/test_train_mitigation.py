@@ -1,0 +1,111 @@
+"""Training-time mitigation (Wen et al. 5.2): the hard-threshold filter and the caption-augmentation
+baseline, run through the real trainer on a tiny Stable Diffusion."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffmem.metrics import text_noise_norm
+from diffmem.train import ImagePairs, TrainConfig, train
+
+CAPTIONS = ["a cat on a mat", "a dog in the fog", "the red barn at dawn", "two ships at sea"]
+
+
+def tiny_model(folder):
+    from diffmem.adapters import load_model
+
+    return load_model(str(folder))
+
+
+def dataset():
+    g = torch.Generator().manual_seed(1)
+    return ImagePairs(torch.rand(4, 3, 32, 32, generator=g), CAPTIONS)
+
+
+def run_one_step(folder, out, hard_threshold, steps=1, **kw):
+    """Train `steps` steps on a batch of all 4 pairs; return (log rows, d per sample of every UNet call pair)."""
+    torch.manual_seed(0)  # the VAE's latent sampling draws from the global generator
+    model = tiny_model(folder)
+    calls = []
+    hook = model.unet.register_forward_hook(lambda mod, args, kwargs, output: calls.append(
+        (kwargs["encoder_hidden_states"].detach().clone(), output[0].detach().float().clone())), with_kwargs=True)
+    config = TrainConfig(output_dir=str(out), max_train_steps=steps, train_batch_size=4, learning_rate=1e-3,
+                         hard_threshold=hard_threshold, log_every=1, num_threads=1, **kw)
+    train(model, dataset(), config, save_model=lambda unet, folder: None, progress=False)
+    hook.remove()
+    rows = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    return model, rows, calls
+
+
+def test_filter_leaves_out_exactly_the_samples_at_or_above_the_threshold(tiny_sd_folder, tmp_path):
+    # 1. The per-sample d of step 0, from an unfiltered run's conditional and unconditional UNet calls.
+    _, rows, calls = run_one_step(tiny_sd_folder, tmp_path / "probe", hard_threshold=float("inf"))
+    (_, eps_c), (emb_u, eps_u) = calls[0], calls[1]
+    assert torch.equal(emb_u, emb_u[:1].expand_as(emb_u))  # the unconditional call uses one (empty) prompt
+    d = np.sort(text_noise_norm(eps_c, eps_u).numpy())
+    assert rows[0]["left_out"] == 0.0 and len(set(d.tolist())) == 4
+    # 2. Thresholds between and at the values: exactly the samples with d >= threshold are left out.
+    for k, threshold in [(1, (d[2] + d[3]) / 2), (2, (d[1] + d[2]) / 2), (3, float(d[1])), (4, float(d[0]) / 2)]:
+        _, rows, calls = run_one_step(tiny_sd_folder, tmp_path / f"t{k}", hard_threshold=float(threshold))
+        d_run = text_noise_norm(calls[0][1], calls[1][1]).numpy()
+        np.testing.assert_array_equal(np.sort(d_run), d)  # same batch, noise and timesteps as the probe
+        assert rows[0]["left_out"] == pytest.approx(k / 4)
+        assert rows[0]["skipped"] == (k == 4)
+
+
+def test_a_batch_with_everything_left_out_is_skipped_cleanly(tiny_sd_folder, tmp_path):
+    before = {k: v.clone() for k, v in tiny_model(tiny_sd_folder).unet.state_dict().items()}
+    model, rows, _ = run_one_step(tiny_sd_folder, tmp_path / "all", hard_threshold=0.0, steps=3)
+    assert [r["skipped"] for r in rows] == [True, True, True]
+    assert all(r["left_out"] == 1.0 and r["loss"] is None for r in rows)
+    after = model.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no optimizer step, no weight decay
+
+
+def test_filter_that_keeps_everything_trains_as_without_it(tiny_sd_folder, tmp_path):
+    a, rows_a, _ = run_one_step(tiny_sd_folder, tmp_path / "a", hard_threshold=None, steps=2)
+    b, rows_b, _ = run_one_step(tiny_sd_folder, tmp_path / "b", hard_threshold=1e9, steps=2)
+    assert [r["loss"] for r in rows_a] == pytest.approx([r["loss"] for r in rows_b])
+    sa, sb = a.unet.state_dict(), b.unet.state_dict()
+    assert all(torch.allclose(sa[k], sb[k]) for k in sa)
+
+
+def test_caption_augmentation_adds_one_random_word_per_caption(tiny_sd_folder, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model(tiny_sd_folder)
+    seen: list[str] = []
+    encode = model.encode_prompts
+    model.encode_prompts = lambda prompts: (seen.extend(prompts), encode(prompts))[1]
+    config = TrainConfig(output_dir=str(tmp_path), max_train_steps=2, train_batch_size=4, log_every=1,
+                         prompt_aug_style="rand_word_add", repeat_num=1, num_threads=1)
+    train(model, dataset(), config, save_model=lambda unet, folder: None, progress=False)
+    trained = [c for c in seen if c]  # the empty prompt is encoded once for caption dropout
+    assert trained and all(c not in CAPTIONS for c in trained)
+    for c in trained:
+        words = c.split(" ")
+        originals = [o for o in CAPTIONS if len(o.split(" ")) == len(words) - 1
+                     and all(w in iter(words) for w in o.split(" "))]
+        assert originals, c
+
+
+def test_train_cli_with_hard_threshold_logs_left_out(tiny_sd_folder, tmp_path):
+    from PIL import Image
+
+    from diffmem.cli.main import main
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for i, c in enumerate(CAPTIONS):
+        Image.fromarray((np.random.default_rng(i).random((32, 32, 3)) * 255).astype(np.uint8)).save(data / f"{i:08d}.png")
+        (data / f"{i:08d}.txt").write_text(c)
+    out = tmp_path / "run"
+    rc = main(["train", "--model", str(tiny_sd_folder), "--dataset", str(data), "--output-dir", str(out),
+               "--max-train-steps", "2", "--train-batch-size", "4", "--hard-threshold", "0", "--threads", "1"])
+    assert rc == 0
+    rows = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert rows and all(r["skipped"] and r["left_out"] == 1.0 for r in rows)
+    assert (out / "unet" / "config.json").is_file()
