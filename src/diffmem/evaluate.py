@@ -387,3 +387,34 @@ def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling
     (out / "meta.json").write_text(json.dumps(provenance(model, mitigation=asdict(config),
                                                          sampling=asdict(sampling)), indent=2))
     return out
+
+
+# -- training-time statistics (hard-threshold calibration, non-memorized loss) -------------------
+
+@torch.no_grad()
+def training_step_stats(model, images: torch.Tensor, captions: list[str], seed: int = 0,
+                        batch_size: int = 64) -> dict[str, np.ndarray]:
+    """What the trainer sees for each pair at one uniformly drawn timestep: d (the hard-threshold
+    filter's quantity, Wen et al. 5.2) and the denoising loss, with seeded noise and timesteps.
+
+    images (N, 3, H, W) in [0, 1]. Returns {"d": (N,), "loss": (N,), "t": (N,)}.
+    """
+    from diffusers import DDPMScheduler
+
+    from diffmem.metrics import text_noise_norm
+
+    noise_scheduler = DDPMScheduler.from_config(model.scheduler.config)
+    gen = torch.Generator().manual_seed(seed)
+    empty = model.empty_embedding()
+    out = {"d": [], "loss": [], "t": []}
+    for i in range(0, len(images), batch_size):
+        x = model.encode_images(images[i:i + batch_size].to(model.device, model.dtype) * 2 - 1).float()
+        noise = torch.randn(x.shape, generator=gen).to(x.device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x),), generator=gen).to(x.device)
+        noisy = noise_scheduler.add_noise(x, noise, t).to(model.dtype)
+        eps_c = model.predict_noise(noisy, t, model.encode_prompts(captions[i:i + batch_size])).float()
+        eps_u = model.predict_noise(noisy, t, empty.expand(len(x), -1, -1)).float()
+        out["d"].append(text_noise_norm(eps_c, eps_u).cpu())
+        out["loss"].append((eps_c - noise).pow(2).flatten(1).mean(1).cpu())
+        out["t"].append(t.cpu())
+    return {k: torch.cat(v).double().numpy() for k, v in out.items()}

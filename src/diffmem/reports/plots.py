@@ -86,7 +86,7 @@ def tradeoff_figure(results: dict, out: str | Path, x_key: str | None, similarit
     method across its hyperparameter sweep; no mitigation is a star (Wen et al.'s trade-off figure)."""
     plt = _pyplot()
     x_key = x_key or "final_d_mean"
-    panels = [("similarity_mean", f"{similarity_metric} similarity to training image (mean best match)")]
+    panels = [("similarity_mean", f"{similarity_metric} to training image (best match)")]
     if any(s.get("copy_rate") is not None for m in results.values() for s in m.values()):
         panels.append(("copy_rate", "copy rate"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
@@ -106,7 +106,7 @@ def tradeoff_figure(results: dict, out: str | Path, x_key: str | None, similarit
                 continue
             line, = ax.plot(xs, ys, "o-", label=method)
             for v, x, y, _ in pts:
-                ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                ax.annotate(f"{v:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=line.get_color())
         ax.set(xlabel=TRADEOFF_X_LABELS.get(x_key, x_key), ylabel=label)
         ax.grid(alpha=0.3)
