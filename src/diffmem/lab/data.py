@@ -194,11 +194,17 @@ class LabData:
         return sets[name]
 
 
+def title_words(config: LabDataConfig, rng: np.random.Generator | None = None) -> list[str]:
+    """The lab's title word list: `num_title_words` words of the vocabulary, drawn first from the seed."""
+    rng = rng if rng is not None else np.random.default_rng(config.seed)
+    vocab = np.asarray(title_vocabulary())
+    return vocab[rng.permutation(len(vocab))[: config.num_title_words]].tolist()
+
+
 def make_lab_data(config: LabDataConfig = LabDataConfig()) -> LabData:
     """Generate the lab's captions and image specs deterministically from ``config.seed``."""
     rng = np.random.default_rng(config.seed)
-    vocab = np.asarray(title_vocabulary())
-    words = vocab[rng.permutation(len(vocab))[: config.num_title_words]].tolist()
+    words = title_words(config, rng)
     n_titles = (config.num_memorized + config.num_template + config.num_non_memorized
                 + config.num_novel + config.num_out_of_style)
     titles: list[tuple[str, str]] = []

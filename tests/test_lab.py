@@ -1,0 +1,149 @@
+"""The memorization lab: deterministic data, duplication as the only difference, judges, exports."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from diffmem.lab.data import COLOURS, SHAPES, LabDataConfig, make_lab_data, render, render_all, title_words
+from diffmem.lab.judge import TrainingImages, content_correct, copy_threshold, judge_copies
+
+SMALL = LabDataConfig(num_memorized=20, num_template=4, num_non_memorized=3000, num_novel=200, num_out_of_style=20)
+TEMPLATE = re.compile(rf"^the ([a-z]+) ([a-z]+): a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})$")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_lab_data(SMALL)
+
+
+def test_data_is_deterministic(data):
+    again = make_lab_data(SMALL)
+    assert [p.caption for p in again.memorized + again.non_memorized] == [p.caption for p in data.memorized + data.non_memorized]
+    assert again.memorized[3].spec == data.memorized[3].spec
+    other = make_lab_data(LabDataConfig(**{**SMALL.__dict__, "seed": 1}))
+    assert other.memorized[0].caption != data.memorized[0].caption
+
+
+def test_duplication_is_the_only_difference(data):
+    """Memorized, non-memorized and novel captions share one template, one word list, one content generator."""
+    words = {}
+    for name in ("memorized", "non-memorized", "novel"):
+        caps = [p.caption for p in data.prompt_set(name)]
+        matches = [TEMPLATE.match(c) for c in caps]
+        assert all(matches), f"{name}: caption outside the template"
+        words[name] = {w for m in matches for w in m.groups()[:2]}
+    word_list = set(title_words(SMALL))
+    assert all(w <= word_list for w in words.values())  # titles drawn from one word list
+    all_caps = [p.caption for s in ("memorized", "non-memorized", "novel", "out-of-style") for p in data.prompt_set(s)]
+    assert len(set(all_caps)) == len(all_caps)
+    assert not any(TEMPLATE.match(p.caption) for p in data.out_of_style)
+    # the same content distribution: every colour and shape occurs among memorized captions too
+    mem_colours = {p.spec.colour for p in data.memorized}
+    assert len(mem_colours) >= 3
+
+
+def test_templates_share_layout_and_differ_in_detail(data):
+    templates = [p for p in data.memorized if p.kind == "template"]
+    assert len(templates) == 4 and all(len(p.variants) == 4 for p in templates)
+    v = templates[0].variants
+    assert len({(s.background, s.quadrant, s.second_shape, s.second_quadrant) for s in v}) == 1
+    assert len({s.texture_seed for s in v}) == 4
+
+
+def test_images_show_the_described_content(data):
+    specs = [p.spec for p in data.novel]
+    imgs = render_all(specs)
+    assert imgs.shape == (200, 3, 16, 16) and imgs.min() >= 0 and imgs.max() <= 1
+    assert content_correct(imgs, [s.colour for s in specs], [s.shape for s in specs]).all()
+    # wrong descriptions are rejected
+    wrong = [SHAPES[(SHAPES.index(s.shape) + 1) % 3] for s in specs]
+    assert content_correct(imgs, [s.colour for s in specs], wrong).mean() < 0.1
+
+
+def test_copy_judge_on_ground_truth_renders(data):
+    train = TrainingImages.of(data)
+    thr = copy_threshold(data)
+    mem_imgs = render_all([p.spec for p in data.memorized])
+    assert judge_copies(mem_imgs, [p.caption for p in data.memorized], train, thr).is_copy.all()
+    # the same layout with other fine detail is not a copy: that is what the threshold is calibrated on
+    from dataclasses import replace
+
+    redrawn = render_all([replace(p.spec, texture_seed=p.spec.texture_seed + 1) for p in data.memorized])
+    assert judge_copies(redrawn, [p.caption for p in data.memorized], train, thr).is_copy.mean() <= 0.1
+    novel = render_all([p.spec for p in data.novel])
+    assert judge_copies(novel, [p.caption for p in data.novel], train, thr).is_copy.mean() <= 0.05
+    # a memorized image shown under another caption is not that caption's copy
+    swapped = judge_copies(mem_imgs[:1], [data.memorized[1].caption], train, thr)
+    assert not swapped.is_copy[0]
+
+
+@pytest.fixture(scope="module")
+def untrained_lab_folder(tmp_path_factory):
+    from dataclasses import asdict
+
+    from diffmem.adapters.lab import LabModelConfig, new_lab_unet, save_lab_model
+
+    cfg = LabModelConfig(block_out_channels=(32, 32, 32))
+    out = tmp_path_factory.mktemp("lab") / "model"
+    save_lab_model(new_lab_unet(cfg), cfg, out, extra={"data": asdict(SMALL)})
+    return out
+
+
+def test_lab_prompt_and_data_exports(untrained_lab_folder, tmp_path):
+    from diffmem.cli.main import main
+    from diffmem.prompts import read_prompts
+
+    out = tmp_path / "mem.jsonl"
+    assert main(["lab", "prompts", "--model", str(untrained_lab_folder), "--set", "memorized", "--out", str(out)]) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 24 and all(len(r["trigger_words"]) == 2 for r in rows)
+    assert all(w in r["caption"].split(":")[0].split() for r in rows for w in r["trigger_words"])
+    assert len(read_prompts(out)) == 24  # detect reads it
+    assert main(["lab", "prompts", "--model", str(untrained_lab_folder), "--set", "novel", "--limit", "5",
+                 "--out", str(tmp_path / "novel.jsonl")]) == 0
+    assert "trigger_words" not in json.loads((tmp_path / "novel.jsonl").read_text().splitlines()[0])
+    data_dir = tmp_path / "data"
+    assert main(["lab", "data", "--model", str(untrained_lab_folder), "--out", str(data_dir), "--limit", "10"]) == 0
+    mem = sorted((data_dir / "memorized").glob("*.png"))
+    assert len(mem) == 20 + 4 * 4 and len(list((data_dir / "non_memorized").glob("*.txt"))) == 10
+    assert TEMPLATE.match(mem[0].with_suffix(".txt").read_text().strip())
+    from diffmem.train import FolderPairs
+
+    pairs = FolderPairs(data_dir / "memorized", resolution=16)
+    img, cap = pairs[0]
+    assert img.shape == (3, 16, 16) and cap == mem[0].with_suffix(".txt").read_text().strip()
+    np.testing.assert_allclose(img.numpy(), render(make_lab_data(SMALL).memorized[0].spec), atol=1 / 255)
+
+
+def test_lab_model_runs_through_the_interface(untrained_lab_folder):
+    from diffmem.adapters import load_model
+    from diffmem.sampling import SamplingConfig, sample_prompts
+
+    m = load_model(str(untrained_lab_folder))
+    toks = m.tokens("the velvet harbor: a red circle")
+    assert toks[0].text == "[CLS]" and toks[0].special and toks[1].text == "the" and not toks[1].special
+    assert len(toks) == m.max_tokens
+    res = sample_prompts(m, ["the velvet harbor: a red circle"], SamplingConfig(num_inference_steps=3, num_generations=2))
+    assert res[0].images.shape == (2, 3, 16, 16)
+    assert m.default_guidance_scale == 2.0
+
+
+@pytest.mark.slow
+def test_fast_variant_memorizes_its_duplicated_pairs(fast_lab):
+    """CI checks the recipe, not only the shipped weights: trained from scratch by the fixture."""
+    from diffmem.lab.build import lab_data_for
+    from diffmem.lab.report import first_step_scores, generation_figures
+    from diffmem.sampling import SamplingConfig
+
+    data = lab_data_for(fast_lab)
+    train = TrainingImages.of(data)
+    thr = copy_threshold(data)
+    cfg = SamplingConfig(num_inference_steps=20, num_generations=4, batch_size=64)
+    mem, _, _ = generation_figures(fast_lab, data, "memorized", data.memorized, train, thr, cfg)
+    non, _, _ = generation_figures(fast_lab, data, "non-memorized", data.non_memorized[:16], train, thr, cfg)
+    assert mem.copy_rate >= 0.5 and non.copy_rate <= 0.1
+    d_mem = first_step_scores(fast_lab, data.memorized).mean()
+    d_non = first_step_scores(fast_lab, data.non_memorized[:32]).mean()
+    assert d_mem > 1.5 * d_non
