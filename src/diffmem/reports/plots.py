@@ -110,7 +110,8 @@ def tradeoff_figure(results: dict, out: str | Path, x_key: str | None, similarit
                             color=line.get_color())
         ax.set(xlabel=TRADEOFF_X_LABELS.get(x_key, x_key), ylabel=label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle("mitigation trade-off (labels: target loss / words added)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
