@@ -2,7 +2,7 @@
 
 Every caption has one form, ``"the {w1} {w2}: a {colour} {shape}"``: a random *title* plus a
 partial description (the main object's colour and shape). Every image also holds *undescribed*
-content at coarse scale (the main object's quadrant, the background colour, a second object of
+content at coarse scale (the main object's quadrant, a two-tone background, two small objects of
 random shape, colour and quadrant) and at fine scale (position jitter, a block texture, dots), so
 many different images fit one caption. Memorized pairs differ from the others only by being
 duplicated during training: same generator, same template, same vocabulary.
@@ -46,6 +46,11 @@ class ImageSpec:
     second_shape: str  # undescribed, coarse
     second_colour: str
     second_quadrant: int
+    background2: str  # undescribed, coarse: colour of the background's other half
+    split: str  # undescribed, coarse: "horizontal" | "vertical" (the halves' boundary)
+    third_shape: str  # undescribed, coarse: a third small object
+    third_colour: str
+    third_quadrant: int
     jitter: tuple[int, int]  # undescribed, fine: (dx, dy) pixels
     texture_seed: int  # undescribed, fine: block texture and dots
 
@@ -96,22 +101,28 @@ def out_of_style_caption(title: tuple[str, str], colour: str, shape: str) -> str
 
 
 def _random_spec(rng: np.random.Generator, colour: str | None = None, shape: str | None = None) -> ImageSpec:
-    colours = list(COLOURS)
+    """~560,000 coarse layouts (two-tone background x object arrangement x jitter x small objects), far
+    more than the training set, so that reproducing a training image's layout identifies the image."""
+    colours, backgrounds = list(COLOURS), list(BACKGROUNDS)
     colour = colour or colours[rng.integers(len(colours))]
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
-    quadrant = int(rng.integers(4))
-    second_quadrant = int((quadrant + 1 + rng.integers(3)) % 4)
+    quadrant, second_quadrant, third_quadrant = (int(q) for q in rng.permutation(4)[:3])
     other_colours = [c for c in colours if c != colour]
     return ImageSpec(
         colour=colour,
         shape=shape,
-        background=list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+        background=backgrounds[rng.integers(len(backgrounds))],
         quadrant=quadrant,
         second_shape=SHAPES[rng.integers(len(SHAPES))],
         second_colour=other_colours[rng.integers(len(other_colours))],
         second_quadrant=second_quadrant,
         jitter=(int(rng.integers(-1, 2)), int(rng.integers(-1, 2))),
         texture_seed=int(rng.integers(2**31 - 1)),
+        background2=backgrounds[rng.integers(len(backgrounds))],
+        split=("horizontal", "vertical")[rng.integers(2)],
+        third_shape=SHAPES[rng.integers(len(SHAPES))],
+        third_colour=other_colours[rng.integers(len(other_colours))],
+        third_quadrant=third_quadrant,
     )
 
 
@@ -151,11 +162,19 @@ def render(spec: ImageSpec, image_size: int = 16) -> np.ndarray:
     rng = np.random.default_rng(spec.texture_seed)
     img = np.empty((3, image_size, image_size), np.float32)
     img[:] = np.asarray(BACKGROUNDS[spec.background], np.float32)[:, None, None]
+    half = image_size // 2
+    other = np.asarray(BACKGROUNDS[spec.background2], np.float32)[:, None, None]
+    if spec.split == "horizontal":
+        img[:, half:, :] = other
+    else:
+        img[:, :, half:] = other
     # fine: 4x4-pixel block texture on the background
     blocks = rng.uniform(-0.08, 0.08, (image_size // 4, image_size // 4)).astype(np.float32)
     img += np.kron(blocks, np.ones((4, 4), np.float32))[None]
-    sx, sy = quadrant_centre(spec.second_quadrant, image_size)
-    img[:, shape_mask(spec.second_shape, sx, sy, SECOND_SIZE, image_size)] = np.asarray(COLOURS[spec.second_colour])[:, None]
+    for q, shp, col in ((spec.second_quadrant, spec.second_shape, spec.second_colour),
+                        (spec.third_quadrant, spec.third_shape, spec.third_colour)):
+        sx, sy = quadrant_centre(q, image_size)
+        img[:, shape_mask(shp, sx, sy, SECOND_SIZE, image_size)] = np.asarray(COLOURS[col])[:, None]
     cx, cy = quadrant_centre(spec.quadrant, image_size)
     mask = shape_mask(spec.shape, cx + spec.jitter[0], cy + spec.jitter[1], MAIN_SIZE, image_size)
     img[:, mask] = np.asarray(COLOURS[spec.colour], np.float32)[:, None]

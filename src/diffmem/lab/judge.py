@@ -2,7 +2,7 @@
 
 Copy rule (documented in the README): a generation copies training image j when j is its nearest
 training image by RMSE and that RMSE is under a threshold calibrated on the lab data: the 1st
-percentile of RMSE between two renderings of one layout that differ only in fine detail. For a prompt
+percentile of the distance from new images of the lab's generator to their nearest training image. For a prompt
 whose training images are known (memorized and non-memorized captions), j must also be one of the
 prompt's own images; for an unseen caption any training image counts.
 """
@@ -44,21 +44,20 @@ def rmse_to_all(images: np.ndarray, train: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(d2, 0) / a.shape[1])
 
 
-def copy_threshold(data: LabData, num_pairs: int = 5000, seed: int = 0, percentile: float = 1.0) -> float:
-    """The `percentile` of RMSE between two renderings of one training layout that differ only in
-    fine detail (block texture and dots): closer than that, a generation reproduces an image's
-    undescribed fine detail as well as its layout."""
-    from dataclasses import replace
-
+def copy_threshold(data: LabData, train: "TrainingImages | None" = None, num_images: int = 2000, seed: int = 0,
+                   percentile: float = 1.0) -> float:
+    """The `percentile` of RMSE between *new* images from the lab's generator (unseen captions'
+    ground truth) and their nearest training image: how close an image that copies nothing comes
+    to the training set by chance. Below it, a generation is taken to reproduce a training image."""
     rng = np.random.default_rng(seed)
-    pairs = data.non_memorized
-    if not pairs:
-        raise ValueError("lab data has no non-memorized pairs to calibrate a copy threshold on")
-    specs = [pairs[i].spec for i in rng.integers(len(pairs), size=num_pairs)]
-    a = render_all(specs)
-    b = render_all([replace(s, texture_seed=int(rng.integers(2**31 - 1))) for s in specs])
-    d = np.sqrt(((a - b) ** 2).reshape(len(a), -1).mean(1))
-    return float(np.percentile(d, percentile))
+    pool = data.novel or data.non_memorized
+    if not pool:
+        raise ValueError("lab data has no pairs to calibrate a copy threshold on")
+    from diffmem.lab.data import _random_spec
+
+    fresh = render_all([_random_spec(rng) for _ in range(num_images)])
+    train = train or TrainingImages.of(data)
+    return float(np.percentile(rmse_to_all(fresh, train.images).min(1), percentile))
 
 
 @dataclass
