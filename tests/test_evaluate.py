@@ -200,3 +200,13 @@ def test_evaluate_command_on_the_fast_lab(fast_lab_folder, tmp_path):
     for settings in summary["results"].values():
         for s in settings.values():
             assert 0 <= s["copy_rate"] <= 1 and 0 <= s["alignment_mean"] <= 1 and s["num_generations"] == 4
+
+
+def test_best_setting_under_a_copy_rate():
+    from diffmem.evaluate import best_under_copy_rate
+
+    res = {"embedding-opt": {"a": {"copy_rate": 0.0, "alignment_mean": 0.6}, "b": {"copy_rate": 0.04, "alignment_mean": 0.8},
+                             "c": {"copy_rate": 0.5, "alignment_mean": 0.9}},
+           "rand_word_add": {"a": {"copy_rate": 0.3, "alignment_mean": 0.9}}}
+    best = best_under_copy_rate(res, 0.05)["methods"]
+    assert best == {"embedding-opt": {"setting": "b", "copy_rate": 0.04, "alignment_mean": 0.8}}

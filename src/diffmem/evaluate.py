@@ -266,6 +266,20 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def best_under_copy_rate(results: dict, max_copy_rate: float = 0.05) -> dict:
+    """Per method, the setting with the best alignment (lab) or CLIP score among those whose copy rate
+    is <= `max_copy_rate`: the comparison "at the same copy rate" of Wen et al.'s trade-off figure."""
+    out = {}
+    for method, settings in results.items():
+        ok = [(k, s) for k, s in settings.items() if s.get("copy_rate") is not None and s["copy_rate"] <= max_copy_rate]
+        key = "alignment_mean" if any("alignment_mean" in s for _, s in ok) else "clip_score_mean"
+        ok = [(k, s) for k, s in ok if key in s]
+        if ok:
+            k, s = max(ok, key=lambda ks: ks[1][key])
+            out[method] = {"setting": k, "copy_rate": s["copy_rate"], key: s[key]}
+    return {"max_copy_rate": max_copy_rate, "methods": out}
+
+
 def provenance(model, **extra) -> dict:
     import diffmem
 
@@ -314,6 +328,7 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
                                                     if config.copy_threshold is not None else None),
                "lab_copy_threshold_rmse": judge.lab_threshold,
                "results": summarize(rows)}
+    summary["best_at_copy_rate_5pct"] = best_under_copy_rate(summary["results"], 0.05)
     (out / "per_prompt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _write_csv(out / "per_prompt.csv", rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
