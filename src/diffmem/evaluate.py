@@ -256,6 +256,8 @@ def summarize(rows: list[dict]) -> dict:
              "final_d_mean": float(np.mean([r["final_d"] for r in rs])),
              "initial_d_mean": float(np.mean([r["initial_d"] for r in rs])),
              "iterations_mean": float(np.mean([r["iterations"] for r in rs]))}
+        if method == "embedding-opt":  # prompts already at the target: their embedding is unchanged
+            s["fraction_at_target_at_once"] = float(np.mean([r["iterations"] == 0 for r in rs]))
         if "aligned" in rs[0]:
             s["alignment_mean"] = sum(r["aligned"] for r in rs) / n_gen
         if "clip_score" in rs[0]:

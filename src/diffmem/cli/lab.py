@@ -25,6 +25,13 @@ def add_parser(sub) -> None:
     s.add_argument("--model", default="lab", help="lab model whose data to use (default: the built-in one)")
     s.set_defaults(run=run_prompts)
 
+    r = lab.add_parser("report", help="measure copy rates, content accuracy and detection ROC of a lab model")
+    r.add_argument("--model", default="lab")
+    r.add_argument("--out", required=True, help="folder for report.json and report.md")
+    r.add_argument("--num-control", type=int, default=200, help="prompts per control set for full sampling")
+    r.add_argument("--num-inference-steps", type=int, default=50)
+    r.set_defaults(run=run_report)
+
     d = lab.add_parser("data", help="export the lab's training pairs in the seed's folder layout")
     d.add_argument("--out", required=True)
     d.add_argument("--limit", type=int, default=None, help="at most this many non-memorized pairs")
@@ -69,4 +76,20 @@ def run_data(args) -> int:
 
     counts = export_training_data(lab_data_of(args.model), Path(args.out), args.limit)
     print(f"wrote {counts['memorized']} memorized and {counts['non_memorized']} non-memorized pairs to {args.out}")
+    return 0
+
+
+def run_report(args) -> int:
+    import json
+
+    from diffmem.adapters import load_model
+    from diffmem.lab.report import lab_report, report_markdown
+
+    report = lab_report(load_model(args.model), num_control=args.num_control,
+                        num_inference_steps=args.num_inference_steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report))
+    print(report_markdown(report))
     return 0

@@ -73,3 +73,62 @@ def detection_table(scores: dict[str, np.ndarray], windows: dict[str, slice], ge
                              "tpr_ci95": bootstrap_ci(pos, neg, "tpr_at_1fpr"),
                              "n_memorized": len(pos), "n_control": len(neg)})
     return rows
+
+
+def lab_report(model, data: LabData | None = None, num_control: int = 200, num_first_step: int = 500,
+               num_inference_steps: int = 50, num_generations: int = 4, seed: int = 0, progress: bool = True) -> dict:
+    """Everything the README's science table reports, measured on one lab model.
+
+    Full sampling (all steps, `num_generations` each, the model's default guidance) of the memorized
+    prompts and `num_control` prompts of each control set gives copy rates, content accuracy and
+    all-step detection; first-step detection also runs on `num_first_step` prompts per control set.
+    """
+    from tqdm.auto import tqdm
+
+    from diffmem.lab.build import lab_data_for
+
+    data = data or lab_data_for(model)
+    train = TrainingImages.of(data)
+    threshold = copy_threshold(data, train)
+    cfg = SamplingConfig(num_inference_steps=num_inference_steps, num_generations=num_generations, seed=seed,
+                         batch_size=64)
+    sets = {"memorized": data.memorized, "non-memorized": data.non_memorized[:num_control],
+            "novel": data.novel[:num_control], "out-of-style": data.out_of_style[:num_control]}
+    generation, tracked = [], {}
+    for name, pairs in tqdm(sets.items(), desc="lab report: sampling", disable=not progress):
+        res = sample_prompts(model, [p.caption for p in pairs], cfg, decode=True)
+        images = np.concatenate([r.images.numpy() for r in res])
+        caps = [p.caption for p in pairs for _ in range(num_generations)]
+        copies = judge_copies(images, caps, train, threshold).is_copy
+        ok = content_correct(images, [p.spec.colour for p in pairs for _ in range(num_generations)],
+                             [p.spec.shape for p in pairs for _ in range(num_generations)])
+        generation.append({"set": name, "prompts": len(pairs), "generations": num_generations,
+                           "copy_rate": float(copies.mean()), "content_accuracy": float(ok.mean()),
+                           "prompts_copied_at_least_once": float(copies.reshape(len(pairs), -1).any(1).mean())})
+        tracked[name] = np.stack([r.text_noise_norm.numpy() for r in res])  # (P, G, S)
+    windows = {"first step": slice(0, 1), "all steps": slice(None)}
+    rows = detection_table(tracked, windows, generations=(1, num_generations))
+    first = {name: first_step_scores(model, pairs, 1, num_inference_steps, seed)
+             for name, pairs in [("memorized", data.memorized), ("non-memorized", data.non_memorized[:num_first_step]),
+                                 ("novel", data.novel[:num_first_step]), ("out-of-style", data.out_of_style[:num_first_step])]}
+    rows_large = detection_table(first, {"first step": slice(0, 1)}, generations=(1,))
+    return {"model": model.name, "guidance_scale": model.default_guidance_scale, "num_inference_steps": num_inference_steps,
+            "copy_threshold_rmse": threshold, "generation": generation, "detection": rows,
+            "detection_first_step_large": rows_large,
+            "mean_first_step_d": {k: float(v[:, 0, 0].mean()) for k, v in first.items()}}
+
+
+def report_markdown(report: dict) -> str:
+    """The README's tables for a lab report."""
+    lines = [f"Copy rule: nearest training image is the prompt's own and RMSE < {report['copy_threshold_rmse']:.3f}; "
+             f"guidance {report['guidance_scale']}, {report['num_inference_steps']} DDIM steps.", "",
+             "| prompt set | prompts | generations each | copy rate | content correct |", "|---|---|---|---|---|"]
+    for g in report["generation"]:
+        lines.append(f"| {g['set']} | {g['prompts']} | {g['generations']} | {g['copy_rate']:.3f} | {g['content_accuracy']:.3f} |")
+    lines += ["", "| memorized vs | steps | generations | n (mem / control) | AUC [95% CI] | TPR@1%FPR [95% CI] |",
+              "|---|---|---|---|---|---|"]
+    for r in report["detection_first_step_large"] + report["detection"]:
+        lines.append(f"| {r['control']} | {r['steps']} | {r['generations']} | {r['n_memorized']} / {r['n_control']} | "
+                     f"{r['auc']:.3f} [{r['auc_ci95'][0]:.3f}, {r['auc_ci95'][1]:.3f}] | "
+                     f"{r['tpr_at_1fpr']:.3f} [{r['tpr_ci95'][0]:.3f}, {r['tpr_ci95'][1]:.3f}] |")
+    return "\n".join(lines) + "\n"
