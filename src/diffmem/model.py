@@ -46,8 +46,8 @@ class DiffusionModel(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 3, H', W') images in [0, 1] for (B, C, H, W) latents."""
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents for (B, 3, H', W') images in [-1, 1] (training)."""
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents for (B, 3, H', W') images in [-1, 1] (training); `generator` seeds any sampling."""
 
     def tokens(self, prompt: str) -> list[Token]:
         """The prompt's tokens, padded to ``max_tokens``, in the order the encoder sees them."""

@@ -288,7 +288,7 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
             cond = embed(captions)  # (B, T, D)
             drop = torch.rand(len(captions), generator=gen) < config.caption_dropout
             cond[drop.to(cond.device)] = empty.to(cond.device)
-            latents = model.encode_images(images.to(model.dtype)).float()
+            latents = model.encode_images(images.to(model.dtype), generator=gen).float()
         # 3. DDPM forward process at a uniformly drawn timestep.
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen).to(latents.device)

@@ -127,8 +127,8 @@ class LabModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return images
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return images  # pixel space
 
     def save(self, path: str | Path, unet=None) -> None:
         """Write this model (or the same model with another `unet`) as a lab model folder."""

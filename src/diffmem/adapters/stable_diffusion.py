@@ -89,8 +89,9 @@ class StableDiffusionModel:
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        dist = self.vae.encode(images).latent_dist
+        return dist.sample(generator=generator) * self.vae.config.scaling_factor
 
     def save(self, path: str | Path, unet=None) -> None:
         """Write the (fine-tuned) UNet as ``path/unet``, loadable with ``--unet path/unet``."""
