@@ -48,6 +48,11 @@ def run(args) -> int:
     from diffmem.evaluate import EvaluateConfig, calibrate_target_loss, load_eval_set, run_evaluation
 
     sampling = sampling_config(args)
+    for v in args.target_loss:  # check before loading anything
+        try:
+            float(v[1:] if v.startswith("p") else v)
+        except ValueError:
+            raise ValueError(f"--target-loss {v!r}: expected a number (e.g. 3) or a percentile pN (e.g. p95)") from None
     model = load_model_from_args(args)
     eval_set = load_eval_set(model, args.dataset, args.limit)
     targets, calibration = [], None
