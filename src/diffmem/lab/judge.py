@@ -49,10 +49,7 @@ def copy_threshold(data: LabData, train: "TrainingImages | None" = None, num_ima
     """The `percentile` of RMSE between *new* images from the lab's generator (unseen captions'
     ground truth) and their nearest training image: how close an image that copies nothing comes
     to the training set by chance. Below it, a generation is taken to reproduce a training image."""
-    rng = np.random.default_rng(seed)
-    pool = data.novel or data.non_memorized
-    if not pool:
-        raise ValueError("lab data has no pairs to calibrate a copy threshold on")
+    rng = np.random.default_rng([data.config.seed, seed, 0xC0B1])  # a stream apart from the data's own
     from diffmem.lab.data import _random_spec
 
     fresh = render_all([_random_spec(rng) for _ in range(num_images)])
