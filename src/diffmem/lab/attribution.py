@@ -38,6 +38,7 @@ class SetSummary:
     flagged: float  # share with score >= threshold
     top1_token_is_title: float
     top1_word_is_title: float
+    top1_word_is_title_flagged: float | None  # among flagged prompts only
     flagged_cleared_by_deletion: float | None  # among flagged prompts; None when none is flagged
     flagged_cleared_by_replacement: float | None
     flagged_after_deletion: float  # share of all prompts still flagged after deleting their top word
@@ -124,6 +125,7 @@ def attribution_benchmark(model, windows: list[tuple[int, int]], generations: in
             summary = SetSummary(
                 name, len(rows), share(rows, lambda r: r.score >= threshold),
                 share(rows, lambda r: r.top_token in r.title_words), share(rows, lambda r: r.top_word in r.title_words),
+                share(flagged, lambda r: r.top_word in r.title_words),
                 share(flagged, lambda r: r.deleted_score < threshold), share(flagged, lambda r: r.replaced_score < threshold),
                 share(rows, lambda r: r.deleted_score >= threshold))
             if tuple(steps) == (0, 1):
@@ -137,13 +139,13 @@ def attribution_benchmark(model, windows: list[tuple[int, int]], generations: in
 
 def format_results(results: list[WindowResult]) -> str:
     head = (f"{'steps':>8} {'threshold':>9} {'set':<14} {'n':>4} {'flagged':>7} {'top1 tok':>8} {'top1 word':>9} "
-            f"{'del clears':>10} {'repl clears':>11} {'flagged after del':>17} {'top1 swapped':>12}")
+            f"{'(flagged)':>9} {'del clears':>10} {'repl clears':>11} {'flagged after del':>17} {'top1 swapped':>12}")
     lines = [head]
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
     for r in results:
         for s in r.sets:
             lines.append(f"{f'[{r.steps[0]},{r.steps[1]})':>8} {r.threshold:>9.4f} {s.name:<14} {s.n:>4} "
                          f"{pct(s.flagged):>7} {pct(s.top1_token_is_title):>8} {pct(s.top1_word_is_title):>9} "
-                         f"{pct(s.flagged_cleared_by_deletion):>10} {pct(s.flagged_cleared_by_replacement):>11} "
+                         f"{pct(s.top1_word_is_title_flagged):>9} {pct(s.flagged_cleared_by_deletion):>10} {pct(s.flagged_cleared_by_replacement):>11} "
                          f"{pct(s.flagged_after_deletion):>17} {pct(s.top1_token_is_title_swapped):>12}")
     return "\n".join(lines)
