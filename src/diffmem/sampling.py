@@ -41,14 +41,15 @@ def steps_to_run(num_inference_steps: int, track_steps: int | None) -> int:
 
 @torch.no_grad()
 def denoise_tracked(model, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, timesteps,
-                    guidance_scale: float, eta: float = 0.0):
+                    guidance_scale: float, eta: float = 0.0, advance_last: bool = True):
     """Run DDIM with classifier-free guidance over `timesteps`, recording d per sample and step.
 
     latents (N, C, H, W) at the first of `timesteps`; cond, uncond (N, T, D).
-    Returns (latents after the last step, text_noise_norm (N, S), uncond_noise_norm (N, S)).
+    Returns (latents after the last step, text_noise_norm (N, S), uncond_noise_norm (N, S)); with
+    ``advance_last=False`` the last step's update is skipped (early-stopped detection needs only d).
     """
     text_norms, uncond_norms = [], []
-    for t in timesteps:
+    for k, t in enumerate(timesteps):
         # 1. One UNet call for both branches, unconditional first (as diffusers orders them).
         x_in = model.scheduler.scale_model_input(torch.cat([latents, latents]), t)
         eps = model.predict_noise(x_in, t, torch.cat([uncond, cond]))
@@ -57,6 +58,8 @@ def denoise_tracked(model, latents: torch.Tensor, cond: torch.Tensor, uncond: to
         text_norms.append(text_noise_norm(eps_cond, eps_uncond))
         uncond_norms.append(noise_norm(eps_uncond))
         # 3. Guidance and the DDIM update.
+        if not advance_last and k == len(timesteps) - 1:
+            break
         eps_guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         latents = model.scheduler.step(eps_guided, t, latents, eta=eta, return_dict=False)[0]
     n = len(latents)
@@ -72,7 +75,7 @@ class PromptSamples:
     seed: int
     text_noise_norm: torch.Tensor  # (G, S) d per generation and tracked step
     uncond_noise_norm: torch.Tensor  # (G, S)
-    latents: torch.Tensor | None  # (G, C, H, W) after the last tracked step
+    latents: torch.Tensor  # (G, C, H, W) after the last tracked step (before its update when early-stopped without decoding)
     images: torch.Tensor | None  # (G, 3, H', W') in [0, 1], when decoded
 
 
@@ -102,8 +105,9 @@ def sample_unit(model, prompts: list[str], positions: list[int], config: Samplin
     cond = cond_p.repeat_interleave(G, dim=0)
     uncond = model.empty_embedding().expand(len(x), -1, -1)
     per_call = config.batch_size // 2
+    advance = decode or n_steps == config.num_inference_steps
     outs = [denoise_tracked(model, x[i:i + per_call], cond[i:i + per_call], uncond[i:i + per_call],
-                            timesteps, guidance, config.eta) for i in range(0, len(x), per_call)]
+                            timesteps, guidance, config.eta, advance) for i in range(0, len(x), per_call)]
     latents = torch.cat([o[0] for o in outs])
     text = torch.cat([o[1] for o in outs]).float().cpu()
     unc = torch.cat([o[2] for o in outs]).float().cpu()
