@@ -20,15 +20,17 @@ import numpy as np
 import torch
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` runs after one warm-up, in seconds."""
-    fn()
-    times = []
+def paired(fn_a, fn_b, repeats: int) -> tuple[float, float]:
+    """Median wall times (s) of `fn_a` and `fn_b`, run alternately after one warm-up each, so that
+    load from other processes hits both alike."""
+    fn_a(), fn_b()
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for fn, out in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return float(np.median(ta)), float(np.median(tb))
 
 
 def bare_guided_loop(model, x, cond, uncond, timesteps, guidance):
@@ -47,7 +49,7 @@ def bench_tracking(model, folder, prompts, steps, gens, repeats):
     guidance = model.default_guidance_scale
     cfg = SamplingConfig(num_inference_steps=steps, num_generations=gens, guidance_scale=guidance,
                          batch_size=2 * gens)
-    ours = timed(lambda: sample_prompts(model, prompts, cfg, decode=False), repeats)
+    run_ours = lambda: sample_prompts(model, prompts, cfg, decode=False)
     if folder is not None:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -70,7 +72,7 @@ def bench_tracking(model, folder, prompts, steps, gens, repeats):
                 bare_guided_loop(model, x, cond, model.empty_embedding().expand(gens, -1, -1),
                                  model.scheduler.timesteps, guidance)
         name = "bare guided DDIM loop"
-    base = timed(ref, repeats)
+    ours, base = paired(run_ours, ref, repeats)
     return ours, base, name
 
 
@@ -78,7 +80,6 @@ def bench_first_step(model, prompts, gens, batch_size, repeats):
     from diffmem.sampling import SamplingConfig, initial_noise, sample_prompts
 
     cfg = SamplingConfig(num_generations=gens, track_steps=1, batch_size=batch_size)
-    ours = timed(lambda: sample_prompts(model, prompts, cfg, decode=False), repeats)
     model.scheduler.set_timesteps(50)
     t = model.scheduler.timesteps[0]
     per_call = batch_size // 2
@@ -91,7 +92,12 @@ def bench_first_step(model, prompts, gens, batch_size, repeats):
             for i in range(0, len(x), per_call):
                 xi = x[i:i + per_call]
                 model.predict_noise(torch.cat([xi, xi]), t, torch.cat([unc[i:i + per_call], emb[i:i + per_call]]))
-    return ours / len(prompts), timed(bare, repeats) / len(prompts)
+    def ours_run():
+        sample_prompts(model, prompts, cfg, decode=False)
+        model.scheduler.set_timesteps(50)
+
+    ours, base = paired(ours_run, bare, repeats)
+    return ours / len(prompts), base / len(prompts)
 
 
 def bench_protocols(model, n_prompts, repeats_unused=1):
