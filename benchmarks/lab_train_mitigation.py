@@ -52,7 +52,14 @@ def calibrate(args) -> None:
               "memorized_left_out": float((mem_stats["d"] >= threshold).mean()),
               "d_non_memorized": {f"p{p}": float(np.percentile(non_stats["d"], p)) for p in (50, 90, 95, 99)},
               "d_memorized": {f"p{p}": float(np.percentile(mem_stats["d"], p)) for p in (10, 50, 90)},
-              "num_non_memorized": n, "num_memorized_draws": len(mem_stats["d"])}
+              "num_non_memorized": n, "num_memorized_draws": len(mem_stats["d"]),
+              # d grows with the noise level; a single threshold mostly acts at high t
+              "median_d_by_timestep": {f"{lo}-{lo + 249}": {
+                  name: float(np.median(st["d"][(st["t"] >= lo) & (st["t"] < lo + 250)]))
+                  for name, st in (("non_memorized", non_stats), ("memorized", mem_stats))} for lo in (0, 250, 500, 750)},
+              "memorized_left_out_by_timestep": {f"{lo}-{lo + 249}": float(
+                  (mem_stats["d"][(mem_stats["t"] >= lo) & (mem_stats["t"] < lo + 250)] >= threshold).mean())
+                  for lo in (0, 250, 500, 750)}}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "calibration.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
