@@ -212,7 +212,7 @@ class Judge:
             from diffmem.lab.judge import TrainingImages, copy_threshold
 
             self.lab_train = TrainingImages.of(eval_set.lab_data)
-            self.lab_threshold = copy_threshold(eval_set.lab_data)
+            self.lab_threshold = copy_threshold(eval_set.lab_data, self.lab_train)
 
     def row(self, prompt: EvalPrompt, result: MitigatedPrompt, setting: MitigationConfig) -> dict:
         images = result.images  # (G, 3, H, W)
