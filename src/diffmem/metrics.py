@@ -10,7 +10,7 @@ import torch
 
 def noise_norm(eps: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm over all latent elements: (B, C, H, W) -> (B,)."""
-    return eps.flatten(1).float().norm(dim=1)
+    return eps.flatten(1).to(torch.promote_types(eps.dtype, torch.float32)).norm(dim=1)  # float64 stays float64
 
 
 def text_noise_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
