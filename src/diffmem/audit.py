@@ -1,0 +1,404 @@
+"""The one-command memorization audit: detect, calibrate, explain, mitigate, report.
+
+``run_audit`` answers a model owner's question ("which of these prompts make my model copy its
+training data, why, and what do I do about it") in stages, each saved under the output folder so
+that a re-run with the same folder resumes stage by stage:
+
+1. detect     first-step score of every audited prompt and every reference prompt (``run_detection``
+              with its resume), ``detect/prompts.jsonl`` and ``detect/reference.jsonl``;
+2. calibrate  the decision threshold at a false-positive rate on the reference prompts, or a given
+              one, ``threshold.json``;
+3. track      full DDIM tracking of the flagged prompts, with their generations, ``track/flagged.jsonl``
+              and ``images/generated/``;
+4. explain    token significance (Wen et al. sec. 4) of each flagged prompt, ``explain.jsonl``;
+5. mitigate   embedding optimization (Wen et al. sec. 5.1) of each flagged prompt and its generations,
+              ``mitigate.jsonl`` and ``images/mitigated/``;
+6. copies     where the training images are known (lab models): each generation's nearest training
+              image and the lab's copy rule, ``copies.jsonl`` and ``images/training/``;
+7. report     ``results.jsonl`` (one row per prompt) and the self-contained ``index.html``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffmem.detect import append_rows, read_rows, run_detection
+from diffmem.metrics import prompt_score, threshold_at_fpr
+from diffmem.prompts import PromptRecord
+from diffmem.sampling import SamplingConfig, plan_units
+
+STAGES = ("detect", "calibrate", "track", "explain", "mitigate", "copies", "report")
+
+
+@dataclass
+class AuditConfig:
+    fpr: float = 0.01  # false-positive rate on the reference prompts that sets the threshold
+    threshold: float | None = None  # a given decision threshold instead of calibrating one
+    num_generations: int = 4  # x_T draws per prompt (the paper's 4); the score averages over them
+    num_inference_steps: int = 50  # the DDIM schedule (the paper's 50); images use all of it
+    detect_steps: int = 1  # score window [0, detect_steps): first-step detection separates well and is cheap
+    seed: int = 0  # prompt at position i starts from seed + i (detect's seed contract)
+    guidance_scale: float | None = None  # None: the model's default
+    batch_size: int = 64  # UNet samples per call
+    target_loss: float | None = None  # embedding-opt stops at d <= this; None: the reference prompts' median score
+    lr: float = 0.05  # AdamW learning rate (Wen et al.)
+    max_iters: int = 10  # AdamW steps at most (Wen et al.)
+    top_words: int = 3  # words listed per flagged prompt in results.jsonl
+
+    def sampling(self, track_steps: int | None) -> SamplingConfig:
+        return SamplingConfig(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                              num_generations=self.num_generations, seed=self.seed, track_steps=track_steps,
+                              batch_size=self.batch_size)
+
+    def check(self) -> None:
+        if not 0 < self.fpr < 1:
+            raise ValueError(f"--fpr {self.fpr}: expected a rate between 0 and 1 (0.01 is 1%)")
+        if self.num_generations < 1:
+            raise ValueError(f"--num-generations {self.num_generations}: must be >= 1")
+        if not 1 <= self.detect_steps <= self.num_inference_steps:
+            raise ValueError(f"--detect-steps {self.detect_steps}: must be between 1 and --num-inference-steps "
+                             f"({self.num_inference_steps})")
+
+
+@dataclass
+class PromptSet:
+    """Prompts with where they came from (a file, or a lab prompt set)."""
+
+    records: list[PromptRecord]
+    source: str
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(f"{r.position}\t{r.prompt}\n".encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class AuditResult:
+    out: Path
+    rows: list[dict]  # results.jsonl
+    threshold: dict
+    stages_run: list[str] = field(default_factory=list)  # stages computed in this call
+    stages_resumed: list[str] = field(default_factory=list)  # stages found finished under `out`
+
+
+# -- the lab's built-in prompt sets -----------------------------------------------------------
+
+def lab_audit_prompts(data, num_non_memorized: int = 50) -> tuple[PromptSet, PromptSet]:
+    """(audited, reference) for a lab model: memorized + the later 40% of novel + some non-memorized
+    captions are audited; the first 60% of the novel captions (never seen in training) are the reference."""
+    from diffmem.lab.prompts import prompt_row
+
+    novel = data.prompt_set("novel")
+    split = int(0.6 * len(novel))
+    pairs = data.prompt_set("memorized") + novel[split:] + data.prompt_set("non-memorized")[:num_non_memorized]
+    audited = [PromptRecord(i, p.caption, {k: v for k, v in prompt_row(p).items() if k != "caption"})
+               for i, p in enumerate(pairs)]
+    reference = [PromptRecord(i, p.caption, {"set": p.kind}) for i, p in enumerate(novel[:split])]
+    return (PromptSet(audited, f"lab: memorized + novel[{split}:] + non-memorized[:{num_non_memorized}]"),
+            PromptSet(reference, f"lab: novel[:{split}] (titles never seen in training)"))
+
+
+def lab_data_of(model):
+    """The model's lab data, or None for a model that is not a lab model."""
+    if getattr(model, "extra_meta", {}).get("data") is None:
+        return None
+    from diffmem.lab.build import lab_data_for
+
+    return lab_data_for(model)
+
+
+# -- the stages -------------------------------------------------------------------------------
+
+def _log(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def _save_png(image: torch.Tensor | np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    arr = image.permute(1, 2, 0).float().numpy() if isinstance(image, torch.Tensor) else np.transpose(image, (1, 2, 0))
+    Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype("uint8")).save(path)
+
+
+def _load_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, H, W)
+
+
+def _detect(model, prompts: PromptSet, out: Path, config: AuditConfig, track_steps: int | None,
+            images_dir: Path | None, progress: bool) -> list[dict]:
+    """run_detection with resume; complete when every record has a row."""
+    if out.exists() and {r["index"] for r in read_rows(out)} >= {r.position for r in prompts.records}:
+        return read_rows(out)
+    run_detection(model, prompts.records, out, config.sampling(track_steps), resume=True, images_dir=images_dir,
+                  prompts_info={"source": prompts.source, "sha256_16": prompts.digest()}, progress=progress)
+    return read_rows(out)
+
+
+def calibrate(config: AuditConfig, reference_scores: list[float] | None, reference_source: str | None) -> dict:
+    """The decision threshold (score >= value is flagged) and how it was chosen."""
+    if config.threshold is not None:
+        out = {"value": float(config.threshold), "method": "given", "description": f"given threshold {config.threshold:g}"}
+    else:
+        value = threshold_at_fpr(reference_scores, config.fpr)
+        out = {"value": value, "method": "fpr", "fpr": config.fpr,
+               "description": f"{100 * config.fpr:g}% false positives on {len(reference_scores)} reference prompts "
+                              f"({reference_source})"}
+    if reference_scores:
+        s = np.asarray(reference_scores)
+        out.update(reference_source=reference_source, num_reference=int(s.size),
+                   reference_fpr=float((s >= out["value"]).mean()), reference_median=float(np.median(s)))
+    return out
+
+
+def _explain(model, flagged: list[dict], path: Path, config: AuditConfig, progress: bool) -> dict[int, dict]:
+    from tqdm.auto import tqdm
+
+    from diffmem.explain import token_significance
+
+    done = {r["index"]: r for r in read_rows(path, repair=True)}
+    todo = [r for r in flagged if r["index"] not in done]
+    for r in tqdm(todo, desc="explain", unit="prompt", disable=not progress or not todo):
+        ex = token_significance(model, r["prompt"], steps=(0, config.detect_steps), generations=config.num_generations,
+                                seed=config.seed, num_inference_steps=config.num_inference_steps,
+                                guidance_scale=config.guidance_scale)
+        rec = {"index": r["index"], **ex.to_json()}
+        append_rows(path, [rec])
+        done[r["index"]] = rec
+    return done
+
+
+def _mitigate(model, flagged: list[dict], path: Path, images: Path, config: AuditConfig, target_loss: float,
+              progress: bool) -> dict[int, dict]:
+    from tqdm.auto import tqdm
+
+    from diffmem.mitigate import MitigationConfig, mitigate_unit
+
+    done = {r["index"]: r for r in read_rows(path, repair=True)}
+    by_pos = {r["index"]: r["prompt"] for r in flagged if r["index"] not in done}
+    sampling = config.sampling(None)
+    mitigation = MitigationConfig("embedding-opt", target_loss=target_loss, lr=config.lr, max_iters=config.max_iters,
+                                  seed=config.seed)
+    images.mkdir(parents=True, exist_ok=True)
+    # Units of at most batch_size // 2 generations: the optimizer's batch and the sampler's are the same.
+    units = plan_units(sorted(by_pos), config.num_generations, config.batch_size)
+    bar = tqdm(total=len(by_pos), desc="mitigate", unit="prompt", disable=not progress or not by_pos)
+    for unit in units:
+        results = mitigate_unit(model, [by_pos[p] for p in unit], unit, mitigation, sampling)
+        rows = []
+        for m in results:
+            for g, img in enumerate(m.images):
+                _save_png(img, images / f"{m.position:05d}_{g}.png")
+            rows.append({"index": m.position, "prompt": m.prompt, "initial_d": m.initial_d, "final_d": m.final_d,
+                         "iterations": m.iterations, "target_loss": target_loss,
+                         "mitigated_score": prompt_score(m.text_noise_norm.tolist(), slice(0, config.detect_steps)),
+                         "text_noise_norm": m.text_noise_norm.tolist(),
+                         "images": [f"images/mitigated/{m.position:05d}_{g}.png" for g in range(len(m.images))]})
+        append_rows(path, rows)
+        done.update({r["index"]: r for r in rows})
+        bar.update(len(unit))
+    bar.close()
+    return done
+
+
+def _copies(data, flagged: list[dict], out: Path, progress: bool) -> list[dict]:
+    """Nearest training image (RMSE) of every generation before and after mitigation, and the lab's copy rule."""
+    from diffmem.lab.judge import TrainingImages, copy_threshold, judge_copies
+
+    _log(progress, "  rendering the lab's training images and calibrating the copy rule")
+    train = TrainingImages.of(data)
+    threshold = copy_threshold(data, train)
+    (out / "images" / "training").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in flagged:
+        row = {"index": r["index"], "copy_threshold_rmse": threshold}
+        for kind in ("generated", "mitigated"):
+            paths = sorted((out / "images" / kind).glob(f"{r['index']:05d}_*.png"))
+            if not paths:
+                continue
+            imgs = np.stack([_load_png(p) for p in paths])
+            res = judge_copies(imgs, [r["prompt"]] * len(imgs), train, threshold)
+            for j in set(res.nearest.tolist()):
+                p = out / "images" / "training" / f"{j:06d}.png"
+                if not p.exists():
+                    _save_png(train.images[j], p)
+            row[kind] = [{"image": f"images/{kind}/{p.name}", "nearest": f"images/training/{int(j):06d}.png",
+                          "nearest_caption": train.captions[j], "rmse": float(d), "copy": bool(c)}
+                         for p, j, d, c in zip(paths, res.nearest, res.distance, res.is_copy)]
+            row[f"{kind}_copies"] = int(res.is_copy.sum())
+        rows.append(row)
+    return rows
+
+
+def _word_list(explanation: dict, n: int) -> list[str]:
+    words = [w for w in explanation["words"] if any(c.isalnum() for c in w["word"])]
+    return [w["word"] for w in sorted(words, key=lambda w: -w["score"])[:n]]
+
+
+def result_rows(scored: list[dict], threshold: float, explained: dict, mitigated: dict, copies: dict,
+                tracked: dict, top_words: int) -> list[dict]:
+    """One row per audited prompt: score, verdict, and for flagged prompts the why and the what-to-do."""
+    rows = []
+    for r in sorted(scored, key=lambda r: r["index"]):
+        i = r["index"]
+        row = {"index": i, "prompt": r["prompt"], "seed": r["seed"], "score": r["score"],
+               "flagged": r["score"] >= threshold, **({"source": r["source"]} if r.get("source") else {})}
+        if row["flagged"]:
+            if i in tracked:
+                row["score_all_steps"] = tracked[i]["score"]
+                row["images"] = [f"images/generated/{i:05d}_{g}.png" for g in range(len(tracked[i]["text_noise_norm"]))]
+            if i in explained:
+                row["top_words"] = _word_list(explained[i], top_words)
+                row["explanation_score"] = explained[i]["score"]
+            if i in mitigated:
+                m = mitigated[i]
+                row.update(mitigated_score=m["mitigated_score"], mitigated_flagged=m["mitigated_score"] >= threshold,
+                           mitigation_iterations=m["iterations"], mitigated_images=m["images"])
+            if i in copies:
+                c = copies[i]
+                row.update({k: c[k] for k in ("generated_copies", "mitigated_copies") if k in c})
+        rows.append(row)
+    return rows
+
+
+def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: AuditConfig = AuditConfig(),
+              out: str | Path = "audit", progress: bool = True) -> AuditResult:
+    """Audit `prompts` on `model`; write every stage's output, results.jsonl and index.html under `out`."""
+    from diffmem.explain import provenance
+    from diffmem.reports.audit_html import write_audit_report
+
+    # 1. Check inputs, and that an existing folder holds this same audit.
+    config.check()
+    if config.threshold is None and (reference is None or not reference.records):
+        raise ValueError("no way to set the decision threshold: pass reference prompts known to be normal "
+                         "(--reference-prompts) to calibrate it at --fpr, or a --threshold")
+    out = Path(out)
+    run_info = {"model": model.name, "config": asdict(config), "prompts": {"source": prompts.source,
+                "num_prompts": len(prompts.records), "sha256_16": prompts.digest()},
+                "reference": None if reference is None else {"source": reference.source,
+                "num_prompts": len(reference.records), "sha256_16": reference.digest()}}
+    audit_json = out / "audit.json"
+    if audit_json.exists():
+        old = json.loads(audit_json.read_text())
+        diff = [k for k in run_info if old.get(k) != run_info[k]]
+        if diff:
+            raise ValueError(f"{out} holds another audit (its {', '.join(diff)} differ); choose another --out "
+                             "or delete the folder")
+        run_info["started"] = old.get("started")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        run_info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        _write_json(audit_json, run_info)
+    state = json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}
+    result = AuditResult(out, [], {})
+
+    def stage(name: str, k: int, what: str):
+        """Log the stage; True when it is still to be done."""
+        finished = name in state
+        _log(progress, f"[{k}/{len(STAGES)}] {name}: {what}" + (" (done, resumed)" if finished else ""))
+        (result.stages_resumed if finished else result.stages_run).append(name)
+        return not finished
+
+    def finish(name: str, t0: float) -> None:
+        state[name] = {"seconds": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        _write_json(out / "stages.json", state)
+
+    # 2. Detect: first-step scores of the audited and the reference prompts.
+    t0 = time.time()
+    todo = stage("detect", 1, f"{config.detect_steps}-step scores of {len(prompts.records)} prompts"
+                 + (f" and {len(reference.records)} reference prompts" if reference else ""))
+    (out / "detect").mkdir(exist_ok=True)
+    scored = _detect(model, prompts, out / "detect" / "prompts.jsonl", config, config.detect_steps, None, progress and todo)
+    ref_rows = (_detect(model, reference, out / "detect" / "reference.jsonl", config, config.detect_steps, None,
+                        progress and todo) if reference else [])
+    if todo:
+        finish("detect", t0)
+
+    # 3. Calibrate the threshold.
+    t0 = time.time()
+    if stage("calibrate", 2, "decision threshold"):
+        threshold = calibrate(config, [r["score"] for r in ref_rows] or None, reference.source if reference else None)
+        _write_json(out / "threshold.json", threshold)
+        finish("calibrate", t0)
+    threshold = json.loads((out / "threshold.json").read_text())
+    result.threshold = threshold
+    flagged = [r for r in scored if r["score"] >= threshold["value"]]
+    _log(progress, f"  threshold {threshold['value']:.4g} ({threshold['description']}): "
+                   f"{len(flagged)} of {len(scored)} prompts flagged")
+    flagged_set = PromptSet([PromptRecord(r["index"], r["prompt"], r.get("source") or {}) for r in flagged],
+                            prompts.source + " (flagged)")
+
+    # 4. Track the flagged prompts over the whole schedule and keep their generations.
+    t0 = time.time()
+    if stage("track", 3, f"all {config.num_inference_steps} steps of {len(flagged)} flagged prompts, with images"):
+        (out / "track").mkdir(exist_ok=True)
+        if flagged:
+            _detect(model, flagged_set, out / "track" / "flagged.jsonl", config, None, out / "images" / "generated",
+                    progress)
+        finish("track", t0)
+    tracked = {r["index"]: r for r in read_rows(out / "track" / "flagged.jsonl")}
+
+    # 5. Explain: token significance over the detection window.
+    t0 = time.time()
+    if stage("explain", 4, f"token significance of {len(flagged)} flagged prompts"):
+        _explain(model, flagged, out / "explain.jsonl", config, progress)
+        finish("explain", t0)
+    explained = {r["index"]: r for r in read_rows(out / "explain.jsonl")}
+
+    # 6. Mitigate: embedding optimization down to the target, then sample with the optimized embedding.
+    t0 = time.time()
+    target = config.target_loss
+    if target is None:
+        normal = [r["score"] for r in ref_rows] or [r["score"] for r in scored if r["score"] < threshold["value"]]
+        target = float(np.median(normal)) if normal else 0.5 * threshold["value"]
+    if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to d <= {target:.4g}"):
+        _mitigate(model, flagged, out / "mitigate.jsonl", out / "images" / "mitigated", config, target, progress)
+        finish("mitigate", t0)
+    mitigated = {r["index"]: r for r in read_rows(out / "mitigate.jsonl")}
+
+    # 7. Copies: nearest training images, where they are known.
+    t0 = time.time()
+    data = lab_data_of(model)
+    if stage("copies", 6, "nearest training images (lab copy rule)" if data is not None else
+             "no training images known for this model; skipped"):
+        rows = _copies(data, flagged, out, progress) if data is not None and flagged else []
+        _write_rows(out / "copies.jsonl", rows)
+        finish("copies", t0)
+    copies = {r["index"]: r for r in read_rows(out / "copies.jsonl")}
+
+    # 8. Results and the report (always rewritten: cheap, and it records the latest run).
+    state.pop("report", None)
+    stage("report", 7, "results.jsonl and index.html")
+    t0 = time.time()
+    result.rows = result_rows(scored, threshold["value"], explained, mitigated, copies, tracked, config.top_words)
+    _write_rows(out / "results.jsonl", result.rows)
+    info = {**run_info, **provenance(model), "target_loss": target, "stages": state,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_audit_report(out, result.rows, threshold, [r["score"] for r in ref_rows], info, explained, mitigated,
+                       copies, tracked)
+    finish("report", t0)
+    _log(progress, f"wrote {out / 'index.html'} and {out / 'results.jsonl'}")
+    return result

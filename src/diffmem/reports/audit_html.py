@@ -1,0 +1,277 @@
+"""The audit's HTML report: one self-contained page (images beside it under images/); no computation."""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+
+import numpy as np
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>diffmem audit: {title}</title>
+<link rel="icon" href="data:,">
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }}
+h1 {{ font-size: 1.5em; }} h2 {{ margin-top: 2em; border-bottom: 1px solid #ddd; }}
+table {{ border-collapse: collapse; }} td, th {{ padding: 3px 8px; border-bottom: 1px solid #eee; text-align: left; }}
+th.sortable {{ cursor: pointer; user-select: none; }} th.sortable:after {{ content: " \\2195"; color: #aaa; }}
+tr.flagged td {{ background: #fff1f0; }}
+.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.summary {{ font-size: 1.1em; background: #f6f8fa; padding: 0.8em 1em; border-radius: 6px; }}
+.card {{ border: 1px solid #ddd; border-radius: 6px; padding: 0.8em 1em; margin: 1em 0; }}
+.card h3 {{ margin: 0 0 0.4em 0; font-size: 1.05em; }}
+.bars td {{ border: none; padding: 1px 6px; }}
+.bar {{ background: #4c72b0; height: 12px; }} .bar.top {{ background: #d62728; }}
+.imgs {{ display: flex; gap: 10px; flex-wrap: wrap; align-items: flex-start; }}
+figure {{ margin: 0; text-align: center; font-size: 0.8em; }}
+figure img {{ width: 96px; height: 96px; image-rendering: pixelated; border: 1px solid #ccc; }}
+figure.copy img {{ border: 3px solid #d62728; }}
+.label {{ font-weight: 600; margin: 0.6em 0 0.2em 0; }}
+.trigger {{ background: #ffe08a; padding: 0 3px; border-radius: 3px; }}
+.muted {{ color: #777; }}
+</style>
+</head>
+<body>
+<h1>Memorization audit of <code>{model}</code></h1>
+<p class="summary">{summary}</p>
+{ground_truth}
+<h2>Score distribution</h2>
+<p>Detection score: the magnitude of the text-conditional noise prediction
+d = ||&epsilon;(x<sub>t</sub>, prompt) &minus; &epsilon;(x<sub>t</sub>, &empty;)||, averaged over {window} and
+{generations} generations (Wen et al., ICLR 2024, sec. 3). A prompt is flagged when its score is at or above the threshold.
+Threshold: <b>{threshold:.4g}</b>, {threshold_how}.</p>
+{histogram}
+<h2>Prompts</h2>
+<p class="muted">Click a column header to sort.</p>
+<table id="prompts">
+<thead><tr>{header}</tr></thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+<h2>Flagged prompts</h2>
+<p>For each: the tokens that drive the score (token significance, Wen et al. sec. 4), the model's generations,
+the generations after mitigation by prompt-embedding optimization (sec. 5.1) with the same seeds{copy_note}.</p>
+{cards}
+<h2>Provenance</h2>
+<table>{provenance}</table>
+<p class="muted">Machine-readable results: <a href="results.jsonl">results.jsonl</a> (one row per prompt),
+<a href="threshold.json">threshold.json</a>, <a href="audit.json">audit.json</a>.</p>
+<script>
+// Sort the prompts table by a column: numbers by value, text alphabetically; a second click reverses.
+document.querySelectorAll("#prompts th.sortable").forEach(function (th, col) {{
+  th.addEventListener("click", function () {{
+    var body = document.querySelector("#prompts tbody");
+    var rows = Array.from(body.rows);
+    var asc = th.dataset.order !== "asc";
+    th.dataset.order = asc ? "asc" : "desc";
+    rows.sort(function (a, b) {{
+      var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : String(x).localeCompare(String(y));
+      return asc ? c : -c;
+    }});
+    rows.forEach(function (r) {{ body.appendChild(r); }});
+  }});
+}});
+</script>
+</body>
+</html>
+"""
+
+COLUMNS = ("#", "prompt", "score", "flagged", "top word", "mitigated score", "copies before", "copies after")
+
+
+def histogram_svg(scores, reference, threshold: float, width: int = 720, height: int = 220, bins: int = 40) -> str:
+    """Overlaid histograms (audited prompts, reference prompts) with the threshold as a red line, as inline SVG."""
+    scores, reference = np.asarray(scores, float), np.asarray(reference, float)
+    allv = np.concatenate([scores, reference, [threshold]])
+    lo, hi = float(allv.min()), float(allv.max())
+    hi = hi if hi > lo else lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    pad_l, pad_b, pad_t = 40, 30, 10
+    plot_w, plot_h = width - pad_l - 10, height - pad_b - pad_t
+    series = [("audited prompts", scores, "#4c72b0"), ("reference prompts", reference, "#999999")]
+    counts = [np.histogram(s, edges)[0] / max(len(s), 1) for _, s, _ in series]  # fractions, so sets of any size compare
+    top = max(float(max(c.max(initial=0) for c in counts)), 1e-9)
+    x = lambda v: pad_l + (v - lo) / (hi - lo) * plot_w
+    y = lambda f: pad_t + plot_h * (1 - f / top)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="score histogram">',
+             f'<line x1="{pad_l}" y1="{pad_t + plot_h}" x2="{pad_l + plot_w}" y2="{pad_t + plot_h}" stroke="#333"/>']
+    for (name, s, colour), c in zip(series, counts):
+        if not len(s):
+            continue
+        for k, f in enumerate(c):
+            if f > 0:
+                parts.append(f'<rect x="{x(edges[k]):.1f}" y="{y(f):.1f}" width="{max(x(edges[k + 1]) - x(edges[k]) - 1, 1):.1f}" '
+                             f'height="{pad_t + plot_h - y(f):.1f}" fill="{colour}" fill-opacity="0.55"/>')
+    tx = x(threshold)
+    parts.append(f'<line x1="{tx:.1f}" y1="{pad_t}" x2="{tx:.1f}" y2="{pad_t + plot_h}" stroke="#d62728" stroke-width="2" '
+                 f'stroke-dasharray="5,3"/>')
+    parts.append(f'<text x="{tx + 4:.1f}" y="{pad_t + 12}" font-size="11" fill="#d62728">threshold {threshold:.4g}</text>')
+    for v in np.linspace(lo, hi, 6):
+        parts.append(f'<text x="{x(v):.1f}" y="{height - 12}" font-size="10" text-anchor="middle">{v:.3g}</text>')
+    parts.append(f'<text x="{pad_l + plot_w / 2:.1f}" y="{height - 1}" font-size="10" text-anchor="middle">score</text>')
+    legend_y = pad_t + 12
+    for k, (name, s, colour) in enumerate(series):
+        if len(s):
+            lx = pad_l + plot_w - 170
+            parts.append(f'<rect x="{lx}" y="{legend_y + 16 * k - 9}" width="10" height="10" fill="{colour}" fill-opacity="0.55"/>'
+                         f'<text x="{lx + 14}" y="{legend_y + 16 * k}" font-size="11">{name} ({len(s)})</text>')
+    parts.append('</svg>')
+    return "\n".join(parts)
+
+
+def _cell(value, text: str | None = None, cls: str = "") -> str:
+    v = "" if value is None else value
+    shown = escape(str(v) if text is None else text)
+    c = f' class="{cls}"' if cls else ""
+    return f'<td{c} data-v="{escape(str(v), quote=True)}">{shown}</td>'
+
+
+def _fmt(x) -> str:
+    return "" if x is None else f"{x:.4g}"
+
+
+def table_rows(rows: list[dict]) -> str:
+    out = []
+    for r in sorted(rows, key=lambda r: -r["score"]):
+        top = (r.get("top_words") or [""])[0]
+        link = f'<a href="#p{r["index"]}">{escape(r["prompt"])}</a>' if r["flagged"] else escape(r["prompt"])
+        cells = [_cell(r["index"], cls="num"),
+                 f'<td data-v="{escape(r["prompt"], quote=True)}">{link}</td>',
+                 _cell(r["score"], _fmt(r["score"]), "num"),
+                 _cell(int(r["flagged"]), "yes" if r["flagged"] else "no"),
+                 _cell(top),
+                 _cell(r.get("mitigated_score"), _fmt(r.get("mitigated_score")), "num"),
+                 _cell(r.get("generated_copies"), cls="num"),
+                 _cell(r.get("mitigated_copies"), cls="num")]
+        out.append(f'<tr{" class=flagged" if r["flagged"] else ""}>' + "".join(cells) + "</tr>")
+    return "\n".join(out)
+
+
+def token_bars(explanation: dict, triggers: set[str]) -> str:
+    """Significance of each non-special token in prompt order, as HTML bars; the top token in red."""
+    toks = [t for t in explanation["tokens"] if not t["special"]]
+    if not toks:
+        return ""
+    peak = max(t["score"] for t in toks) or 1.0
+    top = max(range(len(toks)), key=lambda i: toks[i]["score"])
+    words = explanation["words"]
+    lines = []
+    for i, t in enumerate(toks):
+        word = words[t["word"]]["word"] if t.get("word") is not None and t["word"] < len(words) else ""
+        label = escape(t["token"]) + (f' <span class="muted">({escape(word)})</span>' if word and word != t["token"] else "")
+        if word.lower() in triggers:
+            label = f'<span class="trigger">{label}</span>'
+        lines.append(f'<tr><td>{label}</td><td class="num">{t["score"]:.3g}</td><td style="width:320px">'
+                     f'<div class="bar{" top" if i == top else ""}" style="width:{100 * t["score"] / peak:.1f}%"></div></td></tr>')
+    return '<table class="bars">' + "".join(lines) + "</table>"
+
+
+def _figures(images: list[str], captions: list[str], copies: list[bool] | None = None) -> str:
+    copies = copies or [False] * len(images)
+    return '<div class="imgs">' + "".join(
+        f'<figure{" class=copy" if c else ""}><img src="{escape(src, quote=True)}" alt="{escape(cap, quote=True)}">'
+        f'<figcaption>{escape(cap)}</figcaption></figure>' for src, cap, c in zip(images, captions, copies)) + "</div>"
+
+
+def flagged_card(row: dict, explanation: dict | None, mitigation: dict | None, copies: dict | None) -> str:
+    i = row["index"]
+    triggers = {w.lower() for w in (row.get("source") or {}).get("trigger_words", [])}
+    parts = [f'<div class="card" id="p{i}"><h3>#{i}: {escape(row["prompt"])}</h3>',
+             f'<p>score <b>{row["score"]:.4g}</b>'
+             + (f', over all steps {row["score_all_steps"]:.4g}' if "score_all_steps" in row else "")
+             + (f'; top words: <b>{escape(", ".join(row["top_words"]))}</b>' if row.get("top_words") else "")
+             + (f' <span class="muted">(known trigger words: {escape(", ".join(sorted(triggers)))})</span>' if triggers else "")
+             + "</p>"]
+    if explanation is not None:
+        parts.append('<div class="label">Token significance</div>' + token_bars(explanation, triggers))
+    gen = copies.get("generated") if copies else None
+    if gen:
+        parts.append('<div class="label">Generations (red frame: copies a training image)</div>'
+                     + _figures([g["image"] for g in gen], [f"seed {row['seed']}, #{k}" for k in range(len(gen))],
+                                [g["copy"] for g in gen]))
+        parts.append('<div class="label">Nearest training image of each generation (RMSE; lower is closer; copy '
+                     f'below {copies["copy_threshold_rmse"]:.3g})</div>'
+                     + _figures([g["nearest"] for g in gen], [f"RMSE {g['rmse']:.3f}" for g in gen]))
+    elif row.get("images"):
+        parts.append('<div class="label">Generations</div>'
+                     + _figures(row["images"], [f"seed {row['seed']}, #{k}" for k in range(len(row["images"]))]))
+    if mitigation is not None:
+        parts.append(f'<div class="label">After mitigation: score {mitigation["initial_d"]:.4g} &rarr; '
+                     f'{mitigation["mitigated_score"]:.4g} ({mitigation["iterations"]} AdamW steps, target '
+                     f'{mitigation["target_loss"]:.4g})</div>')
+        mit = copies.get("mitigated") if copies else None
+        if mit:
+            parts.append(_figures([g["image"] for g in mit], [f"RMSE {g['rmse']:.3f}" + (" copy" if g["copy"] else "")
+                                                              for g in mit], [g["copy"] for g in mit]))
+        else:
+            parts.append(_figures(mitigation["images"], [f"#{k}" for k in range(len(mitigation["images"]))]))
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+def ground_truth_section(rows: list[dict]) -> str:
+    """Where the prompts carry a known `set` (the lab's prompt sets): the flag rate per set."""
+    sets: dict[str, list[bool]] = {}
+    for r in rows:
+        s = (r.get("source") or {}).get("set")
+        if s is not None:
+            sets.setdefault(s, []).append(r["flagged"])
+    if not sets:
+        return ""
+    lines = "".join(f'<tr><td>{escape(s)}</td><td class="num">{len(f)}</td><td class="num">{sum(f)}</td>'
+                    f'<td class="num">{100 * np.mean(f):.1f}%</td></tr>' for s, f in sets.items())
+    return ('<h2>Ground truth</h2><p>The prompts carry their known set (lab prompt sets): flagged memorized and '
+            'template prompts are detections, flagged novel and non-memorized prompts false positives.</p>'
+            f'<table><tr><th>set</th><th>prompts</th><th>flagged</th><th>rate</th></tr>{lines}</table>')
+
+
+def _provenance_rows(info: dict) -> str:
+    out = []
+    for k, v in info.items():
+        text = v if isinstance(v, str) else json.dumps(v, indent=1)
+        out.append(f'<tr><th>{escape(str(k))}</th><td><pre style="margin:0;white-space:pre-wrap">{escape(str(text))}</pre></td></tr>')
+    return "".join(out)
+
+
+def write_audit_report(out: Path, rows: list[dict], threshold: dict, reference_scores: list[float], info: dict,
+                       explained: dict, mitigated: dict, copies: dict, tracked: dict) -> Path:
+    """Write out/index.html from the audit's records."""
+    out = Path(out)
+    flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: -r["score"])
+    config = info.get("config", {})
+    steps = config.get("detect_steps", 1)
+    window = "the first DDIM step" if steps == 1 else f"the first {steps} DDIM steps"
+    summary = (f"<b>{len(flagged)}</b> of {len(rows)} prompts are flagged as memorized. ")
+    if flagged:
+        mit = [r for r in flagged if "mitigated_score" in r]
+        cleared = sum(not r["mitigated_flagged"] for r in mit)
+        summary += f"Embedding optimization brings {cleared} of {len(mit)} under the threshold. "
+        if any("generated_copies" in r for r in flagged):
+            before = sum(r.get("generated_copies", 0) for r in flagged)
+            after = sum(r.get("mitigated_copies", 0) for r in flagged)
+            n = sum(len(r.get("images", [])) for r in flagged)
+            summary += f"Generations copying a training image: {before} of {n} before, {after} after mitigation."
+    header = "".join(f'<th class="sortable">{escape(c)}</th>' for c in COLUMNS)
+    cards = "\n".join(flagged_card(r, explained.get(r["index"]), mitigated.get(r["index"]), copies.get(r["index"]))
+                      for r in flagged) or "<p>No prompt is flagged.</p>"
+    html = PAGE.format(
+        title=escape(str(info.get("model", ""))), model=escape(str(info.get("model", ""))), summary=summary,
+        ground_truth=ground_truth_section(rows), window=window, generations=config.get("num_generations", "?"),
+        threshold=threshold["value"], threshold_how=escape(threshold["description"]),
+        histogram=histogram_svg([r["score"] for r in rows], reference_scores, threshold["value"]),
+        header=header, rows=table_rows(rows), cards=cards,
+        copy_note=", and the nearest training image of each generation" if copies else "",
+        provenance=_provenance_rows(info))
+    path = out / "index.html"
+    tmp = path.with_name("index.html.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
+    return path
