@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
     b.add_argument("--max-train-steps", type=int, default=None, help="override the preset's step count")
     b.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when running beside other jobs)")
+    b.add_argument("--init-from", default=None, help="continue training from this lab model's weights "
+                   "(e.g. 'lab' for the shipped one) with a fresh optimizer")
     b.set_defaults(run=run_build)
 
     s = lab.add_parser("prompts", help="export a lab prompt set with ground truth as JSON Lines")
@@ -58,7 +60,12 @@ def run_build(args) -> int:
     config = PRESETS[args.preset]
     if args.max_train_steps:
         config = replace(config, max_train_steps=args.max_train_steps)
-    out = build_lab(args.out, config, resume=args.resume, num_threads=args.threads)
+    init = None
+    if args.init_from:
+        from diffmem.adapters import resolve_model_path
+
+        init = resolve_model_path(args.init_from)[1]
+    out = build_lab(args.out, config, resume=args.resume, num_threads=args.threads, init_from=init)
     print(f"lab model written to {out}; use it with --model {out}")
     return 0
 

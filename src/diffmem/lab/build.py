@@ -54,8 +54,9 @@ def lab_training_sets(data: LabData, image_size: int = 16) -> tuple[ImagePairs, 
 
 
 def build_lab(out: str | Path, config: LabBuildConfig = PRESETS["default"], resume: bool = False,
-              num_threads: int | None = None, progress: bool = True) -> Path:
-    """Generate the lab data, train the lab model from scratch, write a lab model folder to `out`."""
+              num_threads: int | None = None, progress: bool = True, init_from: str | Path | None = None) -> Path:
+    """Generate the lab data, train the lab model from scratch (or continue from the weights of the
+    lab model folder `init_from`, with a fresh optimizer), write a lab model folder to `out`."""
     from diffusers import DDIMScheduler
 
     if num_threads:
@@ -64,7 +65,12 @@ def build_lab(out: str | Path, config: LabBuildConfig = PRESETS["default"], resu
     data = make_lab_data(config.data)
     mem, non_mem = lab_training_sets(data, config.model.image_size)
     dataset = memorization_mix(mem, non_mem, end=None, repeats=config.repeats, non_mem_ratio=config.non_mem_ratio)
-    model = LabModel(new_lab_unet(config.model), DDIMScheduler(**lab_scheduler_config()), config.model)
+    unet = new_lab_unet(config.model)
+    if init_from is not None:
+        from diffusers import UNet2DConditionModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(init_from) / "unet").float().state_dict())
+    model = LabModel(unet, DDIMScheduler(**lab_scheduler_config()), config.model)
     model.extra_meta = {"data": asdict(config.data), "build": {k: v for k, v in asdict(config).items()
                                                                if k not in ("data", "model")}}
     train_config = TrainConfig(
