@@ -235,6 +235,11 @@ def _copies(data, flagged: list[dict], out: Path, progress: bool) -> list[dict]:
     rows = []
     for r in flagged:
         row = {"index": r["index"], "copy_threshold_rmse": threshold}
+        own = np.flatnonzero(np.isin(train.owner, list(train.owners_of(r["prompt"])))).tolist()
+        if own:  # the prompt's own training images (a memorized or non-memorized caption)
+            for j in own:
+                _save_png(train.images[j], out / "images" / "training" / f"{j:06d}.png")
+            row["own_training_images"] = [f"images/training/{j:06d}.png" for j in own]
         for kind in ("generated", "mitigated"):
             paths = sorted((out / "images" / kind).glob(f"{r['index']:05d}_*.png"))
             if not paths:

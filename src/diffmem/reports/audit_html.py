@@ -94,7 +94,7 @@ def histogram_svg(scores, reference, threshold: float, width: int = 720, height:
     hi = hi if hi > lo else lo + 1.0
     edges = np.linspace(lo, hi, bins + 1)
     pad_l, pad_b, pad_t = 40, 30, 10
-    plot_w, plot_h = width - pad_l - 10, height - pad_b - pad_t
+    plot_w, plot_h = width - pad_l - 30, height - pad_b - pad_t
     series = [("audited prompts", scores, "#4c72b0"), ("reference prompts", reference, "#999999")]
     counts = [np.histogram(s, edges)[0] / max(len(s), 1) for _, s, _ in series]  # fractions, so sets of any size compare
     top = max(float(max(c.max(initial=0) for c in counts)), 1e-9)
@@ -193,6 +193,10 @@ def flagged_card(row: dict, explanation: dict | None, mitigation: dict | None, c
     if explanation is not None:
         parts.append('<div class="label">Token significance</div>' + token_bars(explanation, triggers))
     gen = copies.get("generated") if copies else None
+    if copies and copies.get("own_training_images"):
+        own = copies["own_training_images"]
+        parts.append('<div class="label">This caption\'s own training image' + ("s" if len(own) > 1 else "") + "</div>"
+                     + _figures(own, [f"training image {Path(p).stem.lstrip('0') or '0'}" for p in own]))
     if gen:
         parts.append('<div class="label">Generations (red frame: copies a training image)</div>'
                      + _figures([g["image"] for g in gen], [f"seed {row['seed']}, #{k}" for k in range(len(gen))],
