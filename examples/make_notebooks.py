@@ -143,12 +143,17 @@ unique, so they are the ground-truth trigger words.
         code(LAB_SETUP),
         md('''
 ## 1. Token significance of a memorized caption
+
+The caption explained is the memorized one with the highest detection score (first step, 4
+generations), the one the detector flags most strongly.
 '''),
         code('''
-from diffmem.explain import token_significance
+from diffmem.explain import prompt_scores, token_significance
 from diffmem.reports.explain import significance_figure, significance_table
 
-row = prompt_rows(data, "memorized")[0]
+memorized = prompt_rows(data, "memorized")
+scores = prompt_scores(model, [r["caption"] for r in memorized], steps=(0, 1), generations=4)
+row = memorized[max(range(len(scores)), key=scores.__getitem__)]
 explanation = token_significance(model, row["caption"], steps=(0, 1), generations=4)
 print(significance_table(explanation))
 print("ground-truth trigger words:", row["trigger_words"])
@@ -162,7 +167,6 @@ and compare the score and the generations. The decision threshold is calibrated 
 captions with the same settings, at a false-positive rate under 1%.
 '''),
         code('''
-from diffmem.explain import prompt_scores
 from diffmem.metrics import threshold_at_fpr
 
 threshold = threshold_at_fpr(prompt_scores(model, [r["caption"] for r in prompt_rows(data, "novel", 200)], generations=4), fpr=0.01)
@@ -186,12 +190,12 @@ from diffmem.reports.plots import comparison_grid
 from diffmem.sampling import SamplingConfig, sample_prompts
 from diffmem.similarity import pixel_cosine
 
-training = lab_eval_set(data, "memorized", limit=1).prompts[0].training  # (M, 3, H, W)
+training = lab_eval_set(data, "memorized").prompts[memorized.index(row)].training  # (M, 3, H, W)
 images = [sample_prompts(model, [ex.prompt], SamplingConfig(num_inference_steps=50, num_generations=4))[0].images
           for ex in (explanation, edited)]
 for ex, im in zip((explanation, edited), images):
     print(f"pixel cosine to the training image: {pixel_cosine(im, training).best.round(3)}  {ex.prompt}")
-Image(filename=comparison_grid([training, training], images, FIGURES / "edit.png"))
+Image(filename=comparison_grid([training, training], images, FIGURES / "edit.png", tile=96))
 '''),
     ]
 
@@ -203,18 +207,20 @@ def mitigate_cells():
 
 Wen et al. (sec. 5.1) optimize the prompt embedding before sampling: a few AdamW steps that bring
 the first-step `d` down to a target, the level of ordinary prompts. The baseline of Somepalli et
-al. (2023) inserts random words into the prompt. Both are compared on a memorized lab caption,
-next to its training image, with copy similarity and prompt alignment (does the image still show
+al. (2023) inserts random words into the prompt. Both are compared on the memorized lab caption
+with the highest detection score, next to its training image, with copy similarity and prompt alignment (does the image still show
 the described object?).
 '''),
         code(LAB_SETUP),
         code('''
 from diffmem.evaluate import EvaluateConfig, Judge, calibrate_target_loss, lab_eval_set
+from diffmem.explain import prompt_scores
 from diffmem.mitigate import MitigationConfig, mitigate_unit
 from diffmem.sampling import SamplingConfig
 
-eval_set = lab_eval_set(data, "memorized", limit=1)
-target = eval_set.prompts[0]  # caption, training image(s), described colour and shape
+eval_set = lab_eval_set(data, "memorized")  # captions with training image(s), described colour and shape
+scores = prompt_scores(model, [p.caption for p in eval_set.prompts], steps=(0, 1), generations=4)
+target = eval_set.prompts[max(range(len(scores)), key=scores.__getitem__)]  # the most strongly flagged
 sampling = SamplingConfig(num_inference_steps=50, num_generations=4)
 target_loss = calibrate_target_loss(model, [r["caption"] for r in prompt_rows(data, "novel", 100)], sampling)[50.0]
 print(f"{target.caption!r}: target loss {target_loss:.3f} (median first-step d of 100 novel captions)")
@@ -234,7 +240,7 @@ methods = {"no mitigation": MitigationConfig(method="none"),
 results = {name: mitigate_unit(model, [target.caption], [0], m, sampling)[0] for name, m in methods.items()}
 print("rows, top to bottom:", ", ".join(results))
 Image(filename=comparison_grid([target.training] * len(results), [r.images for r in results.values()],
-                               FIGURES / "mitigation.png"))
+                               FIGURES / "mitigation.png", tile=96))
 '''),
         md('''
 Per method: the prompt sampled, first-step `d` before and after, AdamW steps, the best similarity of
@@ -246,7 +252,7 @@ counts as copies, and how many show the described object (alignment).
 import pandas as pd
 
 judge = Judge(model, eval_set, EvaluateConfig(sampling=sampling))
-rows = [{"method": name, **judge.row(target, r, methods[name])} for name, r in results.items()]
+rows = [{**judge.row(target, r, methods[name]), "method": name} for name, r in results.items()]
 table = pd.json_normalize(rows).set_index("method")
 table[["modified_prompt", "initial_d", "final_d", "iterations", "pixel_cosine.mean", "tiled_l2.mean", "copies", "aligned"]].round(3)
 '''),
@@ -380,8 +386,9 @@ methods = {"no mitigation": MitigationConfig(method="none"),
            "random-word addition": MitigationConfig(method="rand_word_add", repeat_num=4)}
 results = {name: mitigate_unit(model, [target.caption], [0], m, sampling)[0] for name, m in methods.items()}
 judge = Judge(model, eval_set, EvaluateConfig(sampling=sampling, sscd=os.environ.get("DIFFMEM_SSCD")))
-display(pd.json_normalize([{"method": n, **judge.row(target, r, methods[n])} for n, r in results.items()]).set_index("method"))
-Image(filename=comparison_grid([target.training] * len(results), [r.images for r in results.values()], FIGURES / "mitigation.png"))
+display(pd.json_normalize([{**judge.row(target, r, methods[n]), "method": n} for n, r in results.items()]).set_index("method"))
+Image(filename=comparison_grid([target.training] * len(results), [r.images for r in results.values()],
+                               FIGURES / "mitigation.png", tile=96))
 '''),
     ]
 
