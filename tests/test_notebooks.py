@@ -72,3 +72,16 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
                             resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a failing cell
     assert not _errors(nb)
     assert _pngs(nb) == FIGURES[name]
+
+
+def test_text_noise_norm_figure_writes_png(tmp_path):
+    import numpy as np
+
+    from diffmem.reports.plots import text_noise_norm_figure
+
+    rng = np.random.default_rng(0)
+    curves = {"memorized": rng.random((4, 50)), "normal": rng.random((4, 50))}
+    images = {k: rng.random((4, 3, 16, 16)) for k in curves}
+    out = text_noise_norm_figure(curves, images, tmp_path / "fig1.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert text_noise_norm_figure(curves, None, tmp_path / "curves.png").is_file()  # curves alone

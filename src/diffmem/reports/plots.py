@@ -16,8 +16,12 @@ def _pyplot():
     return plt
 
 
-def roc_figure(roc, memorized_scores, non_memorized_scores, out: str | Path, title: str = "") -> Path:
-    """ROC curve (left) and the two score distributions on a log axis (right)."""
+def roc_figure(roc, memorized_scores, non_memorized_scores, out: str | Path, title: str = "",
+               negative_label: str = "non-memorized") -> Path:
+    """ROC curve (left) and the two score distributions on a log axis (right).
+
+    `negative_label` names the control set in the legend (non-memorized, novel, normal prompts...).
+    """
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(roc.fpr, roc.tpr, lw=2, label=f"AUC {roc.auc:.3f}")
@@ -28,7 +32,7 @@ def roc_figure(roc, memorized_scores, non_memorized_scores, out: str | Path, tit
     pos, neg = np.asarray(memorized_scores, float), np.asarray(non_memorized_scores, float)
     lo = max(min(pos.min(), neg.min()), 1e-12)
     bins = np.logspace(np.log10(lo), np.log10(max(pos.max(), neg.max()) * 1.01), 40)
-    b.hist(neg, bins=bins, alpha=0.6, label=f"non-memorized (n={neg.size})")
+    b.hist(neg, bins=bins, alpha=0.6, label=f"{negative_label} (n={neg.size})")
     b.hist(pos, bins=bins, alpha=0.6, label=f"memorized (n={pos.size})")
     if np.isfinite(roc.threshold_at_1fpr):
         b.axvline(roc.threshold_at_1fpr, color="k", ls="--", lw=1, label="threshold at 1% FPR")
@@ -38,6 +42,48 @@ def roc_figure(roc, memorized_scores, non_memorized_scores, out: str | Path, tit
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return Path(out)
+
+
+def text_noise_norm_figure(curves: dict, images: dict | None, out: str | Path, title: str = "") -> Path:
+    """Wen et al.'s fig. 1: d per DDIM step, one line per generation and a colour per prompt (left),
+    and each prompt's generations in a row (right); PNG.
+
+    curves: {label: (G, S) text_noise_norm}; images: {label: (G, 3, H, W) in [0, 1]} or None.
+    """
+    plt = _pyplot()
+    labels = list(curves)
+    G = max(len(np.atleast_2d(curves[k])) for k in labels)
+    n_img = G if images else 0
+    fig = plt.figure(figsize=(5.5 + 1.3 * n_img, max(3.6, 1.5 * len(labels))))
+    grid = fig.add_gridspec(len(labels), 1 + n_img, width_ratios=[4.0] + [1.0] * n_img)
+    ax = fig.add_subplot(grid[:, 0])
+    for i, label in enumerate(labels):
+        d = np.atleast_2d(np.asarray(curves[label], dtype=np.float64))  # (G, S)
+        colour = f"C{i}"
+        for g, row in enumerate(d):
+            ax.plot(np.arange(len(row)), row, color=colour, lw=1.2, alpha=0.8, label=label if g == 0 else None)
+        for g, img in enumerate(np.asarray(images[label]) if images else []):
+            a = fig.add_subplot(grid[i, 1 + g])
+            a.imshow(np.clip(np.asarray(img, dtype=np.float32).transpose(1, 2, 0), 0, 1), interpolation="nearest")
+            a.set_xticks([])
+            a.set_yticks([])
+            for side in a.spines.values():  # the frame in the prompt's curve colour
+                side.set_color(colour)
+                side.set_linewidth(2)
+            if g == 0:
+                a.set_ylabel(_short(label, 28), fontsize=7, color=colour)
+    ax.set(xlabel="DDIM step", ylabel="text-conditional noise norm d",
+           title=title or "d per step, each line one generation")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def comparison_grid(training, generations, out: str | Path, tile: int = 64, gap: int = 4) -> Path:
