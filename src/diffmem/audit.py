@@ -289,6 +289,24 @@ def result_rows(scored: list[dict], threshold: float, explained: dict, mitigated
     return rows
 
 
+def ground_truth(rows: list[dict]) -> dict | None:
+    """Where prompts carry a known `set` (lab prompt sets): flag rate per set, and the ROC of memorized
+    (memorized + template) against novel scores. None when no prompt carries one."""
+    from diffmem.metrics import roc_metrics
+
+    sets: dict[str, list[dict]] = {}
+    for r in rows:
+        if (r.get("source") or {}).get("set") is not None:
+            sets.setdefault(r["source"]["set"], []).append(r)
+    if not sets:
+        return None
+    out = {"sets": {s: {"prompts": len(rs), "flagged": sum(r["flagged"] for r in rs)} for s, rs in sets.items()}}
+    mem = [r["score"] for s in ("memorized", "template") for r in sets.get(s, [])]
+    if mem and sets.get("novel"):
+        out["roc_memorized_vs_novel"] = roc_metrics(mem, [r["score"] for r in sets["novel"]]).summary()
+    return out
+
+
 def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: AuditConfig = AuditConfig(),
               out: str | Path = "audit", progress: bool = True) -> AuditResult:
     """Audit `prompts` on `model`; write every stage's output, results.jsonl and index.html under `out`."""
@@ -400,10 +418,13 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     t0 = time.time()
     result.rows = result_rows(scored, threshold["value"], explained, mitigated, copies, tracked, config.top_words)
     _write_rows(out / "results.jsonl", result.rows)
+    truth = ground_truth(result.rows)
+    if truth is not None:
+        _write_json(out / "ground_truth.json", truth)
     info = {**run_info, **provenance(model), "target_loss": target, "stages": state,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_audit_report(out, result.rows, threshold, [r["score"] for r in ref_rows], info, explained, mitigated,
-                       copies, tracked)
+                       copies, truth)
     finish("report", t0)
     _log(progress, f"wrote {out / 'index.html'} and {out / 'results.jsonl'}")
     return result

@@ -221,20 +221,19 @@ def flagged_card(row: dict, explanation: dict | None, mitigation: dict | None, c
     return "\n".join(parts)
 
 
-def ground_truth_section(rows: list[dict]) -> str:
-    """Where the prompts carry a known `set` (the lab's prompt sets): the flag rate per set."""
-    sets: dict[str, list[bool]] = {}
-    for r in rows:
-        s = (r.get("source") or {}).get("set")
-        if s is not None:
-            sets.setdefault(s, []).append(r["flagged"])
-    if not sets:
+def ground_truth_section(truth: dict | None) -> str:
+    """Flag rate per known prompt set (lab prompt sets), and the ROC of memorized against novel prompts."""
+    if not truth:
         return ""
-    lines = "".join(f'<tr><td>{escape(s)}</td><td class="num">{len(f)}</td><td class="num">{sum(f)}</td>'
-                    f'<td class="num">{100 * np.mean(f):.1f}%</td></tr>' for s, f in sets.items())
+    lines = "".join(f'<tr><td>{escape(s)}</td><td class="num">{c["prompts"]}</td><td class="num">{c["flagged"]}</td>'
+                    f'<td class="num">{100 * c["flagged"] / max(c["prompts"], 1):.1f}%</td></tr>'
+                    for s, c in truth["sets"].items())
+    roc = truth.get("roc_memorized_vs_novel")
+    roc_line = (f'<p>Memorized (and template) against novel prompts: AUC {roc["auc"]:.3f}, TPR {100 * roc["tpr_at_1fpr"]:.1f}% '
+                f'at FPR &lt; 1% ({roc["n_memorized"]} memorized, {roc["n_non_memorized"]} novel).</p>' if roc else "")
     return ('<h2>Ground truth</h2><p>The prompts carry their known set (lab prompt sets): flagged memorized and '
             'template prompts are detections, flagged novel and non-memorized prompts false positives.</p>'
-            f'<table><tr><th>set</th><th>prompts</th><th>flagged</th><th>rate</th></tr>{lines}</table>')
+            f'<table><tr><th>set</th><th>prompts</th><th>flagged</th><th>rate</th></tr>{lines}</table>{roc_line}')
 
 
 def _provenance_rows(info: dict) -> str:
@@ -246,7 +245,7 @@ def _provenance_rows(info: dict) -> str:
 
 
 def write_audit_report(out: Path, rows: list[dict], threshold: dict, reference_scores: list[float], info: dict,
-                       explained: dict, mitigated: dict, copies: dict, tracked: dict) -> Path:
+                       explained: dict, mitigated: dict, copies: dict, truth: dict | None = None) -> Path:
     """Write out/index.html from the audit's records."""
     out = Path(out)
     flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: -r["score"])
@@ -268,7 +267,7 @@ def write_audit_report(out: Path, rows: list[dict], threshold: dict, reference_s
                       for r in flagged) or "<p>No prompt is flagged.</p>"
     html = PAGE.format(
         title=escape(str(info.get("model", ""))), model=escape(str(info.get("model", ""))), summary=summary,
-        ground_truth=ground_truth_section(rows), window=window, generations=config.get("num_generations", "?"),
+        ground_truth=ground_truth_section(truth), window=window, generations=config.get("num_generations", "?"),
         threshold=threshold["value"], threshold_how=escape(threshold["description"]),
         histogram=histogram_svg([r["score"] for r in rows], reference_scores, threshold["value"]),
         header=header, rows=table_rows(rows), cards=cards,
