@@ -54,8 +54,8 @@ Wen et al. (ICLR 2024, sec. 3) detect memorization from the magnitude of the tex
 prediction, `d_t = ||eps(x_t, e_prompt) - eps(x_t, e_empty)||_2`: a prompt that makes the model
 reproduce a training image pulls the prediction far from the unconditional one, from the first
 step on. This notebook runs on diffmem's built-in memorization lab (no download): a small
-text-to-image model trained on captions whose ground truth is known, 24 of them duplicated many
-times (*memorized*) and the rest seen a few times.
+text-to-image model trained on captions whose ground truth is known: a few duplicated many times
+(*memorized*), the rest seen a few times.
 '''),
         code(LAB_SETUP),
         md('''
@@ -64,7 +64,7 @@ times (*memorized*) and the rest seen a few times.
 Four generations of each prompt from the same four starting noises, 50 DDIM steps with
 classifier-free guidance; `d` is recorded at every step while sampling (the images are the same as
 without tracking). Wen et al. find `d` of memorized prompts larger from the first steps on; the
-numbers below are computed, so compare them yourself.
+scores printed below are computed on this model.
 '''),
         code('''
 from diffmem.metrics import prompt_score
@@ -72,7 +72,7 @@ from diffmem.reports import plots
 from diffmem.sampling import SamplingConfig, sample_prompts
 
 memorized, novel = prompt_rows(data, "memorized"), prompt_rows(data, "novel", 100)
-pair = {"memorized: " + memorized[0]["caption"]: memorized[0]["caption"], "novel: " + novel[0]["caption"]: novel[0]["caption"]}
+pair = {f"{row['set']}: {row['caption']}": row["caption"] for row in (memorized[0], novel[0])}
 samples = {label: sample_prompts(model, [prompt], SamplingConfig(num_inference_steps=50, num_generations=4))[0]
            for label, prompt in pair.items()}  # each prompt alone, so both start from the same x_T
 for label, s in samples.items():
@@ -83,10 +83,10 @@ Image(filename=plots.text_noise_norm_figure({k: s.text_noise_norm for k, s in sa
         md('''
 ## 2. Detection over the lab's prompt sets
 
-First-step detection (`track_steps=1`: one UNet call per prompt), 4 generations per prompt, on the
-24 memorized captions against three kinds of normal prompts: *non-memorized* training captions
-(seen about 6 times in training), *novel* captions (unseen, same template) and *out-of-style*
-captions (unseen, another template). The same run on the command line is `diffmem detect
+First-step detection (`track_steps=1`: one UNet call per prompt), 4 generations per prompt, on all
+memorized captions against 100 prompts of each of three controls: *non-memorized* training
+captions (seen about 6 times in training), *novel* captions (unseen, same template) and
+*out-of-style* captions (unseen, another template). The same run on the command line is `diffmem detect
 --track-steps 1` followed by `diffmem roc`.
 '''),
         code('''
@@ -169,7 +169,8 @@ captions with the same settings, at a false-positive rate under 1%.
         code('''
 from diffmem.metrics import threshold_at_fpr
 
-threshold = threshold_at_fpr(prompt_scores(model, [r["caption"] for r in prompt_rows(data, "novel", 200)], generations=4), fpr=0.01)
+normal_scores = prompt_scores(model, [r["caption"] for r in prompt_rows(data, "novel", 200)], generations=4)
+threshold = threshold_at_fpr(normal_scores, fpr=0.01)
 trigger = max((w for w in explanation.words if w.word in row["trigger_words"]), key=lambda w: w.score)
 rank = [w.word for w in explanation.ranked_words()].index(trigger.word) + 1
 edited_prompt = row["caption"][:trigger.start] + data.novel[0].title_words[0] + row["caption"][trigger.end:]
@@ -208,8 +209,8 @@ def mitigate_cells():
 Wen et al. (sec. 5.1) optimize the prompt embedding before sampling: a few AdamW steps that bring
 the first-step `d` down to a target, the level of ordinary prompts. The baseline of Somepalli et
 al. (2023) inserts random words into the prompt. Both are compared on the memorized lab caption
-with the highest detection score, next to its training image, with copy similarity and prompt alignment (does the image still show
-the described object?).
+with the highest detection score, next to its training image, with copy similarity and prompt
+alignment (does the image still show the described object?).
 '''),
         code(LAB_SETUP),
         code('''
@@ -254,7 +255,9 @@ import pandas as pd
 judge = Judge(model, eval_set, EvaluateConfig(sampling=sampling))
 rows = [{**judge.row(target, r, methods[name]), "method": name} for name, r in results.items()]
 table = pd.json_normalize(rows).set_index("method")
-table[["modified_prompt", "initial_d", "final_d", "iterations", "pixel_cosine.mean", "tiled_l2.mean", "copies", "aligned"]].round(3)
+columns = ["modified_prompt", "initial_d", "final_d", "iterations", "pixel_cosine.mean", "tiled_l2.mean", "copies",
+           "aligned"]
+table[columns].round(3)
 '''),
     ]
 
@@ -364,11 +367,13 @@ Image(filename=significance_figure(explanation, FIGURES / "significance.png"))
 ## 4. Mitigation
 
 Embedding optimization stops at a target loss, here the median first-step `d` of the normal
-prompts (`calibrate_target_loss`; the seed used 3 on SD v1.4). Rows: no mitigation, embedding optimization, random-word addition; the
-first column is the training image when `DIFFMEM_SD_GROUND_TRUTH` is set, blank otherwise.
+prompts (`calibrate_target_loss`; the seed used 3 on SD v1.4). Rows: no mitigation, embedding
+optimization, random-word addition; the first column is the training image when
+`DIFFMEM_SD_GROUND_TRUTH` is set, blank otherwise.
 '''),
         code('''
-from diffmem.evaluate import EvaluateConfig, EvalPrompt, EvalSet, Judge, calibrate_target_loss, image_size_of, load_eval_set
+from diffmem.evaluate import (EvalPrompt, EvalSet, EvaluateConfig, Judge, calibrate_target_loss, image_size_of,
+                              load_eval_set)
 from diffmem.mitigate import MitigationConfig, mitigate_unit
 from diffmem.reports.plots import comparison_grid
 import pandas as pd
@@ -378,7 +383,8 @@ sampling = SamplingConfig(num_inference_steps=50, num_generations=4)
 if "DIFFMEM_SD_GROUND_TRUTH" in os.environ:
     eval_set = load_eval_set(model, os.environ["DIFFMEM_SD_GROUND_TRUTH"], limit=1)
 else:
-    eval_set = EvalSet("no training images", [EvalPrompt(memorized[0], torch.zeros(0, 3, image_size_of(model), image_size_of(model)))])
+    size = image_size_of(model)
+    eval_set = EvalSet("no training images", [EvalPrompt(memorized[0], torch.zeros(0, 3, size, size))])
 target = eval_set.prompts[0]
 target_loss = calibrate_target_loss(model, normal, sampling)[50.0]  # median first-step d of the normal prompts
 methods = {"no mitigation": MitigationConfig(method="none"),
@@ -386,7 +392,8 @@ methods = {"no mitigation": MitigationConfig(method="none"),
            "random-word addition": MitigationConfig(method="rand_word_add", repeat_num=4)}
 results = {name: mitigate_unit(model, [target.caption], [0], m, sampling)[0] for name, m in methods.items()}
 judge = Judge(model, eval_set, EvaluateConfig(sampling=sampling, sscd=os.environ.get("DIFFMEM_SSCD")))
-display(pd.json_normalize([{**judge.row(target, r, methods[n]), "method": n} for n, r in results.items()]).set_index("method"))
+rows = [{**judge.row(target, r, methods[name]), "method": name} for name, r in results.items()]
+display(pd.json_normalize(rows).set_index("method"))
 Image(filename=comparison_grid([target.training] * len(results), [r.images for r in results.values()],
                                FIGURES / "mitigation.png", tile=96))
 '''),
