@@ -138,7 +138,7 @@ def _fmt(x) -> str:
     return "" if x is None else f"{x:.4g}"
 
 
-def table_rows(rows: list[dict]) -> str:
+def table_rows(rows: list[dict], known_sets: bool = False) -> str:
     out = []
     for r in sorted(rows, key=lambda r: -r["score"]):
         top = (r.get("top_words") or [""])[0]
@@ -151,6 +151,8 @@ def table_rows(rows: list[dict]) -> str:
                  _cell(r.get("mitigated_score"), _fmt(r.get("mitigated_score")), "num"),
                  _cell(r.get("generated_copies"), cls="num"),
                  _cell(r.get("mitigated_copies"), cls="num")]
+        if known_sets:  # ground truth travels with the prompt (lab prompt sets)
+            cells.append(_cell((r.get("source") or {}).get("set")))
         out.append(f'<tr{" class=flagged" if r["flagged"] else ""}>' + "".join(cells) + "</tr>")
     return "\n".join(out)
 
@@ -262,7 +264,8 @@ def write_audit_report(out: Path, rows: list[dict], threshold: dict, reference_s
             after = sum(r.get("mitigated_copies", 0) for r in flagged)
             n = sum(len(r.get("images", [])) for r in flagged)
             summary += f"Generations copying a training image: {before} of {n} before, {after} after mitigation."
-    header = "".join(f'<th class="sortable">{escape(c)}</th>' for c in COLUMNS)
+    known_sets = truth is not None
+    header = "".join(f'<th class="sortable">{escape(c)}</th>' for c in COLUMNS + (("known set",) if known_sets else ()))
     cards = "\n".join(flagged_card(r, explained.get(r["index"]), mitigated.get(r["index"]), copies.get(r["index"]))
                       for r in flagged) or "<p>No prompt is flagged.</p>"
     html = PAGE.format(
@@ -270,7 +273,7 @@ def write_audit_report(out: Path, rows: list[dict], threshold: dict, reference_s
         ground_truth=ground_truth_section(truth), window=window, generations=config.get("num_generations", "?"),
         threshold=threshold["value"], threshold_how=escape(threshold["description"]),
         histogram=histogram_svg([r["score"] for r in rows], reference_scores, threshold["value"]),
-        header=header, rows=table_rows(rows), cards=cards,
+        header=header, rows=table_rows(rows, known_sets), cards=cards,
         copy_note=", and the nearest training image of each generation" if copies else "",
         provenance=_provenance_rows(info))
     path = out / "index.html"
