@@ -241,7 +241,7 @@ def _copies(data, flagged: list[dict], out: Path, progress: bool) -> list[dict]:
                 _save_png(train.images[j], out / "images" / "training" / f"{j:06d}.png")
             row["own_training_images"] = [f"images/training/{j:06d}.png" for j in own]
         for kind in ("generated", "mitigated"):
-            paths = sorted((out / "images" / kind).glob(f"{r['index']:05d}_*.png"))
+            paths = sorted((out / "images" / kind).glob(f"{r['index']:05d}_*.png"), key=lambda p: int(p.stem.split("_")[1]))
             if not paths:
                 continue
             imgs = np.stack([_load_png(p) for p in paths])
