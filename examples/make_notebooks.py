@@ -34,7 +34,7 @@ FIGURES = Path(tempfile.mkdtemp())  # diffmem.reports writes PNG files; the note
 
 model = load_model(MODEL)
 data = lab_data_for(model)  # the lab's prompt sets, with ground truth
-print(model.name, "| memorized captions:", len(data.memorized), "| novel captions:", len(data.novel))'''
+print(MODEL, "| memorized captions:", len(data.memorized), "| novel captions:", len(data.novel))'''
 
 
 def md(text: str):
