@@ -153,6 +153,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--protocol-prompts", type=int, default=100)
     ap.add_argument("--lab-model", default="lab", help="lab model folder (default: the shipped one)")
+    ap.add_argument("--only-protocols", action="store_true", help="run only (c) on the lab model")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,6 +179,11 @@ def main():
         else:
             raise SystemExit(f"unknown model {name}")
         repeats = 1 if name == "sd14-unet" else args.repeats  # ~5 s per UNet sample on a 2-core CPU
+        if args.only_protocols:
+            if name == "lab":
+                for proto, dt, auc in bench_protocols(model, args.protocol_prompts):
+                    print(f"| lab | (c) {args.protocol_prompts} prompts: {proto} | {dt:.1f} s | AUC {auc:.3f} |")
+            continue
         ours, base, base_name = bench_tracking(model, folder, prompts, steps, gens, repeats)
         print(f"| {name} | (a) tracked sampling, {len(prompts)} prompts x {gens} gens x {steps} steps | {ours:.3f} s | "
               f"{base:.3f} s ({base_name}) | {ours / base:.3f} (<= 1.02) |")
