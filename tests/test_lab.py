@@ -68,11 +68,12 @@ def test_copy_judge_on_ground_truth_renders(data):
     thr = copy_threshold(data)
     mem_imgs = render_all([p.spec for p in data.memorized])
     assert judge_copies(mem_imgs, [p.caption for p in data.memorized], train, thr).is_copy.all()
-    # the same layout with other fine detail is not a copy: that is what the threshold is calibrated on
+    # reproducing a memorized image's coarse layout with other fine detail is mostly still a copy:
+    # with ~560,000 layouts, a layout identifies its training image
     from dataclasses import replace
 
     redrawn = render_all([replace(p.spec, texture_seed=p.spec.texture_seed + 1) for p in data.memorized])
-    assert judge_copies(redrawn, [p.caption for p in data.memorized], train, thr).is_copy.mean() <= 0.1
+    assert judge_copies(redrawn, [p.caption for p in data.memorized], train, thr).is_copy.mean() >= 0.5
     novel = render_all([p.spec for p in data.novel])
     assert judge_copies(novel, [p.caption for p in data.novel], train, thr).is_copy.mean() <= 0.05
     # a memorized image shown under another caption is not that caption's copy
