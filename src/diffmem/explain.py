@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from diffmem.metrics import text_noise_norm
 from diffmem.sampling import denoise_tracked, initial_noise
 
 Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # eps(x_t, t, emb)
@@ -37,9 +38,7 @@ def text_noise_norm_grad(denoise: Denoise, x_t: torch.Tensor, t: torch.Tensor, c
     emb = torch.cat([uncond.detach().expand(G, -1, -1), cond.expand(G, -1, -1)])  # (2G, T, D)
     with torch.enable_grad():
         eps_uncond, eps_cond = denoise(torch.cat([x_t, x_t]), t, emb).chunk(2)  # (G, C, H, W) each
-        diff = eps_cond - eps_uncond
-        # metrics.text_noise_norm, but float64 stays float64 (finite-difference checks need it)
-        d = diff.flatten(1).to(torch.promote_types(diff.dtype, torch.float32)).norm(dim=1)  # (G,)
+        d = text_noise_norm(eps_cond, eps_uncond)  # (G,); float64 stays float64 for finite differences
         if not d.requires_grad:  # a denoiser that ignores its embedding
             return d.detach(), torch.zeros_like(cond)
         (grad,) = torch.autograd.grad(d.mean(), cond)
