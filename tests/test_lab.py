@@ -144,8 +144,8 @@ def test_fast_variant_memorizes_its_duplicated_pairs(fast_lab):
     data = lab_data_for(fast_lab)
     train = TrainingImages.of(data)
     cfg = SamplingConfig(num_inference_steps=20, num_generations=4, batch_size=64)
-    mem, _, _ = generation_figures(fast_lab, data, "memorized", data.memorized, train, np.inf, cfg)
-    non, _, _ = generation_figures(fast_lab, data, "non-memorized", data.non_memorized[:16], train, np.inf, cfg)
+    mem, *_ = generation_figures(fast_lab, data, "memorized", data.memorized, train, np.inf, cfg)
+    non, *_ = generation_figures(fast_lab, data, "non-memorized", data.non_memorized[:16], train, np.inf, cfg)
     assert mem.copy_rate >= 0.375 and non.copy_rate <= 0.1
     d_mem = first_step_scores(fast_lab, data.memorized).mean()
     d_non = first_step_scores(fast_lab, data.non_memorized[:32]).mean()

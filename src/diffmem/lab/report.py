@@ -19,19 +19,25 @@ class GenerationFigures:
     num_generations: int
     copy_rate: float
     content_accuracy: float
+    prompts_copied_at_least_once: float
 
 
 def generation_figures(model, data: LabData, set_name: str, pairs: list[LabPair], train: TrainingImages,
-                       threshold: float, config: SamplingConfig) -> tuple[GenerationFigures, np.ndarray, np.ndarray]:
-    """Sample `pairs` fully and judge copies and described content; also returns the images and per-image copy flags."""
+                       threshold: float, config: SamplingConfig):
+    """Sample `pairs` fully and judge copies and described content.
+
+    Returns (figures, images (P*G, 3, H, W), per-image copy flags (P*G,), text_noise_norm (P, G, S)).
+    """
     res = sample_prompts(model, [p.caption for p in pairs], config, decode=True)
     images = np.concatenate([r.images.numpy() for r in res])  # (P*G, 3, H, W)
     G = config.num_generations
     captions = [p.caption for p in pairs for _ in range(G)]
-    copies = judge_copies(images, captions, train, threshold)
+    copies = judge_copies(images, captions, train, threshold).is_copy
     ok = content_correct(images, [p.spec.colour for p in pairs for _ in range(G)],
                          [p.spec.shape for p in pairs for _ in range(G)])
-    return GenerationFigures(set_name, len(pairs), G, float(copies.is_copy.mean()), float(ok.mean())), images, copies.is_copy
+    figures = GenerationFigures(set_name, len(pairs), G, float(copies.mean()), float(ok.mean()),
+                                float(copies.reshape(len(pairs), -1).any(1).mean()))
+    return figures, images, copies, np.stack([r.text_noise_norm.numpy() for r in res])
 
 
 def first_step_scores(model, pairs: list[LabPair], generations: int = 1, num_inference_steps: int = 50,
@@ -96,16 +102,10 @@ def lab_report(model, data: LabData | None = None, num_control: int = 200, num_f
             "novel": data.novel[:num_control], "out-of-style": data.out_of_style[:num_control]}
     generation, tracked = [], {}
     for name, pairs in tqdm(sets.items(), desc="lab report: sampling", disable=not progress):
-        res = sample_prompts(model, [p.caption for p in pairs], cfg, decode=True)
-        images = np.concatenate([r.images.numpy() for r in res])
-        caps = [p.caption for p in pairs for _ in range(num_generations)]
-        copies = judge_copies(images, caps, train, threshold).is_copy
-        ok = content_correct(images, [p.spec.colour for p in pairs for _ in range(num_generations)],
-                             [p.spec.shape for p in pairs for _ in range(num_generations)])
-        generation.append({"set": name, "prompts": len(pairs), "generations": num_generations,
-                           "copy_rate": float(copies.mean()), "content_accuracy": float(ok.mean()),
-                           "prompts_copied_at_least_once": float(copies.reshape(len(pairs), -1).any(1).mean())})
-        tracked[name] = np.stack([r.text_noise_norm.numpy() for r in res])  # (P, G, S)
+        figures, _, _, tracked[name] = generation_figures(model, data, name, pairs, train, threshold, cfg)
+        generation.append({"set": name, "prompts": figures.num_prompts, "generations": figures.num_generations,
+                           "copy_rate": figures.copy_rate, "content_accuracy": figures.content_accuracy,
+                           "prompts_copied_at_least_once": figures.prompts_copied_at_least_once})
     windows = {"first step": slice(0, 1), "all steps": slice(None)}
     rows = detection_table(tracked, windows, generations=(1, num_generations))
     first = {name: first_step_scores(model, pairs, 1, num_inference_steps, seed)
