@@ -15,6 +15,9 @@ def add_parser(sub) -> None:
                    help="default: the shipped model (~70 min on one CPU thread); fast: the test-suite variant")
     b.add_argument("--max-train-steps", type=int, default=None, help="override the preset's step count")
     b.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    b.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")
+    b.add_argument("--lr-scheduler", default=None, help="override the preset's schedule (constant_with_warmup, cosine, ...)")
+    b.add_argument("--lr-warmup-steps", type=int, default=None, help="override the preset's warm-up steps")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when running beside other jobs)")
     b.add_argument("--init-from", default=None, help="continue training from this lab model's weights "
                    "(e.g. 'lab' for the shipped one) with a fresh optimizer")
@@ -60,6 +63,9 @@ def run_build(args) -> int:
     config = PRESETS[args.preset]
     if args.max_train_steps:
         config = replace(config, max_train_steps=args.max_train_steps)
+    for name in ("learning_rate", "lr_scheduler", "lr_warmup_steps"):
+        if getattr(args, name) is not None:
+            config = replace(config, **{name: getattr(args, name)})
     init = None
     if args.init_from:
         from diffmem.adapters import resolve_model_path

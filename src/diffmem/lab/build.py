@@ -23,6 +23,7 @@ class LabBuildConfig:
     max_train_steps: int = 9000  # ~55 min on one CPU thread at batch 32
     train_batch_size: int = 32
     learning_rate: float = 1.5e-3  # 2e-3 without warm-up diverged at step ~1,230 (loss jumped to 1.0)
+    lr_scheduler: str = "constant_with_warmup"  # any name diffusers.optimization.get_scheduler knows
     lr_warmup_steps: int = 300
     adam_beta2: float = 0.99  # faster second-moment tracking: fewer late loss spikes
     use_ema: bool = True
@@ -75,7 +76,7 @@ def build_lab(out: str | Path, config: LabBuildConfig = PRESETS["default"], resu
                                                                if k not in ("data", "model")}}
     train_config = TrainConfig(
         output_dir=str(out), max_train_steps=config.max_train_steps, train_batch_size=config.train_batch_size,
-        learning_rate=config.learning_rate, lr_scheduler="constant_with_warmup",
+        learning_rate=config.learning_rate, lr_scheduler=config.lr_scheduler,
         lr_warmup_steps=config.lr_warmup_steps, adam_beta2=config.adam_beta2, use_ema=config.use_ema, caption_dropout=config.model.caption_dropout,
         checkpointing_steps=config.checkpointing_steps, checkpoints_total_limit=0, seed=config.seed,
         resume_from_checkpoint="latest" if resume and any(Path(out).glob("checkpoint-*")) else None,
