@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diffmem.mitigate import (AUGMENT_STYLES, MitigationConfig, augment_prompt, mitigate_unit,
+from diffmem.mitigate import (AUGMENT_STYLES, MitigationConfig, augment_prompt, default_target_loss, mitigate_unit,
                               optimize_prompt_embedding)
 from diffmem.sampling import SamplingConfig, initial_noise, sample_unit
 
@@ -122,6 +122,11 @@ def test_augmentation_samples_the_modified_prompt(tiny_sd):
     direct = sample_unit(tiny_sd, [r.modified_prompt for r in res], [0, 1], SAMPLING, decode=True)
     for r, s in zip(res, direct):
         torch.testing.assert_close(r.images, s.images)
+
+
+def test_default_target_loss_is_the_normal_median_or_half_the_threshold():
+    assert default_target_loss([0.3, 0.1, 0.2, 0.9], threshold=0.5) == pytest.approx(0.25)
+    assert default_target_loss([], threshold=0.5) == 0.25
 
 
 # -- prompt augmentation --------------------------------------------------------------------------

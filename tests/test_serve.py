@@ -15,7 +15,9 @@ import torch
 
 from diffmem.cli.main import main
 from diffmem.explain import ExplainConfig, prompt_scores
-from diffmem.web.server import ExplainApp, Threshold, lab_novel_threshold, start_server
+from diffmem.mitigate import MitigationConfig, mitigate_unit
+from diffmem.sampling import SamplingConfig
+from diffmem.web.server import ExplainApp, Threshold, lab_novel_threshold, mitigation_hook, png_data_url, start_server
 
 torch.set_num_threads(1)
 CHROMIUM = Path("/usr/bin/chromium")
@@ -97,8 +99,19 @@ def test_api_analyze_info_and_errors(tiny_sd):
         assert _post(url + "api/analyze", {"text": "a"})[0] == 400
         assert _post(url + "api/mitigate", {"prompt": "a red cat"})[0] == 501
         app.mitigate = lambda model, prompt, cfg: {"images": [], "note": f"mitigated {prompt}"}  # the hook
-        assert _post(url + "api/mitigate", {"prompt": "a cat"}) == (200, {"prompt": "a cat", "images": [],
-                                                                          "note": "mitigated a cat"})
+        status, res = _post(url + "api/mitigate", {"prompt": "a cat"})
+        assert status == 200 and res.pop("elapsed_s") >= 0
+        assert res == {"prompt": "a cat", "images": [], "note": "mitigated a cat"}
+        app.mitigate = mitigation_hook(MitigationConfig("embedding-opt", target_loss=0.0, max_iters=2), app.image_steps)
+        assert _get(url + "api/info")[1]["mitigation_available"] is True
+        status, res = _post(url + "api/mitigate", {"prompt": "a red cat"})
+        assert status == 200 and res["method"] == "embedding-opt" and res["iterations"] == 2
+        assert len(res["images"]) == 2 and all(i.startswith("data:image/png;base64,") for i in res["images"])
+        assert res["final_score"] < res["initial_score"]
+        assert res["mitigated_score"] is None and "verdict" not in res  # 2-step images, a 50-step score schedule
+        app.mitigate = lambda model, prompt, cfg: {"images": [], "mitigated_score": score}
+        res = _post(url + "api/mitigate", {"prompt": "a red cat"})[1]  # the threshold is score * 1.001 here
+        assert (res["verdict"], res["memorized"], res["threshold"]) == ("not memorized", False, app.threshold.value)
         with urllib.request.urlopen(url, timeout=30) as r:
             page = r.read().decode()
         assert 'id="prompt"' in page and 'id="verdict"' in page and "/api/analyze" in page
@@ -106,6 +119,50 @@ def test_api_analyze_info_and_errors(tiny_sd):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- the mitigation behind the page's button -------------------------------------------------
+
+def test_mitigation_hook_is_mitigate_unit_sampled_like_the_page(tiny_sd):
+    config = ExplainConfig(generations=2, num_inference_steps=3, seed=5)
+    mitigation = MitigationConfig("embedding-opt", target_loss=0.0, max_iters=3)  # unreachable: every iteration
+    res = mitigation_hook(mitigation, image_steps=3)(tiny_sd, "a red cat", config)
+    (m,) = mitigate_unit(tiny_sd, ["a red cat"], [0], mitigation, SamplingConfig(3, num_generations=2, seed=5))
+    assert res["images"] == [png_data_url(img) for img in m.images] and len(res["images"]) == 2
+    assert (res["initial_score"], res["final_score"], res["iterations"]) == (m.initial_d, m.final_d, 3)
+    assert res["final_score"] < res["initial_score"]
+    assert res["method"] == "embedding-opt" and res["target_loss"] == 0.0 and res["repeat_num"] is None
+    assert res["modified_prompt"] == "a red cat"
+    # The page's score: before mitigation it is the first-step d the optimizer starts from; after, its final d.
+    page_score = prompt_scores(tiny_sd, ["a red cat"], generations=2, seed=5, num_inference_steps=3)[0]
+    assert res["initial_score"] == pytest.approx(page_score, rel=1e-4)
+    assert res["mitigated_score"] == pytest.approx(res["final_score"], rel=1e-4)
+
+
+def test_mitigation_hook_augmentation_without_images_and_other_schedules(tiny_sd):
+    config = ExplainConfig(generations=2, num_inference_steps=3)
+    hook = mitigation_hook(MitigationConfig("rand_numb_add", repeat_num=2), image_steps=None)
+    res = hook(tiny_sd, "a red cat", config)
+    assert res["images"] == [] and res["iterations"] == 0 and res["target_loss"] is None and res["repeat_num"] == 2
+    assert len(res["modified_prompt"].split(" ")) == 5
+    assert res["mitigated_score"] == pytest.approx(res["final_score"], rel=1e-4)
+    res = mitigation_hook(MitigationConfig("none"), image_steps=2)(tiny_sd, "a red cat", config)
+    assert len(res["images"]) == 2 and res["initial_score"] == res["final_score"]
+    assert res["mitigated_score"] is None  # images on 2 steps, the score on a 3-step schedule: not comparable
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mitigation-lr", "0"], "--mitigation-lr 0.0: must be > 0"),
+    (["--mitigation-max-iters", "0"], "--mitigation-max-iters 0: must be >= 1"),
+    (["--target-loss", "-1"], "--target-loss -1.0: must be >= 0"),
+    (["--repeat-num", "2"], "--repeat-num has no effect with --mitigation embedding-opt"),
+    (["--mitigation", "rand_word_add", "--target-loss", "1"], "--target-loss has no effect with --mitigation rand_"),
+    (["--mitigation", "none", "--repeat-num", "2"], "--repeat-num has no effect with --mitigation none"),
+    (["--mitigation", "rand_numb_add", "--repeat-num", "0"], "--repeat-num 0: must be >= 1"),
+])
+def test_serve_cli_checks_mitigation_options_before_loading(argv, message, tmp_path, capsys):
+    rc = main(["serve", "--model", str(tmp_path / "absent"), "--threshold", "1", *argv])  # no model to load
+    assert rc == 2 and message in capsys.readouterr().err
 
 
 def test_serve_cli_needs_a_threshold_for_non_lab_models(tiny_sd_folder, capsys):
@@ -127,7 +184,8 @@ def test_serve_cli_starts_on_loopback(tiny_sd_folder):
         assert url and url.startswith("http://127.0.0.1:")
         status, info = _get(url + "api/info")
         assert status == 200 and info["threshold"] == {"value": 1.5, "source": "given with --threshold",
-                                                       "fpr": None, "num_reference": None}
+                                                       "fpr": None, "num_reference": None, "median": None}
+        assert info["mitigation_available"] is True  # embedding-opt by default
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -151,7 +209,8 @@ def _launch_chromium(tmp_path):
 
 @pytest.mark.slow
 def test_page_in_headless_chromium(fast_lab, tmp_path):
-    """Type a memorized lab prompt: verdict and highlighted trigger token; edit to a novel one: the other verdict."""
+    """Type a memorized lab prompt: verdict and highlighted trigger token; generate with mitigation: its images and,
+    at the default target (the novel prompts' median), the other verdict; edit to a novel one: the other verdict."""
     from diffmem.lab.build import lab_data_for
 
     config = ExplainConfig()
@@ -164,13 +223,13 @@ def test_page_in_headless_chromium(fast_lab, tmp_path):
     novel = data.prompt_set("novel")[0].caption  # one of the calibration prompts: below the threshold by construction
 
     app = ExplainApp(fast_lab, threshold, config, image_steps=50)
+    app.mitigate = mitigation_hook(MitigationConfig("embedding-opt", target_loss=threshold.median), app.image_steps)
     server, url = start_server(app)
     pw, context = _launch_chromium(tmp_path)
     try:
         page = context.new_page()
         page.goto(url)
         page.wait_for_function("document.getElementById('model').textContent.includes('threshold')")
-        assert page.locator("#mitigate").is_disabled()  # the hook is there, not yet wired
 
         page.fill("#prompt", strongest.caption)
         page.wait_for_function("document.getElementById('verdict').textContent === 'memorized'", timeout=120_000)
@@ -180,10 +239,20 @@ def test_page_in_headless_chromium(fast_lab, tmp_path):
         assert page.locator("#images img").count() == 4
         assert page.evaluate("[...document.querySelectorAll('#images img')].every(i => i.naturalWidth === 16)")
 
+        assert page.locator("#mitigate").is_enabled()
+        page.click("#mitigate")
+        page.wait_for_function("document.querySelectorAll('#mitigated-images img').length === 4", timeout=120_000)
+        summary = page.inner_text("#mitigation-summary")
+        assert summary.startswith("embedding-opt · first-step d ") and "iteration" in summary
+        assert page.inner_text("#mitigation-summary .badge") == "not memorized", summary
+        assert page.evaluate("[...document.querySelectorAll('#mitigated-images img')]"
+                             ".every(i => i.naturalWidth === 16)")
+
         page.fill("#prompt", novel)  # editing the prompt updates the view
         page.wait_for_function("document.getElementById('verdict').textContent === 'not memorized'", timeout=120_000)
         assert page.locator("#tokens .token").count() == sum(not t.special for t in fast_lab.tokens(novel))
         assert float(page.inner_text("#score")) < threshold.value
+        assert page.locator("#mitigated-images img").count() == 0  # mitigated images belong to the previous prompt
     finally:
         context.close()
         pw.stop()

@@ -395,8 +395,10 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     t0 = time.time()
     target = config.target_loss
     if target is None:
+        from diffmem.mitigate import default_target_loss
+
         normal = [r["score"] for r in ref_rows] or [r["score"] for r in scored if r["score"] < threshold["value"]]
-        target = float(np.median(normal)) if normal else 0.5 * threshold["value"]
+        target = default_target_loss(normal, threshold["value"])
     if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to d <= {target:.4g}"):
         _mitigate(model, flagged, out / "mitigate.jsonl", out / "images" / "mitigated", config, target, progress)
         finish("mitigate", t0)

@@ -5,7 +5,9 @@
   first-step text-conditional noise norm d down to a target, the start token left untouched.
 - ``augment_prompt``: ``rand_word_add`` / ``rand_numb_add`` / ``rand_word_repeat``, used at
   inference (``repeat_num = 4``) and as the training-time baseline (``repeat_num = 1``).
-- ``mitigate_unit``: one batch of prompts mitigated and sampled with the explicit DDIM loop.
+- ``mitigate_unit``: one batch of prompts mitigated and sampled with the explicit DDIM loop
+  (used by ``diffmem mitigate``, ``evaluate``, ``audit`` and the ``serve`` page's mitigation button).
+- ``default_target_loss``: the target when none is given (normal prompts' median score).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from diffmem.metrics import text_noise_norm
@@ -164,6 +167,13 @@ class MitigationConfig:
     max_iters: int = 10  # AdamW steps at most (Wen et al.)
     repeat_num: int = 4  # augmentations: items inserted (4 at inference, 1 in training)
     seed: int = 0  # augmentation draws for the prompt at position p use seed + p
+
+
+def default_target_loss(normal_scores: list[float], threshold: float) -> float:
+    """embedding-opt's target when none is given: the median score of prompts known to be normal (a
+    mitigated prompt ends where a typical ordinary prompt sits, benchmarks/MITIGATION.md), or half the
+    decision threshold when there are none."""
+    return float(np.median(normal_scores)) if len(normal_scores) else 0.5 * float(threshold)
 
 
 @dataclass

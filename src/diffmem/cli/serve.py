@@ -1,4 +1,5 @@
-"""``diffmem serve``: a local web page to type prompts and see their memorization score and token significance."""
+"""``diffmem serve``: a local web page to type prompts and see their memorization score and token significance,
+and generate with a mitigation (embedding-opt by default; ``--mitigation none`` turns the button off)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import ipaddress
 def add_parser(sub) -> None:
     from diffmem.cli.explain import add_explain_args
     from diffmem.cli.main import common_model_args
+    from diffmem.mitigate import METHODS
 
     p = sub.add_parser("serve", help="local web page: a prompt's memorization score, verdict, tokens and images",
-                       description="Start a local web app over a JSON API (POST /api/analyze). The verdict "
-                       "compares the score with a threshold: --threshold, or calibrated at --fpr on "
-                       "--calibration-prompts, or (lab models) on the lab's novel prompts.")
+                       description="Start a local web app over a JSON API (POST /api/analyze, /api/mitigate). The "
+                       "verdict compares the score with a threshold: --threshold, or calibrated at --fpr on "
+                       "--calibration-prompts, or (lab models) on the lab's novel prompts. 'Generate with "
+                       "mitigation' samples the same images with --mitigation applied.")
     common_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
@@ -25,6 +28,22 @@ def add_parser(sub) -> None:
     add_explain_args(p)
     p.add_argument("--image-steps", type=int, default=50, help="DDIM steps of the images shown")
     p.add_argument("--no-images", action="store_true", help="show no images (faster on large models)")
+    m = p.add_argument_group("mitigation (the page's 'Generate with mitigation' button)")
+    m.add_argument("--mitigation", choices=METHODS, default="embedding-opt",
+                   help="embedding-opt (default): AdamW on the prompt embedding until the first-step d <= "
+                   "--target-loss (Wen et al. 5.1); rand_word_add, rand_numb_add, rand_word_repeat: insert "
+                   "--repeat-num random tokens / numbers / prompt words (Somepalli et al. 2023); "
+                   "none: the button stays off")
+    m.add_argument("--target-loss", type=float, default=None,
+                   help="embedding-opt: stop once d <= this. Default, as in diffmem audit: the median score of the "
+                   "prompts the threshold was calibrated on (--calibration-prompts, or the lab's novel prompts), "
+                   "where an ordinary prompt sits; with --threshold, half the threshold")
+    m.add_argument("--mitigation-lr", type=float, default=None,
+                   help="embedding-opt: AdamW learning rate (default 0.05)")
+    m.add_argument("--mitigation-max-iters", type=int, default=None,
+                   help="embedding-opt: AdamW steps at most (default 10)")
+    m.add_argument("--repeat-num", type=int, default=None,
+                   help="rand_word_add, rand_numb_add, rand_word_repeat: items inserted (default 4)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(run=run)
 
@@ -32,10 +51,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from diffmem.cli.explain import explain_config_from_args
     from diffmem.cli.main import load_model_from_args
-    from diffmem.web.server import ExplainApp, Threshold, calibrate_threshold, lab_novel_threshold, make_server
+    from diffmem.mitigate import default_target_loss
+    from diffmem.web.server import (ExplainApp, Threshold, calibrate_threshold, lab_novel_threshold, make_server,
+                                    mitigation_hook)
 
     # 1. Check inputs before loading anything
     config = explain_config_from_args(args)
+    mitigation = mitigation_config_from_args(args)
     if not 0 < args.fpr < 1:
         raise ValueError(f"--fpr {args.fpr}: must be between 0 and 1")
     if args.image_steps < 1:
@@ -63,8 +85,29 @@ def run(args) -> int:
                          "normal (non-memorized) prompts to calibrate one")
     print(f"threshold {threshold.value:.4g} ({threshold.source})")
 
-    # 3. Serve until interrupted
+    # 3. The mitigation behind the page's button
     app = ExplainApp(model, threshold, config, image_steps=None if args.no_images else args.image_steps)
+    if mitigation is not None:
+        if mitigation.method == "rand_word_add":
+            from diffmem.mitigate import tokenizer_of
+
+            try:
+                tokenizer_of(model)
+            except TypeError as e:
+                raise ValueError(f"--mitigation rand_word_add: {e}") from None
+        if mitigation.method == "embedding-opt":
+            origin = "given with --target-loss"
+            if args.target_loss is None:
+                normal = [] if threshold.median is None else [threshold.median]  # the median of their scores
+                mitigation.target_loss = default_target_loss(normal, threshold.value)
+                origin = "median score of the calibration prompts" if normal else "half the threshold"
+            print(f"mitigation embedding-opt: first-step d down to {mitigation.target_loss:.4g} ({origin}), "
+                  f"lr {mitigation.lr:g}, at most {mitigation.max_iters} iterations")
+        else:
+            print(f"mitigation {mitigation.method}: {mitigation.repeat_num} items inserted into the prompt")
+        app.mitigate = mitigation_hook(mitigation, app.image_steps)
+
+    # 4. Serve until interrupted
     server = make_server(app, args.host, args.port, verbose=args.verbose)
     host, port = server.server_address[:2]
     if not loopback:
@@ -75,3 +118,38 @@ def run(args) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def mitigation_config_from_args(args):
+    """The MitigationConfig of the page's button (target_loss still to derive when not given); None for none."""
+    from diffmem.mitigate import AUGMENT_STYLES, MitigationConfig
+
+    method = args.mitigation
+    given = {"--target-loss": args.target_loss, "--mitigation-lr": args.mitigation_lr,
+             "--mitigation-max-iters": args.mitigation_max_iters, "--repeat-num": args.repeat_num}
+    applies = {"embedding-opt": ("--target-loss", "--mitigation-lr", "--mitigation-max-iters"),
+               **{s: ("--repeat-num",) for s in AUGMENT_STYLES}}.get(method, ())
+    stray = [k for k, v in given.items() if v is not None and k not in applies]
+    if stray:
+        raise ValueError(f"{', '.join(stray)} {'has' if len(stray) == 1 else 'have'} no effect with --mitigation "
+                         f"{method}" + (f" (it takes {', '.join(applies)})" if applies else ""))
+    config = MitigationConfig(method=method, seed=args.seed)  # augmentations draw with the page's seed
+    if args.target_loss is not None:
+        if args.target_loss < 0:
+            raise ValueError(f"--target-loss {args.target_loss}: must be >= 0 (d is a norm; 0 runs every iteration)")
+        config.target_loss = args.target_loss
+    if args.mitigation_lr is not None:
+        if not args.mitigation_lr > 0:
+            raise ValueError(f"--mitigation-lr {args.mitigation_lr}: must be > 0")
+        config.lr = args.mitigation_lr
+    if args.mitigation_max_iters is not None:
+        if args.mitigation_max_iters < 1:
+            raise ValueError(f"--mitigation-max-iters {args.mitigation_max_iters}: must be >= 1 "
+                             "(--mitigation none turns mitigation off)")
+        config.max_iters = args.mitigation_max_iters
+    if args.repeat_num is not None:
+        if args.repeat_num < 1:
+            raise ValueError(f"--repeat-num {args.repeat_num}: must be >= 1 (items inserted into the prompt; "
+                             "--mitigation none turns mitigation off)")
+        config.repeat_num = args.repeat_num
+    return None if method == "none" else config

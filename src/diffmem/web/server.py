@@ -3,11 +3,14 @@
     GET  /              the page (static/index.html; no external network, no CDN)
     GET  /api/info      model, threshold and its provenance, settings, whether mitigation is available
     POST /api/analyze   {"prompt": str} -> score, verdict, threshold, tokens with significance, words, images
-    POST /api/mitigate  {"prompt": str} -> the same shape, generated with mitigation (501 until a hook is set)
+    POST /api/mitigate  {"prompt": str} -> images generated with mitigation, the method, first-step d before
+                        and after, iterations, modified prompt, the mitigated score and its verdict
+                        (501 while ExplainApp.mitigate is None)
 
 Startable from Python (tests, notebooks)::
 
-    app = ExplainApp(model, threshold=0.3)
+    app = ExplainApp(model, Threshold(0.3, "given"))
+    app.mitigate = mitigation_hook(MitigationConfig("embedding-opt", target_loss=0.1), app.image_steps)
     server, url = start_server(app, port=0)   # serves in a daemon thread
     ...
     server.shutdown()
@@ -26,12 +29,13 @@ from importlib import resources
 from typing import Callable
 
 from diffmem.explain import ExplainConfig, prompt_scores, token_significance
+from diffmem.mitigate import AUGMENT_STYLES, MitigationConfig
 
 MAX_PROMPT_CHARS = 2000
 MAX_BODY_BYTES = 64 * 1024
 
 # The mitigation hook: (model, prompt, ExplainConfig) -> {"images": [data URLs], ...anything else to show}.
-# Set ExplainApp.mitigate once diffmem.mitigate lands; the page enables its button when it is set.
+# mitigation_hook makes the real one; the page enables its button when ExplainApp.mitigate is set.
 Mitigate = Callable[[object, str, ExplainConfig], dict]
 
 
@@ -41,16 +45,20 @@ class Threshold:
     source: str  # how it was chosen, shown on the page
     fpr: float | None = None  # target false-positive rate of the calibration
     num_reference: int | None = None  # normal prompts it was calibrated on
+    median: float | None = None  # their median score: the default target of embedding-opt (as in the audit)
 
 
 def calibrate_threshold(model, normal_prompts: list[str], config: ExplainConfig = ExplainConfig(),
                         fpr: float = 0.01, source: str = "normal prompts") -> Threshold:
     """The score threshold with false-positive rate below `fpr` on `normal_prompts`, same settings as the page."""
+    import numpy as np
+
     from diffmem.metrics import threshold_at_fpr
 
     scores = prompt_scores(model, normal_prompts, config.steps, config.generations, config.seed,
                            config.num_inference_steps, config.guidance_scale)
-    return Threshold(threshold_at_fpr(scores, fpr), f"{source} at {fpr:.0%} FPR", fpr, len(normal_prompts))
+    return Threshold(threshold_at_fpr(scores, fpr), f"{source} at {fpr:.0%} FPR", fpr, len(normal_prompts),
+                     float(np.median(scores)))
 
 
 def lab_novel_threshold(model, config: ExplainConfig = ExplainConfig(), fpr: float = 0.01,
@@ -100,9 +108,16 @@ class ExplainApp:
 
     def mitigated(self, prompt: str) -> dict:
         if self.mitigate is None:
-            raise NotImplementedError("mitigation is not available in this version of diffmem")
+            raise NotImplementedError("mitigation is off on this server (no ExplainApp.mitigate hook; "
+                                      "diffmem serve --mitigation none)")
+        t0 = time.perf_counter()
         with self._lock:
-            return {"prompt": prompt, **self.mitigate(self.model, prompt, self.config)}
+            res = {"prompt": prompt, **self.mitigate(self.model, prompt, self.config)}
+        if res.get("mitigated_score") is not None:  # the verdict on what the mitigated images were sampled with
+            memorized = res["mitigated_score"] >= self.threshold.value
+            res.update(threshold=self.threshold.value, memorized=memorized,
+                       verdict="memorized" if memorized else "not memorized")
+        return {**res, "elapsed_s": round(time.perf_counter() - t0, 3)}
 
     def _images(self, prompt: str) -> list[str]:
         from diffmem.sampling import SamplingConfig, sample_prompts
@@ -111,6 +126,39 @@ class ExplainApp:
                              num_generations=self.config.generations, seed=self.config.seed)
         samples = sample_prompts(self.model, [prompt], cfg, decode=True)[0]  # same x_T as the explanation
         return [png_data_url(img) for img in samples.images]
+
+
+def mitigation_hook(mitigation: MitigationConfig, image_steps: int | None = 50) -> Mitigate:
+    """The page's "generate with mitigation": ``mitigate_unit`` on one prompt, sampled as the page's images.
+
+    Pass the app's ``image_steps``: the images use the same DDIM steps, generations, seed (x_T) and
+    guidance as ``ExplainApp._images``, so they compare one to one. With ``image_steps=None`` (no
+    images) only the steps of the score window are sampled. The result holds the first-step d
+    before and after (``initial_score``, ``final_score``: what embedding-opt drives to its target)
+    and ``mitigated_score``, the page's score (its window of steps) of the mitigated sampling; it is
+    None when the images' schedule differs from the score's (image_steps != num_inference_steps).
+    """
+    from diffmem.metrics import prompt_score
+    from diffmem.mitigate import mitigate_unit
+    from diffmem.sampling import SamplingConfig
+
+    def mitigate(model, prompt: str, config: ExplainConfig) -> dict:
+        steps = image_steps or config.num_inference_steps
+        sampling = SamplingConfig(num_inference_steps=steps, guidance_scale=config.guidance_scale,
+                                  num_generations=config.generations, seed=config.seed,
+                                  track_steps=None if image_steps else config.steps[1])
+        (m,) = mitigate_unit(model, [prompt], [0], mitigation, sampling, decode=bool(image_steps))  # seed + 0
+        score = None  # d (G, S) is tracked along the images' schedule; the page's window lives in its own
+        if steps == config.num_inference_steps:
+            score = prompt_score(m.text_noise_norm.tolist(), slice(*config.steps))
+        return {"images": [png_data_url(img) for img in m.images] if m.images is not None else [],
+                "method": mitigation.method, "modified_prompt": m.modified_prompt,
+                "initial_score": m.initial_d, "final_score": m.final_d, "iterations": m.iterations,
+                "target_loss": mitigation.target_loss if mitigation.method == "embedding-opt" else None,
+                "repeat_num": mitigation.repeat_num if mitigation.method in AUGMENT_STYLES else None,
+                "mitigated_score": score}
+
+    return mitigate
 
 
 class _Handler(BaseHTTPRequestHandler):
