@@ -150,3 +150,35 @@ def test_fast_variant_memorizes_its_duplicated_pairs(fast_lab):
     d_mem = first_step_scores(fast_lab, data.memorized).mean()
     d_non = first_step_scores(fast_lab, data.non_memorized[:32]).mean()
     assert d_mem > 1.5 * d_non
+
+
+def test_cell_background_identifies_its_image():
+    """An n x n cell background: drawn after everything else (n = 0 keeps the two-tone data), rendered
+    cell by cell, and a copy with other fine detail is still judged a copy of its own image."""
+    from dataclasses import replace
+
+    cfg = LabDataConfig(num_memorized=20, num_template=2, template_variants=3, num_non_memorized=2000,
+                        num_novel=100, num_out_of_style=10, background_cells=4)
+    cells = make_lab_data(cfg)
+    plain = make_lab_data(replace(cfg, background_cells=0))
+    assert [p.title_words for p in cells.non_memorized] == [p.title_words for p in plain.non_memorized]
+    assert replace(cells.memorized[0].spec, background_cells=()) == plain.memorized[0].spec  # cells drawn last
+    assert all(p.spec.background_cells == () for p in plain.memorized)
+    spec = cells.memorized[0].spec
+    assert len(spec.background_cells) == 16
+    img = render(replace(spec, texture_seed=0))
+    from diffmem.lab.data import BACKGROUNDS
+
+    # a corner pixel away from the objects shows its cell's colour (up to the +-0.08 texture)
+    corner = [(r, c) for r, c in [(0, 0), (0, 15), (15, 0), (15, 15)]]
+    hits = sum(np.abs(img[:, r, c] - np.asarray(BACKGROUNDS[spec.background_cells[(r // 4) * 4 + c // 4]])).max() <= 0.081
+               for r, c in corner)
+    assert hits >= 3  # a dot or an object may cover one corner
+    templates = [p for p in cells.memorized if p.kind == "template"]
+    assert len({s.background_cells for s in templates[0].variants}) == 1
+    train = TrainingImages.of(cells)
+    thr = copy_threshold(cells, train)
+    redrawn = render_all([replace(p.spec, texture_seed=p.spec.texture_seed + 1) for p in cells.memorized])
+    assert judge_copies(redrawn, [p.caption for p in cells.memorized], train, thr).is_copy.mean() >= 0.95
+    novel = render_all([p.spec for p in cells.novel])
+    assert judge_copies(novel, [p.caption for p in cells.novel], train, thr).is_copy.mean() <= 0.02

@@ -53,6 +53,9 @@ class ImageSpec:
     third_quadrant: int
     jitter: tuple[int, int]  # undescribed, fine: (dx, dy) pixels
     texture_seed: int  # undescribed, fine: block texture and dots
+    # undescribed, coarse: background colours of an n x n grid of cells, row by row (replaces the
+    # two-tone background when not empty)
+    background_cells: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class LabDataConfig:
     num_novel: int = 500  # same template, titles never seen in training
     num_out_of_style: int = 200  # captions in another template
     num_title_words: int = 3000
+    # n > 0: the background is an n x n grid of cells of random background colours (4^(n*n) patterns:
+    # a training image's pattern identifies it); 0: the two-tone background of the first lab models
+    background_cells: int = 0
 
 
 @dataclass
@@ -100,9 +106,11 @@ def out_of_style_caption(title: tuple[str, str], colour: str, shape: str) -> str
     return f"a {colour} {shape} drawn in the style of {title[0]}"
 
 
-def _random_spec(rng: np.random.Generator, colour: str | None = None, shape: str | None = None) -> ImageSpec:
-    """~560,000 coarse layouts (two-tone background x object arrangement x jitter x small objects), far
-    more than the training set, so that reproducing a training image's layout identifies the image."""
+def _random_spec(rng: np.random.Generator, colour: str | None = None, shape: str | None = None,
+                 background_cells: int = 0) -> ImageSpec:
+    """~560,000 coarse layouts (two-tone background x object arrangement x jitter x small objects), and
+    4^(n*n) times more with an n x n cell background: far more than the training set, so that
+    reproducing a training image's layout identifies the image."""
     colours, backgrounds = list(COLOURS), list(BACKGROUNDS)
     colour = colour or colours[rng.integers(len(colours))]
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
@@ -123,6 +131,8 @@ def _random_spec(rng: np.random.Generator, colour: str | None = None, shape: str
         third_shape=SHAPES[rng.integers(len(SHAPES))],
         third_colour=other_colours[rng.integers(len(other_colours))],
         third_quadrant=third_quadrant,
+        # drawn last, so that the two-tone data (n = 0) stays what it was
+        background_cells=tuple(backgrounds[i] for i in rng.integers(len(backgrounds), size=background_cells**2)),
     )
 
 
@@ -164,7 +174,11 @@ def render(spec: ImageSpec, image_size: int = 16) -> np.ndarray:
     img[:] = np.asarray(BACKGROUNDS[spec.background], np.float32)[:, None, None]
     half = image_size // 2
     other = np.asarray(BACKGROUNDS[spec.background2], np.float32)[:, None, None]
-    if spec.split == "horizontal":
+    if spec.background_cells:
+        n = int(round(len(spec.background_cells) ** 0.5))
+        cells = np.asarray([BACKGROUNDS[c] for c in spec.background_cells], np.float32).reshape(n, n, 3)
+        img[:] = np.kron(cells.transpose(2, 0, 1), np.ones((1, image_size // n, image_size // n), np.float32))
+    elif spec.split == "horizontal":
         img[:, half:, :] = other
     else:
         img[:, :, half:] = other
@@ -237,7 +251,7 @@ def make_lab_data(config: LabDataConfig = LabDataConfig()) -> LabData:
     it = iter(titles)
 
     def pair(kind: str, caption_fn=caption_for) -> LabPair:
-        spec = _random_spec(rng)
+        spec = _random_spec(rng, background_cells=config.background_cells)
         title = next(it)
         return LabPair(caption_fn(title, spec.colour, spec.shape), spec, title, kind)
 

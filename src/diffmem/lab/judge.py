@@ -52,7 +52,7 @@ def copy_threshold(data: LabData, train: "TrainingImages | None" = None, num_ima
     rng = np.random.default_rng([data.config.seed, seed, 0xC0B1])  # a stream apart from the data's own
     from diffmem.lab.data import _random_spec
 
-    fresh = render_all([_random_spec(rng) for _ in range(num_images)])
+    fresh = render_all([_random_spec(rng, background_cells=data.config.background_cells) for _ in range(num_images)])
     train = train or TrainingImages.of(data)
     return float(np.percentile(rmse_to_all(fresh, train.images).min(1), percentile))
 
