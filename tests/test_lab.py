@@ -46,10 +46,10 @@ def test_duplication_is_the_only_difference(data):
 
 def test_templates_share_layout_and_differ_in_detail(data):
     templates = [p for p in data.memorized if p.kind == "template"]
-    assert len(templates) == 4 and all(len(p.variants) == 4 for p in templates)
+    assert len(templates) == 4 and all(len(p.variants) == SMALL.template_variants for p in templates)
     v = templates[0].variants
     assert len({(s.background, s.quadrant, s.second_shape, s.second_quadrant) for s in v}) == 1
-    assert len({s.texture_seed for s in v}) == 4
+    assert len({s.texture_seed for s in v}) == SMALL.template_variants
 
 
 def test_images_show_the_described_content(data):
@@ -109,7 +109,7 @@ def test_lab_prompt_and_data_exports(untrained_lab_folder, tmp_path):
     data_dir = tmp_path / "data"
     assert main(["lab", "data", "--model", str(untrained_lab_folder), "--out", str(data_dir), "--limit", "10"]) == 0
     mem = sorted((data_dir / "memorized").glob("*.png"))
-    assert len(mem) == 20 + 4 * 4 and len(list((data_dir / "non_memorized").glob("*.txt"))) == 10
+    assert len(mem) == 20 + 4 * SMALL.template_variants and len(list((data_dir / "non_memorized").glob("*.txt"))) == 10
     assert TEMPLATE.match(mem[0].with_suffix(".txt").read_text().strip())
     from diffmem.train import FolderPairs
 

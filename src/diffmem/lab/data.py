@@ -2,8 +2,9 @@
 
 Every caption has one form, ``"the {w1} {w2}: a {colour} {shape}"``: a random *title* plus a
 partial description (the main object's colour and shape). Every image also holds *undescribed*
-content at coarse scale (the main object's quadrant, a two-tone background, two small objects of
-random shape, colour and quadrant) and at fine scale (position jitter, a block texture, dots), so
+content at coarse scale (the main object's quadrant, a two-tone background or, with
+``background_cells=4``, a background of 4x4 cells in random colours, two small objects of random
+shape, colour and quadrant) and at fine scale (position jitter, a block texture, dots), so
 many different images fit one caption. Memorized pairs differ from the others only by being
 duplicated during training: same generator, same template, same vocabulary.
 """
