@@ -171,18 +171,19 @@ SECOND_SIZE = 1.8  # half-size of the undescribed second object
 def render(spec: ImageSpec, image_size: int = 16) -> np.ndarray:
     """Draw one lab image: float32 (3, H, W) in [0, 1]."""
     rng = np.random.default_rng(spec.texture_seed)
-    img = np.empty((3, image_size, image_size), np.float32)
-    img[:] = np.asarray(BACKGROUNDS[spec.background], np.float32)[:, None, None]
-    half = image_size // 2
-    other = np.asarray(BACKGROUNDS[spec.background2], np.float32)[:, None, None]
     if spec.background_cells:
         n = int(round(len(spec.background_cells) ** 0.5))
         cells = np.asarray([BACKGROUNDS[c] for c in spec.background_cells], np.float32).reshape(n, n, 3)
-        img[:] = np.kron(cells.transpose(2, 0, 1), np.ones((1, image_size // n, image_size // n), np.float32))
-    elif spec.split == "horizontal":
-        img[:, half:, :] = other
-    else:
-        img[:, :, half:] = other
+        img = np.kron(cells.transpose(2, 0, 1), np.ones((1, image_size // n, image_size // n), np.float32))
+    else:  # two-tone: background, and background2 on one half
+        img = np.empty((3, image_size, image_size), np.float32)
+        img[:] = np.asarray(BACKGROUNDS[spec.background], np.float32)[:, None, None]
+        half = image_size // 2
+        other = np.asarray(BACKGROUNDS[spec.background2], np.float32)[:, None, None]
+        if spec.split == "horizontal":
+            img[:, half:, :] = other
+        else:
+            img[:, :, half:] = other
     # fine: 4x4-pixel block texture on the background
     blocks = rng.uniform(-0.08, 0.08, (image_size // 4, image_size // 4)).astype(np.float32)
     img += np.kron(blocks, np.ones((4, 4), np.float32))[None]

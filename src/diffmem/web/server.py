@@ -101,10 +101,14 @@ class ExplainApp:
         with self._lock:
             ex = token_significance(self.model, prompt, **vars(self.config))
             images = self._images(prompt) if self.image_steps else []
-        memorized = ex.score >= self.threshold.value
-        return {**ex.to_json(), "threshold": self.threshold.value, "memorized": memorized,
-                "verdict": "memorized" if memorized else "not memorized", "images": images,
+        return {**ex.to_json(), **self.verdict(ex.score), "images": images,
                 "elapsed_s": round(time.perf_counter() - t0, 3)}
+
+    def verdict(self, score: float) -> dict:
+        """The page's decision on a score: flagged memorized at or above the threshold."""
+        memorized = score >= self.threshold.value
+        return {"threshold": self.threshold.value, "memorized": memorized,
+                "verdict": "memorized" if memorized else "not memorized"}
 
     def mitigated(self, prompt: str) -> dict:
         if self.mitigate is None:
@@ -114,9 +118,7 @@ class ExplainApp:
         with self._lock:
             res = {"prompt": prompt, **self.mitigate(self.model, prompt, self.config)}
         if res.get("mitigated_score") is not None:  # the verdict on what the mitigated images were sampled with
-            memorized = res["mitigated_score"] >= self.threshold.value
-            res.update(threshold=self.threshold.value, memorized=memorized,
-                       verdict="memorized" if memorized else "not memorized")
+            res.update(self.verdict(res["mitigated_score"]))
         return {**res, "elapsed_s": round(time.perf_counter() - t0, 3)}
 
     def _images(self, prompt: str) -> list[str]:
