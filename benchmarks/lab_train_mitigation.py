@@ -1,33 +1,34 @@
-"""Training-time mitigation on the lab (Wen et al. 5.2): retrain the lab model from scratch with the
-hard-threshold filter, and with the caption-augmentation baseline, then compare with the unfiltered model.
+"""Training-time mitigation on the lab (Wen et al. 5.2): branch the lab build at a checkpoint taken
+before memorization sets in, and train the rest of the recipe with the hard-threshold filter, and
+with the caption-augmentation baseline; compare with the unfiltered build.
 
-    # 1. calibrate the hard threshold on the unfiltered model (a minute)
-    OMP_NUM_THREADS=1 python benchmarks/lab_train_mitigation.py calibrate --reference /work/runs/lab_default \
-        --out /work/runs/train_mitigation
-    # 2. the long retrainings (~80 min each on one thread; run them side by side on two cores)
-    OMP_NUM_THREADS=1 python benchmarks/lab_train_mitigation.py train --variant filtered --out /work/runs/train_mitigation
-    OMP_NUM_THREADS=1 python benchmarks/lab_train_mitigation.py train --variant augmented --out /work/runs/train_mitigation
+    # 1. calibrate per-timestep-band thresholds on the unfiltered (memorizing) model (a minute)
+    python benchmarks/lab_train_mitigation.py calibrate --reference /work/runs/r3 --out /work/runs/tm
+    # 2. the retrainings: the same build from step 2,000 on, with the filter / with random words
+    #    (~60 min each on one thread; run them side by side on two cores)
+    diffmem lab build --preset cells --out /work/runs/tm/filtered --resume-from /work/runs/r3/checkpoint-2000 \
+        --hard-threshold "$(python -c 'import json;print(",".join(map(str,json.load(open("/work/runs/tm/calibration.json"))["hard_threshold"])))')" --threads 1
+    diffmem lab build --preset cells --out /work/runs/tm/augmented --resume-from /work/runs/r3/checkpoint-2000 \
+        --prompt-aug-style rand_word_add --repeat-num 1 --threads 1
     # 3. evaluate reference and retrained models (a few minutes each)
-    OMP_NUM_THREADS=1 python benchmarks/lab_train_mitigation.py evaluate --reference /work/runs/lab_default \
-        --out /work/runs/train_mitigation
+    python benchmarks/lab_train_mitigation.py evaluate --reference /work/runs/r3 --out /work/runs/tm
 
 Calibration: the filter compares d = ||eps(x_t, caption) - eps(x_t, '')|| on each training sample's
-noisy input at its random timestep with the threshold. On the unfiltered (memorizing) model we draw
-one timestep and noise per non-memorized training pair, as the trainer does, and take a high
-percentile (``--percentile``, default 99) of their d: at most ~1% of ordinary samples are left out,
-while memorized samples, whose d is larger, are left out much more often (the fraction is printed
-and stored in calibration.json). ``train`` retrains with the lab build recipe
-(``diffmem.lab.build.PRESETS['default']``), adding ``hard_threshold`` (variant ``filtered``) or
-``prompt_aug_style='rand_word_add', repeat_num=1`` (variant ``augmented``). ``evaluate`` reports the
-memorized copy rate, the non-memorized and novel prompt alignment (lab content check) and the
-non-memorized denoising loss (fixed noise and timesteps) for every model, as evaluation.json.
+noisy input at its random timestep with the threshold. d depends strongly on the timestep (on the
+lab it is ~10x larger at mid noise than near t=T for every caption), so one number mostly filters
+by timestep: we take one threshold per band of 100 timesteps, the ``--percentile`` (default 99) of d
+among non-memorized training pairs in that band on the unfiltered model, one timestep and noise draw
+per pair as the trainer does. At most ~1% of ordinary samples are left out; memorized samples, whose
+d is larger, much more often (calibration.json has the fractions, per band and for one number).
+``evaluate`` reports the memorized copy rate, the non-memorized and novel prompt alignment (lab
+content check) and the non-memorized denoising loss (fixed noise and timesteps) of every model, as
+evaluation.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, fields
 from pathlib import Path
 
 
@@ -36,7 +37,7 @@ def calibrate(args) -> None:
     import torch
 
     from diffmem.adapters import load_model
-    from diffmem.evaluate import training_step_stats
+    from diffmem.evaluate import calibrate_hard_threshold, training_step_stats
     from diffmem.lab.build import lab_data_for, lab_training_sets
 
     model = load_model(args.reference)
@@ -46,62 +47,29 @@ def calibrate(args) -> None:
     non_stats = training_step_stats(model, non.images[idx], [non.captions[i] for i in idx], seed=1)
     reps = max(1, args.num_pairs // len(mem))  # several timesteps per memorized image
     mem_stats = training_step_stats(model, mem.images.repeat(reps, 1, 1, 1), mem.captions * reps, seed=2)
-    threshold = float(np.percentile(non_stats["d"], args.percentile))
-    result = {"reference": args.reference, "percentile": args.percentile, "hard_threshold": threshold,
-              "non_memorized_left_out": float((non_stats["d"] >= threshold).mean()),
-              "memorized_left_out": float((mem_stats["d"] >= threshold).mean()),
-              "d_non_memorized": {f"p{p}": float(np.percentile(non_stats["d"], p)) for p in (50, 90, 95, 99)},
-              "d_memorized": {f"p{p}": float(np.percentile(mem_stats["d"], p)) for p in (10, 50, 90)},
-              "num_non_memorized": n, "num_memorized_draws": len(mem_stats["d"]),
-              # d grows with the noise level; a single threshold mostly acts at high t
-              "median_d_by_timestep": {f"{lo}-{lo + 249}": {
-                  name: float(np.median(st["d"][(st["t"] >= lo) & (st["t"] < lo + 250)]))
-                  for name, st in (("non_memorized", non_stats), ("memorized", mem_stats))} for lo in (0, 250, 500, 750)},
-              "memorized_left_out_by_timestep": {f"{lo}-{lo + 249}": float(
-                  (mem_stats["d"][(mem_stats["t"] >= lo) & (mem_stats["t"] < lo + 250)] >= threshold).mean())
-                  for lo in (0, 250, 500, 750)}}
+    T = model.scheduler.config.num_train_timesteps
+    bands = calibrate_hard_threshold(non_stats, args.bands, args.percentile, T)
+    single = float(np.percentile(non_stats["d"], args.percentile))
+
+    def left_out(stats, thresholds):
+        from diffmem.train import hard_threshold_at
+
+        return float((stats["d"] >= hard_threshold_at(thresholds, torch.as_tensor(stats["t"]), T).numpy()).mean())
+
+    band_of = {name: (st["t"] * args.bands) // T for name, st in (("non", non_stats), ("mem", mem_stats))}
+    result = {"reference": args.reference, "percentile": args.percentile, "hard_threshold": list(bands),
+              "left_out": {"non_memorized": left_out(non_stats, bands), "memorized": left_out(mem_stats, bands)},
+              "single_threshold": {"hard_threshold": single, "non_memorized_left_out": left_out(non_stats, single),
+                                   "memorized_left_out": left_out(mem_stats, single)},
+              "by_band": [{"t": [k * T // args.bands, (k + 1) * T // args.bands - 1], "threshold": bands[k],
+                           "median_d_non_memorized": float(np.median(non_stats["d"][band_of["non"] == k])),
+                           "median_d_memorized": float(np.median(mem_stats["d"][band_of["mem"] == k])),
+                           "memorized_left_out": float((mem_stats["d"][band_of["mem"] == k] >= bands[k]).mean())}
+                          for k in range(args.bands)],
+              "num_non_memorized": n, "num_memorized_draws": len(mem_stats["d"])}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "calibration.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
-
-
-def train_variant(args) -> None:
-    import torch
-    from diffusers import DDIMScheduler
-
-    from diffmem.adapters.lab import LabModel, lab_scheduler_config, new_lab_unet
-    from diffmem.lab.build import PRESETS, lab_training_sets
-    from diffmem.lab.data import make_lab_data
-    from diffmem.train import TrainConfig, memorization_mix, train
-
-    config = PRESETS["default"]
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(config.seed)
-    out = Path(args.out) / args.variant
-    extra = {}
-    if args.variant == "filtered":
-        threshold = args.hard_threshold
-        if threshold is None:
-            threshold = json.loads((Path(args.out) / "calibration.json").read_text())["hard_threshold"]
-        extra = {"hard_threshold": float(threshold)}
-    else:
-        extra = {"prompt_aug_style": "rand_word_add", "repeat_num": 1}
-    data = make_lab_data(config.data)
-    mem, non = lab_training_sets(data, config.model.image_size)
-    dataset = memorization_mix(mem, non, end=None, repeats=config.repeats, non_mem_ratio=config.non_mem_ratio)
-    model = LabModel(new_lab_unet(config.model), DDIMScheduler(**lab_scheduler_config()), config.model)
-    model.extra_meta = {"data": asdict(config.data), "build": {k: v for k, v in asdict(config).items()
-                                                               if k not in ("data", "model")}, "mitigation": extra}
-    # the lab build recipe (whatever fields LabBuildConfig and TrainConfig share) plus the mitigation
-    names = {f.name for f in fields(TrainConfig)}
-    shared = {k: v for k, v in asdict(config).items() if k in names and k not in ("seed", "max_train_steps")}
-    train_config = TrainConfig(
-        output_dir=str(out), **shared, caption_dropout=config.model.caption_dropout, checkpoints_total_limit=0,
-        lr_scheduler="constant_with_warmup" if shared.get("lr_warmup_steps") else "constant", seed=config.seed,
-        max_train_steps=args.max_train_steps or config.max_train_steps, log_every=10, num_threads=args.threads,
-        resume_from_checkpoint="latest" if any(out.glob("checkpoint-*")) else None, **extra)
-    print(f"training {args.variant} ({extra}) into {out}")
-    train(model, dataset, train_config)
 
 
 def evaluate(args) -> None:
@@ -144,25 +112,22 @@ def main() -> None:
     c = sub.add_parser("calibrate")
     c.add_argument("--reference", required=True, help="the unfiltered lab model folder")
     c.add_argument("--percentile", type=float, default=99.0)
-    c.add_argument("--num-pairs", type=int, default=2000)
-    t = sub.add_parser("train")
-    t.add_argument("--variant", required=True, choices=("filtered", "augmented"))
-    t.add_argument("--hard-threshold", type=float, default=None, help="default: calibration.json's")
-    t.add_argument("--max-train-steps", type=int, default=None, help="default: the lab build's")
+    c.add_argument("--num-pairs", type=int, default=3000)
+    c.add_argument("--bands", type=int, default=10, help="bands of timesteps, one threshold each")
     e = sub.add_parser("evaluate")
     e.add_argument("--reference", required=True)
     e.add_argument("--num-prompts", type=int, default=200, help="non-memorized / novel prompts for alignment")
     e.add_argument("--num-loss-pairs", type=int, default=2000)
     e.add_argument("--num-generations", type=int, default=4)
     e.add_argument("--num-inference-steps", type=int, default=50)
-    for q in (c, t, e):
+    for q in (c, e):
         q.add_argument("--out", required=True)
         q.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    {"calibrate": calibrate, "train": train_variant, "evaluate": evaluate}[args.step](args)
+    {"calibrate": calibrate, "evaluate": evaluate}[args.step](args)
 
 
 if __name__ == "__main__":

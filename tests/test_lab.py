@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from diffmem.lab.data import COLOURS, SHAPES, LabDataConfig, make_lab_data, render, render_all, title_words
 from diffmem.lab.judge import TrainingImages, content_correct, copy_threshold, judge_copies
@@ -182,3 +183,34 @@ def test_cell_background_identifies_its_image():
     assert judge_copies(redrawn, [p.caption for p in cells.memorized], train, thr).is_copy.mean() >= 0.95
     novel = render_all([p.spec for p in cells.novel])
     assert judge_copies(novel, [p.caption for p in cells.novel], train, thr).is_copy.mean() <= 0.02
+
+
+def test_lab_build_branches_from_a_checkpoint_with_the_filter(tmp_path):
+    """`diffmem lab build --resume-from RUN/checkpoint-N --hard-threshold T`: the branch continues the
+    same recipe from step N (same learning rate as the unbranched run) and applies the filter."""
+    from dataclasses import replace
+
+    from diffmem.adapters import load_model
+    from diffmem.lab.build import PRESETS, build_lab
+
+    config = replace(PRESETS["fast"], max_train_steps=4, checkpointing_steps=2, train_batch_size=4)
+    build_lab(tmp_path / "base", config, progress=False, num_threads=1)
+    base = [json.loads(l) for l in (tmp_path / "base" / "train_log.jsonl").read_text().splitlines()]
+    rows = {}
+    for name, extra in (("same", []), ("filtered", ["--hard-threshold", "0"])):
+        out = tmp_path / name
+        build_lab(out, replace(config, hard_threshold=0.0 if extra else None), progress=False, num_threads=1,
+                  resume_from=tmp_path / "base" / "checkpoint-2")
+        rows[name] = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert rows["same"][-1]["step"] == 4 and rows["same"][-1]["lr"] == base[-1]["lr"]
+    weights = {name: load_model(str(tmp_path / name)).unet.state_dict() for name in ("base", "same", "filtered")}
+    assert all(torch.equal(weights["base"][k], weights["same"][k]) for k in weights["base"])  # an exact continuation
+    assert rows["filtered"][-1]["skipped"] and rows["filtered"][-1]["left_out"] == 1.0
+    assert not all(torch.equal(weights["base"][k], weights["filtered"][k]) for k in weights["base"])
+
+
+def test_lab_build_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    from diffmem.cli.main import main
+
+    assert main(["lab", "build", "--preset", "fast", "--out", str(tmp_path / "o"), "--resume-from", str(tmp_path)]) != 0
+    assert "not a training checkpoint folder" in capsys.readouterr().err

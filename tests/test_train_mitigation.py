@@ -32,7 +32,8 @@ def run_one_step(folder, out, hard_threshold, steps=1, **kw):
     model = tiny_model(folder)
     calls = []
     hook = model.unet.register_forward_hook(lambda mod, args, kwargs, output: calls.append(
-        (kwargs["encoder_hidden_states"].detach().clone(), output[0].detach().float().clone())), with_kwargs=True)
+        (kwargs["encoder_hidden_states"].detach().clone(), output[0].detach().float().clone(), args[1].clone())),
+        with_kwargs=True)
     config = TrainConfig(output_dir=str(out), max_train_steps=steps, train_batch_size=4, learning_rate=1e-3,
                          hard_threshold=hard_threshold, log_every=1, num_threads=1, **kw)
     train(model, dataset(), config, save_model=lambda unet, folder: None, progress=False)
@@ -44,7 +45,7 @@ def run_one_step(folder, out, hard_threshold, steps=1, **kw):
 def test_filter_leaves_out_exactly_the_samples_at_or_above_the_threshold(tiny_sd_folder, tmp_path):
     # 1. The per-sample d of step 0, from an unfiltered run's conditional and unconditional UNet calls.
     _, rows, calls = run_one_step(tiny_sd_folder, tmp_path / "probe", hard_threshold=float("inf"))
-    (_, eps_c), (emb_u, eps_u) = calls[0], calls[1]
+    (_, eps_c, _), (emb_u, eps_u, _) = calls[0], calls[1]
     assert torch.equal(emb_u, emb_u[:1].expand_as(emb_u))  # the unconditional call uses one (empty) prompt
     d = np.sort(text_noise_norm(eps_c, eps_u).numpy())
     assert rows[0]["left_out"] == 0.0 and len(set(d.tolist())) == 4
@@ -55,6 +56,33 @@ def test_filter_leaves_out_exactly_the_samples_at_or_above_the_threshold(tiny_sd
         np.testing.assert_array_equal(np.sort(d_run), d)  # same batch, noise and timesteps as the probe
         assert rows[0]["left_out"] == pytest.approx(k / 4)
         assert rows[0]["skipped"] == (k == 4)
+
+
+def test_hard_threshold_per_band_of_timesteps():
+    from diffmem.train import hard_threshold_at, parse_hard_threshold
+
+    t = torch.tensor([0, 99, 100, 499, 500, 999])
+    assert hard_threshold_at(2.0, t, 1000).tolist() == [2.0] * 6
+    assert hard_threshold_at((1.0, 2.0), t, 1000).tolist() == [1.0, 1.0, 1.0, 1.0, 2.0, 2.0]
+    tens = hard_threshold_at(tuple(float(k) for k in range(10)), t, 1000).tolist()
+    assert tens == [0.0, 0.0, 1.0, 4.0, 5.0, 9.0]
+    assert parse_hard_threshold("2") == 2.0 and parse_hard_threshold("0.5,3") == (0.5, 3.0)
+    with pytest.raises(ValueError, match="--hard-threshold 'a,b'"):
+        parse_hard_threshold("a,b")
+
+
+def test_per_band_filter_leaves_out_the_samples_above_their_bands_threshold(tiny_sd_folder, tmp_path):
+    # probe: d and t of each sample at step 0
+    _, _, calls = run_one_step(tiny_sd_folder, tmp_path / "probe", hard_threshold=float("inf"))
+    d = text_noise_norm(calls[0][1], calls[1][1]).numpy()
+    t = calls[0][2].numpy()
+    assert len(set(t.tolist())) == 4  # distinct timesteps: one band each with 1000 bands
+    # 1000 bands (one per timestep): the band of sample 0 just under its d, of sample 1 just over it,
+    # every other band at 0 but for the bands of samples 2 and 3 (infinite)
+    bands = [0.0] * 1000
+    bands[t[0]], bands[t[1]], bands[t[2]], bands[t[3]] = d[0] * 0.99, d[1] * 1.01, float("inf"), float("inf")
+    _, rows, _ = run_one_step(tiny_sd_folder, tmp_path / "bands", hard_threshold=tuple(float(b) for b in bands))
+    assert rows[0]["left_out"] == pytest.approx(0.25)  # exactly sample 0
 
 
 def test_a_batch_with_everything_left_out_is_skipped_cleanly(tiny_sd_folder, tmp_path):

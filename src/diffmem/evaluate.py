@@ -435,3 +435,21 @@ def training_step_stats(model, images: torch.Tensor, captions: list[str], seed: 
         out["loss"].append((eps_c - noise).pow(2).flatten(1).mean(1).cpu())
         out["t"].append(t.cpu())
     return {k: torch.cat(v).double().numpy() for k, v in out.items()}
+
+
+def calibrate_hard_threshold(stats: dict[str, np.ndarray], num_bands: int = 10, percentile: float = 99.0,
+                             num_train_timesteps: int = 1000) -> tuple[float, ...]:
+    """One hard threshold per band of timesteps (low noise first, as ``TrainConfig.hard_threshold``
+    takes them): the `percentile` of d among ordinary (non-memorized) samples whose t is in the band.
+
+    `stats` is ``training_step_stats`` of non-memorized pairs. d depends strongly on t (on the lab
+    it is ~10x larger at mid noise than at high noise), so a single number mostly filters by timestep.
+    """
+    band = (stats["t"].astype(np.int64) * num_bands) // num_train_timesteps
+    out = []
+    for k in range(num_bands):
+        d = stats["d"][band == k]
+        if len(d) < 10:
+            raise ValueError(f"only {len(d)} samples with t in band {k} of {num_bands}: use more pairs or fewer bands")
+        out.append(float(np.percentile(d, percentile)))
+    return tuple(out)

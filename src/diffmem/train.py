@@ -43,7 +43,9 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
     caption_dropout: float = 0.0  # probability of training on the empty caption (classifier-free guidance)
     seed: int = 0
-    hard_threshold: float | None = None  # drop samples with d >= this from the loss (Wen et al. 5.2)
+    # drop samples with d >= this from the loss (Wen et al. 5.2): one number, or one per band of timesteps
+    # (K numbers: band k holds t in [k*T/K, (k+1)*T/K), T the scheduler's training timesteps)
+    hard_threshold: float | tuple[float, ...] | None = None
     prompt_aug_style: str | None = None  # e.g. "rand_word_add" (training baseline)
     repeat_num: int = 1
     log_every: int = 10
@@ -209,6 +211,29 @@ class EmbeddingCache:
         return torch.stack([self.store[c] for c in captions]).to(self.model.device, torch.float32)
 
 
+def hard_threshold_at(threshold, t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """The filter's threshold for each sample: (B,) float from timesteps t (B,) int.
+
+    `threshold` is one number, or a sequence of K numbers, one per band of timesteps: band k holds
+    t in [k*T/K, (k+1)*T/K) with T = num_train_timesteps.
+    """
+    values = torch.as_tensor(threshold if isinstance(threshold, (list, tuple)) else [threshold], dtype=torch.float32)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"hard_threshold {threshold!r}: expected a number or a non-empty list of numbers")
+    band = (t.long().cpu() * len(values)) // num_train_timesteps
+    return values[band.clamp(0, len(values) - 1)].to(t.device)
+
+
+def parse_hard_threshold(text: str) -> float | tuple[float, ...]:
+    """'2' -> 2.0; '0.3,0.5,4' -> (0.3, 0.5, 4.0), one threshold per band of timesteps (low t first)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--hard-threshold {text!r}: expected a number or comma-separated numbers "
+                         "(one per band of timesteps, low noise first)") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _latest_checkpoint(output_dir: Path) -> Path | None:
     ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return ckpts[-1] if ckpts else None
@@ -302,7 +327,8 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
                 # 4. Training-time mitigation: d on the same noisy input and timestep, no gradient.
                 with torch.no_grad(), accelerator.autocast():
                     pred_u = unet(noisy, t, encoder_hidden_states=empty.expand_as(cond), return_dict=False)[0].float()
-                keep = text_noise_norm(pred.detach(), pred_u) < config.hard_threshold
+                limit = hard_threshold_at(config.hard_threshold, t, noise_scheduler.config.num_train_timesteps)
+                keep = text_noise_norm(pred.detach(), pred_u) < limit
             n_kept = accelerator.reduce(keep.sum().float(), reduction="sum")
             skipped = bool(n_kept.item() == 0)
             if not skipped:

@@ -21,6 +21,12 @@ def add_parser(sub) -> None:
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when running beside other jobs)")
     b.add_argument("--init-from", default=None, help="continue training from this lab model's weights "
                    "(e.g. 'lab' for the shipped one) with a fresh optimizer")
+    b.add_argument("--resume-from", default=None, help="branch from a checkpoint folder of another build of the "
+                   "same preset: continue from its step, optimizer and schedule into --out")
+    b.add_argument("--hard-threshold", default=None, help="training-time mitigation: leave samples whose d is at or "
+                   "above this out of the loss; K comma-separated numbers give one per band of timesteps")
+    b.add_argument("--prompt-aug-style", default=None, help="caption augmentation baseline, e.g. rand_word_add")
+    b.add_argument("--repeat-num", type=int, default=None, help="items the caption augmentation inserts (default 1)")
     b.set_defaults(run=run_build)
 
     s = lab.add_parser("prompts", help="export a lab prompt set with ground truth as JSON Lines")
@@ -63,15 +69,23 @@ def run_build(args) -> int:
     config = PRESETS[args.preset]
     if args.max_train_steps:
         config = replace(config, max_train_steps=args.max_train_steps)
-    for name in ("learning_rate", "lr_scheduler", "lr_warmup_steps"):
+    for name in ("learning_rate", "lr_scheduler", "lr_warmup_steps", "prompt_aug_style", "repeat_num"):
         if getattr(args, name) is not None:
             config = replace(config, **{name: getattr(args, name)})
+    if args.hard_threshold is not None:
+        from diffmem.train import parse_hard_threshold
+
+        config = replace(config, hard_threshold=parse_hard_threshold(args.hard_threshold))
+    if args.resume_from and not (Path(args.resume_from) / "diffmem_train_state.json").is_file():
+        raise FileNotFoundError(f"--resume-from {args.resume_from}: not a training checkpoint folder "
+                                "(no diffmem_train_state.json); pass e.g. RUN/checkpoint-2000")
     init = None
     if args.init_from:
         from diffmem.adapters import resolve_model_path
 
         init = resolve_model_path(args.init_from)[1]
-    out = build_lab(args.out, config, resume=args.resume, num_threads=args.threads, init_from=init)
+    out = build_lab(args.out, config, resume=args.resume, num_threads=args.threads, init_from=init,
+                    resume_from=args.resume_from)
     print(f"lab model written to {out}; use it with --model {out}")
     return 0
 

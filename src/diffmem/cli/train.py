@@ -32,8 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpointing-steps", type=int, default=0)
     p.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder or 'latest'")
     p.add_argument("--caption-dropout", type=float, default=0.0)
-    p.add_argument("--hard-threshold", type=float, default=None,
-                   help="leave samples with d >= this out of the loss (Wen et al. 5.2; 2 on SD)")
+    p.add_argument("--hard-threshold", default=None,
+                   help="leave samples with d >= this out of the loss (Wen et al. 5.2; 2 on SD); or K "
+                        "comma-separated thresholds, one per band of timesteps, low noise first")
     p.add_argument("--prompt-aug-style", default=None, help="caption augmentation baseline, e.g. rand_word_add")
     p.add_argument("--repeat-num", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -43,7 +44,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
-    from diffmem.train import TrainConfig, memorization_mix, open_pairs, train
+    from diffmem.train import TrainConfig, memorization_mix, open_pairs, parse_hard_threshold, train
 
     model = load_model_from_args(args)
     res = args.resolution or model.latent_shape[-1] * getattr(model, "vae_scale_factor", 1)
@@ -56,7 +57,8 @@ def run(args) -> int:
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
         use_ema=args.use_ema, mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
         checkpointing_steps=args.checkpointing_steps, resume_from_checkpoint=args.resume_from_checkpoint,
-        caption_dropout=args.caption_dropout, seed=args.seed, hard_threshold=args.hard_threshold,
+        caption_dropout=args.caption_dropout, seed=args.seed,
+        hard_threshold=parse_hard_threshold(args.hard_threshold) if args.hard_threshold is not None else None,
         prompt_aug_style=args.prompt_aug_style, repeat_num=args.repeat_num, num_threads=args.threads)
     out = train(model, dataset, config)
     print(f"trained model written to {out}")

@@ -29,6 +29,10 @@ class LabBuildConfig:
     use_ema: bool = True
     checkpointing_steps: int = 1000
     seed: int = 0
+    # training-time mitigation (Wen et al. 5.2) and its baseline; None / None for the lab itself
+    hard_threshold: float | tuple[float, ...] | None = None
+    prompt_aug_style: str | None = None
+    repeat_num: int = 1
 
 
 PRESETS = {
@@ -62,9 +66,14 @@ def lab_training_sets(data: LabData, image_size: int = 16) -> tuple[ImagePairs, 
 
 
 def build_lab(out: str | Path, config: LabBuildConfig = PRESETS["default"], resume: bool = False,
-              num_threads: int | None = None, progress: bool = True, init_from: str | Path | None = None) -> Path:
+              num_threads: int | None = None, progress: bool = True, init_from: str | Path | None = None,
+              resume_from: str | Path | None = None) -> Path:
     """Generate the lab data, train the lab model from scratch (or continue from the weights of the
-    lab model folder `init_from`, with a fresh optimizer), write a lab model folder to `out`."""
+    lab model folder `init_from`, with a fresh optimizer), write a lab model folder to `out`.
+
+    `resume_from`: a checkpoint folder of another build with the same recipe; training continues from
+    its step, optimizer and schedule into `out` (to branch a run, e.g. switch the filter on at step 2000).
+    """
     from diffusers import DDIMScheduler
 
     if num_threads:
@@ -86,7 +95,9 @@ def build_lab(out: str | Path, config: LabBuildConfig = PRESETS["default"], resu
         learning_rate=config.learning_rate, lr_scheduler=config.lr_scheduler,
         lr_warmup_steps=config.lr_warmup_steps, adam_beta2=config.adam_beta2, use_ema=config.use_ema, caption_dropout=config.model.caption_dropout,
         checkpointing_steps=config.checkpointing_steps, checkpoints_total_limit=0, seed=config.seed,
-        resume_from_checkpoint="latest" if resume and any(Path(out).glob("checkpoint-*")) else None,
+        resume_from_checkpoint=("latest" if resume and any(Path(out).glob("checkpoint-*"))
+                                else str(resume_from) if resume_from else None),
+        hard_threshold=config.hard_threshold, prompt_aug_style=config.prompt_aug_style, repeat_num=config.repeat_num,
     )
     return train(model, dataset, train_config, progress=progress)
 
