@@ -214,3 +214,28 @@ def test_lab_build_cli_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsy
 
     assert main(["lab", "build", "--preset", "fast", "--out", str(tmp_path / "o"), "--resume-from", str(tmp_path)]) != 0
     assert "not a training checkpoint folder" in capsys.readouterr().err
+
+
+def test_lab_build_runs_anneal_stages_from_the_previous_weights(tmp_path):
+    from dataclasses import replace
+
+    from diffmem.adapters import load_model
+    from diffmem.lab.build import PRESETS, AnnealStage, build_lab
+
+    config = replace(PRESETS["fast"], max_train_steps=2, train_batch_size=4,
+                     anneal=(AnnealStage(2, 1e-4, lr_warmup_steps=0), AnnealStage(1, 5e-5, lr_warmup_steps=0)))
+    out = build_lab(tmp_path / "m", config, progress=False, num_threads=1)
+    logs = [[json.loads(l) for l in (out / "stages" / str(i) / "train_log.jsonl").read_text().splitlines()]
+            for i in range(3)]
+    assert [rows[-1]["step"] for rows in logs] == [2, 2, 1]
+    first_lr = [json.loads((out / "stages" / str(i) / "train_config.json").read_text())["learning_rate"] for i in range(3)]
+    assert first_lr == [config.learning_rate, 1e-4, 5e-5]
+    final, last, main = (load_model(str(p)).unet.state_dict() for p in (out, out / "stages" / "2", out / "stages" / "0"))
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert not all(torch.equal(final[k], main[k]) for k in final)
+    meta = json.loads((out / "lab_model.json").read_text())
+    assert [a["learning_rate"] for a in meta["build"]["anneal"]] == [1e-4, 5e-5]
+    # finished stages are not run again
+    stamp = (out / "stages" / "1" / "train_log.jsonl").stat().st_mtime_ns
+    build_lab(out, config, progress=False, num_threads=1)
+    assert (out / "stages" / "1" / "train_log.jsonl").stat().st_mtime_ns == stamp

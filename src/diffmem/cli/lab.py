@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     b.add_argument("--lr-warmup-steps", type=int, default=None, help="override the preset's warm-up steps")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 when running beside other jobs)")
     b.add_argument("--init-from", default=None, help="continue training from this lab model's weights "
-                   "(e.g. 'lab' for the shipped one) with a fresh optimizer")
+                   "(e.g. 'lab' for the shipped one) with a fresh optimizer: one run, without the preset's anneal stages")
+    b.add_argument("--no-anneal", action="store_true", help="only the main run, without the preset's anneal stages")
     b.add_argument("--resume-from", default=None, help="branch from a checkpoint folder of another build of the "
                    "same preset: continue from its step, optimizer and schedule into --out")
     b.add_argument("--hard-threshold", default=None, help="training-time mitigation: leave samples whose d is at or "
@@ -79,6 +80,8 @@ def run_build(args) -> int:
     if args.resume_from and not (Path(args.resume_from) / "diffmem_train_state.json").is_file():
         raise FileNotFoundError(f"--resume-from {args.resume_from}: not a training checkpoint folder "
                                 "(no diffmem_train_state.json); pass e.g. RUN/checkpoint-2000")
+    if args.init_from or args.no_anneal:
+        config = replace(config, anneal=())
     init = None
     if args.init_from:
         from diffmem.adapters import resolve_model_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,14 @@ from diffmem.lab.data import LabData, LabDataConfig, make_lab_data, render_all
 from diffmem.train import ImagePairs, TrainConfig, memorization_mix, train
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped default lab model
+
+
+@dataclass(frozen=True)
+class AnnealStage:
+    """Training after the main run: from its (EMA) weights, with a fresh optimizer and a cosine decay."""
+    max_train_steps: int
+    learning_rate: float
+    lr_warmup_steps: int = 50
 
 
 @dataclass
@@ -29,6 +38,8 @@ class LabBuildConfig:
     use_ema: bool = True
     checkpointing_steps: int = 1000
     seed: int = 0
+    # stages run after the main one, each from the previous one's weights (see build_lab)
+    anneal: tuple[AnnealStage, ...] = ()
     # training-time mitigation (Wen et al. 5.2) and its baseline; None / None for the lab itself
     hard_threshold: float | tuple[float, ...] | None = None
     prompt_aug_style: str | None = None
@@ -43,6 +54,7 @@ PRESETS = {
     "cells": LabBuildConfig(
         data=LabDataConfig(num_template=2, template_variants=3, background_cells=4),
         repeats=385, max_train_steps=8000, lr_scheduler="cosine",
+        anneal=(AnnealStage(2000, 5e-4), AnnealStage(3000, 3e-4)),
     ),
     # Small enough for the test suite (a few minutes on 2 cores), still copies its memorized pairs.
     "fast": LabBuildConfig(
@@ -73,7 +85,40 @@ def build_lab(out: str | Path, config: LabBuildConfig = PRESETS["default"], resu
 
     `resume_from`: a checkpoint folder of another build with the same recipe; training continues from
     its step, optimizer and schedule into `out` (to branch a run, e.g. switch the filter on at step 2000).
+    With ``config.anneal`` stages, the main run goes to ``out/stages/0`` and stage i to ``out/stages/i``
+    (each from the previous one's weights); the last one's model is copied to `out`. A finished stage
+    (its lab_model.json written) is not run again.
     """
+    if not config.anneal:
+        return _train_lab(out, config, resume, num_threads, progress, init_from, resume_from)
+    import shutil
+    from dataclasses import replace
+
+    out = Path(out)
+    stages = [config] + [replace(config, max_train_steps=a.max_train_steps, learning_rate=a.learning_rate,
+                                 lr_scheduler="cosine", lr_warmup_steps=a.lr_warmup_steps) for a in config.anneal]
+    previous = init_from
+    for i, stage in enumerate(stages):
+        folder = out / "stages" / str(i)
+        if not (folder / "lab_model.json").is_file():
+            _train_lab(folder, replace(stage, anneal=()), resume or i > 0, num_threads, progress, previous,
+                       resume_from if i == 0 else None)
+        previous = folder
+    for part in ("unet", "scheduler"):
+        if (out / part).is_dir():
+            shutil.rmtree(out / part)
+        shutil.copytree(Path(previous) / part, out / part)
+    meta = json.loads((Path(previous) / "lab_model.json").read_text())
+    meta["build"] = _build_meta(config)  # the whole recipe, not the last stage's
+    (out / "lab_model.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _build_meta(config: LabBuildConfig) -> dict:
+    return {k: v for k, v in asdict(config).items() if k not in ("data", "model")}
+
+
+def _train_lab(out, config: LabBuildConfig, resume: bool, num_threads, progress: bool, init_from, resume_from) -> Path:
     from diffusers import DDIMScheduler
 
     if num_threads:
@@ -88,8 +133,7 @@ def build_lab(out: str | Path, config: LabBuildConfig = PRESETS["default"], resu
 
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(init_from) / "unet").float().state_dict())
     model = LabModel(unet, DDIMScheduler(**lab_scheduler_config()), config.model)
-    model.extra_meta = {"data": asdict(config.data), "build": {k: v for k, v in asdict(config).items()
-                                                               if k not in ("data", "model")}}
+    model.extra_meta = {"data": asdict(config.data), "build": _build_meta(config)}
     train_config = TrainConfig(
         output_dir=str(out), max_train_steps=config.max_train_steps, train_batch_size=config.train_batch_size,
         learning_rate=config.learning_rate, lr_scheduler=config.lr_scheduler,
