@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,3 +216,21 @@ def test_audit_flags_the_fast_labs_memorized_prompts(fast_lab_folder, tmp_path):
     html = (out / "index.html").read_text()
     assert "Ground truth" in html and "Nearest training image" in html and "own training image" in html
     assert broken_links(out / "index.html")[0] == []
+
+
+def test_audit_with_a_longer_window_sets_the_mitigation_target_on_the_first_step(tiny_sd_folder, tmp_path):
+    """embedding-opt stops on the first-step d, so with --detect-steps K its default target is the
+    reference prompts' median first-step d, not their K-step score."""
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "reference.txt").write_text("\n".join(REFERENCE) + "\n")
+    out = tmp_path / "report"
+    assert main(["audit", "--model", str(tiny_sd_folder), "--device", "cpu", "--prompts", str(tmp_path / "prompts.txt"),
+                 "--reference-prompts", str(tmp_path / "reference.txt"), "--out", str(out), "--fpr", "0.2",
+                 "--detect-steps", "3", "--num-generations", "2", "--num-inference-steps", "4", "--batch-size", "8",
+                 "--threshold", "0", "--no-progress"]) == 0
+    ref = [json.loads(l) for l in (out / "detect" / "reference.jsonl").read_text().splitlines()]
+    first = [float(np.mean([g[0] for g in r["text_noise_norm"]])) for r in ref]
+    window = [r["score"] for r in ref]
+    assert window != pytest.approx(first)  # the two scales differ on this model
+    mitigated = [json.loads(l) for l in (out / "mitigate.jsonl").read_text().splitlines()]
+    assert mitigated and all(m["target_loss"] == pytest.approx(float(np.median(first))) for m in mitigated)

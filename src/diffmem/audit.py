@@ -397,8 +397,11 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     if target is None:
         from diffmem.mitigate import default_target_loss
 
-        normal = [r["score"] for r in ref_rows] or [r["score"] for r in scored if r["score"] < threshold["value"]]
-        target = default_target_loss(normal, threshold["value"])
+        # embedding-opt stops on the first-step d, so the target is set on that scale (= the score
+        # when the window is the first step)
+        normal = ref_rows or [r for r in scored if r["score"] < threshold["value"]]
+        target = default_target_loss([prompt_score(r["text_noise_norm"], slice(0, 1)) for r in normal],
+                                     threshold["value"])
     if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to d <= {target:.4g}"):
         _mitigate(model, flagged, out / "mitigate.jsonl", out / "images" / "mitigated", config, target, progress)
         finish("mitigate", t0)

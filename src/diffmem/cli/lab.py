@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffmem.lab.build import PRESETS
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("lab", help="the built-in memorization lab: build, prompts, data")
@@ -11,8 +13,9 @@ def add_parser(sub) -> None:
 
     b = lab.add_parser("build", help="generate the lab data and train the lab model from scratch")
     b.add_argument("--out", required=True, help="output lab model folder (checkpoints inside)")
-    b.add_argument("--preset", default="default", choices=("default", "cells", "fast"),
-                   help="default: the shipped model (~90 min on one CPU thread); cells: the cell-background lab that copies (~55 min on 2 threads); fast: the test-suite variant")
+    b.add_argument("--preset", default="default", choices=tuple(PRESETS),
+                   help="default: the shipped model (~80 min on 2 threads); two-tone: the first shipped model "
+                        "(~90 min on one thread); fast: the test-suite variant (a few minutes)")
     b.add_argument("--max-train-steps", type=int, default=None, help="override the preset's step count")
     b.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     b.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")
@@ -65,7 +68,7 @@ def lab_data_of(model_arg: str):
 def run_build(args) -> int:
     from dataclasses import replace
 
-    from diffmem.lab.build import PRESETS, build_lab
+    from diffmem.lab.build import build_lab
 
     config = PRESETS[args.preset]
     if args.max_train_steps:
