@@ -1,17 +1,15 @@
 """Training-time mitigation on the lab (Wen et al. 5.2): branch the lab build at a checkpoint taken
-before memorization sets in, and train the rest of the recipe with the hard-threshold filter, and
-with the caption-augmentation baseline; compare with the unfiltered build.
+before memorization sets in (step 2,000 of the main run: copies 0.06), train the rest of the main run
+with the hard-threshold filter, and with the caption-augmentation baseline, and compare with the
+unfiltered main run. `benchmarks/lab_train_mitigation.sh` runs every step:
 
-    # 1. calibrate per-timestep-band thresholds on the unfiltered (memorizing) model (a minute)
-    python benchmarks/lab_train_mitigation.py calibrate --reference /work/runs/r3 --out /work/runs/tm
-    # 2. the retrainings: the same build from step 2,000 on, with the filter / with random words
-    #    (~60 min each on one thread; run them side by side on two cores)
-    diffmem lab build --preset cells --out /work/runs/tm/filtered --resume-from /work/runs/r3/checkpoint-2000 \
-        --hard-threshold "$(python -c 'import json;print(",".join(map(str,json.load(open("/work/runs/tm/calibration.json"))["hard_threshold"])))')" --threads 1
-    diffmem lab build --preset cells --out /work/runs/tm/augmented --resume-from /work/runs/r3/checkpoint-2000 \
-        --prompt-aug-style rand_word_add --repeat-num 1 --threads 1
-    # 3. evaluate reference and retrained models (a few minutes each)
-    python benchmarks/lab_train_mitigation.py evaluate --reference /work/runs/r3 --out /work/runs/tm
+    diffmem lab build --out runs/lab                  # the default recipe; runs/lab/stages/0 = main run
+    python benchmarks/lab_train_mitigation.py calibrate --reference runs/lab/stages/0 --out runs/tm
+    diffmem lab build --out runs/tm/filtered --no-anneal --resume-from runs/lab/stages/0/checkpoint-2000 \
+        --hard-threshold "$(python benchmarks/lab_train_mitigation.py thresholds --out runs/tm)"
+    diffmem lab build --out runs/tm/augmented --no-anneal --resume-from runs/lab/stages/0/checkpoint-2000 \
+        --prompt-aug-style rand_word_add --repeat-num 1
+    python benchmarks/lab_train_mitigation.py evaluate --reference runs/lab/stages/0 --out runs/tm
 
 Calibration: the filter compares d = ||eps(x_t, caption) - eps(x_t, '')|| on each training sample's
 noisy input at its random timestep with the threshold. d depends strongly on the timestep (on the
@@ -114,6 +112,8 @@ def main() -> None:
     c.add_argument("--percentile", type=float, default=99.0)
     c.add_argument("--num-pairs", type=int, default=3000)
     c.add_argument("--bands", type=int, default=10, help="bands of timesteps, one threshold each")
+    h = sub.add_parser("thresholds", help="print calibration.json's thresholds as --hard-threshold takes them")
+    h.add_argument("--out", required=True)
     e = sub.add_parser("evaluate")
     e.add_argument("--reference", required=True)
     e.add_argument("--num-prompts", type=int, default=200, help="non-memorized / novel prompts for alignment")
@@ -124,6 +124,9 @@ def main() -> None:
         q.add_argument("--out", required=True)
         q.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    if args.step == "thresholds":
+        print(",".join(f"{v:.4f}" for v in json.loads((Path(args.out) / "calibration.json").read_text())["hard_threshold"]))
+        return
     import torch
 
     torch.set_num_threads(args.threads)
