@@ -85,8 +85,11 @@ def evaluate(args) -> None:
             models[v] = str(Path(args.out) / v)
     sampling = SamplingConfig(num_inference_steps=args.num_inference_steps, num_generations=args.num_generations)
     config = EvaluateConfig(methods=("none",), sampling=sampling)
-    report = {}
+    path_json = Path(args.out) / "evaluation.json"
+    report = json.loads(path_json.read_text()) if path_json.is_file() and not args.again else {}
     for name, path in models.items():
+        if name in report and report[name]["model"] == path:
+            continue  # measured before (--again measures every model anew)
         torch.manual_seed(0)
         model = load_model(path)
         data = lab_data_for(model)
@@ -101,7 +104,7 @@ def evaluate(args) -> None:
         row["non_memorized_loss"] = float(np.mean(stats["loss"]))
         report[name] = row
         print(name, json.dumps(row))
-    (Path(args.out) / "evaluation.json").write_text(json.dumps(report, indent=2))
+        path_json.write_text(json.dumps(report, indent=2))  # after each model: nothing measured is lost
 
 
 def main() -> None:
@@ -120,6 +123,7 @@ def main() -> None:
     e.add_argument("--num-loss-pairs", type=int, default=2000)
     e.add_argument("--num-generations", type=int, default=4)
     e.add_argument("--num-inference-steps", type=int, default=50)
+    e.add_argument("--again", action="store_true", help="measure models already in evaluation.json again")
     for q in (c, e):
         q.add_argument("--out", required=True)
         q.add_argument("--threads", type=int, default=1)
