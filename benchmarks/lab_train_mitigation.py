@@ -49,12 +49,12 @@ def calibrate(args) -> None:
     bands = calibrate_hard_threshold(non_stats, args.bands, args.percentile, T)
     single = float(np.percentile(non_stats["d"], args.percentile))
 
-    def left_out(stats, thresholds):
-        from diffmem.train import hard_threshold_at
+    from diffmem.train import hard_threshold_at, timestep_band
 
+    def left_out(stats, thresholds):
         return float((stats["d"] >= hard_threshold_at(thresholds, torch.as_tensor(stats["t"]), T).numpy()).mean())
 
-    band_of = {name: (st["t"] * args.bands) // T for name, st in (("non", non_stats), ("mem", mem_stats))}
+    band_of = {name: timestep_band(st["t"].astype(np.int64), args.bands, T) for name, st in (("non", non_stats), ("mem", mem_stats))}
     result = {"reference": args.reference, "percentile": args.percentile, "hard_threshold": list(bands),
               "left_out": {"non_memorized": left_out(non_stats, bands), "memorized": left_out(mem_stats, bands)},
               "single_threshold": {"hard_threshold": single, "non_memorized_left_out": left_out(non_stats, single),

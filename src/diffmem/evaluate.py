@@ -445,7 +445,9 @@ def calibrate_hard_threshold(stats: dict[str, np.ndarray], num_bands: int = 10, 
     `stats` is ``training_step_stats`` of non-memorized pairs. d depends strongly on t (on the lab
     it is ~10x larger at mid noise than at high noise), so a single number mostly filters by timestep.
     """
-    band = (stats["t"].astype(np.int64) * num_bands) // num_train_timesteps
+    from diffmem.train import timestep_band
+
+    band = timestep_band(stats["t"].astype(np.int64), num_bands, num_train_timesteps)
     out = []
     for k in range(num_bands):
         d = stats["d"][band == k]

@@ -211,6 +211,12 @@ class EmbeddingCache:
         return torch.stack([self.store[c] for c in captions]).to(self.model.device, torch.float32)
 
 
+def timestep_band(t, num_bands: int, num_train_timesteps: int):
+    """Band k of timestep t when [0, T) is cut into `num_bands` equal bands: t in [k*T/K, (k+1)*T/K).
+    Integer t (a tensor or an array) in, the same kind out."""
+    return (t * num_bands) // num_train_timesteps
+
+
 def hard_threshold_at(threshold, t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     """The filter's threshold for each sample: (B,) float from timesteps t (B,) int.
 
@@ -220,7 +226,7 @@ def hard_threshold_at(threshold, t: torch.Tensor, num_train_timesteps: int) -> t
     values = torch.as_tensor(threshold if isinstance(threshold, (list, tuple)) else [threshold], dtype=torch.float32)
     if values.ndim != 1 or len(values) == 0:
         raise ValueError(f"hard_threshold {threshold!r}: expected a number or a non-empty list of numbers")
-    band = (t.long().cpu() * len(values)) // num_train_timesteps
+    band = timestep_band(t.long().cpu(), len(values), num_train_timesteps)
     return values[band.clamp(0, len(values) - 1)].to(t.device)
 
 
