@@ -101,7 +101,7 @@ def test_lab_noise_schedule_round_trip(untrained_lab_folder, tmp_path):
     # a folder written before the field existed (its lab_model.json lacks it) loads as DDPM-linear
     meta_path = untrained_lab_folder / "lab_model.json"
     meta = json.loads(meta_path.read_text())
-    assert meta["config"].pop("noise_schedule") == "linear"
+    meta["config"].pop("noise_schedule")
     old = tmp_path / "old"
     import shutil
 
@@ -110,7 +110,7 @@ def test_lab_noise_schedule_round_trip(untrained_lab_folder, tmp_path):
     model = load_lab_model(old)
     assert model.config.noise_schedule == "linear" and model.scheduler.config.beta_schedule == "linear"
     # a scaled-linear model keeps its schedule through save and load, and its alphas are SD's
-    cfg = LabModelConfig(block_out_channels=(32, 32, 32), noise_schedule="scaled_linear")
+    cfg = LabModelConfig(block_out_channels=(32, 32, 32), noise_schedule="scaled_linear")  # SD's betas
     save_lab_model(new_lab_unet(cfg), cfg, tmp_path / "scaled")
     scaled = load_lab_model(tmp_path / "scaled")
     assert scaled.config.noise_schedule == "scaled_linear"
