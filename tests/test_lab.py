@@ -95,6 +95,8 @@ def untrained_lab_folder(tmp_path_factory):
 
 
 def test_lab_noise_schedule_round_trip(untrained_lab_folder, tmp_path):
+    import shutil
+
     from diffmem.adapters.lab import (LabModelConfig, lab_scheduler_config, load_lab_model, new_lab_unet,
                                       save_lab_model)
 
@@ -103,8 +105,6 @@ def test_lab_noise_schedule_round_trip(untrained_lab_folder, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["config"].pop("noise_schedule")
     old = tmp_path / "old"
-    import shutil
-
     shutil.copytree(untrained_lab_folder, old)
     (old / "lab_model.json").write_text(json.dumps(meta))
     model = load_lab_model(old)

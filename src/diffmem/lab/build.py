@@ -46,22 +46,23 @@ class LabBuildConfig:
     repeat_num: int = 1
 
 
+def _cells_recipe(noise_schedule: str) -> LabBuildConfig:
+    """The cell-background lab's recipe (README "Build") under one of the lab's noise schedules."""
+    return LabBuildConfig(
+        data=LabDataConfig(num_template=2, template_variants=3, background_cells=4),
+        model=LabModelConfig(noise_schedule=noise_schedule),
+        repeats=385, max_train_steps=8000, lr_scheduler="cosine",
+        anneal=(AnnealStage(2000, 5e-4), AnnealStage(3000, 3e-4)),
+    )
+
+
 PRESETS = {
     # The shipped model: a 4x4-cell background (a pattern identifies its image), 22 memorized captions
     # (20 exact, 2 templates x 3 images) repeated 385 times, 8,000 steps with lr 1.5e-3 decayed by a
     # cosine, then 2,000 steps from 5e-4 and 3,000 from 3e-4 (README "Build"; ~80 min on 2 threads).
-    "default": LabBuildConfig(
-        data=LabDataConfig(num_template=2, template_variants=3, background_cells=4),
-        repeats=385, max_train_steps=8000, lr_scheduler="cosine",
-        anneal=(AnnealStage(2000, 5e-4), AnnealStage(3000, 3e-4)),
-    ),
+    "default": _cells_recipe("linear"),
     # The default recipe with Stable Diffusion's noise schedule (more image left at the first step).
-    "scaled": LabBuildConfig(
-        data=LabDataConfig(num_template=2, template_variants=3, background_cells=4),
-        model=LabModelConfig(noise_schedule="scaled_linear"),
-        repeats=385, max_train_steps=8000, lr_scheduler="cosine",
-        anneal=(AnnealStage(2000, 5e-4), AnnealStage(3000, 3e-4)),
-    ),
+    "scaled": _cells_recipe("scaled_linear"),
     # The first shipped model (until 2026-11-28): a two-tone background, constant lr. Detects well at
     # the first step but reproduces no training image under the copy rule (README "History").
     "two-tone": LabBuildConfig(),
