@@ -1,13 +1,14 @@
 """Training-time mitigation on the lab (Wen et al. 5.2): branch the lab build at a checkpoint taken
-before memorization sets in (step 2,000 of the main run: copies 0.06), train the rest of the main run
+before memorization sets in (step 1,000 of the main run; on the cells-linear lab, step 2,000 already
+copied 0.06 and no filter from there went below that), train the rest of the main run
 with the hard-threshold filter, and with the caption-augmentation baseline, and compare with the
 unfiltered main run. `benchmarks/lab_train_mitigation.sh` runs every step:
 
     diffmem lab build --out runs/lab                  # the default recipe; runs/lab/stages/0 = main run
     python benchmarks/lab_train_mitigation.py calibrate --reference runs/lab/stages/0 --out runs/tm
-    diffmem lab build --out runs/tm/filtered --no-anneal --resume-from runs/lab/stages/0/checkpoint-2000 \
+    diffmem lab build --out runs/tm/filtered --no-anneal --resume-from runs/lab/stages/0/checkpoint-1000 \
         --hard-threshold "$(python benchmarks/lab_train_mitigation.py thresholds --out runs/tm)"
-    diffmem lab build --out runs/tm/augmented --no-anneal --resume-from runs/lab/stages/0/checkpoint-2000 \
+    diffmem lab build --out runs/tm/augmented --no-anneal --resume-from runs/lab/stages/0/checkpoint-1000 \
         --prompt-aug-style rand_word_add --repeat-num 1
     python benchmarks/lab_train_mitigation.py evaluate --reference runs/lab/stages/0 --out runs/tm
 

@@ -266,3 +266,25 @@ def test_lab_build_runs_anneal_stages_from_the_previous_weights(tmp_path):
     stamp = (out / "stages" / "1" / "train_log.jsonl").stat().st_mtime_ns
     build_lab(out, config, progress=False, num_threads=1)
     assert (out / "stages" / "1" / "train_log.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_shipped_weights_record_the_default_preset():
+    """`diffmem lab build` (the default preset) is what produced the shipped weights: the data, model
+    and training settings stored with them are the preset's, and loading them gives its scheduler."""
+    import json
+    from dataclasses import asdict
+
+    from diffmem.adapters import load_model
+    from diffmem.lab.build import PRESETS, WEIGHTS_DIR, _build_meta
+
+    if not (WEIGHTS_DIR / "lab_model.json").is_file():
+        pytest.skip("no shipped weights in this checkout")
+    meta = json.loads((WEIGHTS_DIR / "lab_model.json").read_text())
+    preset = PRESETS["default"]
+    as_json = lambda d: json.loads(json.dumps(d))  # tuples -> lists
+    assert meta["data"] == as_json(asdict(preset.data))
+    assert meta["config"] == as_json(asdict(preset.model))
+    assert meta["build"] == as_json(_build_meta(preset))
+    model = load_model("lab")
+    assert model.default_guidance_scale == preset.model.default_guidance_scale
+    assert model.scheduler.config.beta_schedule == preset.model.noise_schedule

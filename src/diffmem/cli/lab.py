@@ -14,9 +14,9 @@ def add_parser(sub) -> None:
     b = lab.add_parser("build", help="generate the lab data and train the lab model from scratch")
     b.add_argument("--out", required=True, help="output lab model folder (checkpoints inside)")
     b.add_argument("--preset", default="default", choices=tuple(PRESETS),
-                   help="default: the shipped model (~80 min on 2 threads); scaled: the same with Stable "
-                        "Diffusion's noise schedule (README); two-tone: the first shipped model "
-                        "(~90 min on one thread); fast: the test-suite variant (a few minutes)")
+                   help="default: the shipped model (~80 min on 2 threads); cells-linear: the same with "
+                        "DDPM's linear noise schedule, shipped until 2026-11-29 (README); two-tone: the first "
+                        "shipped model (~90 min on one thread); fast: the test-suite variant (a few minutes)")
     b.add_argument("--max-train-steps", type=int, default=None, help="override the preset's step count")
     b.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     b.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")
