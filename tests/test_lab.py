@@ -103,7 +103,7 @@ def test_lab_noise_schedule_round_trip(untrained_lab_folder, tmp_path):
     # a folder written before the field existed (its lab_model.json lacks it) loads as DDPM-linear
     meta_path = untrained_lab_folder / "lab_model.json"
     meta = json.loads(meta_path.read_text())
-    meta["config"].pop("noise_schedule")
+    assert meta["config"].pop("noise_schedule") == "linear"
     old = tmp_path / "old"
     shutil.copytree(untrained_lab_folder, old)
     (old / "lab_model.json").write_text(json.dumps(meta))
@@ -271,7 +271,6 @@ def test_lab_build_runs_anneal_stages_from_the_previous_weights(tmp_path):
 def test_shipped_weights_record_the_default_preset():
     """`diffmem lab build` (the default preset) is what produced the shipped weights: the data, model
     and training settings stored with them are the preset's, and loading them gives its scheduler."""
-    import json
     from dataclasses import asdict
 
     from diffmem.adapters import load_model
