@@ -15,10 +15,12 @@ unfiltered main run. `benchmarks/lab_train_mitigation.sh` runs every step:
 Calibration: the filter compares d = ||eps(x_t, caption) - eps(x_t, '')|| on each training sample's
 noisy input at its random timestep with the threshold. d depends strongly on the timestep (on the
 lab it is ~10x larger at mid noise than near t=T for every caption), so one number mostly filters
-by timestep: we take one threshold per band of 100 timesteps, the ``--percentile`` (default 99) of d
+by timestep: we take one threshold per band of 100 timesteps, the ``--percentile`` (default 80) of d
 among non-memorized training pairs in that band on the unfiltered model, one timestep and noise draw
-per pair as the trainer does. At most ~1% of ordinary samples are left out; memorized samples, whose
-d is larger, much more often (calibration.json has the fractions, per band and for one number).
+per pair as the trainer does, and leave the ``--unfiltered-bands`` (default 0, t < 100) unfiltered:
+there the branch's ordinary draws have a larger d than the finished model's, so a threshold taken
+from the finished model leaves out most of them, they stay untrained and the loss gap grows
+(benchmarks/MITIGATION.md). calibration.json has the fractions left out, per band and for one number.
 ``evaluate`` reports the memorized copy rate, the non-memorized and novel prompt alignment (lab
 content check) and the non-memorized denoising loss (fixed noise and timesteps) of every model, as
 evaluation.json.
@@ -48,6 +50,7 @@ def calibrate(args) -> None:
     mem_stats = training_step_stats(model, mem.images.repeat(reps, 1, 1, 1), mem.captions * reps, seed=2)
     T = model.scheduler.config.num_train_timesteps
     bands = calibrate_hard_threshold(non_stats, args.bands, args.percentile, T)
+    bands = tuple(float("inf") if k in args.unfiltered_bands else v for k, v in enumerate(bands))
     single = float(np.percentile(non_stats["d"], args.percentile))
 
     from diffmem.train import hard_threshold_at, timestep_band
@@ -56,11 +59,13 @@ def calibrate(args) -> None:
         return float((stats["d"] >= hard_threshold_at(thresholds, torch.as_tensor(stats["t"]), T).numpy()).mean())
 
     band_of = {name: timestep_band(st["t"].astype(np.int64), args.bands, T) for name, st in (("non", non_stats), ("mem", mem_stats))}
-    result = {"reference": args.reference, "percentile": args.percentile, "hard_threshold": list(bands),
+    result = {"reference": args.reference, "percentile": args.percentile,
+              "hard_threshold": [v if np.isfinite(v) else None for v in bands],  # None: band not filtered
               "left_out": {"non_memorized": left_out(non_stats, bands), "memorized": left_out(mem_stats, bands)},
               "single_threshold": {"hard_threshold": single, "non_memorized_left_out": left_out(non_stats, single),
                                    "memorized_left_out": left_out(mem_stats, single)},
-              "by_band": [{"t": [k * T // args.bands, (k + 1) * T // args.bands - 1], "threshold": bands[k],
+              "by_band": [{"t": [k * T // args.bands, (k + 1) * T // args.bands - 1],
+                           "threshold": bands[k] if np.isfinite(bands[k]) else None,
                            "median_d_non_memorized": float(np.median(non_stats["d"][band_of["non"] == k])),
                            "median_d_memorized": float(np.median(mem_stats["d"][band_of["mem"] == k])),
                            "memorized_left_out": float((mem_stats["d"][band_of["mem"] == k] >= bands[k]).mean())}
@@ -113,9 +118,12 @@ def main() -> None:
     sub = p.add_subparsers(dest="step", required=True)
     c = sub.add_parser("calibrate")
     c.add_argument("--reference", required=True, help="the unfiltered lab model folder")
-    c.add_argument("--percentile", type=float, default=99.0)
+    c.add_argument("--percentile", type=float, default=80.0)
     c.add_argument("--num-pairs", type=int, default=3000)
     c.add_argument("--bands", type=int, default=10, help="bands of timesteps, one threshold each")
+    c.add_argument("--unfiltered-bands", type=lambda s: {int(k) for k in s.split(",") if k}, default="0",
+                   metavar="K,...", help="bands (0 = lowest noise) whose threshold is infinite, nothing left out "
+                                         "(default 0: t < 100; '' for none)")
     h = sub.add_parser("thresholds", help="print calibration.json's thresholds as --hard-threshold takes them")
     h.add_argument("--out", required=True)
     e = sub.add_parser("evaluate")
@@ -130,7 +138,8 @@ def main() -> None:
         q.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     if args.step == "thresholds":
-        print(",".join(f"{v:.4f}" for v in json.loads((Path(args.out) / "calibration.json").read_text())["hard_threshold"]))
+        thresholds = json.loads((Path(args.out) / "calibration.json").read_text())["hard_threshold"]
+        print(",".join("inf" if v is None else f"{v:.4f}" for v in thresholds))
         return
     import torch
 
