@@ -34,6 +34,8 @@ from pathlib import Path
 
 
 def calibrate(args) -> None:
+    if not args.unfiltered_bands <= set(range(args.bands)):
+        raise SystemExit(f"--unfiltered-bands {sorted(args.unfiltered_bands)}: bands are 0..{args.bands - 1}")
     import numpy as np
     import torch
 
@@ -113,6 +115,11 @@ def evaluate(args) -> None:
         path_json.write_text(json.dumps(report, indent=2))  # after each model: nothing measured is lost
 
 
+def band_numbers(text: str) -> set[int]:
+    """'0,3' -> {0, 3}; '' -> set()."""
+    return {int(k) for k in text.split(",") if k.strip()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="step", required=True)
@@ -121,7 +128,7 @@ def main() -> None:
     c.add_argument("--percentile", type=float, default=80.0)
     c.add_argument("--num-pairs", type=int, default=3000)
     c.add_argument("--bands", type=int, default=10, help="bands of timesteps, one threshold each")
-    c.add_argument("--unfiltered-bands", type=lambda s: {int(k) for k in s.split(",") if k}, default="0",
+    c.add_argument("--unfiltered-bands", type=band_numbers, default="0",
                    metavar="K,...", help="bands (0 = lowest noise) whose threshold is infinite, nothing left out "
                                          "(default 0: t < 100; '' for none)")
     h = sub.add_parser("thresholds", help="print calibration.json's thresholds as --hard-threshold takes them")
