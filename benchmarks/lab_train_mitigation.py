@@ -35,8 +35,10 @@ from pathlib import Path
 
 
 def calibrate(args) -> None:
-    if not args.unfiltered_bands <= set(range(args.bands)):
-        raise SystemExit(f"--unfiltered-bands {sorted(args.unfiltered_bands)}: bands are 0..{args.bands - 1}")
+    for flag, bands in (("--unfiltered-bands", args.unfiltered_bands), ("--band-percentile", set(args.band_percentile))):
+        if not bands <= set(range(args.bands)):
+            raise SystemExit(f"{flag} {sorted(bands)}: bands are 0..{args.bands - 1}")
+    percentiles = [args.band_percentile.get(k, args.percentile) for k in range(args.bands)]
     import numpy as np
     import torch
 
@@ -52,7 +54,7 @@ def calibrate(args) -> None:
     reps = max(1, args.num_pairs // len(mem))  # several timesteps per memorized image
     mem_stats = training_step_stats(model, mem.images.repeat(reps, 1, 1, 1), mem.captions * reps, seed=2)
     T = model.scheduler.config.num_train_timesteps
-    bands = calibrate_hard_threshold(non_stats, args.bands, args.percentile, T)
+    bands = calibrate_hard_threshold(non_stats, args.bands, percentiles, T)
     bands = tuple(float("inf") if k in args.unfiltered_bands else v for k, v in enumerate(bands))
     single = float(np.percentile(non_stats["d"], args.percentile))
 
@@ -63,7 +65,7 @@ def calibrate(args) -> None:
 
     stored = [v if np.isfinite(v) else None for v in bands]  # JSON has no infinity; None: band not filtered
     band_of = {name: timestep_band(st["t"].astype(np.int64), args.bands, T) for name, st in (("non", non_stats), ("mem", mem_stats))}
-    result = {"reference": args.reference, "percentile": args.percentile,
+    result = {"reference": args.reference, "percentile": args.percentile, "band_percentile": args.band_percentile,
               "hard_threshold": stored,
               "left_out": {"non_memorized": left_out(non_stats, bands), "memorized": left_out(mem_stats, bands)},
               "single_threshold": {"hard_threshold": single, "non_memorized_left_out": left_out(non_stats, single),
@@ -121,6 +123,18 @@ def band_numbers(text: str) -> set[int]:
     return {int(k) for k in text.split(",") if k.strip()}
 
 
+def band_percentiles(text: str) -> dict[int, float]:
+    """'0=95' -> {0: 95.0}: bands whose percentile differs from --percentile."""
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item.strip()]
+        out = {int(k): float(v) for k, v in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K=P,... (band number = percentile), e.g. 0=95")
+    if not all(0 <= v <= 100 for v in out.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: percentiles are in [0, 100]")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="step", required=True)
@@ -132,6 +146,8 @@ def main() -> None:
     c.add_argument("--unfiltered-bands", type=band_numbers, default="0",
                    metavar="K,...", help="bands (0 = lowest noise) whose threshold is infinite, nothing left out "
                                          "(default 0: t < 100; '' for none)")
+    c.add_argument("--band-percentile", type=band_percentiles, default="", metavar="K=P,...",
+                   help="bands whose threshold is another percentile (e.g. 0=95: t < 100 at the 95th)")
     h = sub.add_parser("thresholds", help="print calibration.json's thresholds as --hard-threshold takes them")
     h.add_argument("--out", required=True)
     e = sub.add_parser("evaluate")

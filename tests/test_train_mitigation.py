@@ -71,6 +71,19 @@ def test_hard_threshold_per_band_of_timesteps():
         parse_hard_threshold("a,b")
 
 
+def test_calibrated_thresholds_are_each_bands_percentile_of_ordinary_d():
+    from diffmem.evaluate import calibrate_hard_threshold
+
+    # band 0 (t < 500): d = 0..99; band 1: d = 100..199 (100 samples each)
+    stats = {"t": np.r_[np.full(100, 10), np.full(100, 700)], "d": np.arange(200, dtype=np.float64)}
+    assert calibrate_hard_threshold(stats, 2, 50.0, 1000) == pytest.approx((49.5, 149.5))
+    assert calibrate_hard_threshold(stats, 2, (99.0, 0.0), 1000) == pytest.approx((98.01, 100.0))
+    with pytest.raises(ValueError, match="one per band"):
+        calibrate_hard_threshold(stats, 2, (50.0, 50.0, 50.0), 1000)
+    with pytest.raises(ValueError, match="band 1 of 2"):
+        calibrate_hard_threshold({"t": stats["t"][:105], "d": stats["d"][:105]}, 2, 50.0, 1000)
+
+
 def test_per_band_filter_leaves_out_the_samples_above_their_bands_threshold(tiny_sd_folder, tmp_path):
     # probe: d and t of each sample at step 0
     _, _, calls = run_one_step(tiny_sd_folder, tmp_path / "probe", hard_threshold=float("inf"))

@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -437,21 +438,26 @@ def training_step_stats(model, images: torch.Tensor, captions: list[str], seed: 
     return {k: torch.cat(v).double().numpy() for k, v in out.items()}
 
 
-def calibrate_hard_threshold(stats: dict[str, np.ndarray], num_bands: int = 10, percentile: float = 99.0,
+def calibrate_hard_threshold(stats: dict[str, np.ndarray], num_bands: int = 10,
+                             percentile: float | Sequence[float] = 99.0,
                              num_train_timesteps: int = 1000) -> tuple[float, ...]:
     """One hard threshold per band of timesteps (low noise first, as ``TrainConfig.hard_threshold``
-    takes them): the `percentile` of d among ordinary (non-memorized) samples whose t is in the band.
+    takes them): the `percentile` of d among ordinary (non-memorized) samples whose t is in the band;
+    `percentile` is one number for every band or one per band.
 
     `stats` is ``training_step_stats`` of non-memorized pairs. d depends strongly on t (on the lab
     it is ~10x larger at mid noise than at high noise), so a single number mostly filters by timestep.
     """
     from diffmem.train import timestep_band
 
+    per_band = [float(percentile)] * num_bands if np.isscalar(percentile) else [float(q) for q in percentile]
+    if len(per_band) != num_bands or not all(0 <= q <= 100 for q in per_band):
+        raise ValueError(f"percentile {percentile!r}: give one number in [0, 100], or {num_bands} (one per band)")
     band = timestep_band(stats["t"].astype(np.int64), num_bands, num_train_timesteps)
     out = []
     for k in range(num_bands):
         d = stats["d"][band == k]
         if len(d) < 10:
             raise ValueError(f"only {len(d)} samples with t in band {k} of {num_bands}: use more pairs or fewer bands")
-        out.append(float(np.percentile(d, percentile)))
+        out.append(float(np.percentile(d, per_band[k])))
     return tuple(out)
