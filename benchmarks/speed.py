@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.model import Conditioning
+
 
 def paired(fn_a, fn_b, repeats: int) -> tuple[float, float]:
     """Median wall times (s) of `fn_a` and `fn_b`, run alternately after one warm-up each, so that
@@ -37,7 +39,7 @@ def bare_guided_loop(model, x, cond, uncond, timesteps, guidance):
     """The same DDIM + CFG loop with nothing recorded: the cost tracking is compared against."""
     with torch.no_grad():
         for t in timesteps:
-            eps = model.predict_noise(torch.cat([x, x]), t, torch.cat([uncond, cond]))
+            eps = model.predict_noise(torch.cat([x, x]), t, Conditioning.cat([uncond, cond]))
             eu, ec = eps.chunk(2)
             x = model.scheduler.step(eu + guidance * (ec - eu), t, x, return_dict=False)[0]
     return x
@@ -68,8 +70,8 @@ def bench_tracking(model, folder, prompts, steps, gens, repeats):
             model.scheduler.set_timesteps(steps)
             for i, p in enumerate(prompts):
                 x = initial_noise(model, gens, i)
-                cond = model.encode_prompts([p]).repeat_interleave(gens, 0)
-                bare_guided_loop(model, x, cond, model.empty_embedding().expand(gens, -1, -1),
+                cond = model.encode_prompts([p]).repeat_interleave(gens)
+                bare_guided_loop(model, x, cond, model.empty_conditioning().expand(gens),
                                  model.scheduler.timesteps, guidance)
         name = "bare guided DDIM loop"
     ours, base = paired(run_ours, ref, repeats)
@@ -84,14 +86,14 @@ def bench_first_step(model, prompts, gens, batch_size, repeats):
     t = model.scheduler.timesteps[0]
     per_call = batch_size // 2
     x = torch.cat([initial_noise(model, gens, i) for i in range(len(prompts))])
-    emb = model.encode_prompts(prompts).repeat_interleave(gens, 0)
-    unc = model.empty_embedding().expand(len(x), -1, -1)
+    emb = model.encode_prompts(prompts).repeat_interleave(gens)
+    unc = model.empty_conditioning().expand(len(x))
 
     def bare():
         with torch.no_grad():
             for i in range(0, len(x), per_call):
                 xi = x[i:i + per_call]
-                model.predict_noise(torch.cat([xi, xi]), t, torch.cat([unc[i:i + per_call], emb[i:i + per_call]]))
+                model.predict_noise(torch.cat([xi, xi]), t, Conditioning.cat([unc[i:i + per_call], emb[i:i + per_call]]))
     def ours_run():
         sample_prompts(model, prompts, cfg, decode=False)
         model.scheduler.set_timesteps(50)

@@ -153,8 +153,9 @@ from diffmem.reports.explain import significance_figure, significance_table
 
 memorized = prompt_rows(data, "memorized")
 scores = prompt_scores(model, [r["caption"] for r in memorized], steps=(0, 1), generations=4)
-row = memorized[max(range(len(scores)), key=scores.__getitem__)]
-explanation = token_significance(model, row["caption"], steps=(0, 1), generations=4)
+j = max(range(len(scores)), key=scores.__getitem__)  # position j starts from seed + j, as in detect
+row = memorized[j]
+explanation = token_significance(model, row["caption"], steps=(0, 1), generations=4, position=j)
 print(significance_table(explanation))
 print("ground-truth trigger words:", row["trigger_words"])
 Image(filename=significance_figure(explanation, FIGURES / "significance.png"))
@@ -174,7 +175,7 @@ threshold = threshold_at_fpr(normal_scores, fpr=0.01)
 trigger = max((w for w in explanation.words if w.word in row["trigger_words"]), key=lambda w: w.score)
 rank = [w.word for w in explanation.ranked_words()].index(trigger.word) + 1
 edited_prompt = row["caption"][:trigger.start] + data.novel[0].title_words[0] + row["caption"][trigger.end:]
-edited = token_significance(model, edited_prompt, steps=(0, 1), generations=4)
+edited = token_significance(model, edited_prompt, steps=(0, 1), generations=4, position=j)  # same x_T
 print(f"edited word: {trigger.word!r} (rank {rank} of {len(explanation.words)} words); threshold {threshold:.3f}")
 for ex in (explanation, edited):
     print(f"score {ex.score:.3f}  {'flagged' if ex.score >= threshold else 'not flagged':<11}  {ex.prompt}")
@@ -221,7 +222,8 @@ from diffmem.sampling import SamplingConfig
 
 eval_set = lab_eval_set(data, "memorized")  # captions with training image(s), described colour and shape
 scores = prompt_scores(model, [p.caption for p in eval_set.prompts], steps=(0, 1), generations=4)
-target = eval_set.prompts[max(range(len(scores)), key=scores.__getitem__)]  # the most strongly flagged
+j = max(range(len(scores)), key=scores.__getitem__)  # the most strongly flagged; it starts from seed + j
+target = eval_set.prompts[j]
 sampling = SamplingConfig(num_inference_steps=50, num_generations=4)
 target_loss = calibrate_target_loss(model, [r["caption"] for r in prompt_rows(data, "novel", 100)], sampling)[50.0]
 print(f"{target.caption!r}: target loss {target_loss:.3f} (median first-step d of 100 novel captions)")
@@ -238,7 +240,7 @@ from diffmem.reports.plots import comparison_grid
 methods = {"no mitigation": MitigationConfig(method="none"),
            "embedding optimization": MitigationConfig(method="embedding-opt", target_loss=target_loss),
            "random-word addition": MitigationConfig(method="rand_word_add", repeat_num=4)}
-results = {name: mitigate_unit(model, [target.caption], [0], m, sampling)[0] for name, m in methods.items()}
+results = {name: mitigate_unit(model, [target.caption], [j], m, sampling)[0] for name, m in methods.items()}
 print("rows, top to bottom:", ", ".join(results))
 Image(filename=comparison_grid([target.training] * len(results), [r.images for r in results.values()],
                                FIGURES / "mitigation.png", tile=96))
@@ -372,8 +374,7 @@ optimization, random-word addition; the first column is the training image when
 `DIFFMEM_SD_GROUND_TRUTH` is set, blank otherwise.
 '''),
         code('''
-from diffmem.evaluate import (EvalPrompt, EvalSet, EvaluateConfig, Judge, calibrate_target_loss, image_size_of,
-                              load_eval_set)
+from diffmem.evaluate import EvalPrompt, EvalSet, EvaluateConfig, Judge, calibrate_target_loss, load_eval_set
 from diffmem.mitigate import MitigationConfig, mitigate_unit
 from diffmem.reports.plots import comparison_grid
 import pandas as pd
@@ -383,7 +384,7 @@ sampling = SamplingConfig(num_inference_steps=50, num_generations=4)
 if "DIFFMEM_SD_GROUND_TRUTH" in os.environ:
     eval_set = load_eval_set(model, os.environ["DIFFMEM_SD_GROUND_TRUTH"], limit=1)
 else:
-    size = image_size_of(model)
+    size = model.image_size
     eval_set = EvalSet("no training images", [EvalPrompt(memorized[0], torch.zeros(0, 3, size, size))])
 target = eval_set.prompts[0]
 target_loss = calibrate_target_loss(model, normal, sampling)[50.0]  # median first-step d of the normal prompts

@@ -14,6 +14,7 @@ import torch
 from diffmem.audit import AuditConfig, PromptSet, lab_audit_prompts, run_audit
 from diffmem.cli.main import main
 from diffmem.prompts import PromptRecord
+from diffmem.sampling import SamplingConfig
 
 torch.set_num_threads(1)
 CHROMIUM = Path("/usr/bin/chromium")
@@ -21,7 +22,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PROMPTS = ["a red cat", "blue sky over the sea", "an astronaut riding a horse", "a green apple", "old town"]
 REFERENCE = ["a dog", "a house by a lake", "yellow flowers", "a car on a road", "two birds", "a bowl of soup"]
-FAST = dict(num_generations=2, num_inference_steps=4, batch_size=8)  # tiny SD: seconds, numbers meaningless
+FAST = dict(sampling=SamplingConfig(num_generations=2, num_inference_steps=4, batch_size=8))  # tiny SD: seconds
 
 
 class _Links(HTMLParser):
@@ -219,18 +220,30 @@ def test_audit_flags_the_fast_labs_memorized_prompts(fast_lab_folder, tmp_path):
 
 
 def test_audit_with_a_longer_window_sets_the_mitigation_target_on_the_first_step(tiny_sd_folder, tmp_path):
-    """embedding-opt stops on the first-step d, so with --detect-steps K its default target is the
-    reference prompts' median first-step d, not their K-step score."""
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    (tmp_path / "reference.txt").write_text("\n".join(REFERENCE) + "\n")
+    """embedding-opt stops on the first-step d, so with --detect-steps K a calibrated target (a model
+    without a default target, as the lab) is the reference prompts' median first-step d, not their K-step score."""
+    from dataclasses import replace
+
+    from diffmem.adapters import load_model
+
+    model = load_model(str(tiny_sd_folder))
+    model.defaults = replace(model.defaults, target_loss=None)  # calibrate, as on the lab
+    prompts = PromptSet([PromptRecord(i, p) for i, p in enumerate(PROMPTS)], "test")
+    reference = PromptSet([PromptRecord(i, p) for i, p in enumerate(REFERENCE)], "reference")
+    config = AuditConfig(threshold=0.0, detect_steps=3, sampling=SamplingConfig(num_generations=2, num_inference_steps=4,
+                                                                                batch_size=8))
     out = tmp_path / "report"
-    assert main(["audit", "--model", str(tiny_sd_folder), "--device", "cpu", "--prompts", str(tmp_path / "prompts.txt"),
-                 "--reference-prompts", str(tmp_path / "reference.txt"), "--out", str(out), "--fpr", "0.2",
-                 "--detect-steps", "3", "--num-generations", "2", "--num-inference-steps", "4", "--batch-size", "8",
-                 "--threshold", "0", "--no-progress"]) == 0
+    run_audit(model, prompts, reference, config, out, progress=False)
     ref = [json.loads(l) for l in (out / "detect" / "reference.jsonl").read_text().splitlines()]
     first = [float(np.mean([g[0] for g in r["text_noise_norm"]])) for r in ref]
     window = [r["score"] for r in ref]
     assert window != pytest.approx(first)  # the two scales differ on this model
     mitigated = [json.loads(l) for l in (out / "mitigate.jsonl").read_text().splitlines()]
     assert mitigated and all(m["target_loss"] == pytest.approx(float(np.median(first))) for m in mitigated)
+
+
+def test_audit_on_stable_diffusion_takes_the_seeds_target(tiny_sd, tmp_path):
+    prompts = PromptSet([PromptRecord(0, PROMPTS[0])], "test")
+    run_audit(tiny_sd, prompts, None, AuditConfig(threshold=0.0, **FAST), tmp_path, progress=False)
+    mitigated = [json.loads(l) for l in (tmp_path / "mitigate.jsonl").read_text().splitlines()]
+    assert [m["target_loss"] for m in mitigated] == [tiny_sd.defaults.target_loss] == [3.0]

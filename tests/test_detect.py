@@ -10,7 +10,7 @@ import time
 import pytest
 
 from diffmem.cli.main import main
-from diffmem.detect import read_rows
+from diffmem.files import read_rows
 from diffmem.prompts import PromptFileError, read_prompts
 
 FAST = ["--num-inference-steps", "3", "--num-generations", "2", "--no-progress"]
@@ -53,13 +53,14 @@ def test_existing_output_is_not_overwritten(tiny_sd_folder, prompt_file, tmp_pat
 def test_resume_after_killed_run_equals_uninterrupted_run(tiny_sd_folder, tmp_path):
     prompts = tmp_path / "many.txt"
     prompts.write_text("".join(f"a picture of thing {i}\n" for i in range(40)))
-    full = tmp_path / "full.jsonl"
-    assert detect(tiny_sd_folder, prompts, full, "--batch-size", "4") == 0
-    out = tmp_path / "killed.jsonl"
-    cmd = [sys.executable, "-m", "diffmem.cli.main", "detect", "--model", str(tiny_sd_folder), "--prompts", str(prompts),
-           "--out", str(out), *FAST, "--batch-size", "4"]
+    # every run in a one-thread process: CPU kernels round differently with other thread counts (~1e-6)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = lambda out: [sys.executable, "-m", "diffmem.cli.main", "detect", "--model", str(tiny_sd_folder),
+                       "--prompts", str(prompts), "--out", str(out), *FAST, "--batch-size", "4"]
+    full = tmp_path / "full.jsonl"
+    subprocess.run(cmd(full), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600  # generous: a loaded CI machine starts python slowly
     while time.time() < deadline and proc.poll() is None and (not out.exists() or len(out.read_bytes().splitlines()) < 3):
         time.sleep(0.05)
@@ -70,8 +71,7 @@ def test_resume_after_killed_run_equals_uninterrupted_run(tiny_sd_folder, tmp_pa
     assert partial.endswith(b"\n")  # whole lines only
     n_done = len(read_rows(out))
     assert 3 <= n_done < 40, "the run should have been killed part-way"
-    assert main(["detect", "--model", str(tiny_sd_folder), "--prompts", str(prompts), "--out", str(out), *FAST,
-                 "--batch-size", "4", "--resume"]) == 0
+    subprocess.run(cmd(out) + ["--resume"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert read_rows(out) == read_rows(full)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffmem.mitigate import MitigationConfig
 from diffmem.evaluate import (EvalPrompt, EvalSet, EvaluateConfig, Judge, folder_eval_set, ground_truth_eval_set,
                               lab_eval_set, run_evaluation, summarize)
 from diffmem.mitigate import MitigatedPrompt, MitigationConfig
@@ -133,7 +134,7 @@ def test_run_evaluation_writes_tables_summary_grids_and_plot(tiny_sd, pair_folde
     sscd = tmp_path / "sscd.pt"
     torch.jit.script(MeanColour()).save(str(sscd))
     config = EvaluateConfig(methods=("none", "embedding-opt", "rand_word_add"), target_losses=(1e6, -1.0),
-                            repeat_nums=(1, 2), max_iters=2, sscd=str(sscd), clip=str(tiny_clip_folder(tmp_path / "clip")),
+                            repeat_nums=(1, 2), mitigation=MitigationConfig(max_iters=2), sscd=str(sscd), clip=str(tiny_clip_folder(tmp_path / "clip")),
                             copy_threshold=0.5, sampling=SamplingConfig(num_inference_steps=2, num_generations=2))
     out = tmp_path / "eval"
     summary = run_evaluation(tiny_sd, folder_eval_set(pair_folder, 32), config, out, progress=False)

@@ -76,8 +76,8 @@ def unet64(tiny_sd):
 
 @pytest.fixture(scope="module")
 def sd_inputs(tiny_sd):
-    cond = tiny_sd.encode_prompts(["a red cat on a mat"]).double()  # (1, 77, 32)
-    uncond = tiny_sd.empty_embedding().double()
+    cond = tiny_sd.encode_prompts(["a red cat on a mat"]).embeddings.double()  # (1, 77, 32)
+    uncond = tiny_sd.empty_conditioning().embeddings.double()
     tiny_sd.scheduler.set_timesteps(50)
     t = tiny_sd.scheduler.timesteps[0]
     x = initial_noise(tiny_sd, 3, seed=0).double()
@@ -174,15 +174,19 @@ def test_token_significance_on_tiny_sd(tiny_sd):
 
 @pytest.mark.parametrize("steps", [(0, 1), (0, 3), (2, 4)])
 def test_score_matches_tracked_sampling(tiny_sd, steps):
-    """The window's x_t come from the same DDIM + CFG loop as detection, so the scores agree."""
+    """The window's x_t come from the same tracked pass as detection, under the same seed rule
+    (position i starts from seed + i), so the scores agree."""
     prompts = ["a red cat", "a blue dog"]
-    ex = [token_significance(tiny_sd, p, steps=steps, generations=2, seed=7) for p in prompts]
+    ex = [token_significance(tiny_sd, p, steps=steps, generations=2, seed=7, position=i) for i, p in enumerate(prompts)]
     fast = prompt_scores(tiny_sd, prompts, steps=steps, generations=2, seed=7)
-    for p, e, f in zip(prompts, ex, fast):
-        tracked = sample_prompts(tiny_sd, [p], SamplingConfig(num_generations=2, seed=7, track_steps=steps[1]),
-                                 decode=False)[0].text_noise_norm  # (G, S)
-        torch.testing.assert_close(torch.tensor(e.text_noise_norm), tracked[:, steps[0]:steps[1]], rtol=1e-4, atol=1e-6)
-        assert e.score == pytest.approx(f, rel=1e-4)
+    tracked = sample_prompts(tiny_sd, prompts, SamplingConfig(num_generations=2, seed=7, track_steps=steps[1]),
+                             decode=False)
+    for e, f, tr in zip(ex, fast, tracked):
+        d = tr.text_noise_norm[:, steps[0]:steps[1]]  # (G, S)
+        torch.testing.assert_close(torch.tensor(e.text_noise_norm), d, rtol=1e-6, atol=1e-6)
+        assert e.score == pytest.approx(f, abs=1e-6) and f == pytest.approx(float(d.double().mean()), abs=1e-6)
+        assert e.provenance["seed"] == 7 + e.provenance["position"]
+    assert ex[0].score != ex[1].score
 
 
 def test_bad_window_is_refused(tiny_sd):

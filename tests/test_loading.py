@@ -12,9 +12,9 @@ def test_sd_folder_loads_with_the_interface(tiny_sd):
     from diffmem.model import DiffusionModel
 
     assert isinstance(tiny_sd, DiffusionModel)
-    emb = tiny_sd.encode_prompts(["a cat", "a dog"])
+    emb = tiny_sd.encode_prompts(["a cat", "a dog"]).embeddings
     assert emb.shape == (2, tiny_sd.max_tokens, 32)
-    assert torch.equal(tiny_sd.empty_embedding(), tiny_sd.encode_prompts([""]))
+    assert torch.equal(tiny_sd.empty_conditioning().embeddings, tiny_sd.encode_prompts([""]).embeddings)
     toks = tiny_sd.tokens("ab c")
     assert toks[0].special and [t.text for t in toks[1:5]] == ["a", "b", "c", "<|endoftext|>"]
     assert not any(t.special for t in toks[1:4]) and all(t.special for t in toks[4:])
@@ -77,4 +77,4 @@ def test_dtypes(tiny_sd_folder):
         resolve_dtype("float64", "cpu")
     m = load_model(str(tiny_sd_folder), dtype="bfloat16")
     assert next(m.unet.parameters()).dtype == torch.bfloat16
-    assert m.encode_prompts(["x"]).dtype == torch.bfloat16
+    assert m.encode_prompts(["x"]).embeddings.dtype == torch.bfloat16

@@ -11,6 +11,7 @@ import torch
 
 from diffmem.mitigate import (AUGMENT_STYLES, MitigationConfig, augment_prompt, default_target_loss, mitigate_unit,
                               optimize_prompt_embedding)
+from diffmem.model import Conditioning
 from diffmem.sampling import SamplingConfig, initial_noise, sample_unit
 
 PROMPTS = ["a cat on a mat", "a dog in the fog", "the red barn at dawn"]
@@ -28,20 +29,20 @@ def test_unreachable_target_runs_all_iterations_and_reduces_d(tiny_sd):
     r = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=-1.0, lr=0.05, max_iters=10)
     assert r.iterations.tolist() == [10, 10, 10]
     assert (r.final_d < 0.7 * r.initial_d).all()
-    assert not torch.equal(r.embeddings[:, 1:], cond[:, 1:])
+    assert not torch.equal(r.embeddings[:, 1:], cond.embeddings[:, 1:])
 
 
 def test_start_token_never_changes(tiny_sd):
     cond, x, t = first_step(tiny_sd, PROMPTS)
     r = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=-1.0, lr=0.5, max_iters=5)
-    assert torch.equal(r.embeddings[:, 0], cond[:, 0])  # AdamW's weight decay included
+    assert torch.equal(r.embeddings[:, 0], cond.embeddings[:, 0])  # AdamW's weight decay included
 
 
 def test_target_above_d_stops_at_once_and_changes_nothing(tiny_sd):
     cond, x, t = first_step(tiny_sd, PROMPTS)
     r = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=1e6)
     assert r.iterations.tolist() == [0, 0, 0]
-    assert torch.equal(r.embeddings, cond)
+    assert torch.equal(r.embeddings, cond.embeddings)
     assert torch.equal(r.final_d, r.initial_d)
 
 
@@ -63,7 +64,7 @@ def test_a_finished_prompt_stops_changing_while_others_continue(tiny_sd):
     target = float(d0[lo]) + 1e-6  # only the lowest prompt is already there
     joint = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=target)
     assert int(joint.iterations[lo]) == 0
-    assert torch.equal(joint.embeddings[lo], cond[lo])
+    assert torch.equal(joint.embeddings[lo], cond.embeddings[lo])
     others = [i for i in range(len(PROMPTS)) if i != lo]
     assert all(int(joint.iterations[i]) > 0 for i in others)
     for i in others:  # batching does not change any prompt's optimization
@@ -74,8 +75,9 @@ def test_a_finished_prompt_stops_changing_while_others_continue(tiny_sd):
 
 
 def test_prompt_that_ignores_the_text_has_d_zero_and_needs_no_iterations(tiny_sd):
-    fake = SimpleNamespace(scheduler=tiny_sd.scheduler, empty_embedding=tiny_sd.empty_embedding,
-                           predict_noise=lambda x, t, emb: 0.5 * x + 0 * emb.sum())
+    fake = SimpleNamespace(scheduler=tiny_sd.scheduler, empty_conditioning=tiny_sd.empty_conditioning,
+                           predict_noise=lambda x, t, cond: 0.5 * x + 0 * cond.embeddings.sum(),
+                           frozen_token_positions=(0,), defaults=tiny_sd.defaults)
     cond, x, t = first_step(tiny_sd, PROMPTS[:2])
     r = optimize_prompt_embedding(fake, cond, x, t, target_loss=0.0)
     assert r.initial_d.tolist() == [0.0, 0.0]
@@ -110,7 +112,7 @@ def test_embedding_opt_samples_with_the_optimized_embedding(tiny_sd):
         assert r.iterations == 4 and r.final_d < r.initial_d
         assert r.images.shape == (2, 3, 32, 32) and r.modified_prompt == r.prompt
     direct = sample_unit(tiny_sd, PROMPTS[:2], [0, 1], SAMPLING, decode=True,
-                         embeddings=torch.stack([r.embedding for r in res]))
+                         conditioning=Conditioning(torch.stack([r.embedding for r in res])))
     for r, s in zip(res, direct):
         torch.testing.assert_close(r.images, s.images)
 

@@ -17,7 +17,7 @@ from diffmem.cli.main import main
 from diffmem.explain import ExplainConfig, prompt_scores
 from diffmem.mitigate import MitigationConfig, mitigate_unit
 from diffmem.sampling import SamplingConfig
-from diffmem.web.server import ExplainApp, Threshold, lab_novel_threshold, mitigation_hook, png_data_url, start_server
+from diffmem.web.server import ExplainApp, Threshold, lab_reference_threshold, mitigation_hook, png_data_url, start_server
 
 torch.set_num_threads(1)
 CHROMIUM = Path("/usr/bin/chromium")
@@ -214,7 +214,7 @@ def test_page_in_headless_chromium(fast_lab, tmp_path):
     from diffmem.lab.build import lab_data_for
 
     config = ExplainConfig()
-    threshold = lab_novel_threshold(fast_lab, config)
+    threshold = lab_reference_threshold(fast_lab, config)
     data = lab_data_for(fast_lab)
     memorized = data.prompt_set("memorized")
     scores = prompt_scores(fast_lab, [p.caption for p in memorized])

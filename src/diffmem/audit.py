@@ -23,14 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from diffmem.detect import append_rows, read_rows, run_detection
+from diffmem.detect import run_detection
+from diffmem.files import append_rows, jsonable, load_png, read_rows, save_generations, save_png, write_json, write_rows
 from diffmem.metrics import prompt_score, threshold_at_fpr
+from diffmem.mitigate import MitigationConfig
 from diffmem.prompts import PromptRecord
 from diffmem.sampling import SamplingConfig, plan_units
 
@@ -41,30 +42,24 @@ STAGES = ("detect", "calibrate", "track", "explain", "mitigate", "copies", "repo
 class AuditConfig:
     fpr: float = 0.01  # false-positive rate on the reference prompts that sets the threshold
     threshold: float | None = None  # a given decision threshold instead of calibrating one
-    num_generations: int = 4  # x_T draws per prompt (the paper's 4); the score averages over them
-    num_inference_steps: int = 50  # the DDIM schedule (the paper's 50); images use all of it
     detect_steps: int = 1  # score window [0, detect_steps): first-step detection separates well and is cheap
-    seed: int = 0  # prompt at position i starts from seed + i (detect's seed contract)
-    guidance_scale: float | None = None  # None: the model's default
-    batch_size: int = 64  # UNet samples per call
-    target_loss: float | None = None  # embedding-opt stops at d <= this; None: the reference prompts' median score
-    lr: float = 0.05  # AdamW learning rate (Wen et al.)
-    max_iters: int = 10  # AdamW steps at most (Wen et al.)
     top_words: int = 3  # words listed per flagged prompt in results.jsonl
+    # x_T draws, schedule, seed (prompt at position i starts from seed + i), guidance, UNet samples per call
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(batch_size=64))
+    # embedding-opt of the flagged prompts; None fields: the model's defaults (target: calibrated on the reference)
+    mitigation: MitigationConfig = field(default_factory=MitigationConfig)
 
-    def sampling(self, track_steps: int | None) -> SamplingConfig:
-        return SamplingConfig(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-                              num_generations=self.num_generations, seed=self.seed, track_steps=track_steps,
-                              batch_size=self.batch_size)
-
-    def check(self) -> None:
+    def __post_init__(self):
         if not 0 < self.fpr < 1:
             raise ValueError(f"--fpr {self.fpr}: expected a rate between 0 and 1 (0.01 is 1%)")
-        if self.num_generations < 1:
-            raise ValueError(f"--num-generations {self.num_generations}: must be >= 1")
-        if not 1 <= self.detect_steps <= self.num_inference_steps:
+        if not 1 <= self.detect_steps <= self.sampling.num_inference_steps:
             raise ValueError(f"--detect-steps {self.detect_steps}: must be between 1 and --num-inference-steps "
-                             f"({self.num_inference_steps})")
+                             f"({self.sampling.num_inference_steps})")
+        if self.mitigation.method != "embedding-opt":
+            raise ValueError(f"the audit mitigates with embedding-opt, not {self.mitigation.method!r}")
+
+    def tracked(self, track_steps: int | None) -> SamplingConfig:
+        return replace(self.sampling, track_steps=track_steps)
 
 
 @dataclass
@@ -93,27 +88,20 @@ class AuditResult:
 # -- the lab's built-in prompt sets -----------------------------------------------------------
 
 def lab_audit_prompts(data, num_non_memorized: int = 50) -> tuple[PromptSet, PromptSet]:
-    """(audited, reference) for a lab model: memorized + the later 40% of novel + some non-memorized
-    captions are audited; the first 60% of the novel captions (never seen in training) are the reference."""
-    from diffmem.lab.prompts import prompt_row
+    """(audited, reference) for a lab model: the reference is the lab's reference prompts (the first
+    60% of the novel captions, never seen in training); memorized + the other novel + some
+    non-memorized captions are audited."""
+    from diffmem.lab.prompts import prompt_row, reference_pairs
 
     novel = data.prompt_set("novel")
-    split = int(0.6 * len(novel))
+    ref = reference_pairs(data)
+    split = len(ref)
     pairs = data.prompt_set("memorized") + novel[split:] + data.prompt_set("non-memorized")[:num_non_memorized]
     audited = [PromptRecord(i, p.caption, {k: v for k, v in prompt_row(p).items() if k != "caption"})
                for i, p in enumerate(pairs)]
-    reference = [PromptRecord(i, p.caption, {"set": p.kind}) for i, p in enumerate(novel[:split])]
+    reference = [PromptRecord(i, p.caption, {"set": p.kind}) for i, p in enumerate(ref)]
     return (PromptSet(audited, f"lab: memorized + novel[{split}:] + non-memorized[:{num_non_memorized}]"),
             PromptSet(reference, f"lab: novel[:{split}] (titles never seen in training)"))
-
-
-def lab_data_of(model):
-    """The model's lab data, or None for a model that is not a lab model."""
-    if getattr(model, "extra_meta", {}).get("data") is None:
-        return None
-    from diffmem.lab.build import lab_data_for
-
-    return lab_data_for(model)
 
 
 # -- the stages -------------------------------------------------------------------------------
@@ -123,37 +111,12 @@ def _log(progress: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
-def _save_png(image: torch.Tensor | np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    arr = image.permute(1, 2, 0).float().numpy() if isinstance(image, torch.Tensor) else np.transpose(image, (1, 2, 0))
-    Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype("uint8")).save(path)
-
-
-def _load_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, H, W)
-
-
 def _detect(model, prompts: PromptSet, out: Path, config: AuditConfig, track_steps: int | None,
             images_dir: Path | None, progress: bool) -> list[dict]:
     """run_detection with resume; complete when every record has a row."""
     if out.exists() and {r["index"] for r in read_rows(out)} >= {r.position for r in prompts.records}:
         return read_rows(out)
-    run_detection(model, prompts.records, out, config.sampling(track_steps), resume=True, images_dir=images_dir,
+    run_detection(model, prompts.records, out, config.tracked(track_steps), resume=True, images_dir=images_dir,
                   prompts_info={"source": prompts.source, "sha256_16": prompts.digest()}, progress=progress)
     return read_rows(out)
 
@@ -177,43 +140,42 @@ def calibrate(config: AuditConfig, reference_scores: list[float] | None, referen
 def _explain(model, flagged: list[dict], path: Path, config: AuditConfig, progress: bool) -> dict[int, dict]:
     from tqdm.auto import tqdm
 
-    from diffmem.explain import token_significance
+    from diffmem.explain import ExplainConfig, token_significance
 
     done = {r["index"]: r for r in read_rows(path, repair=True)}
     todo = [r for r in flagged if r["index"] not in done]
+    sampling = config.sampling
+    explain = ExplainConfig(steps=(0, config.detect_steps), generations=sampling.num_generations, seed=sampling.seed,
+                            num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
+                            batch_size=sampling.batch_size)
     for r in tqdm(todo, desc="explain", unit="prompt", disable=not progress or not todo):
-        ex = token_significance(model, r["prompt"], steps=(0, config.detect_steps), generations=config.num_generations,
-                                seed=config.seed, num_inference_steps=config.num_inference_steps,
-                                guidance_scale=config.guidance_scale)
+        ex = token_significance(model, r["prompt"], explain, position=r["index"])  # the score's own seed
         rec = {"index": r["index"], **ex.to_json()}
         append_rows(path, [rec])
         done[r["index"]] = rec
     return done
 
 
-def _mitigate(model, flagged: list[dict], path: Path, images: Path, config: AuditConfig, target_loss: float,
-              progress: bool) -> dict[int, dict]:
+def _mitigate(model, flagged: list[dict], path: Path, images: Path, config: AuditConfig,
+              mitigation: MitigationConfig, progress: bool) -> dict[int, dict]:
     from tqdm.auto import tqdm
 
-    from diffmem.mitigate import MitigationConfig, mitigate_unit
+    from diffmem.mitigate import mitigate_unit
 
     done = {r["index"]: r for r in read_rows(path, repair=True)}
     by_pos = {r["index"]: r["prompt"] for r in flagged if r["index"] not in done}
-    sampling = config.sampling(None)
-    mitigation = MitigationConfig("embedding-opt", target_loss=target_loss, lr=config.lr, max_iters=config.max_iters,
-                                  seed=config.seed)
+    sampling = config.tracked(None)
     images.mkdir(parents=True, exist_ok=True)
     # Units of at most batch_size // 2 generations: the optimizer's batch and the sampler's are the same.
-    units = plan_units(sorted(by_pos), config.num_generations, config.batch_size)
+    units = plan_units(sorted(by_pos), sampling.num_generations, sampling.batch_size)
     bar = tqdm(total=len(by_pos), desc="mitigate", unit="prompt", disable=not progress or not by_pos)
     for unit in units:
         results = mitigate_unit(model, [by_pos[p] for p in unit], unit, mitigation, sampling)
         rows = []
         for m in results:
-            for g, img in enumerate(m.images):
-                _save_png(img, images / f"{m.position:05d}_{g}.png")
+            save_generations(images, m.position, m.images)
             rows.append({"index": m.position, "prompt": m.prompt, "initial_d": m.initial_d, "final_d": m.final_d,
-                         "iterations": m.iterations, "target_loss": target_loss,
+                         "iterations": m.iterations, "target_loss": mitigation.target_loss,
                          "mitigated_score": prompt_score(m.text_noise_norm.tolist(), slice(0, config.detect_steps)),
                          "text_noise_norm": m.text_noise_norm.tolist(),
                          "images": [f"images/mitigated/{m.position:05d}_{g}.png" for g in range(len(m.images))]})
@@ -238,18 +200,18 @@ def _copies(data, flagged: list[dict], out: Path, progress: bool) -> list[dict]:
         own = np.flatnonzero(np.isin(train.owner, list(train.owners_of(r["prompt"])))).tolist()
         if own:  # the prompt's own training images (a memorized or non-memorized caption)
             for j in own:
-                _save_png(train.images[j], out / "images" / "training" / f"{j:06d}.png")
+                save_png(train.images[j], out / "images" / "training" / f"{j:06d}.png")
             row["own_training_images"] = [f"images/training/{j:06d}.png" for j in own]
         for kind in ("generated", "mitigated"):
             paths = sorted((out / "images" / kind).glob(f"{r['index']:05d}_*.png"), key=lambda p: int(p.stem.split("_")[1]))
             if not paths:
                 continue
-            imgs = np.stack([_load_png(p) for p in paths])
+            imgs = np.stack([load_png(p) for p in paths])
             res = judge_copies(imgs, [r["prompt"]] * len(imgs), train, threshold)
             for j in set(res.nearest.tolist()):
                 p = out / "images" / "training" / f"{j:06d}.png"
                 if not p.exists():
-                    _save_png(train.images[j], p)
+                    save_png(train.images[j], p)
             row[kind] = [{"image": f"images/{kind}/{p.name}", "nearest": f"images/training/{int(j):06d}.png",
                           "nearest_caption": train.captions[j], "rmse": float(d), "copy": bool(c)}
                          for p, j, d, c in zip(paths, res.nearest, res.distance, res.is_copy)]
@@ -310,16 +272,15 @@ def ground_truth(rows: list[dict]) -> dict | None:
 def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: AuditConfig = AuditConfig(),
               out: str | Path = "audit", progress: bool = True) -> AuditResult:
     """Audit `prompts` on `model`; write every stage's output, results.jsonl and index.html under `out`."""
-    from diffmem.explain import provenance
+    from diffmem.provenance import provenance
     from diffmem.reports.audit_html import write_audit_report
 
     # 1. Check inputs, and that an existing folder holds this same audit.
-    config.check()
     if config.threshold is None and (reference is None or not reference.records):
         raise ValueError("no way to set the decision threshold: pass reference prompts known to be normal "
                          "(--reference-prompts) to calibrate it at --fpr, or a --threshold")
     out = Path(out)
-    run_info = {"model": model.name, "config": asdict(config), "prompts": {"source": prompts.source,
+    run_info = {"model": model.name, "config": jsonable(asdict(config)), "prompts": {"source": prompts.source,
                 "num_prompts": len(prompts.records), "sha256_16": prompts.digest()},
                 "reference": None if reference is None else {"source": reference.source,
                 "num_prompts": len(reference.records), "sha256_16": reference.digest()}}
@@ -334,7 +295,7 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     else:
         out.mkdir(parents=True, exist_ok=True)
         run_info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        _write_json(audit_json, run_info)
+        write_json(audit_json, run_info)
     state = json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}
     result = AuditResult(out, [], {})
 
@@ -347,10 +308,11 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
 
     def finish(name: str, t0: float) -> None:
         state[name] = {"seconds": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _write_json(out / "stages.json", state)
+        write_json(out / "stages.json", state)
 
     # 2. Detect: first-step scores of the audited and the reference prompts.
     t0 = time.time()
+    sampling = config.sampling
     todo = stage("detect", 1, f"{config.detect_steps}-step scores of {len(prompts.records)} prompts"
                  + (f" and {len(reference.records)} reference prompts" if reference else ""))
     (out / "detect").mkdir(exist_ok=True)
@@ -364,7 +326,7 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     t0 = time.time()
     if stage("calibrate", 2, "decision threshold"):
         threshold = calibrate(config, [r["score"] for r in ref_rows] or None, reference.source if reference else None)
-        _write_json(out / "threshold.json", threshold)
+        write_json(out / "threshold.json", threshold)
         finish("calibrate", t0)
     threshold = json.loads((out / "threshold.json").read_text())
     result.threshold = threshold
@@ -376,7 +338,7 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
 
     # 4. Track the flagged prompts over the whole schedule and keep their generations.
     t0 = time.time()
-    if stage("track", 3, f"all {config.num_inference_steps} steps of {len(flagged)} flagged prompts, with images"):
+    if stage("track", 3, f"all {sampling.num_inference_steps} steps of {len(flagged)} flagged prompts, with images"):
         (out / "track").mkdir(exist_ok=True)
         if flagged:
             _detect(model, flagged_set, out / "track" / "flagged.jsonl", config, None, out / "images" / "generated",
@@ -393,27 +355,29 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
 
     # 6. Mitigate: embedding optimization down to the target, then sample with the optimized embedding.
     t0 = time.time()
-    target = config.target_loss
-    if target is None:
+    calibrated = None
+    if config.mitigation.target_loss is None and model.defaults.target_loss is None:
         from diffmem.mitigate import default_target_loss
 
         # embedding-opt stops on the first-step d, so the target is set on that scale (= the score
-        # when the window is the first step)
+        # when the window is the first step): the median of the reference prompts, as on every verb
         normal = ref_rows or [r for r in scored if r["score"] < threshold["value"]]
-        target = default_target_loss([prompt_score(r["text_noise_norm"], slice(0, 1)) for r in normal],
-                                     threshold["value"])
+        calibrated = default_target_loss([prompt_score(r["text_noise_norm"], slice(0, 1)) for r in normal],
+                                         threshold["value"])
+    mitigation = config.mitigation.resolved(model, calibrated)
+    target = mitigation.target_loss
     if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to d <= {target:.4g}"):
-        _mitigate(model, flagged, out / "mitigate.jsonl", out / "images" / "mitigated", config, target, progress)
+        _mitigate(model, flagged, out / "mitigate.jsonl", out / "images" / "mitigated", config, mitigation, progress)
         finish("mitigate", t0)
     mitigated = {r["index"]: r for r in read_rows(out / "mitigate.jsonl")}
 
     # 7. Copies: nearest training images, where they are known.
     t0 = time.time()
-    data = lab_data_of(model)
+    data = model.training_data()
     if stage("copies", 6, "nearest training images (lab copy rule)" if data is not None else
              "no training images known for this model; skipped"):
         rows = _copies(data, flagged, out, progress) if data is not None and flagged else []
-        _write_rows(out / "copies.jsonl", rows)
+        write_rows(out / "copies.jsonl", rows)
         finish("copies", t0)
     copies = {r["index"]: r for r in read_rows(out / "copies.jsonl")}
 
@@ -422,11 +386,11 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     stage("report", 7, "results.jsonl and index.html")
     t0 = time.time()
     result.rows = result_rows(scored, threshold["value"], explained, mitigated, copies, tracked, config.top_words)
-    _write_rows(out / "results.jsonl", result.rows)
+    write_rows(out / "results.jsonl", result.rows)
     truth = ground_truth(result.rows)
     if truth is not None:
-        _write_json(out / "ground_truth.json", truth)
-    info = {**run_info, **provenance(model), "target_loss": target, "stages": state,
+        write_json(out / "ground_truth.json", truth)
+    info = {**run_info, **provenance(model), "target_loss": target, "mitigation": asdict(mitigation), "stages": state,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_audit_report(out, result.rows, threshold, [r["score"] for r in ref_rows], info, explained, mitigated,
                        copies, truth)

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from diffmem.files import append_rows, read_rows, save_generations
 from diffmem.metrics import prompt_score
 from diffmem.prompts import PromptRecord
 from diffmem.sampling import PromptSamples, SamplingConfig, plan_units, sample_unit
@@ -25,36 +26,6 @@ RESUME_KEYS = ("model", "unet", "settings", "prompts")  # metadata that must mat
 
 def meta_path(out: Path) -> Path:
     return out.with_name(out.stem + ".meta.json")
-
-
-def read_rows(path: Path, repair: bool = False) -> list[dict]:
-    """Complete rows of a JSON Lines file; with `repair`, cut off a trailing partial line."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if repair and end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    rows = []
-    for lineno, line in enumerate(data[:end].splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: broken result line ({e.msg}); the file was not written by diffmem") from None
-    return rows
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append rows with one write() call, then fsync: a crash leaves whole lines only."""
-    payload = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool) -> dict:
@@ -71,15 +42,6 @@ def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool) ->
     }
 
 
-def save_images(folder: Path, samples: PromptSamples) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for g, img in enumerate(samples.images):
-        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        Image.fromarray(arr).save(folder / f"{samples.position:05d}_{g}.png")
-
-
 def run_detection(model, records: list[PromptRecord], out: str | Path, config: SamplingConfig = SamplingConfig(),
                   resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
                   unet: str | None = None, progress: bool = True) -> Path:
@@ -87,17 +49,14 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    import diffmem
+    from diffmem.provenance import provenance
 
     state = PartialState()
     out = Path(out)
-    settings = {**asdict(config), "guidance_scale": model.default_guidance_scale
-                if config.guidance_scale is None else config.guidance_scale}
+    settings = {**asdict(config), "guidance_scale": config.guidance(model)}
     truncated = {r.position for r in records if model.count_tokens(r.prompt) > model.max_tokens}
-    meta = {"diffmem_version": diffmem.__version__, "model": model.name, "unet": unet, "settings": settings,
-            "prompts": prompts_info or {}, "num_prompts": len(records), "num_truncated": len(truncated),
-            "max_tokens": model.max_tokens, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-            "num_processes": state.num_processes}
+    meta = provenance(model, unet=unet, settings=settings, prompts=prompts_info or {}, num_prompts=len(records),
+                      num_truncated=len(truncated), max_tokens=model.max_tokens, num_processes=state.num_processes)
     parts = sorted(out.parent.glob(out.name + ".part*"))
 
     # 1. Check the output: a new run must not overwrite, a resumed run must match its settings.
@@ -112,7 +71,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
                                  f"({'; '.join(f'{k}: {old.get(k)!r} vs {meta[k]!r}' for k in diff)})")
         out.parent.mkdir(parents=True, exist_ok=True)
         if not meta_path(out).exists() or not resume:
-            meta_path(out).write_text(json.dumps({**meta, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+            meta_path(out).write_text(json.dumps({**meta, "started": meta["time"]}, indent=2))
         if truncated:
             print(f"{len(truncated)} of {len(records)} prompts are longer than {model.max_tokens} tokens "
                   f"and were truncated, as diffusers does")
@@ -132,7 +91,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         results = sample_unit(model, [by_pos[p].prompt for p in unit], unit, config, decode=images_dir is not None)
         if images_dir is not None:
             for s in results:
-                save_images(Path(images_dir), s)
+                save_generations(Path(images_dir), s.position, s.images)
         # A unit is redone whole (same batch, same numbers) but rows already written are not repeated.
         append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated) for s in results
                              if s.position not in done])

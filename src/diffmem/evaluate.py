@@ -10,17 +10,17 @@ next to its generations) and the similarity-against-alignment trade-off figure.
 from __future__ import annotations
 
 import json
-import subprocess
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from diffmem.mitigate import AUGMENT_STYLES, METHODS, MitigatedPrompt, MitigationConfig, first_step_d, mitigate_unit
-from diffmem.sampling import SamplingConfig, initial_noise, plan_units
+from diffmem.files import jsonable, save_generations
+from diffmem.mitigate import AUGMENT_STYLES, METHODS, MitigatedPrompt, MitigationConfig, calibrated_target_loss, mitigate_unit
+from diffmem.provenance import provenance
+from diffmem.sampling import SamplingConfig, plan_units, window_scores
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -41,10 +41,6 @@ class EvalSet:
     name: str
     prompts: list[EvalPrompt]
     lab_data: object | None = None  # diffmem.lab.data.LabData when the lab's judge applies
-
-
-def image_size_of(model) -> int:
-    return model.latent_shape[-1] * getattr(model, "vae_scale_factor", 1)
 
 
 def _load_image(path: Path, size: int) -> torch.Tensor:
@@ -105,19 +101,34 @@ def ground_truth_eval_set(jsonl: Path, size: int, limit: int | None = None) -> E
     return EvalSet(str(jsonl), prompts)
 
 
-def load_eval_set(model, dataset: str | None, limit: int | None = None) -> EvalSet:
-    """--dataset: None or 'lab:<set>' (a lab model's own prompts), a pair folder, or a ground-truth .jsonl."""
-    if dataset is None or dataset.startswith("lab:"):
-        from diffmem.lab.build import lab_data_for
+def with_lab_judge(eval_set: EvalSet, data) -> EvalSet:
+    """`eval_set` judged by the lab's copy rule and content check when every caption is one of the lab
+    data's (e.g. a ``diffmem lab data`` export given as --dataset); else unchanged."""
+    pairs = {p.caption: p for name in ("memorized", "non-memorized", "novel", "out-of-style")
+             for p in data.prompt_set(name)}
+    if not eval_set.prompts or any(p.caption not in pairs for p in eval_set.prompts):
+        return eval_set
+    prompts = [replace(p, colour=pairs[p.caption].spec.colour, shape=pairs[p.caption].spec.shape)
+               for p in eval_set.prompts]
+    return EvalSet(eval_set.name, prompts, lab_data=data)
 
-        if not hasattr(model, "extra_meta") or "data" not in getattr(model, "extra_meta", {}):
+
+def load_eval_set(model, dataset: str | None, limit: int | None = None) -> EvalSet:
+    """--dataset: None or 'lab:<set>' (a lab model's own prompts), a pair folder, or a ground-truth .jsonl.
+    On a lab model, a set whose captions are all the lab's is judged by the lab's copy rule."""
+    data = model.training_data()
+    if dataset is None or dataset.startswith("lab:"):
+        if data is None:
             raise ValueError(f"--dataset is required: model {model.name} is not a lab model with its own memorized set")
-        return lab_eval_set(lab_data_for(model), dataset[4:] if dataset else "memorized", limit)
+        return lab_eval_set(data, dataset[4:] if dataset else "memorized", limit)
     path = Path(dataset)
+    loaded = None
     if path.is_dir():
-        return folder_eval_set(path, image_size_of(model), limit)
-    if path.suffix == ".jsonl" and path.is_file():
-        return ground_truth_eval_set(path, image_size_of(model), limit)
+        loaded = folder_eval_set(path, model.image_size, limit)
+    elif path.suffix == ".jsonl" and path.is_file():
+        loaded = ground_truth_eval_set(path, model.image_size, limit)
+    if loaded is not None:
+        return loaded if data is None else with_lab_judge(loaded, data)
     raise FileNotFoundError(f"--dataset {dataset}: expected a folder of image + .txt pairs, a ground-truth .jsonl "
                             "(caption, index; gt_images/<index>/*.png beside it), or lab:<set>")
 
@@ -127,10 +138,9 @@ def load_eval_set(model, dataset: str | None, limit: int | None = None) -> EvalS
 @dataclass
 class EvaluateConfig:
     methods: tuple[str, ...] = ("none", "embedding-opt", "rand_word_add")
-    target_losses: tuple[float, ...] = (3.0,)  # embedding-opt sweep (the seed's 3 on SD)
+    target_losses: tuple[float | None, ...] = (None,)  # embedding-opt sweep; None: the model's default target
     repeat_nums: tuple[int, ...] = (4,)  # augmentation sweep (4 at inference; the paper sweeps 1-8)
-    lr: float = 0.05
-    max_iters: int = 10
+    mitigation: MitigationConfig = field(default_factory=MitigationConfig)  # lr, max_iters of embedding-opt
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sscd: str | None = None  # TorchScript checkpoint path
     clip: str | None = None  # transformers CLIP folder
@@ -141,18 +151,19 @@ class EvaluateConfig:
 
 
 def settings_of(config: EvaluateConfig) -> list[MitigationConfig]:
+    """Every setting of the sweep (augmentations draw with the sampling seed)."""
     out = []
+    base = replace(config.mitigation, seed=config.sampling.seed)
     for method in config.methods:
         if method not in METHODS:
             raise ValueError(f"--mitigation {method!r}: expected one of {', '.join(METHODS)}")
         if method == "none":
-            out.append(MitigationConfig(method="none", seed=config.sampling.seed))
+            out.append(replace(base, method="none"))
         elif method == "embedding-opt":
-            out += [MitigationConfig(method=method, target_loss=float(v), lr=config.lr, max_iters=config.max_iters,
-                                     seed=config.sampling.seed) for v in config.target_losses]
+            out += [replace(base, method=method, target_loss=None if v is None else float(v))
+                    for v in config.target_losses]
         else:
-            out += [MitigationConfig(method=method, repeat_num=int(v), seed=config.sampling.seed)
-                    for v in config.repeat_nums]
+            out += [replace(base, method=method, repeat_num=int(v)) for v in config.repeat_nums]
     return out
 
 
@@ -168,28 +179,13 @@ def setting_value(m: MitigationConfig) -> float | None:
     return m.target_loss if m.method == "embedding-opt" else m.repeat_num if m.method in AUGMENT_STYLES else None
 
 
-def first_step_scores(model, prompts: list[str], sampling: SamplingConfig) -> np.ndarray:
-    """First-step d per prompt (mean over generations; seed of position i: sampling.seed + i)."""
-    out = []
-    model.scheduler.set_timesteps(sampling.num_inference_steps, device=model.device)
-    t = model.scheduler.timesteps[0]
-    empty = model.empty_embedding()
-    for unit in plan_units(list(range(len(prompts))), sampling.num_generations, sampling.batch_size):
-        x = torch.stack([initial_noise(model, sampling.num_generations, sampling.seed + p) for p in unit])
-        x = model.scheduler.scale_model_input(x.flatten(0, 1), t).view_as(x)
-        with torch.no_grad():
-            eps_u = model.predict_noise(x.flatten(0, 1), t, empty.expand(x.shape[0] * x.shape[1], -1, -1)).view_as(x)
-            out.append(first_step_d(model.predict_noise, model.encode_prompts([prompts[p] for p in unit]), x, t, eps_u))
-    return torch.cat(out).cpu().double().numpy()
-
-
 def calibrate_target_loss(model, reference_prompts: list[str], sampling: SamplingConfig,
                           percentiles=(50, 75, 90, 95)) -> dict[float, float]:
     """Target losses for embedding-opt from non-memorized prompts' first-step d: {percentile: value}.
 
     Memorized prompts whose first-step d is brought down to where ordinary prompts sit; a target
     above the memorized prompts' own d stops the optimizer at once (the prototype finding)."""
-    d = first_step_scores(model, reference_prompts, sampling)
+    d = window_scores(model, reference_prompts, replace(sampling, track_steps=1))
     return {float(p): float(np.percentile(d, p)) for p in percentiles}
 
 
@@ -283,18 +279,6 @@ def best_under_copy_rate(results: dict, max_copy_rate: float = 0.05) -> dict:
     return {"max_copy_rate": max_copy_rate, "methods": out}
 
 
-def provenance(model, **extra) -> dict:
-    import diffmem
-
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        git = None
-    return {"diffmem_version": diffmem.__version__, "git": git, "model": model.name, "device": str(model.device),
-            "dtype": str(model.dtype).replace("torch.", ""), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
-
-
 def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | Path, progress: bool = True) -> dict:
     """Sample every mitigation setting on `eval_set`, judge the generations, write everything to `out`."""
     from tqdm.auto import tqdm
@@ -304,7 +288,9 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
     # 1. Inputs and output folder.
     out = Path(out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    settings = settings_of(config)
+    target = next((calibrated_target_loss(model, m, config.sampling) for m in settings_of(config)
+                   if m.method == "embedding-opt" and m.target_loss is None), None)
+    settings = [m.resolved(model, target) for m in settings_of(config)]
     judge = Judge(model, eval_set, config)
     prompts = [p.caption for p in eval_set.prompts]
     units = plan_units(list(range(len(prompts))), config.sampling.num_generations, config.sampling.batch_size)
@@ -321,11 +307,12 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
         comparison_grid([eval_set.prompts[r.position].training[:1] for r in results[:config.grid_prompts]],
                         [r.images for r in results[:config.grid_prompts]], out / "grids" / f"{name}.png")
         if config.save_images:
-            _save_images(out / "images" / name, results)
+            for r in results:
+                save_generations(out / "images" / name, r.position, r.images)
     bar.close()
     # 3. Tables, summary and the trade-off figure.
     summary = {"provenance": provenance(model, dataset=eval_set.name, num_prompts=len(prompts),
-                                        config=_jsonable(asdict(config))),
+                                        config=jsonable(asdict(config)), calibrated_target_loss=target),
                "copy_rule": "lab judge (nearest training image is the prompt's own, RMSE under the lab threshold)"
                if judge.lab_train is not None else (f"{judge.copy_metric} beyond {config.copy_threshold}"
                                                     if config.copy_threshold is not None else None),
@@ -339,12 +326,6 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
     tradeoff_figure(summary["results"], out / "tradeoff.png", x_key=x_key,
                     similarity_metric="sscd" if judge.sscd else "pixel_cosine")
     return summary
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x, default=str))
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     import csv
 
@@ -364,16 +345,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(flat)
 
 
-def _save_images(folder: Path, results: list[MitigatedPrompt]) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for r in results:
-        for g, img in enumerate(r.images):
-            Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
-                folder / f"{r.position:05d}_{g}.png")
-
-
 # -- one mitigation, as `diffmem mitigate` runs it ------------------------------------------------
 
 def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling: SamplingConfig, out: str | Path,
@@ -387,6 +358,7 @@ def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling
     if (out / "results.jsonl").exists():
         raise FileExistsError(f"{out}/results.jsonl exists; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    config = config.resolved(model, calibrated_target_loss(model, config, sampling))
     units = plan_units(list(range(len(prompts))), sampling.num_generations, sampling.batch_size)
     results: list[MitigatedPrompt] = []
     bar = tqdm(total=len(prompts), desc=f"mitigate ({config.method})", unit="prompt", disable=not progress)
@@ -394,7 +366,8 @@ def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling
         results += mitigate_unit(model, [prompts[p] for p in unit], unit, config, sampling)
         bar.update(len(unit))
     bar.close()
-    _save_images(out / "images", results)
+    for r in results:
+        save_generations(out / "images", r.position, r.images)
     save_file({f"prompt_{r.position:05d}": r.embedding.float().contiguous() for r in results},
               str(out / "embeddings.safetensors"))
     rows = [{"position": r.position, "seed": sampling.seed + r.position, "prompt": r.prompt,
@@ -417,23 +390,24 @@ def training_step_stats(model, images: torch.Tensor, captions: list[str], seed: 
 
     images (N, 3, H, W) in [0, 1]. Returns {"d": (N,), "loss": (N,), "t": (N,)}.
     """
-    from diffusers import DDPMScheduler
-
     from diffmem.metrics import text_noise_norm
 
-    noise_scheduler = DDPMScheduler.from_config(model.scheduler.config)
+    noise_scheduler = model.training_scheduler()
     gen = torch.Generator().manual_seed(seed)
-    empty = model.empty_embedding()
+    empty = model.empty_conditioning()
     out = {"d": [], "loss": [], "t": []}
     for i in range(0, len(images), batch_size):
         x = model.encode_images(images[i:i + batch_size].to(model.device, model.dtype) * 2 - 1).float()
         noise = torch.randn(x.shape, generator=gen).to(x.device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x),), generator=gen).to(x.device)
         noisy = noise_scheduler.add_noise(x, noise, t).to(model.dtype)
-        eps_c = model.predict_noise(noisy, t, model.encode_prompts(captions[i:i + batch_size])).float()
-        eps_u = model.predict_noise(noisy, t, empty.expand(len(x), -1, -1)).float()
+        cond = model.encode_prompts(captions[i:i + batch_size])
+        out_c = model.model_output(noisy, t, cond).float()
+        eps_c = model.output_to_noise(out_c, noisy.float(), t)
+        eps_u = model.predict_noise(noisy, t, empty.expand(len(x))).float()
         out["d"].append(text_noise_norm(eps_c, eps_u).cpu())
-        out["loss"].append((eps_c - noise).pow(2).flatten(1).mean(1).cpu())
+        target = model.training_target(x, noise, t).float()
+        out["loss"].append((out_c - target).pow(2).flatten(1).mean(1).cpu())
         out["t"].append(t.cpu())
     return {k: torch.cat(v).double().numpy() for k, v in out.items()}
 

@@ -6,6 +6,10 @@ averaged over a window of DDIM steps and over the generations) with respect to t
 embedding in the *conditional* prompt embedding. The unconditional branch is the empty prompt, as in
 sampling, and no gradient flows through it. (The official ``get_text_cond_grad`` took the gradient
 with respect to the embedding in the unconditional slot; see ``tests/test_explain.py``.)
+
+Scores and gradients come from the tracked pass of ``diffmem.sampling`` (its gradient-enabled
+variant inside the window), under the seed contract: the prompt at position i starts from seed + i,
+so an explanation's score equals the detection score of the same prompt, position and settings.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Callable
 import torch
 
 from diffmem.metrics import text_noise_norm
-from diffmem.sampling import denoise_tracked, initial_noise
+from diffmem.sampling import SamplingConfig, Step, check_window, initial_noise, schedule, tracked_pass, window_scores
 
 Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # eps(x_t, t, emb)
 
@@ -50,21 +54,49 @@ def significance_from_grad(grad: torch.Tensor) -> torch.Tensor:
     return grad.reshape(-1, grad.shape[-1]).float().norm(dim=-1)
 
 
+class SignificanceRecorder:
+    """Recorder of the gradient-enabled pass: d per row and the gradient of its mean (over the rows)
+    with respect to `leaf`, the (1, T, D) conditional embedding shared by the rows, summed over steps."""
+
+    def __init__(self, leaf: torch.Tensor):
+        self.leaf = leaf
+        self.grad_sum = torch.zeros_like(leaf, dtype=torch.float32)
+        self.d: list[torch.Tensor] = []
+
+    def on_step(self, step: Step) -> None:
+        d = text_noise_norm(step.eps_cond, step.eps_uncond)  # (G,)
+        self.d.append(d.detach().float().cpu())
+        if d.requires_grad:  # a denoiser that ignores its embedding has no gradient
+            (grad,) = torch.autograd.grad(d.mean(), self.leaf)
+            self.grad_sum += grad.float()
+
+
 @dataclass
 class ExplainConfig:
     steps: tuple[int, int] = (0, 1)  # window [start, end) of DDIM steps; the first step alone is fast and separates well
     generations: int = 4  # x_T draws per prompt (the paper's 4)
-    seed: int = 0  # every prompt starts from the same x_T (initial_noise's seed contract), so scores compare
+    seed: int = 0  # the prompt at position i starts from seed + i (detect's seed contract)
     num_inference_steps: int = 50  # the DDIM schedule the window lives in (the paper's 50)
     guidance_scale: float | None = None  # for sampling the steps before the window; None: the model's default
+    batch_size: int = 64  # UNet samples per call when scoring many prompts
+
+    def __post_init__(self):
+        self.steps = check_window(self.steps, self.num_inference_steps)
+        if self.generations < 1:
+            raise ValueError(f"generations {self.generations}: must be >= 1")
+
+    def sampling(self) -> SamplingConfig:
+        """The tracked pass's settings: the window's end is the last tracked step."""
+        return SamplingConfig(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                              num_generations=self.generations, seed=self.seed, track_steps=self.steps[1],
+                              batch_size=self.batch_size)
 
 
-def check_window(steps: tuple[int, int], num_inference_steps: int) -> tuple[int, int]:
-    start, end = (int(s) for s in steps)
-    if not 0 <= start < end <= num_inference_steps:
-        raise ValueError(f"step window [{start}, {end}): expected 0 <= start < end <= num_inference_steps "
-                         f"({num_inference_steps})")
-    return start, end
+def explain_config(config: ExplainConfig | None, overrides: dict) -> ExplainConfig:
+    from dataclasses import replace
+
+    config = config or ExplainConfig()
+    return replace(config, **overrides) if overrides else config
 
 
 # -- records ----------------------------------------------------------------------------------
@@ -119,99 +151,60 @@ class Explanation:
 
 # -- on a model -------------------------------------------------------------------------------
 
-def token_significance(model, prompt: str, steps: tuple[int, int] = (0, 1), generations: int = 4, seed: int = 0,
-                       num_inference_steps: int = 50, guidance_scale: float | None = None) -> Explanation:
+def token_significance(model, prompt: str, config: ExplainConfig | None = None, position: int = 0,
+                       **overrides) -> Explanation:
     """Significance of each token of `prompt` for memorization, on any ``DiffusionModel``.
 
-    The steps before the window are sampled without gradients by the same DDIM + CFG update as
-    ``diffmem.sampling``; within the window, each step's gradient is taken, then the step is taken.
+    `overrides` are ExplainConfig fields (``steps=(0, 5)``, ``generations=2``, ...). The prompt
+    starts from seed + `position`. The steps before the window run in the tracked pass without
+    gradients; the window runs in its gradient-enabled variant (each step's gradient, then the step).
     """
-    config = ExplainConfig((int(steps[0]), int(steps[1])), generations, seed, num_inference_steps, guidance_scale)
-    # 1. Check inputs
-    start, end = check_window(config.steps, num_inference_steps)
-    if generations < 1:
-        raise ValueError(f"generations {generations}: must be >= 1")
-    guidance = model.default_guidance_scale if guidance_scale is None else guidance_scale
+    config = explain_config(config, overrides)
+    start, end = config.steps
+    G = config.generations
 
-    # 2. Embeddings and tokens: one conditional embedding shared by all generations
-    cond = model.encode_prompts([prompt])  # (1, T, D)
-    uncond = model.empty_embedding()  # (1, T, D)
+    # 1. Conditioning and tokens: one conditional embedding (a leaf) shared by all generations
+    cond = model.encode_prompts([prompt])  # (1 row)
     tokens = model.tokens(prompt)
-    if len(tokens) != cond.shape[1]:
+    if len(tokens) != cond.embeddings.shape[1]:
         raise ValueError(f"model {model.name}: tokens() gave {len(tokens)} tokens but the embedding has "
-                         f"{cond.shape[1]} positions; the adapter must pad tokens() to max_tokens")
+                         f"{cond.embeddings.shape[1]} positions; the adapter must pad tokens() to max_tokens")
+    leaf = cond.embeddings.detach().clone().requires_grad_(True)  # (1, T, D)
+    cond_g = cond.with_embeddings(leaf).expand(G)
+    uncond_g = model.empty_conditioning().expand(G)
 
-    # 3. Timesteps and x_T, then sample up to the window without gradients
-    model.scheduler.set_timesteps(num_inference_steps, device=model.device)
-    timesteps = model.scheduler.timesteps
-    x = initial_noise(model, generations, seed)  # (G, C, H, W)
-    cond_g, uncond_g = cond.expand(generations, -1, -1), uncond.expand(generations, -1, -1)
-    x, _, _ = denoise_tracked(model, x, cond_g, uncond_g, timesteps[:start], guidance)
+    # 2. x_T under the seed contract, sampled up to the window without gradients
+    timesteps = schedule(model, config.num_inference_steps)
+    guidance = config.sampling().guidance(model)
+    x = initial_noise(model, G, config.seed + position)  # (G, C, H, W)
+    x = tracked_pass(model, x, cond_g.detach(), uncond_g, timesteps[:start], guidance)
 
-    # 4. The window: gradient of d at each step, then the ordinary DDIM + CFG step
-    grad_sum = torch.zeros_like(cond, dtype=torch.float32)
-    d_steps = []
-    for i in range(start, end):
-        t = timesteps[i]
-        x_in = model.scheduler.scale_model_input(x, t)
-        d, grad = text_noise_norm_grad(model.predict_noise, x_in, t, cond, uncond)
-        grad_sum += grad.float()
-        d_steps.append(d.float().cpu())
-        x, _, _ = denoise_tracked(model, x, cond_g, uncond_g, timesteps[i:i + 1], guidance)
-    significance = significance_from_grad(grad_sum / (end - start)).cpu()  # (T,): gradient of the window mean
-    d_table = torch.stack(d_steps, 1)  # (G, S)
+    # 3. The window: the gradient-enabled pass
+    rec = SignificanceRecorder(leaf)
+    tracked_pass(model, x, cond_g, uncond_g, timesteps[start:end], guidance, [rec], first_index=start, grad=True)
+    significance = significance_from_grad(rec.grad_sum / (end - start)).cpu()  # (T,): gradient of the window mean
+    d_table = torch.stack(rec.d, 1)  # (G, S)
 
-    # 5. Records: tokens in prompt order, and the words a person typed
+    # 4. Records: tokens in prompt order, and the words a person typed
     words, token_word = word_scores(prompt, tokens, significance.tolist())
     token_scores = [TokenScore(tok.text, float(s), tok.special, tok.token_id, w)
                     for tok, s, w in zip(tokens, significance.tolist(), token_word)]
-    return Explanation(prompt, float(d_table.mean()), token_scores, words, d_table.tolist(), config,
+    from diffmem.provenance import provenance
+
+    return Explanation(prompt, float(d_table.double().mean()), token_scores, words, d_table.tolist(), config,
                        truncated=model.count_tokens(prompt) > model.max_tokens,
-                       provenance=provenance(model))
+                       provenance={**provenance(model), "position": position, "seed": config.seed + position})
 
 
-@torch.no_grad()
-def prompt_scores(model, prompts: list[str], steps: tuple[int, int] = (0, 1), generations: int = 4, seed: int = 0,
-                  num_inference_steps: int = 50, guidance_scale: float | None = None,
-                  batch_size: int = 64) -> list[float]:
+def prompt_scores(model, prompts: list[str], config: ExplainConfig | None = None, positions: list[int] | None = None,
+                  **overrides) -> list[float]:
     """Detection scores (mean d over the window and generations) of many prompts, without gradients.
 
-    The same settings give the same score as ``token_significance``; every prompt starts from the
-    same x_T, so a threshold calibrated here applies to explanations.
+    Prompt j sits at ``positions[j]`` (default j) and starts from seed + that position; the same
+    settings and position give the same score as ``token_significance`` and ``diffmem detect``.
     """
-    start, end = check_window(steps, num_inference_steps)
-    guidance = model.default_guidance_scale if guidance_scale is None else guidance_scale
-    model.scheduler.set_timesteps(num_inference_steps, device=model.device)
-    timesteps = model.scheduler.timesteps[:end]
-    per_call = max(batch_size // (2 * generations), 1)  # prompts per UNet call
-    scores: list[float] = []
-    for i in range(0, len(prompts), per_call):
-        chunk = prompts[i:i + per_call]
-        x = initial_noise(model, generations, seed).repeat(len(chunk), 1, 1, 1)  # (P*G, C, H, W)
-        cond = model.encode_prompts(chunk).repeat_interleave(generations, dim=0)
-        uncond = model.empty_embedding().expand(len(x), -1, -1)
-        _, d, _ = denoise_tracked(model, x, cond, uncond, timesteps, guidance)  # (P*G, end)
-        scores += d[:, start:end].reshape(len(chunk), -1).mean(1).tolist()
-    return scores
-
-
-def provenance(model) -> dict:
-    import diffmem
-
-    return {"model": model.name, "diffmem_version": diffmem.__version__, "git_commit": _git_commit(),
-            "device": str(model.device), "dtype": str(model.dtype).replace("torch.", "")}
-
-
-def _git_commit() -> str | None:
-    import subprocess
-    from pathlib import Path
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
+    config = explain_config(config, overrides)
+    return window_scores(model, prompts, config.sampling(), config.steps, positions).tolist()
 
 
 # -- from tokens to the words a person typed --------------------------------------------------

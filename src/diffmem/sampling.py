@@ -1,17 +1,29 @@
-"""The explicit DDIM + classifier-free-guidance loop that records the detection metric per step.
+"""The one tracked pass: batched DDIM + classifier-free guidance that hands every step to recorders.
 
-Tracking does not change sampling: latents equal those of diffusers' ``StableDiffusionPipeline``
-with ``DDIMScheduler`` for the same seed (the seed contract in ``initial_noise``).
+Every verb that needs a per-step quantity (detection's d, explanation's gradient, mitigation's
+starting d, evaluation, the audit, the lab report) runs this pass, so the same prompt, seed and
+settings give the same numbers everywhere. Tracking does not change sampling: latents equal those
+of diffusers' ``StableDiffusionPipeline`` with ``DDIMScheduler`` for the same seed (the seed
+contract in ``initial_noise``).
+
+A *recorder* is any object with ``on_step(step: Step)``; ``NoiseNormRecorder`` records Wen et al.'s
+d. A recorder may also have ``before_step(index, t)``, called before that step's UNet calls (the
+cross-attention recorder of ``diffmem.attention`` uses it to capture only the steps asked for).
+With ``grad=True`` the UNet calls keep their autograd graph (token significance, embedding
+optimization, Jacobian-vector scores differentiate through the recorded tensors); the latent
+update is always taken without gradients, so no graph spans two steps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 
 from diffmem.metrics import noise_norm, text_noise_norm
+from diffmem.model import Conditioning
 
 
 @dataclass
@@ -24,6 +36,25 @@ class SamplingConfig:
     batch_size: int = 16  # UNet samples per call (conditional and unconditional rows both count)
     eta: float = 0.0  # DDIM eta; 0 = deterministic, as in the paper
 
+    def __post_init__(self):
+        if self.num_inference_steps < 1:
+            raise ValueError(f"--num-inference-steps {self.num_inference_steps}: must be >= 1")
+        if self.num_generations < 1:
+            raise ValueError(f"--num-generations {self.num_generations}: must be >= 1")
+        if self.batch_size < 2:
+            raise ValueError(f"--batch-size {self.batch_size}: must be >= 2 (each generation needs a conditional "
+                             "and an unconditional row)")
+        if self.track_steps is not None and not 1 <= self.track_steps <= self.num_inference_steps:
+            raise ValueError(f"--track-steps {self.track_steps}: must be between 1 and --num-inference-steps "
+                             f"({self.num_inference_steps})")
+
+    @property
+    def steps_to_run(self) -> int:
+        return self.track_steps or self.num_inference_steps
+
+    def guidance(self, model) -> float:
+        return model.default_guidance_scale if self.guidance_scale is None else self.guidance_scale
+
 
 def initial_noise(model, num_generations: int, seed: int) -> torch.Tensor:
     """x_T for one prompt: (G, C, H, W), exactly what StableDiffusionPipeline draws with
@@ -33,39 +64,109 @@ def initial_noise(model, num_generations: int, seed: int) -> torch.Tensor:
     return x.to(model.device) * model.scheduler.init_noise_sigma
 
 
-def steps_to_run(num_inference_steps: int, track_steps: int | None) -> int:
-    if track_steps is not None and not 1 <= track_steps <= num_inference_steps:
-        raise ValueError(f"--track-steps {track_steps}: must be between 1 and --num-inference-steps ({num_inference_steps})")
-    return track_steps or num_inference_steps
+def schedule(model, num_inference_steps: int) -> torch.Tensor:
+    """The DDIM timesteps of a schedule of `num_inference_steps` steps, first (noisiest) first."""
+    model.scheduler.set_timesteps(num_inference_steps, device=model.device)
+    return model.scheduler.timesteps
 
 
-@torch.no_grad()
-def denoise_tracked(model, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, timesteps,
-                    guidance_scale: float, eta: float = 0.0, advance_last: bool = True):
-    """Run DDIM with classifier-free guidance over `timesteps`, recording d per sample and step.
+# -- the pass -------------------------------------------------------------------------------------
 
-    latents (N, C, H, W) at the first of `timesteps`; cond, uncond (N, T, D).
-    Returns (latents after the last step, text_noise_norm (N, S), uncond_noise_norm (N, S)); with
-    ``advance_last=False`` the last step's update is skipped (early-stopped detection needs only d).
+@dataclass
+class Step:
+    """What one step of the pass hands to recorders; N rows, unconditional rows not included."""
+
+    index: int  # position k in the schedule (0 = the first, noisiest step)
+    t: torch.Tensor  # the timestep
+    x_t: torch.Tensor  # (N, C, H, W) latents entering the step
+    eps_cond: torch.Tensor  # (N, C, H, W) noise predicted with the prompt
+    eps_uncond: torch.Tensor  # (N, C, H, W) noise predicted with the empty prompt
+    next_latents: torch.Tensor | None  # (N, C, H, W) after the guided update; None on a step not advanced
+    cond: Conditioning  # (N rows) the conditioning of the conditional branch
+
+
+class Recorder(Protocol):
+    def on_step(self, step: Step) -> None: ...
+
+
+class NoiseNormRecorder:
+    """Wen et al.'s d = ||eps_c - eps_u||_2 (eq. 3) and the unconditional norm, per row and step."""
+
+    def __init__(self):
+        self.text: list[torch.Tensor] = []
+        self.uncond: list[torch.Tensor] = []
+
+    def on_step(self, step: Step) -> None:
+        self.text.append(text_noise_norm(step.eps_cond, step.eps_uncond))
+        self.uncond.append(noise_norm(step.eps_uncond))
+
+    def text_noise_norm(self) -> torch.Tensor:
+        """(N, S) d per row and recorded step (differentiable when the pass ran with grad)."""
+        return torch.stack(self.text, 1)
+
+    def uncond_noise_norm(self) -> torch.Tensor:
+        return torch.stack(self.uncond, 1)
+
+
+def predict_branches(model, x_t: torch.Tensor, t, cond: Conditioning, uncond: Conditioning | None,
+                     eps_uncond: torch.Tensor | None = None, max_batch: int | None = None):
+    """(eps_cond, eps_uncond) at x_t: one UNet call per `max_batch` rows, unconditional rows first
+    (as diffusers orders them). Given `eps_uncond`, only the conditional rows are computed.
+
+    x_t (N, C, H, W) unscaled; cond and uncond N rows.
     """
-    text_norms, uncond_norms = [], []
-    for k, t in enumerate(timesteps):
-        # 1. One UNet call for both branches, unconditional first (as diffusers orders them).
-        x_in = model.scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        eps = model.predict_noise(x_in, t, torch.cat([uncond, cond]))
-        eps_uncond, eps_cond = eps.chunk(2)
-        # 2. Record the detection metric (Wen et al. eq. 3) and the unconditional magnitude.
-        text_norms.append(text_noise_norm(eps_cond, eps_uncond))
-        uncond_norms.append(noise_norm(eps_uncond))
-        # 3. Guidance and the DDIM update.
-        if not advance_last and k == len(timesteps) - 1:
-            break
-        eps_guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        latents = model.scheduler.step(eps_guided, t, latents, eta=eta, return_dict=False)[0]
-    n = len(latents)
-    stack = lambda xs: torch.stack(xs, 1) if xs else torch.zeros(n, 0)
-    return latents, stack(text_norms), stack(uncond_norms)
+    x_in = model.scheduler.scale_model_input(x_t, t)
+    if eps_uncond is not None:
+        return model.predict_noise(x_in, t, cond), eps_uncond
+    per_call = max((max_batch or 2 * len(x_t)) // 2, 1)
+    outs_c, outs_u = [], []
+    for i in range(0, len(x_t), per_call):
+        xi = x_in[i:i + per_call]
+        eps = model.predict_noise(torch.cat([xi, xi]), t, Conditioning.cat([uncond[i:i + per_call], cond[i:i + per_call]]))
+        e_u, e_c = eps.chunk(2)
+        outs_u.append(e_u)
+        outs_c.append(e_c)
+    return torch.cat(outs_c), torch.cat(outs_u)
 
+
+def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Conditioning, timesteps,
+                 guidance_scale: float, recorders: Sequence[Recorder] = (), *, first_index: int = 0,
+                 eta: float = 0.0, advance_last: bool = True, max_batch: int | None = None,
+                 grad: bool = False) -> torch.Tensor:
+    """DDIM with classifier-free guidance over `timesteps`, each step handed to `recorders`.
+
+    latents (N, C, H, W) at the first of `timesteps` (step `first_index` of the schedule); cond,
+    uncond N rows; `max_batch` UNet samples per call (conditional and unconditional rows count).
+    With ``advance_last=False`` the last step is recorded but not taken (early-stopped detection).
+    With ``grad`` the UNet calls keep their graph for the recorders. Returns the final latents.
+    """
+    for k, t in enumerate(timesteps):
+        last = k == len(timesteps) - 1
+        # 0. Optional hook: a recorder that acts inside the UNet calls (diffmem.attention) learns the step first.
+        for r in recorders:
+            if hasattr(r, "before_step"):
+                r.before_step(first_index + k, t)
+        # 1. Both branches at x_t (in one call per max_batch rows).
+        with torch.set_grad_enabled(grad):
+            eps_c, eps_u = predict_branches(model, latents, t, cond, uncond, max_batch=max_batch)
+        # 2. Guidance and the DDIM update, without gradients.
+        nxt = None
+        if advance_last or not last:
+            with torch.no_grad():
+                e_c, e_u = eps_c.detach(), eps_u.detach()
+                guided = e_u + guidance_scale * (e_c - e_u)
+                nxt = model.scheduler.step(guided, t, latents.detach(), eta=eta, return_dict=False)[0]
+        # 3. Recorders see the step.
+        step = Step(first_index + k, t, latents, eps_c, eps_u, nxt, cond)
+        for r in recorders:
+            r.on_step(step)
+        if nxt is None:
+            break
+        latents = nxt
+    return latents
+
+
+# -- prompts under the seed contract --------------------------------------------------------------
 
 @dataclass
 class PromptSamples:
@@ -89,30 +190,37 @@ def plan_units(positions: list[int], num_generations: int, batch_size: int) -> l
     return [positions[i:i + per_unit] for i in range(0, len(positions), per_unit)]
 
 
+def unit_inputs(model, positions: list[int], config: SamplingConfig, prompts: list[str] | None = None,
+                conditioning: Conditioning | None = None):
+    """x_T (P*G, C, H, W) under the seed contract, and the conditional and unconditional branches
+    (P*G rows each) of one unit; `conditioning` (P rows) replaces the encoded `prompts`."""
+    G = config.num_generations
+    cond = model.encode_prompts(prompts) if conditioning is None else conditioning.to(model.device, model.dtype)
+    x = torch.cat([initial_noise(model, G, config.seed + p) for p in positions])
+    return x, cond.repeat_interleave(G), model.empty_conditioning().expand(len(x))
+
+
 def sample_unit(model, prompts: list[str], positions: list[int], config: SamplingConfig,
-                decode: bool = False, embeddings: torch.Tensor | None = None) -> list[PromptSamples]:
+                decode: bool = False, conditioning: Conditioning | None = None,
+                recorders: Sequence[Recorder] = ()) -> list[PromptSamples]:
     """Tracked sampling of one work unit: the prompts at `positions`, `config.num_generations` each.
 
-    `embeddings` (P, T, D) replaces the encoded prompts (e.g. optimized embeddings).
+    `conditioning` (P rows) replaces the encoded prompts (e.g. optimized embeddings); `recorders`
+    see every step beside d (rows: prompt-major, G generations each).
     """
     G = config.num_generations
-    guidance = model.default_guidance_scale if config.guidance_scale is None else config.guidance_scale
-    n_steps = steps_to_run(config.num_inference_steps, config.track_steps)
-    model.scheduler.set_timesteps(config.num_inference_steps, device=model.device)
-    timesteps = model.scheduler.timesteps[:n_steps]
-    cond_p = model.encode_prompts(prompts) if embeddings is None else embeddings.to(model.device, model.dtype)
-    x = torch.cat([initial_noise(model, G, config.seed + p) for p in positions])  # (P*G, C, H, W)
-    cond = cond_p.repeat_interleave(G, dim=0)
-    uncond = model.empty_embedding().expand(len(x), -1, -1)
-    per_call = config.batch_size // 2
+    n_steps = config.steps_to_run
+    timesteps = schedule(model, config.num_inference_steps)[:n_steps]
+    x, cond, uncond = unit_inputs(model, positions, config, prompts, conditioning)
+    norms = NoiseNormRecorder()
     advance = decode or n_steps == config.num_inference_steps
-    outs = [denoise_tracked(model, x[i:i + per_call], cond[i:i + per_call], uncond[i:i + per_call],
-                            timesteps, guidance, config.eta, advance) for i in range(0, len(x), per_call)]
-    latents = torch.cat([o[0] for o in outs])
-    text = torch.cat([o[1] for o in outs]).float().cpu()
-    unc = torch.cat([o[2] for o in outs]).float().cpu()
+    latents = tracked_pass(model, x, cond, uncond, timesteps, config.guidance(model), [norms, *recorders],
+                           eta=config.eta, advance_last=advance, max_batch=config.batch_size)
+    text = norms.text_noise_norm().float().cpu()
+    unc = norms.uncond_noise_norm().float().cpu()
     images = None
     if decode:
+        per_call = max(config.batch_size // 2, 1)
         images = torch.cat([model.decode(latents[i:i + per_call]) for i in range(0, len(latents), per_call)]).cpu()
     return [PromptSamples(p, config.seed + p, text[j * G:(j + 1) * G], unc[j * G:(j + 1) * G],
                           latents[j * G:(j + 1) * G], None if images is None else images[j * G:(j + 1) * G])
@@ -120,16 +228,35 @@ def sample_unit(model, prompts: list[str], positions: list[int], config: Samplin
 
 
 def sample_prompts(model, prompts: list[str], config: SamplingConfig = SamplingConfig(),
-                   decode: bool = True) -> list[PromptSamples]:
-    """Tracked sampling of a list of prompts (positions 0..P-1), batched; for notebooks and tests."""
-    positions = list(range(len(prompts)))
+                   decode: bool = True, positions: list[int] | None = None) -> list[PromptSamples]:
+    """Tracked sampling of a list of prompts, batched; prompt j sits at ``positions[j]`` (default j)."""
+    positions = list(range(len(prompts))) if positions is None else list(positions)
+    if len(positions) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(positions)} positions")
+    text_of = dict(zip(positions, prompts))
     out: list[PromptSamples] = []
     for unit in plan_units(positions, config.num_generations, config.batch_size):
-        out += sample_unit(model, [prompts[p] for p in unit], unit, config, decode=decode)
+        out += sample_unit(model, [text_of[p] for p in unit], unit, config, decode=decode)
     return out
 
 
-def iter_units(model, prompts: dict[int, str], units: list[list[int]], config: SamplingConfig,
-               decode: bool = False) -> Iterator[list[PromptSamples]]:
-    for unit in units:
-        yield sample_unit(model, [prompts[p] for p in unit], unit, config, decode=decode)
+def window_scores(model, prompts: list[str], config: SamplingConfig, steps: tuple[int, int] = (0, 1),
+                  positions: list[int] | None = None) -> np.ndarray:
+    """Detection score of each prompt: mean d over the step window [start, end) and the generations.
+
+    The prompt at position p starts from seed + p (default positions 0..P-1). The steps up to the
+    window's end are tracked (one step: first-step detection). Returns (P,) float64.
+    """
+    start, end = check_window(steps, config.num_inference_steps)
+    from dataclasses import replace
+
+    res = sample_prompts(model, prompts, replace(config, track_steps=end), decode=False, positions=positions)
+    return np.array([float(r.text_noise_norm[:, start:end].double().mean()) for r in res])
+
+
+def check_window(steps: tuple[int, int], num_inference_steps: int) -> tuple[int, int]:
+    start, end = (int(s) for s in steps)
+    if not 0 <= start < end <= num_inference_steps:
+        raise ValueError(f"step window [{start}, {end}): expected 0 <= start < end <= num_inference_steps "
+                         f"({num_inference_steps})")
+    return start, end

@@ -1,4 +1,4 @@
-"""Tiny random Stable Diffusion folders built offline, for tests, benchmarks and the SD notebook.
+"""Tiny random Stable Diffusion (1.x/2.x and XL) folders built offline, for tests, benchmarks and the SD notebook.
 
 The components follow diffusers' own ``get_dummy_components()`` sizes; the tokenizer is a
 character-level CLIP BPE tokenizer written here, so nothing is downloaded.
@@ -19,7 +19,7 @@ def _byte_level_alphabet() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def _write_char_clip_tokenizer(folder: Path, model_max_length: int) -> None:
+def _write_char_clip_tokenizer(folder: Path, model_max_length: int, pad_token: str = "<|endoftext|>") -> None:
     chars = _byte_level_alphabet()
     vocab_tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -27,13 +27,15 @@ def _write_char_clip_tokenizer(folder: Path, model_max_length: int) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad_token,
         "unk_token": "<|endoftext|>"}))
 
 
 def make_tiny_sd_folder(path: str | Path, seed: int = 0, sample_size: int = 16, model_max_length: int = 77,
-                        unet_channels: tuple[int, int] = (4, 8), cross_attention_dim: int = 32) -> Path:
-    """Write a random-weight SD 1.x-layout folder (``save_pretrained`` of each component) to `path`."""
+                        unet_channels: tuple[int, int] = (4, 8), cross_attention_dim: int = 32,
+                        prediction_type: str = "epsilon") -> Path:
+    """Write a random-weight SD 1.x-layout folder (``save_pretrained`` of each component) to `path`;
+    ``prediction_type="v_prediction"`` makes it an SD 2.x-style velocity model."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
@@ -57,7 +59,7 @@ def make_tiny_sd_folder(path: str | Path, seed: int = 0, sample_size: int = 16, 
         pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), max_position_embeddings=model_max_length))
     # SD v1.4's scheduler settings
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     unet.save_pretrained(path / "unet")
     vae.save_pretrained(path / "vae")
     text_encoder.save_pretrained(path / "text_encoder")
@@ -68,4 +70,70 @@ def make_tiny_sd_folder(path: str | Path, seed: int = 0, sample_size: int = 16, 
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
         "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
+    return path
+
+
+def make_tiny_sdxl_folder(path: str | Path, seed: int = 0, sample_size: int = 16, model_max_length: int = 77,
+                          hidden_sizes: tuple[int, int] = (16, 32), projection_dim: int = 24,
+                          force_zeros_for_empty_prompt: bool = True) -> Path:
+    """Write a random-weight Stable Diffusion XL folder to `path`, offline.
+
+    Sizes follow diffusers' SDXL ``get_dummy_components()``, smaller: a two-block UNet with
+    ``addition_embed_type="text_time"`` (added embedding: 6 time ids x 8 + the pooled projection),
+    two CLIP text encoders whose hidden sizes add up to the UNet's cross-attention width (the second
+    with a projection, of another width so that the pooled embedding cannot be mistaken for a hidden
+    state), both with the character-level tokenizer (the second pads with "!", as SDXL's does), and
+    SDXL base's scheduler config (Euler, scaled_linear betas 0.00085..0.012, leading spacing, with the
+    DDIM keys SDXL's file carries). The VAE has SDXL's scaling factor and ``force_upcast``.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    time_embed_dim = 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
+        cross_attention_dim=sum(hidden_sizes), norm_num_groups=2)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=2, sample_size=sample_size * 2,
+                        scaling_factor=0.13025, force_upcast=True)
+    _write_char_clip_tokenizer(path / "tokenizer", model_max_length)
+    _write_char_clip_tokenizer(path / "tokenizer_2", model_max_length, pad_token="!")
+    encoders = []
+    for k, (sub, cls) in enumerate((("tokenizer", CLIPTextModel), ("tokenizer_2", CLIPTextModelWithProjection))):
+        tokenizer = AutoTokenizer.from_pretrained(path / sub)
+        torch.manual_seed(seed + 2 + k)
+        encoders.append(cls(CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=hidden_sizes[k],
+            intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=3,
+            pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), max_position_embeddings=model_max_length,
+            hidden_act="gelu", projection_dim=projection_dim)))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    encoders[0].save_pretrained(path / "text_encoder")
+    encoders[1].save_pretrained(path / "text_encoder_2")
+    scheduler.save_pretrained(path / "scheduler")
+    # SDXL base's scheduler_config.json also carries these DDIM/PNDM keys; DDIM built from it reads them
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update({"clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0})
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+        "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "image_encoder": [None, None],
+        "feature_extractor": [None, None]}, indent=2))
     return path

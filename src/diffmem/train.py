@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.metrics import text_noise_norm
+from diffmem.model import Conditioning
 
 
 @dataclass
@@ -197,18 +198,29 @@ class EMA:
 
 
 class EmbeddingCache:
-    """Frozen-encoder prompt embeddings, computed once per distinct caption."""
+    """Frozen-encoder prompt conditioning, computed once per distinct caption (kept in float16 on the CPU)."""
 
     def __init__(self, model):
         self.model, self.store = model, {}
 
-    def __call__(self, captions: list[str]) -> torch.Tensor:
+    def __call__(self, captions: list[str]) -> Conditioning:
         todo = sorted({c for c in captions if c not in self.store})
         for i in range(0, len(todo), 256):
             chunk = todo[i:i + 256]
-            for c, e in zip(chunk, self.model.encode_prompts(chunk)):
-                self.store[c] = e.detach().to("cpu", torch.float16)
-        return torch.stack([self.store[c] for c in captions]).to(self.model.device, torch.float32)
+            cond = self.model.encode_prompts(chunk).detach().to("cpu", torch.float16)
+            for j, c in enumerate(chunk):
+                self.store[c] = cond[j]
+        return Conditioning.cat([self.store[c] for c in captions]).to(self.model.device, torch.float32)
+
+
+def drop_captions(cond: Conditioning, empty: Conditioning, drop: torch.Tensor) -> Conditioning:
+    """Rows of `cond` where `drop` (B,) bool is set replaced by the one-row `empty` (caption dropout)."""
+    def pick(x, e):
+        mask = drop.view(-1, *([1] * (x.ndim - 1)))
+        return torch.where(mask, e.to(x.device, x.dtype).expand_as(x), x)
+
+    return Conditioning(pick(cond.embeddings, empty.embeddings),
+                        {k: pick(v, empty.extra[k]) for k, v in cond.extra.items()})
 
 
 def timestep_band(t, num_bands: int, num_train_timesteps: int):
@@ -252,7 +264,6 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
     output folder. Runs under ``accelerate launch`` for several processes.
     """
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -262,7 +273,7 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
     accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                               mixed_precision=config.mixed_precision, cpu=model.device.type == "cpu")
     save_model = save_model or (lambda unet, folder: model.save(folder, unet=unet))
-    noise_scheduler = DDPMScheduler.from_config(model.scheduler.config)
+    noise_scheduler = model.training_scheduler()
     unet = model.unet
     unet.train().requires_grad_(True)
     if config.gradient_checkpointing:
@@ -276,7 +287,7 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     embed = EmbeddingCache(model)
-    empty = model.empty_embedding().detach().float()
+    empty = model.empty_conditioning().detach().to(dtype=torch.float32)
 
     start_step = 0
     if config.resume_from_checkpoint:
@@ -316,25 +327,27 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
             captions = [augment_prompt(c, config.prompt_aug_style, config.repeat_num, model, rng) for c in captions]
         # 2. Frozen conditioning, with caption dropout for classifier-free guidance.
         with torch.no_grad():
-            cond = embed(captions)  # (B, T, D)
+            cond = embed(captions)  # B rows
             drop = torch.rand(len(captions), generator=gen) < config.caption_dropout
-            cond[drop.to(cond.device)] = empty.to(cond.device)
+            cond = drop_captions(cond, empty, drop.to(model.device))
             latents = model.encode_images(images.to(model.dtype), generator=gen).float()
         # 3. DDPM forward process at a uniformly drawn timestep.
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen).to(latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
+        target = model.training_target(latents, noise, t)  # the noise, or the velocity on v-prediction models
         with accelerator.accumulate(unet):
             with accelerator.autocast():
-                pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0].float()
-            per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)  # (B,)
+                pred = model.model_output(noisy, t, cond, unet=unet).float()
+            per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)  # (B,)
             keep = torch.ones_like(per_sample, dtype=torch.bool)
             if config.hard_threshold is not None:
-                # 4. Training-time mitigation: d on the same noisy input and timestep, no gradient.
+                # 4. Training-time mitigation: d (a noise difference) on the same noisy input and timestep, no gradient.
                 with torch.no_grad(), accelerator.autocast():
-                    pred_u = unet(noisy, t, encoder_hidden_states=empty.expand_as(cond), return_dict=False)[0].float()
+                    pred_u = model.model_output(noisy, t, empty.expand(len(cond)), unet=unet).float()
                 limit = hard_threshold_at(config.hard_threshold, t, noise_scheduler.config.num_train_timesteps)
-                keep = text_noise_norm(pred.detach(), pred_u) < limit
+                keep = text_noise_norm(model.output_to_noise(pred.detach(), noisy, t),
+                                       model.output_to_noise(pred_u, noisy, t)) < limit
             n_kept = accelerator.reduce(keep.sum().float(), reduction="sum")
             skipped = bool(n_kept.item() == 0)
             if not skipped:

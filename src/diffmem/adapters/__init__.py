@@ -24,7 +24,10 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.
 
 
 def resolve_model_path(model: str) -> tuple[str, Path]:
-    """(family, folder) for a --model value: 'lab', a lab or SD folder, or a cached hub id."""
+    """(family, folder) for a --model value: 'lab', a lab, SD or SDXL folder, or a cached hub id.
+
+    A diffusers folder whose model_index.json ``_class_name`` contains "XL" is "stable-diffusion-xl";
+    any other non-lab folder is "stable-diffusion"."""
     if model == DEFAULT_MODEL:
         from diffmem.lab.build import WEIGHTS_DIR
 
@@ -38,8 +41,15 @@ def resolve_model_path(model: str) -> tuple[str, Path]:
             raise NotADirectoryError(f"--model {model}: is a file; expected a model folder or hub id")
         from diffmem.adapters.lab import is_lab_folder
 
-        return ("lab" if is_lab_folder(path) else "stable-diffusion"), path
-    return "stable-diffusion", _cached_hub_snapshot(model)
+        return ("lab" if is_lab_folder(path) else _diffusers_family(path)), path
+    snapshot = _cached_hub_snapshot(model)
+    return _diffusers_family(snapshot), snapshot
+
+
+def _diffusers_family(path: Path) -> str:
+    from diffmem.adapters.stable_diffusion_xl import FAMILY, is_sdxl_folder
+
+    return FAMILY if is_sdxl_folder(path) else "stable-diffusion"
 
 
 def _cached_hub_snapshot(repo_id: str) -> Path:
@@ -68,6 +78,10 @@ def load_model(model: str = DEFAULT_MODEL, unet: str | None = None, device: str 
         from diffmem.adapters.lab import load_lab_model
 
         return load_lab_model(path, unet, device=device, dtype=torch_dtype)
+    if family == "stable-diffusion-xl":
+        from diffmem.adapters.stable_diffusion_xl import load_stable_diffusion_xl
+
+        return load_stable_diffusion_xl(path, unet, device=device, dtype=torch_dtype)
     from diffmem.adapters.stable_diffusion import load_stable_diffusion
 
     return load_stable_diffusion(path, unet, device=device, dtype=torch_dtype)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from diffmem.model import Token
+from diffmem.adapters.base import AdapterBase, sampling_scheduler
+from diffmem.model import Conditioning, ModelDefaults, Token
 
 LAB_FORMAT = "diffmem-lab"
 
@@ -29,7 +30,8 @@ def text_encoder_path() -> Path:
 
 @dataclass
 class LabModelConfig:
-    """Architecture of the lab model. Defaults are the shipped model's."""
+    """Architecture and sampling default of a lab model. Defaults are the first lab recipe's (DDPM's
+    linear betas, guidance 2.0; ``diffmem.lab.build.PRESETS`` holds the shipped model's settings)."""
 
     image_size: int = 16  # RGB pixels; the UNet denoises images directly (no VAE)
     block_out_channels: tuple[int, ...] = (32, 64, 128)  # 4.6M parameters: ~90 samples/s training on 1 CPU thread
@@ -92,33 +94,42 @@ class LabTextEncoder:
         return self.encoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
 
 
-class LabModel:
+# Embedding optimization on the lab (benchmarks/MITIGATION.md): the seed's lr 0.05 overshoots the
+# lab's small targets; lr 0.01 with up to 50 steps stops nearer them. The target is calibrated on
+# the model's own ordinary prompts (their median first-step d), since SD's 3 is above every lab d.
+LAB_MITIGATION_LR = 0.01
+LAB_MITIGATION_MAX_ITERS = 50
+
+
+class LabModel(AdapterBase):
     """The lab model behind the common interface (see ``diffmem.model.DiffusionModel``)."""
 
+    family = "lab"
+
     def __init__(self, unet, scheduler, config: LabModelConfig, name: str = "lab",
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 folders: tuple[Path, ...] = ()):
         self.name = name
+        self.folders = tuple(folders)
         self.device = torch.device(device)
         self.dtype = dtype
         self.config = config
         self.unet = unet.to(self.device) if unet.dtype == dtype else unet.to(self.device, dtype)
         self.unet.eval().requires_grad_(False)
-        self.scheduler = scheduler
+        self.scheduler, self.prediction_type = sampling_scheduler(scheduler)
         self.latent_shape = (3, config.image_size, config.image_size)
+        self.image_size = config.image_size
         self.max_tokens = config.max_tokens
-        self.default_guidance_scale = config.default_guidance_scale
+        self.defaults = ModelDefaults(guidance_scale=config.default_guidance_scale, mitigation_lr=LAB_MITIGATION_LR,
+                                      mitigation_max_iters=LAB_MITIGATION_MAX_ITERS, target_loss=None)
         self.text_encoder = LabTextEncoder(config.max_tokens, self.device, dtype)
-        self._empty: torch.Tensor | None = None
+        self.tokenizer = self.text_encoder.tokenizer
         self.extra_meta: dict = {}  # e.g. the lab data config, carried into saved folders
+        self._data = None
 
     # -- prompts -----------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.text_encoder(list(prompts))
-
-    def empty_embedding(self) -> torch.Tensor:
-        if self._empty is None:
-            self._empty = self.encode_prompts([""])
-        return self._empty
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        return Conditioning(self.text_encoder(list(prompts)))
 
     def tokens(self, prompt: str) -> list[Token]:
         ids, mask = self.text_encoder.input_ids([prompt])
@@ -131,9 +142,6 @@ class LabModel:
         return len(self.text_encoder.tokenizer(prompt).input_ids)
 
     # -- images ------------------------------------------------------------------------------
-    def predict_noise(self, x_t, t, embedding):
-        return self.unet(x_t, t, encoder_hidden_states=embedding, return_dict=False)[0]
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
@@ -143,6 +151,16 @@ class LabModel:
     def save(self, path: str | Path, unet=None) -> None:
         """Write this model (or the same model with another `unet`) as a lab model folder."""
         save_lab_model(unet if unet is not None else self.unet, self.config, path, extra=self.extra_meta)
+
+    def training_data(self):
+        """The lab data this model was trained on (regenerated from the data config stored with it)."""
+        if self.extra_meta.get("data") is None:
+            return None
+        if self._data is None:
+            from diffmem.lab.data import lab_data_from_config
+
+            self._data = lab_data_from_config(self.extra_meta["data"])
+        return self._data
 
 
 def new_lab_unet(config: LabModelConfig):
@@ -196,7 +214,8 @@ def load_lab_model(path: str | Path, unet_path: str | Path | None = None, device
         raise FileNotFoundError(f"lab model {path}: no UNet at {unet_dir} (expected config.json + safetensors)")
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
-    model = LabModel(unet, scheduler, config, name=str(path), device=device, dtype=dtype)
+    folders = (path, unet_dir) if unet_path else (path,)
+    model = LabModel(unet, scheduler, config, name=str(path), device=device, dtype=dtype, folders=folders)
     meta = load_lab_meta(path)
     model.extra_meta = {k: v for k, v in meta.items() if k not in ("format", "diffmem_version", "text_encoder", "config")}
     return model

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from diffmem.model import Token
+from diffmem.adapters.base import AdapterBase, sampling_scheduler
+from diffmem.model import Conditioning, ModelDefaults, Token
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -29,24 +30,28 @@ def check_sd_folder(path: Path) -> None:
         raise FileNotFoundError(f"{path}: unet/config.json is missing; the folder has no usable UNet")
 
 
-class StableDiffusionModel:
+class StableDiffusionModel(AdapterBase):
     """A Stable Diffusion model behind the common interface (see ``diffmem.model.DiffusionModel``)."""
 
+    family = "stable-diffusion"
+
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, name: str,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 folders: tuple[Path, ...] = ()):
         self.name = name
+        self.folders = tuple(folders)
         self.device = torch.device(device)
         self.dtype = dtype
         place = lambda m: (m.to(self.device) if m.dtype == dtype else m.to(self.device, dtype)).eval().requires_grad_(False)
         self.unet, self.vae, self.text_encoder = place(unet), place(vae), place(text_encoder)
         self.tokenizer = tokenizer
-        self.scheduler = scheduler
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.scheduler, self.prediction_type = sampling_scheduler(scheduler)
+        vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         size = self.unet.config.sample_size
         self.latent_shape = (self.unet.config.in_channels, size, size)
+        self.image_size = size * vae_scale_factor
         self.max_tokens = tokenizer.model_max_length
-        self.default_guidance_scale = 7.5
-        self._empty: torch.Tensor | None = None
+        self.defaults = ModelDefaults()  # the paper's values are Stable Diffusion's
 
     # -- prompts -----------------------------------------------------------------------------
     def _input_ids(self, prompts: list[str]):
@@ -54,17 +59,12 @@ class StableDiffusionModel:
                               return_tensors="pt")
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
         enc = self._input_ids(prompts)
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = enc.attention_mask.to(self.device)
-        return self.text_encoder(enc.input_ids.to(self.device), attention_mask=mask)[0]
-
-    def empty_embedding(self) -> torch.Tensor:
-        if self._empty is None:
-            self._empty = self.encode_prompts([""])
-        return self._empty
+        return Conditioning(self.text_encoder(enc.input_ids.to(self.device), attention_mask=mask)[0])
 
     def tokens(self, prompt: str) -> list[Token]:
         ids = self._input_ids([prompt]).input_ids[0].tolist()
@@ -80,9 +80,6 @@ class StableDiffusionModel:
         return len(self.tokenizer(prompt).input_ids)
 
     # -- images ------------------------------------------------------------------------------
-    def predict_noise(self, x_t, t, embedding):
-        return self.unet(x_t, t, encoder_hidden_states=embedding, return_dict=False)[0]
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
@@ -114,4 +111,5 @@ def load_stable_diffusion(path: str | Path, unet_path: str | Path | None = None,
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")  # the paper samples with DDIM
-    return StableDiffusionModel(unet, vae, text_encoder, tokenizer, scheduler, str(path), device, dtype)
+    folders = (path, unet_dir) if unet_path else (path,)
+    return StableDiffusionModel(unet, vae, text_encoder, tokenizer, scheduler, str(path), device, dtype, folders)

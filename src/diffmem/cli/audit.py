@@ -6,8 +6,11 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
+    from diffmem.audit import AuditConfig
     from diffmem.cli.main import common_model_args
+    from diffmem.cli.options import add_mitigation_args, add_sampling_args
 
+    base = AuditConfig()
     p = sub.add_parser("audit", help="the one-command memorization audit, with an HTML report",
                        description="Score every prompt (first-step detection), calibrate the threshold on "
                        "reference prompts, explain and mitigate the flagged ones, and write DIR/index.html and "
@@ -19,19 +22,12 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-key", default="caption", help="field/column holding the prompt (default: caption)")
     p.add_argument("--reference-prompts", default=None, help="prompts known to be normal, to calibrate the threshold "
                    "on; default for lab models: lab novel captions (titles never seen in training)")
-    p.add_argument("--threshold", type=float, default=None, help="a given decision threshold instead of calibrating")
-    p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate on the reference prompts (default 0.01)")
+    p.add_argument("--threshold", type=float, help="a given decision threshold instead of calibrating")
+    p.add_argument("--fpr", type=float, help=f"false-positive rate on the reference prompts (default {base.fpr})")
     p.add_argument("--out", default="audit", help="output folder (default: audit)")
-    p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--num-inference-steps", type=int, default=50)
-    p.add_argument("--detect-steps", type=int, default=1, help="score window: the first K DDIM steps (default 1)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's")
-    p.add_argument("--seed", type=int, default=0, help="prompt at position i starts from seed + i")
-    p.add_argument("--batch-size", type=int, default=64, help="UNet samples per call")
-    p.add_argument("--target-loss", type=float, default=None,
-                   help="embedding optimization stops at d <= this; default: the reference prompts' median score")
-    p.add_argument("--max-iters", type=int, default=10, help="AdamW steps of embedding optimization at most")
-    p.add_argument("--lr", type=float, default=0.05, help="AdamW learning rate of embedding optimization")
+    p.add_argument("--detect-steps", type=int, help=f"score window: the first K DDIM steps (default {base.detect_steps})")
+    add_sampling_args(p, base.sampling)
+    add_mitigation_args(p, with_repeat=False)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
@@ -43,19 +39,27 @@ def _prompt_set(path: str, key: str):
     return PromptSet(read_prompts(path, key), f"{Path(path).resolve()} ({key})")
 
 
+def config_from_args(args):
+    from dataclasses import replace
+
+    from diffmem.audit import AuditConfig
+    from diffmem.cli.options import given, mitigation_from_args, sampling_from_args
+
+    base = AuditConfig()
+    return replace(base, sampling=sampling_from_args(args, base.sampling),
+                   mitigation=mitigation_from_args(args, base.mitigation),
+                   **given(args, ("fpr", "threshold", "detect_steps")))
+
+
 def run(args) -> int:
-    from diffmem.audit import AuditConfig, lab_audit_prompts, lab_data_of, run_audit
+    from diffmem.audit import lab_audit_prompts, run_audit
     from diffmem.cli.main import load_model_from_args
 
-    config = AuditConfig(fpr=args.fpr, threshold=args.threshold, num_generations=args.num_generations,
-                         num_inference_steps=args.num_inference_steps, detect_steps=args.detect_steps,
-                         seed=args.seed, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                         target_loss=args.target_loss, lr=args.lr, max_iters=args.max_iters)
-    config.check()  # before loading anything
+    config = config_from_args(args)  # checked before loading anything
     prompts = _prompt_set(args.prompts, args.prompt_key) if args.prompts else None
     reference = _prompt_set(args.reference_prompts, args.prompt_key) if args.reference_prompts else None
     model = load_model_from_args(args)
-    data = lab_data_of(model)
+    data = model.training_data()
     if data is not None and (prompts is None or (reference is None and args.threshold is None)):
         lab_prompts, lab_reference = lab_audit_prompts(data)
         prompts = prompts or lab_prompts

@@ -7,6 +7,8 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
+    from diffmem.cli.options import add_sampling_args
+    from diffmem.sampling import SamplingConfig
 
     p = sub.add_parser("detect", help="track the detection metric during sampling and score each prompt",
                        description="Sample each prompt with DDIM + classifier-free guidance and record "
@@ -18,30 +20,25 @@ def add_parser(sub) -> None:
     p.add_argument("--start", type=int, default=0, help="first prompt position to run (0-based)")
     p.add_argument("--end", type=int, default=None, help="stop before this prompt position")
     p.add_argument("--out", default="detect_results.jsonl", help="output JSON Lines (metadata beside it in .meta.json)")
-    p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--num-inference-steps", type=int, default=50)
-    p.add_argument("--track-steps", type=int, default=None, help="stop after K steps (1: first-step detection)")
-    p.add_argument("--guidance-scale", type=float, default=None, help="default: the model's (7.5 for SD)")
-    p.add_argument("--seed", type=int, default=0, help="prompt at position i starts from seed + i")
-    p.add_argument("--batch-size", type=int, default=16, help="UNet samples per call (cond + uncond rows)")
+    add_sampling_args(p, SamplingConfig(), track_steps=True)
     p.add_argument("--save-images", default=None, metavar="DIR", help="also decode and save the generations")
     p.add_argument("--resume", action="store_true", help="continue the run already in --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
 
+def config_from_args(args):
+    from diffmem.cli.options import sampling_from_args
+    from diffmem.sampling import SamplingConfig
+
+    return sampling_from_args(args, SamplingConfig())
+
+
 def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
     from diffmem.detect import run_detection
     from diffmem.prompts import read_prompts
-    from diffmem.sampling import SamplingConfig, steps_to_run
-
-    config = SamplingConfig(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                            num_generations=args.num_generations, seed=args.seed, track_steps=args.track_steps,
-                            batch_size=args.batch_size)
-    steps_to_run(config.num_inference_steps, config.track_steps)  # check before loading anything
-    if args.num_generations < 1:
-        raise ValueError(f"--num-generations {args.num_generations}: must be >= 1")
+    config = config_from_args(args)  # checked before loading anything
     if args.prompts is None:
         if args.model != "lab":
             raise ValueError("--prompts is required unless --model is the built-in lab")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
-    from diffmem.cli.mitigate import add_sampling_args
+    from diffmem.cli.options import add_sampling_args
     from diffmem.mitigate import METHODS
+    from diffmem.sampling import SamplingConfig
 
     p = sub.add_parser("evaluate", help="evaluate mitigations: similarity to training images, alignment, trade-off plot",
                        description="For each memorized prompt and each mitigation setting, generate N images and "
@@ -19,13 +20,14 @@ def add_parser(sub) -> None:
                    "(caption, index; gt_images/<index>/*.png beside it), or lab:<set>; default for lab models: "
                    "lab:memorized")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
-    p.add_argument("--mitigation", nargs="+", default=["none", "embedding-opt", "rand_word_add"], choices=METHODS,
+    p.add_argument("--mitigation", nargs="+", choices=METHODS,
                    help="methods to compare (default: none embedding-opt rand_word_add)")
-    p.add_argument("--target-loss", nargs="+", default=["3"], help="embedding-opt sweep; 'pN' = the N-th percentile "
-                   "of first-step d on --calibration-set prompts (e.g. p50 p95)")
-    p.add_argument("--repeat-num", nargs="+", type=int, default=[4], help="augmentation sweep (items inserted)")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--max-iters", type=int, default=10)
+    p.add_argument("--target-loss", nargs="+", default=None, help="embedding-opt sweep; 'pN' = the N-th percentile "
+                   "of first-step d on --calibration-set prompts (e.g. p50 p95); default: the model's target (3 on "
+                   "SD; on the lab, the median first-step d of its reference prompts)")
+    p.add_argument("--repeat-num", nargs="+", type=int, default=None, help="augmentation sweep (items inserted; default 4)")
+    p.add_argument("--lr", type=float, help="embedding-opt: AdamW learning rate (default: the model's; 0.05 on SD, 0.01 on the lab)")
+    p.add_argument("--max-iters", type=int, help="embedding-opt: AdamW steps at most (default: the model's; 10 on SD, 50 on the lab)")
     p.add_argument("--calibration-set", default="lab:non-memorized", help="prompts whose first-step d calibrates "
                    "'pN' target losses (same formats as --dataset)")
     p.add_argument("--calibration-limit", type=int, default=200)
@@ -36,19 +38,39 @@ def add_parser(sub) -> None:
     p.add_argument("--copy-metric", default=None, choices=("sscd", "tiled_l2", "pixel_cosine"))
     p.add_argument("--save-images", action="store_true", help="also write every generation as PNG")
     p.add_argument("--out", required=True, help="output folder")
-    add_sampling_args(p)
+    add_sampling_args(p, SamplingConfig())
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
+
+
+def config_from_args(args, target_losses=None):
+    """The EvaluateConfig of the command line; `target_losses` replaces --target-loss once 'pN' values are calibrated."""
+    from dataclasses import replace
+
+    from diffmem.cli.options import given, sampling_from_args
+    from diffmem.evaluate import EvaluateConfig
+
+    base = EvaluateConfig()
+    sampling = sampling_from_args(args, base.sampling)
+    lists = given(args, ("repeat_num",))
+    config = replace(base, methods=tuple(args.mitigation or base.methods), sampling=sampling,
+                     mitigation=replace(base.mitigation, **given(args, ("lr", "max_iters"))),
+                     **({"repeat_nums": tuple(lists["repeat_num"])} if lists else {}),
+                     **given(args, ("sscd", "clip", "copy_threshold", "copy_metric")), save_images=args.save_images)
+    if target_losses is not None:
+        config = replace(config, target_losses=tuple(target_losses))
+    return config
 
 
 def run(args) -> int:
     import json
 
     from diffmem.cli.main import load_model_from_args
-    from diffmem.cli.mitigate import sampling_config
-    from diffmem.evaluate import EvaluateConfig, calibrate_target_loss, load_eval_set, run_evaluation
+    from diffmem.evaluate import calibrate_target_loss, load_eval_set, run_evaluation
 
-    sampling = sampling_config(args)
-    for v in args.target_loss:  # check before loading anything
+    config = config_from_args(args)  # checked before loading anything
+    sampling = config.sampling
+    for v in args.target_loss or []:
         try:
             float(v[1:] if v.startswith("p") else v)
         except ValueError:
@@ -56,18 +78,15 @@ def run(args) -> int:
     model = load_model_from_args(args)
     eval_set = load_eval_set(model, args.dataset, args.limit)
     targets, calibration = [], None
-    percentiles = [float(v[1:]) for v in args.target_loss if v.startswith("p")]
-    if percentiles and "embedding-opt" in args.mitigation:
+    percentiles = [float(v[1:]) for v in args.target_loss or [] if v.startswith("p")]
+    if percentiles and "embedding-opt" in config.methods:
         ref = load_eval_set(model, args.calibration_set, args.calibration_limit)
         calibration = calibrate_target_loss(model, [p.caption for p in ref.prompts], sampling, percentiles)
         print("target losses from first-step d of " + ref.name + ": " +
               ", ".join(f"p{k:g} = {v:.4f}" for k, v in calibration.items()))
-    for v in args.target_loss:
+    for v in args.target_loss or []:
         targets.append(calibration[float(v[1:])] if v.startswith("p") else float(v))
-    config = EvaluateConfig(methods=tuple(args.mitigation), target_losses=tuple(targets),
-                            repeat_nums=tuple(args.repeat_num), lr=args.lr, max_iters=args.max_iters, sampling=sampling,
-                            sscd=args.sscd, clip=args.clip, copy_threshold=args.copy_threshold,
-                            copy_metric=args.copy_metric, save_images=args.save_images)
+    config = config_from_args(args, targets or None)
     summary = run_evaluation(model, eval_set, config, args.out, progress=not args.no_progress)
     if calibration:
         summary["target_loss_calibration"] = {"set": args.calibration_set, "limit": args.calibration_limit,

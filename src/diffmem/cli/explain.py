@@ -6,28 +6,17 @@ import json
 from pathlib import Path
 
 
-def add_explain_args(p) -> None:
-    """Settings shared by ``explain`` and ``serve``."""
-    g = p.add_argument_group("explanation")
-    g.add_argument("--start-step", type=int, default=0, help="first DDIM step of the window (0-based)")
-    g.add_argument("--end-step", type=int, default=1, help="stop before this step (default 1: the first step only)")
-    g.add_argument("--num-generations", type=int, default=4, help="x_T draws the gradient is averaged over")
-    g.add_argument("--num-inference-steps", type=int, default=50, help="DDIM schedule the window lives in")
-    g.add_argument("--guidance-scale", type=float, default=None, help="for the steps before the window; default: the model's")
-    g.add_argument("--seed", type=int, default=0, help="every prompt starts from this seed's x_T")
+def config_from_args(args):
+    from diffmem.cli.options import explain_from_args
+    from diffmem.explain import ExplainConfig
 
-
-def explain_config_from_args(args):
-    from diffmem.explain import ExplainConfig, check_window
-
-    if args.num_generations < 1:
-        raise ValueError(f"--num-generations {args.num_generations}: must be >= 1")
-    steps = check_window((args.start_step, args.end_step), args.num_inference_steps)
-    return ExplainConfig(steps, args.num_generations, args.seed, args.num_inference_steps, args.guidance_scale)
+    return explain_from_args(args, ExplainConfig())
 
 
 def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
+    from diffmem.cli.options import add_explain_args
+    from diffmem.explain import ExplainConfig
 
     p = sub.add_parser("explain", help="which tokens of a prompt drive memorization",
                        description="Token significance: the norm of the gradient of the detection score "
@@ -40,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-key", default="caption", help="field/column holding the prompt (default: caption)")
     p.add_argument("--start", type=int, default=0, help="first prompt position of --prompts to run")
     p.add_argument("--end", type=int, default=None, help="stop before this prompt position")
-    add_explain_args(p)
+    add_explain_args(p, ExplainConfig())
     p.add_argument("--json", default=None, metavar="FILE", help="write one JSON record per prompt (JSON Lines; "
                    "with one prompt the file is a single JSON object)")
     p.add_argument("--png", default="explain.png", metavar="FILE", help="bar chart (several prompts: "
@@ -60,7 +49,7 @@ def run(args) -> int:
     from diffmem.reports.explain import significance_figure, significance_table
 
     # 1. Check everything before loading the model
-    config = explain_config_from_args(args)
+    config = config_from_args(args)
     if args.prompt is not None:
         if not args.prompt.strip():
             raise ValueError("--prompt is empty")
@@ -78,7 +67,7 @@ def run(args) -> int:
     json_file = open(args.json, "w") if args.json else None
     try:
         for r in tqdm(records, desc="explain", unit="prompt", disable=len(records) == 1):
-            ex = token_significance(model, r.prompt, **vars(config))
+            ex = token_significance(model, r.prompt, config, position=r.position)
             print(significance_table(ex, top=args.top, include_special=args.show_special), end="\n\n")
             if png is not None:
                 path = png if len(records) == 1 else png.with_name(f"{png.stem}_{r.position:05d}.png")

@@ -58,12 +58,12 @@ def add_parser(sub) -> None:
 def lab_data_of(model_arg: str):
     from diffmem.adapters import resolve_model_path
     from diffmem.adapters.lab import load_lab_meta
-    from diffmem.lab.data import LabDataConfig, make_lab_data
+    from diffmem.lab.data import lab_data_from_config
 
     family, path = resolve_model_path(model_arg)
     if family != "lab":
         raise ValueError(f"--model {model_arg}: not a lab model folder (no lab_model.json)")
-    return make_lab_data(LabDataConfig(**load_lab_meta(path)["data"]))
+    return lab_data_from_config(load_lab_meta(path)["data"])
 
 
 def run_build(args) -> int:

@@ -12,7 +12,7 @@ VERBS = ("detect", "roc", "lab", "train", "mitigate", "evaluate", "explain", "se
 def common_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="lab", help="'lab' (built-in lab model, default), a diffusers Stable "
-                   "Diffusion folder, a lab model folder, or a hub id in the local Hugging Face cache")
+                   "Diffusion 1.x/2.x or SDXL folder, a lab model folder, or a hub id in the local Hugging Face cache")
     g.add_argument("--unet", default=None, help="a fine-tuned UNet folder to use instead of the model's")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: accelerate's device for this process)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))

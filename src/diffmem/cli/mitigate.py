@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 
-def add_sampling_args(p) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--num-generations", type=int, default=4, help="images per prompt (d is averaged over them)")
-    g.add_argument("--num-inference-steps", type=int, default=50)
-    g.add_argument("--guidance-scale", type=float, default=None, help="default: the model's (7.5 for SD)")
-    g.add_argument("--seed", type=int, default=0, help="prompt at position i starts from seed + i")
-    g.add_argument("--batch-size", type=int, default=16, help="UNet samples per call (cond + uncond rows)")
-    g.add_argument("--no-progress", action="store_true")
-
-
-def sampling_config(args):
+def config_from_args(args):
+    """(MitigationConfig, SamplingConfig) of a mitigate run."""
+    from diffmem.cli.options import mitigation_from_args, sampling_from_args
+    from diffmem.mitigate import MitigationConfig
     from diffmem.sampling import SamplingConfig
 
-    if args.num_generations < 1:
-        raise ValueError(f"--num-generations {args.num_generations}: must be >= 1")
-    return SamplingConfig(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                          num_generations=args.num_generations, seed=args.seed, batch_size=args.batch_size)
+    sampling = sampling_from_args(args, SamplingConfig())
+    return mitigation_from_args(args, MitigationConfig(method=args.method, seed=sampling.seed)), sampling
 
 
 def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
+    from diffmem.cli.options import add_mitigation_args, add_sampling_args
     from diffmem.mitigate import METHODS
+    from diffmem.sampling import SamplingConfig
 
     p = sub.add_parser("mitigate", help="sample prompts with an inference-time mitigation",
                        description="embedding-opt: AdamW on the prompt embedding until the first-step d <= "
@@ -37,23 +30,18 @@ def add_parser(sub) -> None:
                    "models: the lab's memorized prompts")
     p.add_argument("--prompt-key", default="caption")
     p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--target-loss", type=float, default=3.0, help="embedding-opt: stop once d <= this (3 on SD)")
-    p.add_argument("--lr", type=float, default=0.05, help="embedding-opt: AdamW learning rate")
-    p.add_argument("--max-iters", type=int, default=10, help="embedding-opt: AdamW steps at most")
-    p.add_argument("--repeat-num", type=int, default=4, help="augmentations: items inserted per prompt")
+    add_mitigation_args(p)
     p.add_argument("--out", required=True, help="output folder")
-    add_sampling_args(p)
+    add_sampling_args(p, SamplingConfig())
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
     from diffmem.evaluate import run_mitigation
-    from diffmem.mitigate import MitigationConfig
 
-    sampling = sampling_config(args)
-    config = MitigationConfig(method=args.method, target_loss=args.target_loss, lr=args.lr, max_iters=args.max_iters,
-                              repeat_num=args.repeat_num, seed=args.seed)
+    config, sampling = config_from_args(args)
     model = load_model_from_args(args)
     if args.prompts is None:
         from diffmem.evaluate import load_eval_set

@@ -7,8 +7,9 @@ import ipaddress
 
 
 def add_parser(sub) -> None:
-    from diffmem.cli.explain import add_explain_args
     from diffmem.cli.main import common_model_args
+    from diffmem.cli.options import add_explain_args
+    from diffmem.explain import ExplainConfig
     from diffmem.mitigate import METHODS
 
     p = sub.add_parser("serve", help="local web page: a prompt's memorization score, verdict, tokens and images",
@@ -25,7 +26,7 @@ def add_parser(sub) -> None:
                    help="normal prompts to calibrate the threshold on (default for lab models: the lab's novel prompts)")
     t.add_argument("--prompt-key", default="caption", help="field/column of --calibration-prompts")
     t.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the calibrated threshold")
-    add_explain_args(p)
+    add_explain_args(p, ExplainConfig())
     p.add_argument("--image-steps", type=int, default=50, help="DDIM steps of the images shown")
     p.add_argument("--no-images", action="store_true", help="show no images (faster on large models)")
     m = p.add_argument_group("mitigation (the page's 'Generate with mitigation' button)")
@@ -35,13 +36,13 @@ def add_parser(sub) -> None:
                    "--repeat-num random tokens / numbers / prompt words (Somepalli et al. 2023); "
                    "none: the button stays off")
     m.add_argument("--target-loss", type=float, default=None,
-                   help="embedding-opt: stop once d <= this. Default, as in diffmem audit: the median score of the "
-                   "prompts the threshold was calibrated on (--calibration-prompts, or the lab's novel prompts), "
-                   "where an ordinary prompt sits; with --threshold, half the threshold")
+                   help="embedding-opt: stop once d <= this. Default: the model's (Stable Diffusion: the seed's 3); "
+                   "where the model has none (the lab), as in diffmem audit: the median score of the prompts the "
+                   "threshold was calibrated on, where an ordinary prompt sits; with --threshold, half the threshold")
     m.add_argument("--mitigation-lr", type=float, default=None,
-                   help="embedding-opt: AdamW learning rate (default 0.05)")
+                   help="embedding-opt: AdamW learning rate (default: the model's; 0.05 on SD, 0.01 on the lab)")
     m.add_argument("--mitigation-max-iters", type=int, default=None,
-                   help="embedding-opt: AdamW steps at most (default 10)")
+                   help="embedding-opt: AdamW steps at most (default: the model's; 10 on SD, 50 on the lab)")
     m.add_argument("--repeat-num", type=int, default=None,
                    help="rand_word_add, rand_numb_add, rand_word_repeat: items inserted (default 4)")
     p.add_argument("--verbose", action="store_true", help="log every request")
@@ -49,10 +50,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from diffmem.cli.explain import explain_config_from_args
+    from diffmem.cli.explain import config_from_args as explain_config_from_args
     from diffmem.cli.main import load_model_from_args
     from diffmem.mitigate import default_target_loss
-    from diffmem.web.server import (ExplainApp, Threshold, calibrate_threshold, lab_novel_threshold, make_server,
+    from diffmem.web.server import (ExplainApp, Threshold, calibrate_threshold, lab_reference_threshold, make_server,
                                     mitigation_hook)
 
     # 1. Check inputs before loading anything
@@ -77,9 +78,9 @@ def run(args) -> int:
         normal = [r.prompt for r in read_prompts(args.calibration_prompts, args.prompt_key)]
         print(f"calibrating the threshold on {len(normal)} prompts of {args.calibration_prompts} ...")
         threshold = calibrate_threshold(model, normal, config, args.fpr, source=args.calibration_prompts)
-    elif getattr(model, "extra_meta", {}).get("data") is not None:
-        print("calibrating the threshold on the lab's novel prompts ...")
-        threshold = lab_novel_threshold(model, config, args.fpr)
+    elif model.training_data() is not None:
+        print("calibrating the threshold on the lab's reference (novel) prompts ...")
+        threshold = lab_reference_threshold(model, config, args.fpr)
     else:
         raise ValueError("this model is not a lab model: pass --threshold, or --calibration-prompts FILE of "
                          "normal (non-memorized) prompts to calibrate one")
@@ -88,19 +89,14 @@ def run(args) -> int:
     # 3. The mitigation behind the page's button
     app = ExplainApp(model, threshold, config, image_steps=None if args.no_images else args.image_steps)
     if mitigation is not None:
-        if mitigation.method == "rand_word_add":
-            from diffmem.mitigate import tokenizer_of
-
-            try:
-                tokenizer_of(model)
-            except TypeError as e:
-                raise ValueError(f"--mitigation rand_word_add: {e}") from None
         if mitigation.method == "embedding-opt":
-            origin = "given with --target-loss"
-            if args.target_loss is None:
+            origin = "given with --target-loss" if args.target_loss is not None else f"{model.name}'s default"
+            calibrated = None
+            if args.target_loss is None and model.defaults.target_loss is None:
                 normal = [] if threshold.median is None else [threshold.median]  # the median of their scores
-                mitigation.target_loss = default_target_loss(normal, threshold.value)
+                calibrated = default_target_loss(normal, threshold.value)
                 origin = "median score of the calibration prompts" if normal else "half the threshold"
+            mitigation = mitigation.resolved(model, calibrated)
             print(f"mitigation embedding-opt: first-step d down to {mitigation.target_loss:.4g} ({origin}), "
                   f"lr {mitigation.lr:g}, at most {mitigation.max_iters} iterations")
         else:
@@ -133,7 +129,7 @@ def mitigation_config_from_args(args):
     if stray:
         raise ValueError(f"{', '.join(stray)} {'has' if len(stray) == 1 else 'have'} no effect with --mitigation "
                          f"{method}" + (f" (it takes {', '.join(applies)})" if applies else ""))
-    config = MitigationConfig(method=method, seed=args.seed)  # augmentations draw with the page's seed
+    config = MitigationConfig(method=method, seed=args.seed or 0)  # augmentations draw with the page's seed
     if args.target_loss is not None:
         if args.target_loss < 0:
             raise ValueError(f"--target-loss {args.target_loss}: must be >= 0 (d is a norm; 0 runs every iteration)")

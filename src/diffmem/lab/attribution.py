@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from diffmem.model import Conditioning
 from diffmem.explain import (ExplainConfig, prompt_scores, significance_from_grad, text_noise_norm_grad,
                              token_significance)
 from diffmem.metrics import threshold_at_fpr
@@ -72,7 +73,9 @@ def swapped_top_token(model, prompt: str, config: ExplainConfig) -> str:
     model.scheduler.set_timesteps(config.num_inference_steps, device=model.device)
     t = model.scheduler.timesteps[0]
     x = model.scheduler.scale_model_input(initial_noise(model, config.generations, config.seed), t)
-    _, grad = text_noise_norm_grad(model.predict_noise, x, t, model.empty_embedding(), model.encode_prompts([prompt]))
+    denoise = lambda x, t, emb: model.predict_noise(x, t, Conditioning(emb))
+    _, grad = text_noise_norm_grad(denoise, x, t, model.empty_conditioning().embeddings,
+                                   model.encode_prompts([prompt]).embeddings)
     s = significance_from_grad(grad).tolist()
     j = max((j for j, tok in enumerate(model.tokens(prompt)) if not tok.special), key=s.__getitem__)
     return model.tokens(prompt)[j].text
@@ -104,7 +107,7 @@ def attribution_benchmark(model, windows: list[tuple[int, int]], generations: in
     results = []
     for steps in windows:
         config = ExplainConfig(steps, generations, seed)
-        score = lambda prompts: prompt_scores(model, prompts, steps, generations, seed)
+        score = lambda prompts: prompt_scores(model, prompts, config)
         threshold = threshold_at_fpr(score(calibration), fpr)
         result = WindowResult(tuple(steps), threshold, len(calibration), [])
         for name, pairs in sets.items():
@@ -112,7 +115,7 @@ def attribution_benchmark(model, windows: list[tuple[int, int]], generations: in
                 continue
             rows = []
             for k, pair in enumerate(tqdm(pairs, desc=f"steps {steps} {name}", disable=not progress)):
-                ex = token_significance(model, pair.caption, **vars(config))
+                ex = token_significance(model, pair.caption, config)
                 top_tok, top_word = ex.ranked_tokens()[0], ex.ranked_words()[0]
                 swap_word = spare[k % len(spare)]
                 deleted = remove_word(pair.caption, top_word.start, top_word.end)

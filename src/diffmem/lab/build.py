@@ -160,9 +160,8 @@ def _train_lab(out, config: LabBuildConfig, resume: bool, num_threads, progress:
 
 
 def lab_data_for(model) -> LabData:
-    """The lab data a lab model was trained on (from the data config stored with it)."""
-    cfg = getattr(model, "extra_meta", {}).get("data")
-    if cfg is None:
+    """The lab data a lab model was trained on; a clear error for any other model."""
+    data = model.training_data()
+    if data is None:
         raise ValueError(f"model {model.name} carries no lab data config: is it a lab model?")
-    # models built before the cell background existed were trained on the two-tone one
-    return make_lab_data(LabDataConfig(**{"background_cells": 0, **cfg}))
+    return data

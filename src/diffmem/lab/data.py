@@ -268,6 +268,12 @@ def make_lab_data(config: LabDataConfig = LabDataConfig()) -> LabData:
     return LabData(config, memorized, non_memorized, novel, out_of_style)
 
 
+def lab_data_from_config(config: dict) -> LabData:
+    """The lab data of a data config stored with a lab model (``lab_model.json``'s "data")."""
+    # models built before the cell background existed were trained on the two-tone one
+    return make_lab_data(LabDataConfig(**{"background_cells": 0, **config}))
+
+
 def render_all(specs: list[ImageSpec], image_size: int = 16) -> np.ndarray:
     """(N, 3, H, W) float32 in [0, 1]."""
     return np.stack([render(s, image_size) for s in specs]) if specs else np.zeros((0, 3, image_size, image_size), np.float32)

@@ -8,16 +8,30 @@ from pathlib import Path
 from diffmem.lab.data import LabData, LabPair
 from diffmem.prompts import PromptRecord
 
-PROMPT_SETS = ("memorized", "non-memorized", "novel", "out-of-style")
+REFERENCE_FRACTION = 0.6  # the first 60% of the novel captions are the lab's reference (ordinary) prompts
 
 
 def default_lab_data() -> LabData:
     """The data of the shipped lab model."""
     from diffmem.adapters.lab import load_lab_meta
     from diffmem.lab.build import WEIGHTS_DIR
-    from diffmem.lab.data import LabDataConfig, make_lab_data
+    from diffmem.lab.data import lab_data_from_config
 
-    return make_lab_data(LabDataConfig(**load_lab_meta(WEIGHTS_DIR)["data"]))
+    return lab_data_from_config(load_lab_meta(WEIGHTS_DIR)["data"])
+
+
+def reference_pairs(data: LabData) -> list[LabPair]:
+    """The lab's reference prompts, known to be ordinary: the first 60% of the novel captions (titles
+    never seen in training). ``audit`` and ``serve`` calibrate the threshold on them, and
+    embedding-opt's default target is their median first-step d; the audit audits the rest."""
+    novel = data.prompt_set("novel")
+    return novel[:int(REFERENCE_FRACTION * len(novel))]
+
+
+def own_reference_prompts(model) -> list[str] | None:
+    """The reference prompts a model brings itself (lab models), else None."""
+    data = model.training_data()
+    return None if data is None else [p.caption for p in reference_pairs(data)]
 
 
 def prompt_row(pair: LabPair) -> dict:

@@ -55,19 +55,21 @@ def calibrate_threshold(model, normal_prompts: list[str], config: ExplainConfig 
 
     from diffmem.metrics import threshold_at_fpr
 
-    scores = prompt_scores(model, normal_prompts, config.steps, config.generations, config.seed,
-                           config.num_inference_steps, config.guidance_scale)
+    scores = prompt_scores(model, normal_prompts, config)  # prompt i from seed + i, as the audit's reference
     return Threshold(threshold_at_fpr(scores, fpr), f"{source} at {fpr:.0%} FPR", fpr, len(normal_prompts),
                      float(np.median(scores)))
 
 
-def lab_novel_threshold(model, config: ExplainConfig = ExplainConfig(), fpr: float = 0.01,
-                        limit: int | None = None) -> Threshold:
-    """Calibrate on the novel prompts of the lab model's own data (titles never seen in training)."""
-    from diffmem.lab.build import lab_data_for
+def lab_reference_threshold(model, config: ExplainConfig = ExplainConfig(), fpr: float = 0.01,
+                            limit: int | None = None) -> Threshold:
+    """Calibrate on the lab model's reference prompts (novel titles never seen in training), the
+    prompts ``diffmem audit`` calibrates on: the same settings give the same threshold."""
+    from diffmem.lab.prompts import own_reference_prompts
 
-    novel = [p.caption for p in lab_data_for(model).prompt_set("novel")[:limit]]
-    return calibrate_threshold(model, novel, config, fpr, source=f"{len(novel)} lab novel prompts")
+    normal = (own_reference_prompts(model) or [])[:limit]
+    if not normal:
+        raise ValueError(f"model {model.name} is not a lab model: it has no reference prompts of its own")
+    return calibrate_threshold(model, normal, config, fpr, source=f"{len(normal)} lab reference (novel) prompts")
 
 
 def png_data_url(image) -> str:
@@ -99,7 +101,7 @@ class ExplainApp:
     def analyze(self, prompt: str) -> dict:
         t0 = time.perf_counter()
         with self._lock:
-            ex = token_significance(self.model, prompt, **vars(self.config))
+            ex = token_significance(self.model, prompt, self.config)  # position 0: seed + 0
             images = self._images(prompt) if self.image_steps else []
         return {**ex.to_json(), **self.verdict(ex.score), "images": images,
                 "elapsed_s": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,105 @@
+"""What every adapter shares: the noise/velocity conversion, the training target, the cached
+unconditional branch and the model's identity. Family files add prompts, images and saving."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from diffmem.model import (PREDICTION_TYPES, Conditioning, ModelDefaults, noise_from_model_output,
+                           training_target)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
+
+
+def sampling_scheduler(scheduler):
+    """(a DDIM scheduler in epsilon mode for sampling, the UNet's prediction type) from a model's scheduler.
+
+    predict_noise always hands the sampler noise, so the sampler's DDIM runs on epsilon; its update
+    equals DDIM on the raw output in the native mode.
+    """
+    from diffusers import DDIMScheduler
+
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported: expected one of "
+                         f"{', '.join(PREDICTION_TYPES)}")
+    return DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon"), prediction_type
+
+
+class AdapterBase:
+    """Shared members of the adapters; subclasses set name, family, device, dtype, unet, scheduler,
+    prediction_type, defaults and folders, and implement ``encode_prompts``."""
+
+    name: str
+    family: str
+    device: torch.device
+    dtype: torch.dtype
+    unet: torch.nn.Module
+    scheduler: object
+    prediction_type: str
+    defaults: ModelDefaults
+    folders: tuple[Path, ...] = ()  # where the weights came from (identity)
+    frozen_token_positions: tuple[int, ...] = (0,)  # the start token: its embedding is the same for every prompt
+    _empty: Conditioning | None = None
+    _alphas: torch.Tensor | None = None
+
+    @property
+    def default_guidance_scale(self) -> float:
+        return self.defaults.guidance_scale
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:  # pragma: no cover - per family
+        raise NotImplementedError
+
+    def empty_conditioning(self) -> Conditioning:
+        if self._empty is None:
+            self._empty = self.encode_prompts([""])
+        return self._empty
+
+    # -- the UNet ----------------------------------------------------------------------------
+    def model_output(self, x_t, t, cond: Conditioning, unet=None) -> torch.Tensor:
+        extra = cond.extra or None
+        return (unet or self.unet)(x_t, t, encoder_hidden_states=cond.embeddings, added_cond_kwargs=extra,
+                                   return_dict=False)[0]
+
+    def alpha_bar(self, t) -> torch.Tensor:
+        """alpha_bar_t of the training noise schedule, for an int / (B,) int timestep tensor."""
+        if self._alphas is None or self._alphas.device != torch.device(self.device):
+            self._alphas = self.scheduler.alphas_cumprod.to(self.device)
+        return self._alphas[torch.as_tensor(t, device=self.device).long()]
+
+    def output_to_noise(self, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return output
+        return noise_from_model_output(output, x_t, self.alpha_bar(t), self.prediction_type).to(output.dtype)
+
+    def predict_noise(self, x_t, t, cond: Conditioning, unet=None) -> torch.Tensor:
+        return self.output_to_noise(self.model_output(x_t, t, cond, unet), x_t, t)
+
+    def training_target(self, x0, noise, t) -> torch.Tensor:
+        return training_target(x0, noise, self.alpha_bar(t), self.prediction_type).to(noise.dtype)
+
+    def training_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler.config, prediction_type=self.prediction_type)
+
+    # -- data and identity -------------------------------------------------------------------
+    def training_data(self):
+        return None
+
+    def identity(self) -> dict:
+        h = hashlib.sha256()
+        for folder in self.folders:
+            for p in sorted(Path(folder).rglob("*")):
+                if not p.is_file():
+                    continue
+                rel = p.relative_to(folder).as_posix()
+                if p.suffix == ".json" or p.name.endswith(".txt") and p.stat().st_size < 1_000_000:
+                    h.update(f"{rel}\n".encode() + p.read_bytes())
+                elif p.suffix in WEIGHT_SUFFIXES:
+                    h.update(f"{rel}\t{p.stat().st_size}\n".encode())
+        return {"name": self.name, "family": self.family, "prediction_type": self.prediction_type,
+                "sha256_16": h.hexdigest()[:16] if self.folders else None}

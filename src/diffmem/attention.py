@@ -1,0 +1,398 @@
+"""Cross-attention access through the tracked pass: record the maps, edit the logits.
+
+Detectors and mitigations that read or change cross-attention (Ren et al.'s attention entropy and
+attention re-weighting, Bright Ending's end-token attention) go through ONE attention processor,
+``CrossAttentionProcessor``, installed on the cross-attention layers of a diffusers UNet (the
+``attn2`` of its transformer blocks; layers are named as in ``unet.attn_processors``, e.g.
+``"down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"``). It computes, per head,
+
+    P = softmax(E(Q K^T * scale)),   out = P V
+
+with Q, K, V from the layer's own ``to_q``/``to_k``/``to_v`` and ``scale = attn.scale``
+(1/sqrt(d_head)), where E is an optional ``AttentionEdit`` of the logits, and hands the
+conditional rows of P to any ``CrossAttentionRecorder`` listening on that layer. P is formed
+explicitly only while a recorder captures; the output P V goes through PyTorch's
+``scaled_dot_product_attention`` with the edit folded in exactly (see ``CrossAttentionProcessor``).
+
+- ``with CrossAttentionRecorder(model, layers, steps) as rec:`` installs the processor on the chosen
+  layers and restores the original processor objects on exit. Passed to the pass as a recorder
+  (``sample_unit(..., recorders=[rec])``), it keeps ``rec.maps[step_index][layer]``: the (N, heads,
+  HW, T) probabilities of the N conditional rows (unconditional rows are not kept);
+  ``rec.layer_info[layer]`` gives the layer's block, heads and (H, W).
+- ``with attention_edit(model, AttentionEdit(...)):`` scales one token's logit (Ren et al.'s c1 on
+  the start token) and masks key positions (logit -inf: padding, end tokens) in every UNet call.
+- With nothing requested (no layer, no step) nothing is installed, so diffusers' fused attention
+  (``scaled_dot_product_attention``) runs unchanged; outside these contexts the UNet is untouched.
+
+Batch layout: the pass puts the unconditional rows first and the conditional rows second in every
+UNet call (``predict_branches``), so "conditional rows" are the second half of each call's batch.
+A UNet call made with the conditional rows only (``predict_branches`` given ``eps_uncond``) must use
+``AttentionEdit(rows="all")``; the recorder assumes the pass's layout.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+SUFFIX = "attn2.processor"
+ROWS = ("cond", "uncond", "all")
+
+LayerSelection = Union[None, Sequence[str], Callable[[str], bool]]
+
+
+# -- layers ---------------------------------------------------------------------------------------
+
+def _unet(model) -> torch.nn.Module:
+    return getattr(model, "unet", model)
+
+
+def cross_attention_layers(model) -> list[str]:
+    """Names (as in ``unet.attn_processors``) of the cross-attention layers of a model or UNet."""
+    return [name for name in _unet(model).attn_processors if name.endswith(SUFFIX)]
+
+
+def select_layers(model, layers: LayerSelection = None) -> list[str]:
+    """The cross-attention layers chosen by `layers`: None = all; a list of names (the
+    ``.processor`` suffix may be left off); or a predicate on the name."""
+    names = cross_attention_layers(model)
+    if layers is None:
+        return names
+    if callable(layers):
+        return [n for n in names if layers(n)]
+    if isinstance(layers, str):
+        layers = [layers]
+    chosen = []
+    for layer in layers:
+        name = layer if layer.endswith(".processor") else f"{layer}.processor"
+        if name not in names:
+            raise ValueError(f"{layer!r} is not a cross-attention layer of this UNet; its cross-attention layers "
+                             f"are: {', '.join(names)}")
+        chosen.append(name)
+    return chosen
+
+
+def block_of(name: str) -> str:
+    """The UNet block a layer sits in: "down_blocks.1", "mid_block", "up_blocks.0"."""
+    head = name.split(".attentions.")[0]
+    return head if head != name else name.split(".")[0]
+
+
+def resolution_of(query_tokens: int, latent_hw: tuple[int, int] | None) -> tuple[int, int] | None:
+    """(H, W) of a layer's feature map from its number of query tokens H*W and the latent (H0, W0)
+    (each down-sampling halves a side, rounding up); None when no power-of-two factor fits."""
+    if latent_hw is not None:
+        h0, w0 = latent_hw
+        f = 1
+        while f <= max(h0, w0):
+            h, w = -(-h0 // f), -(-w0 // f)
+            if h * w == query_tokens:
+                return h, w
+            f *= 2
+    s = math.isqrt(query_tokens)
+    return (s, s) if s * s == query_tokens else None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str  # as in unet.attn_processors
+    block: str  # "down_blocks.1", "mid_block", "up_blocks.0", ...
+    heads: int
+    resolution: tuple[int, int] | None  # (H, W) of the query feature map: HW = H * W query tokens
+    tokens: int  # T, the key/value (text token) length
+
+
+# -- the edit -------------------------------------------------------------------------------------
+
+@dataclass
+class AttentionEdit:
+    """A per-token edit of the cross-attention logits, applied before the softmax.
+
+    token, scale: the logit q.k_token * attn.scale of key position `token` is multiplied by `scale`
+      (Ren et al. scale the start token's logit, position 0, by c1); scale 1.0 leaves it alone. (A
+      layer's own additive attention mask, which SD does not use, is added after the scaling.)
+    mask_keys: key positions whose logit becomes -inf (padding, end tokens): a list of positions
+      (the same for every row), a (T,) bool tensor, or an (N, T) bool tensor with one row per edited
+      row of the pass, in the pass's row order (then every UNet call takes the next rows, wrapping
+      around after N, so one pass must run in full per N rows).
+    rows: which rows of each UNet call are edited: "cond" (the second half, the default), "uncond"
+      (the first half) or "all".
+    """
+
+    token: int = 0
+    scale: float = 1.0
+    mask_keys: Sequence[int] | torch.Tensor | None = None
+    rows: str = "cond"
+
+    def __post_init__(self):
+        if self.rows not in ROWS:
+            raise ValueError(f"AttentionEdit rows {self.rows!r}: expected one of {', '.join(ROWS)}")
+        if isinstance(self.mask_keys, torch.Tensor):
+            if self.mask_keys.dtype != torch.bool or self.mask_keys.ndim not in (1, 2):
+                raise ValueError("AttentionEdit mask_keys tensor: expected bool (T,) or (N, T)")
+        elif self.mask_keys is not None:
+            self.mask_keys = tuple(int(k) for k in self.mask_keys)
+
+
+class _EditState:
+    """One installation of an edit: the edit and, for per-row masks, where each layer is in its rows."""
+
+    def __init__(self, edit: AttentionEdit):
+        self.edit = edit
+        self.cursor: dict[str, int] = {}
+
+    def apply(self, layer: str, key: torch.Tensor, bias: torch.Tensor | None):
+        """The edit on keys (B, heads, T, d) and the additive logit bias (broadcastable to (B, heads,
+        L, T), or None) -> (key, bias), not in place (autograd goes through).
+
+        Scaling key row j of a batch row by s scales exactly that row's logits q.k_j * scale by s, so
+        the token scale acts on the keys; masked keys get a -inf bias.
+        """
+        e = self.edit
+        B, T = key.shape[0], key.shape[2]
+        rows = _rows(e.rows, B)
+        n = rows.stop - rows.start
+        if n == 0:
+            return key, bias
+        if e.scale != 1.0:
+            if not -T <= e.token < T:
+                raise ValueError(f"AttentionEdit token {e.token}: out of range for {T} key tokens")
+            factor = torch.ones(B, 1, T, 1, dtype=key.dtype, device=key.device)
+            factor[rows, :, e.token] = e.scale
+            key = key * factor
+        if e.mask_keys is not None:
+            mask = torch.zeros(B, T, dtype=torch.bool, device=key.device)
+            if isinstance(e.mask_keys, torch.Tensor) and e.mask_keys.ndim == 2:
+                table = e.mask_keys.to(key.device)
+                start = self.cursor.get(layer, 0)
+                idx = (torch.arange(start, start + n) % len(table)).to(key.device)
+                self.cursor[layer] = (start + n) % len(table)
+                mask[rows] = table[idx, :T]
+            elif isinstance(e.mask_keys, torch.Tensor):
+                mask[rows] = e.mask_keys.to(key.device)[:T]
+            else:
+                mask[rows, list(e.mask_keys)] = True
+            if mask[rows].all(dim=-1).any():
+                raise ValueError("AttentionEdit mask_keys masks every key of a row: its attention is undefined")
+            masked = torch.zeros(B, 1, 1, T, dtype=torch.float32, device=key.device)
+            masked = masked.masked_fill(mask[:, None, None, :], float("-inf"))
+            bias = masked if bias is None else bias + masked
+        return key, bias
+
+
+def _rows(which: str, batch: int) -> slice:
+    if which == "all":
+        return slice(0, batch)
+    if batch % 2:
+        raise ValueError(f"a UNet call of {batch} rows has no unconditional/conditional halves; a call without "
+                         "unconditional rows needs rows='all'")
+    return slice(batch // 2, batch) if which == "cond" else slice(0, batch // 2)
+
+
+# -- the processor --------------------------------------------------------------------------------
+
+class CrossAttentionProcessor:
+    """Attention of one layer with its probabilities at hand: P = softmax(Q K^T * attn.scale + bias).
+
+    Q, K, V come from the layer's own projections, with the same handling as diffusers'
+    ``AttnProcessor`` of spatial/group norms, ``norm_cross``, the attention mask, ``to_out``,
+    ``residual_connection`` and ``rescale_output_factor``. `edits` change K (token scale) and the
+    bias (masked keys), in order. When a recorder in `sinks` is capturing, P is computed explicitly
+    (float32) and its conditional rows are handed over.
+
+    The output P V itself goes through ``F.scaled_dot_product_attention`` on the same (edited) Q, K,
+    V and bias: the same value as the explicit product, but it keeps the fused path's rounding, so
+    recording and an identity edit leave sampling bit-for-bit as without them (the explicit
+    ``softmax(.) @ V``, like diffusers' own ``AttnProcessor``, drifts from the fused path by ~3e-5
+    after six guided DDIM steps of the tiny test model).
+    """
+
+    def __init__(self, name: str, edits: Sequence[_EditState] = (), sinks: Sequence["CrossAttentionRecorder"] = ()):
+        self.name = name
+        self.edits = tuple(edits)
+        self.sinks = tuple(sinks)
+
+    def joined(self, edit: _EditState | None = None, sink: "CrossAttentionRecorder | None" = None):
+        """A processor doing this one's work and also `edit` / feeding `sink` (for nested contexts)."""
+        return CrossAttentionProcessor(self.name, self.edits + ((edit,) if edit else ()),
+                                       self.sinks + ((sink,) if sink else ()))
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        B, L, _ = hidden_states.shape
+        T = context.shape[1]
+        heads = attn.heads
+
+        def split(x):  # (B, S, heads * d) -> (B, heads, S, d)
+            return x.view(B, x.shape[1], heads, -1).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(context)), split(attn.to_v(context))
+        if getattr(attn, "norm_q", None) is not None:
+            q = attn.norm_q(q)
+        if getattr(attn, "norm_k", None) is not None:
+            k = attn.norm_k(k)
+        bias = None  # additive logit bias, broadcastable to (B, heads, L, T)
+        if attention_mask is not None:
+            bias = attn.prepare_attention_mask(attention_mask, T, B).view(B, heads, -1, T).float()
+        for state in self.edits:
+            k, bias = state.apply(self.name, k, bias)
+        if any(sink.active for sink in self.sinks):
+            logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale  # (B, heads, L, T)
+            probs = (logits if bias is None else logits + bias).softmax(dim=-1)
+            for sink in self.sinks:
+                if sink.active:
+                    sink.capture(self.name, attn, probs[_rows("cond", B)], T)
+        scale = None if attn.scale == q.shape[-1] ** -0.5 else attn.scale  # None: SDPA's own 1/sqrt(d), as diffusers
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                                             dropout_p=0.0, is_causal=False, scale=scale)  # (B, heads, L, d)
+        out = out.transpose(1, 2).reshape(B, L, -1).to(q.dtype)
+        out = attn.to_out[0](out)  # linear projection
+        out = attn.to_out[1](out)  # dropout
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+# -- installing -----------------------------------------------------------------------------------
+
+def _install(model, names: Iterable[str], edit: _EditState | None = None,
+             sink: "CrossAttentionRecorder | None" = None) -> dict[str, object]:
+    """Put a CrossAttentionProcessor on each layer (joining one already there); returns the previous
+    processor objects, for ``_restore``."""
+    unet = _unet(model)
+    previous = {}
+    for name in names:
+        module = unet.get_submodule(name[:-len(".processor")])
+        old = module.processor
+        previous[name] = old
+        new = (old.joined(edit, sink) if isinstance(old, CrossAttentionProcessor)
+               else CrossAttentionProcessor(name, (edit,) if edit else (), (sink,) if sink else ()))
+        module.set_processor(new)
+    return previous
+
+
+def _restore(model, previous: dict[str, object]) -> None:
+    unet = _unet(model)
+    for name, old in previous.items():
+        unet.get_submodule(name[:-len(".processor")]).set_processor(old)
+
+
+@contextmanager
+def attention_edit(model, edit: AttentionEdit, layers: LayerSelection = None) -> Iterator[AttentionEdit]:
+    """Apply `edit` to the cross-attention logits of the chosen layers (default: all) in every UNet
+    call inside the block; the original processors are back on exit."""
+    previous = _install(model, select_layers(model, layers), edit=_EditState(edit))
+    try:
+        yield edit
+    finally:
+        _restore(model, previous)
+
+
+class CrossAttentionRecorder:
+    """Cross-attention probabilities of the conditional rows, per step and layer; a pass Recorder.
+
+    ``with CrossAttentionRecorder(model, layers, steps) as rec:`` then ``sample_unit(...,
+    recorders=[rec])``: ``rec.maps[k][layer]`` is (N, heads, HW, T) for each requested step k
+    (schedule position; None = every step) and layer (see ``select_layers``; None = every
+    cross-attention layer), the UNet calls of a step concatenated in row order.
+
+    reduce: applied to each captured (n, heads, HW, T) chunk before it is kept (keep the leading row
+      dimension), e.g. ``lambda p: p.mean(1)`` to average the heads; saves memory on large models.
+    dtype, device: where kept maps go (default: float32, where computed). detach: drop the autograd
+      graph (default; with a ``grad=True`` pass, False keeps it).
+
+    Steps are known from ``before_step``, which ``tracked_pass`` calls; UNet calls made while no step
+    has been announced are captured and kept or dropped at the next ``on_step``.
+    """
+
+    def __init__(self, model, layers: LayerSelection = None, steps: Iterable[int] | None = None, *,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, detach: bool = True):
+        self.model = model
+        self.layers = select_layers(model, layers)
+        self.steps = None if steps is None else {int(s) for s in steps}
+        self.reduce, self.dtype, self.device, self.detach = reduce, dtype, device, detach
+        shape = getattr(model, "latent_shape", None)
+        if shape is not None:
+            self._latent_hw = tuple(shape[-2:])
+        else:
+            size = getattr(getattr(_unet(model), "config", None), "sample_size", None)
+            self._latent_hw = (size, size) if isinstance(size, int) else tuple(size) if size else None
+        self.maps: dict[int, dict[str, torch.Tensor]] = {}
+        self.layer_info: dict[str, LayerInfo] = {}
+        self.active = True  # capture during the current step
+        self._pending: dict[str, list[torch.Tensor]] = {}
+        self._previous: dict[str, object] | None = None
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.layers) and (self.steps is None or bool(self.steps))
+
+    # -- context ---------------------------------------------------------------------------------
+    def __enter__(self) -> "CrossAttentionRecorder":
+        if self._previous is not None:
+            raise RuntimeError("this CrossAttentionRecorder is already installed")
+        self._previous = _install(self.model, self.layers if self.requested else [], sink=self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _restore(self.model, self._previous or {})
+        self._previous = None
+        self._pending.clear()
+
+    # -- the processors' side --------------------------------------------------------------------
+    def capture(self, layer: str, attn, probs: torch.Tensor, tokens: int) -> None:
+        if layer not in self.layer_info:
+            self.layer_info[layer] = LayerInfo(layer, block_of(layer), attn.heads,
+                                               resolution_of(probs.shape[2], self._latent_hw), tokens)
+        if self.detach:
+            probs = probs.detach()
+        if self.reduce is not None:
+            probs = self.reduce(probs)
+        probs = probs.to(device=self.device, dtype=self.dtype or probs.dtype)
+        self._pending.setdefault(layer, []).append(probs)
+
+    # -- the pass's side -------------------------------------------------------------------------
+    def wants(self, index: int) -> bool:
+        return self.steps is None or index in self.steps
+
+    def before_step(self, index: int, t) -> None:
+        self._pending.clear()
+        self.active = self.wants(index)
+
+    def on_step(self, step) -> None:
+        captured = self.take()
+        self.active = True
+        if not captured or not self.wants(step.index):
+            return
+        for layer, maps in captured.items():
+            if len(maps) != len(step.x_t):
+                raise RuntimeError(f"{layer}: captured {len(maps)} conditional rows in step {step.index}, the pass "
+                                   f"has {len(step.x_t)}; were UNet calls made outside the pass's layout?")
+        self.maps[step.index] = captured
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """What was captured since the last step (or ``take``), per layer, chunks concatenated; clears
+        it. For UNet calls made outside the pass."""
+        out = {layer: torch.cat(chunks) for layer, chunks in self._pending.items()}
+        self._pending.clear()
+        return out

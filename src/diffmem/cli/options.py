@@ -1,0 +1,67 @@
+"""Option groups shared by several verbs. Defaults live in the config classes only: every option
+here defaults to None ("not given") and a verb's config is its config class's default with the
+given options applied, so a CLI default cannot drift from the library's."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+SAMPLING_OPTIONS = ("num_generations", "num_inference_steps", "guidance_scale", "seed", "batch_size")
+
+
+def given(args, names) -> dict:
+    """{name: value} of the options among `names` that were given on the command line."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def add_sampling_args(p, base, track_steps: bool = False) -> None:
+    """--num-generations, --num-inference-steps, --guidance-scale, --seed, --batch-size (and
+    --track-steps) over `base`, a SamplingConfig whose values the help shows as defaults."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--num-generations", type=int, help=f"images per prompt, d is averaged over them (default {base.num_generations})")
+    g.add_argument("--num-inference-steps", type=int, help=f"DDIM steps of the schedule (default {base.num_inference_steps})")
+    if track_steps:
+        g.add_argument("--track-steps", type=int, help="stop after K steps (1: first-step detection; default: all)")
+    g.add_argument("--guidance-scale", type=float, help="default: the model's (7.5 for SD, the lab's own)")
+    g.add_argument("--seed", type=int, help=f"prompt at position i starts from seed + i (default {base.seed})")
+    g.add_argument("--batch-size", type=int, help=f"UNet samples per call, cond + uncond rows (default {base.batch_size})")
+
+
+def sampling_from_args(args, base):
+    return replace(base, **given(args, SAMPLING_OPTIONS + ("track_steps",)))
+
+
+def add_mitigation_args(p, prefix: str = "", with_repeat: bool = True) -> None:
+    """--target-loss, --lr / --max-iters (embedding-opt) and --repeat-num (augmentations); `prefix`
+    names the learning-rate and iteration options (``serve`` uses --mitigation-lr)."""
+    p.add_argument("--target-loss", type=float, help="embedding-opt: stop once first-step d <= this (default: "
+                   "the model's: 3 on SD, the seed's; on the lab, the median d of its reference prompts)")
+    p.add_argument(f"--{prefix}lr", dest="lr", type=float,
+                   help="embedding-opt: AdamW learning rate (default: the model's; 0.05 on SD, 0.01 on the lab)")
+    p.add_argument(f"--{prefix}max-iters", dest="max_iters", type=int,
+                   help="embedding-opt: AdamW steps at most (default: the model's; 10 on SD, 50 on the lab)")
+    if with_repeat:
+        p.add_argument("--repeat-num", type=int, help="augmentations: items inserted per prompt (default 4)")
+
+
+def mitigation_from_args(args, base):
+    return replace(base, **given(args, ("target_loss", "lr", "max_iters", "repeat_num")))
+
+
+def add_explain_args(p, base) -> None:
+    """The window and sampling of token significance (``explain``, ``serve``), over `base` (ExplainConfig)."""
+    g = p.add_argument_group("explanation")
+    g.add_argument("--start-step", type=int, help=f"first DDIM step of the window, 0-based (default {base.steps[0]})")
+    g.add_argument("--end-step", type=int, help=f"stop before this step (default {base.steps[1]}: the first step only)")
+    g.add_argument("--num-generations", dest="generations", type=int,
+                   help=f"x_T draws the gradient is averaged over (default {base.generations})")
+    g.add_argument("--num-inference-steps", type=int, help=f"DDIM schedule the window lives in (default {base.num_inference_steps})")
+    g.add_argument("--guidance-scale", type=float, help="for the steps before the window; default: the model's")
+    g.add_argument("--seed", type=int, help=f"the prompt at position i starts from seed + i (default {base.seed})")
+
+
+def explain_from_args(args, base):
+    names = [f.name for f in fields(base) if f.name != "steps"]
+    steps = (args.start_step if args.start_step is not None else base.steps[0],
+             args.end_step if args.end_step is not None else base.steps[1])
+    return replace(base, steps=steps, **given(args, names))
