@@ -229,14 +229,14 @@ def sample_unit(model, prompts: list[str], positions: list[int], config: Samplin
 
 def sample_prompts(model, prompts: list[str], config: SamplingConfig = SamplingConfig(),
                    decode: bool = True, positions: list[int] | None = None) -> list[PromptSamples]:
-    """Tracked sampling of a list of prompts, batched; prompt j sits at ``positions[j]`` (default j)."""
+    """Tracked sampling of a list of prompts, batched; prompt j sits at ``positions[j]`` (default j;
+    positions may repeat: edits of one prompt compared from the same x_T)."""
     positions = list(range(len(prompts))) if positions is None else list(positions)
     if len(positions) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(positions)} positions")
-    text_of = dict(zip(positions, prompts))
     out: list[PromptSamples] = []
-    for unit in plan_units(positions, config.num_generations, config.batch_size):
-        out += sample_unit(model, [text_of[p] for p in unit], unit, config, decode=decode)
+    for unit in plan_units(list(range(len(prompts))), config.num_generations, config.batch_size):
+        out += sample_unit(model, [prompts[j] for j in unit], [positions[j] for j in unit], config, decode=decode)
     return out
 
 

@@ -115,12 +115,12 @@ def attribution_benchmark(model, windows: list[tuple[int, int]], generations: in
                 continue
             rows = []
             for k, pair in enumerate(tqdm(pairs, desc=f"steps {steps} {name}", disable=not progress)):
-                ex = token_significance(model, pair.caption, config)
+                ex = token_significance(model, pair.caption, config)  # position 0: every caption from one x_T
                 top_tok, top_word = ex.ranked_tokens()[0], ex.ranked_words()[0]
                 swap_word = spare[k % len(spare)]
                 deleted = remove_word(pair.caption, top_word.start, top_word.end)
                 replaced = remove_word(pair.caption, top_word.start, top_word.end, swap_word)
-                d_del, d_rep = score([deleted, replaced])
+                d_del, d_rep = prompt_scores(model, [deleted, replaced], config, positions=[0, 0])  # the same x_T
                 rows.append(PromptAttribution(pair.caption, list(pair.title_words), ex.score, top_tok.token,
                                               top_word.word, deleted, d_del, replaced, d_rep))
             flagged = [r for r in rows if r.score >= threshold]
