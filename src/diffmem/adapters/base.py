@@ -29,6 +29,16 @@ def sampling_scheduler(scheduler):
     return DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon"), prediction_type
 
 
+def load_unet(folder: Path, unet_path: str | Path | None, dtype: torch.dtype):
+    """(UNet, its folder): ``folder/unet`` or the fine-tuned `unet_path` (``--unet``)."""
+    from diffusers import UNet2DConditionModel
+
+    unet_dir = Path(unet_path) if unet_path else Path(folder) / "unet"
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--unet {unet_dir}: no config.json; expected a diffusers UNet folder")
+    return UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype), unet_dir
+
+
 class AdapterBase:
     """Shared members of the adapters; subclasses set name, family, device, dtype, unet, scheduler,
     prediction_type, defaults and folders, and implement ``encode_prompts``."""
@@ -85,6 +95,10 @@ class AdapterBase:
         from diffusers import DDPMScheduler
 
         return DDPMScheduler.from_config(self.scheduler.config, prediction_type=self.prediction_type)
+
+    def save(self, path: str | Path, unet=None) -> None:
+        """Write the (fine-tuned) UNet as ``path/unet``, loadable with ``--unet path/unet``."""
+        (unet if unet is not None else self.unet).save_pretrained(Path(path) / "unet", safe_serialization=True)
 
     # -- data and identity -------------------------------------------------------------------
     def training_data(self):

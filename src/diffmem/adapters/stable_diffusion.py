@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.base import AdapterBase, sampling_scheduler
+from diffmem.adapters.base import AdapterBase, load_unet, sampling_scheduler
 from diffmem.model import Conditioning, ModelDefaults, Token
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -90,23 +90,16 @@ class StableDiffusionModel(AdapterBase):
         dist = self.vae.encode(images).latent_dist
         return dist.sample(generator=generator) * self.vae.config.scaling_factor
 
-    def save(self, path: str | Path, unet=None) -> None:
-        """Write the (fine-tuned) UNet as ``path/unet``, loadable with ``--unet path/unet``."""
-        (unet if unet is not None else self.unet).save_pretrained(Path(path) / "unet", safe_serialization=True)
-
 
 def load_stable_diffusion(path: str | Path, unet_path: str | Path | None = None, device="cpu",
                           dtype=torch.float32) -> StableDiffusionModel:
     """Load an SD 1.x/2.x folder component by component; ``unet_path`` swaps in a fine-tuned UNet."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import AutoTokenizer, CLIPTextModel
 
     path = Path(path)
     check_sd_folder(path)
-    unet_dir = Path(unet_path) if unet_path else path / "unet"
-    if not (unet_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--unet {unet_dir}: no config.json; expected a diffusers UNet folder")
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+    unet, unet_dir = load_unet(path, unet_path, dtype)
     vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.base import AdapterBase, sampling_scheduler
+from diffmem.adapters.base import AdapterBase, load_unet, sampling_scheduler
 from diffmem.model import Conditioning, ModelDefaults, Token
 
 FAMILY = "stable-diffusion-xl"
@@ -209,23 +209,16 @@ class StableDiffusionXLModel(AdapterBase):
         z = z * self.vae.config.scaling_factor if mean is None else (z - mean) * self.vae.config.scaling_factor / std
         return z.to(self.dtype)
 
-    def save(self, path: str | Path, unet=None) -> None:
-        """Write the (fine-tuned) UNet as ``path/unet``, loadable with ``--unet path/unet``."""
-        (unet if unet is not None else self.unet).save_pretrained(Path(path) / "unet", safe_serialization=True)
-
 
 def load_stable_diffusion_xl(path: str | Path, unet_path: str | Path | None = None, device="cpu",
                              dtype=torch.float32) -> StableDiffusionXLModel:
     """Load an SDXL folder component by component; ``unet_path`` swaps in a fine-tuned UNet."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     path = Path(path)
     check_sdxl_folder(path)
-    unet_dir = Path(unet_path) if unet_path else path / "unet"
-    if not (unet_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--unet {unet_dir}: no config.json; expected a diffusers UNet folder")
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+    unet, unet_dir = load_unet(path, unet_path, dtype)
     vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
     text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", torch_dtype=dtype)
