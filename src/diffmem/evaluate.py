@@ -288,9 +288,11 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
     # 1. Inputs and output folder.
     out = Path(out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
-    target = next((calibrated_target_loss(model, m, config.sampling) for m in settings_of(config)
-                   if m.method == "embedding-opt" and m.target_loss is None), None)
-    settings = [m.resolved(model, target) for m in settings_of(config)]
+    settings = settings_of(config)
+    # one calibrated target for every embedding-opt setting without its own (None when nothing needs one)
+    target = next((t for t in (calibrated_target_loss(model, m, config.sampling) for m in settings) if t is not None),
+                  None)
+    settings = [m.resolved(model, target) for m in settings]
     judge = Judge(model, eval_set, config)
     prompts = [p.caption for p in eval_set.prompts]
     units = plan_units(list(range(len(prompts))), config.sampling.num_generations, config.sampling.batch_size)

@@ -82,8 +82,7 @@ class ExplainConfig:
 
     def __post_init__(self):
         self.steps = check_window(self.steps, self.num_inference_steps)
-        if self.generations < 1:
-            raise ValueError(f"generations {self.generations}: must be >= 1")
+        self.sampling()  # SamplingConfig checks the generations, schedule and batch size
 
     def sampling(self) -> SamplingConfig:
         """The tracked pass's settings: the window's end is the last tracked step."""

@@ -261,8 +261,8 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
     # 1. Each prompt's x_T under the seed contract, and the tracked pass's first step: d0, eps_uncond.
     G, P = sampling.num_generations, len(prompts)
     t = schedule(model, sampling.num_inference_steps)[0]
-    x, cond_rows, uncond = unit_inputs(model, positions, sampling, prompts)
     original = model.encode_prompts(prompts)  # P rows
+    x, cond_rows, uncond = unit_inputs(model, positions, sampling, conditioning=original)
     d0_rows, eps_u = _first_step(model, x, cond_rows, uncond, t, sampling.batch_size)
     d0 = d0_rows.view(P, G).mean(1)
     # 2. The conditional embeddings to sample with.

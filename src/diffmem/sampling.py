@@ -16,7 +16,7 @@ update is always taken without gradients, so no graph spans two steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -248,8 +248,6 @@ def window_scores(model, prompts: list[str], config: SamplingConfig, steps: tupl
     window's end are tracked (one step: first-step detection). Returns (P,) float64.
     """
     start, end = check_window(steps, config.num_inference_steps)
-    from dataclasses import replace
-
     res = sample_prompts(model, prompts, replace(config, track_steps=end), decode=False, positions=positions)
     return np.array([float(r.text_noise_norm[:, start:end].double().mean()) for r in res])
 

@@ -17,17 +17,32 @@ from diffmem.model import Conditioning, ModelDefaults, Token
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def check_sd_folder(path: Path) -> None:
-    """Raise a clear error naming what a Stable Diffusion folder lacks."""
+def check_folder(path: Path, components: tuple[str, ...], kind: str, missing_note: str = "") -> None:
+    """Raise a clear error naming what a diffusers pipeline folder of `kind` lacks."""
+    listing = ", ".join(c + "/" for c in components)
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path}: no model_index.json; expected a diffusers Stable Diffusion folder "
-                                f"with {', '.join(c + '/' for c in SD_COMPONENTS)}")
-    for comp in SD_COMPONENTS:
+        raise FileNotFoundError(f"{path}: no model_index.json; expected a diffusers {kind} folder with {listing}")
+    for comp in components:
         if not (path / comp).is_dir():
-            raise FileNotFoundError(f"{path}: component {comp}/ is missing (a Stable Diffusion folder needs "
-                                    f"{', '.join(c + '/' for c in SD_COMPONENTS)})")
+            raise FileNotFoundError(f"{path}: component {comp}/ is missing (a {kind} folder needs {listing}"
+                                    f"{missing_note})")
     if not (path / "unet" / "config.json").is_file():
         raise FileNotFoundError(f"{path}: unet/config.json is missing; the folder has no usable UNet")
+
+
+def check_sd_folder(path: Path) -> None:
+    """Raise a clear error naming what a Stable Diffusion folder lacks."""
+    check_folder(path, SD_COMPONENTS, "Stable Diffusion")
+
+
+def clip_tokens(tokenizer, ids: list[int]) -> list[Token]:
+    """Tokens of padded CLIP input ids: decoded, the start token and everything from the end token on special."""
+    special_ids = set(tokenizer.all_special_ids)
+    out, ended = [], False
+    for i in ids:
+        out.append(Token(tokenizer.decode([i]).strip(), int(i), ended or i in special_ids))
+        ended = ended or i == tokenizer.eos_token_id
+    return out
 
 
 class StableDiffusionModel(AdapterBase):
@@ -67,14 +82,7 @@ class StableDiffusionModel(AdapterBase):
         return Conditioning(self.text_encoder(enc.input_ids.to(self.device), attention_mask=mask)[0])
 
     def tokens(self, prompt: str) -> list[Token]:
-        ids = self._input_ids([prompt]).input_ids[0].tolist()
-        special_ids = set(self.tokenizer.all_special_ids)
-        out, ended = [], False
-        for i in ids:
-            text = self.tokenizer.decode([i]).strip()
-            out.append(Token(text, int(i), ended or i in special_ids))
-            ended = ended or i == self.tokenizer.eos_token_id
-        return out
+        return clip_tokens(self.tokenizer, self._input_ids([prompt]).input_ids[0].tolist())
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt).input_ids)

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from diffmem.adapters.base import AdapterBase, load_unet, sampling_scheduler
+from diffmem.adapters.stable_diffusion import check_folder, clip_tokens
 from diffmem.model import Conditioning, ModelDefaults, Token
 
 FAMILY = "stable-diffusion-xl"
@@ -47,38 +48,30 @@ SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
 SDXL_DEFAULT_GUIDANCE = 5.0  # StableDiffusionXLPipeline's default guidance_scale
 
 
+def _model_index(path: Path) -> dict:
+    """The folder's model_index.json, or {} when it is missing or unreadable."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
 def is_sdxl_folder(path: Path) -> bool:
     """Whether `path`'s model_index.json names an SDXL pipeline class (``_class_name`` containing "XL")."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        name = json.loads(index.read_text()).get("_class_name", "")
-    except (OSError, ValueError, AttributeError):
-        return False
+    name = _model_index(path).get("_class_name", "")
     return isinstance(name, str) and "XL" in name
 
 
 def check_sdxl_folder(path: Path) -> None:
     """Raise a clear error naming what a Stable Diffusion XL folder lacks."""
-    listing = ", ".join(c + "/" for c in SDXL_COMPONENTS)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path}: no model_index.json; expected a diffusers Stable Diffusion XL folder "
-                                f"with {listing}")
-    for comp in SDXL_COMPONENTS:
-        if not (path / comp).is_dir():
-            raise FileNotFoundError(f"{path}: component {comp}/ is missing (a Stable Diffusion XL text-to-image "
-                                    f"folder needs {listing}; refiner folders without text_encoder/ are not supported)")
-    if not (path / "unet" / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: unet/config.json is missing; the folder has no usable UNet")
+    check_folder(path, SDXL_COMPONENTS, "Stable Diffusion XL text-to-image",
+                 "; refiner folders without text_encoder/ are not supported")
 
 
 def _force_zeros_for_empty_prompt(path: Path) -> bool:
     """The pipeline's ``force_zeros_for_empty_prompt`` from model_index.json (diffusers' default: True)."""
-    try:
-        return bool(json.loads((path / "model_index.json").read_text()).get("force_zeros_for_empty_prompt", True))
-    except (OSError, ValueError, AttributeError):
-        return True
+    return bool(_model_index(path).get("force_zeros_for_empty_prompt", True))
 
 
 class StableDiffusionXLModel(AdapterBase):
@@ -173,13 +166,7 @@ class StableDiffusionXLModel(AdapterBase):
         return self._empty
 
     def tokens(self, prompt: str) -> list[Token]:
-        ids = self._input_ids([prompt])[0].tolist()
-        special_ids = set(self.tokenizer.all_special_ids)
-        out, ended = [], False
-        for i in ids:
-            out.append(Token(self.tokenizer.decode([i]).strip(), int(i), ended or i in special_ids))
-            ended = ended or i == self.tokenizer.eos_token_id
-        return out
+        return clip_tokens(self.tokenizer, self._input_ids([prompt])[0].tolist())
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt).input_ids)

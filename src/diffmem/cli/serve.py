@@ -58,7 +58,7 @@ def run(args) -> int:
 
     # 1. Check inputs before loading anything
     config = explain_config_from_args(args)
-    mitigation = mitigation_config_from_args(args)
+    mitigation = mitigation_config_from_args(args, config.seed)
     if not 0 < args.fpr < 1:
         raise ValueError(f"--fpr {args.fpr}: must be between 0 and 1")
     if args.image_steps < 1:
@@ -116,7 +116,7 @@ def run(args) -> int:
     return 0
 
 
-def mitigation_config_from_args(args):
+def mitigation_config_from_args(args, seed: int):
     """The MitigationConfig of the page's button (target_loss still to derive when not given); None for none."""
     from diffmem.mitigate import AUGMENT_STYLES, MitigationConfig
 
@@ -129,7 +129,7 @@ def mitigation_config_from_args(args):
     if stray:
         raise ValueError(f"{', '.join(stray)} {'has' if len(stray) == 1 else 'have'} no effect with --mitigation "
                          f"{method}" + (f" (it takes {', '.join(applies)})" if applies else ""))
-    config = MitigationConfig(method=method, seed=args.seed or 0)  # augmentations draw with the page's seed
+    config = MitigationConfig(method=method, seed=seed)  # augmentations draw with the page's seed
     if args.target_loss is not None:
         if args.target_loss < 0:
             raise ValueError(f"--target-loss {args.target_loss}: must be >= 0 (d is a norm; 0 runs every iteration)")
