@@ -69,6 +69,6 @@ def test_roc_cli_errors_name_the_file(tmp_path, capsys):
     (tmp_path / "m.jsonl").write_text('{"prompt": "x"}\n')
     write_detection(tmp_path / "n.jsonl", [np.ones((1, 2))])
     assert main(["roc", "--memorized", str(tmp_path / "m.jsonl"), "--non-memorized", str(tmp_path / "n.jsonl")]) == 2
-    assert "m.jsonl:1: no text_noise_norm" in capsys.readouterr().err
+    assert "m.jsonl:1: method wen: no text_noise_norm" in capsys.readouterr().err
     assert main(["roc", "--memorized", str(tmp_path / "n.jsonl"), "--non-memorized", str(tmp_path / "n.jsonl"),
                  "--steps", "x:y"]) == 2

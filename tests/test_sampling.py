@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from diffmem.model import Conditioning
-from diffmem.sampling import NoiseNormRecorder, SamplingConfig, initial_noise, sample_prompts, sample_unit, tracked_pass
+from diffmem.detectors.wen import NoiseNormRecorder
+from diffmem.sampling import SamplingConfig, initial_noise, sample_prompts, sample_unit, tracked_pass
 
 PROMPTS = ["a red cat on a mat", "the velvet harbor: a blue square", "an astronaut riding a horse"]
 

@@ -1,8 +1,10 @@
 """Memorization detection runs: tracked sampling over a prompt list, written as JSON Lines.
 
-Output rows follow the official ``det_outputs`` field names (``text_noise_norm``,
-``uncond_noise_norm`` as [generations][steps] lists) plus ``prompt``, ``index``, ``seed`` and
-``score``. Run metadata goes beside the results in ``<name>.meta.json``. Rows are appended one work
+Each requested detector (``diffmem.detectors``; default ``wen``) records during the same pass and
+adds its fields to the prompt's row: its score under its own name, and what it keeps beside (Wen's
+per-generation, per-step arrays under the official ``det_outputs`` names ``text_noise_norm`` and
+``uncond_noise_norm``). Rows also hold ``prompt``, ``index``, ``seed`` and ``score``, the first
+method's score. Run metadata goes beside the results in ``<name>.meta.json``. Rows are appended one work
 unit at a time with a single ``write``, so an interrupted run never leaves a broken line and
 loses at most the unit in flight; ``resume=True`` continues it. Under ``accelerate launch`` the
 work units are spread over the processes and merged into one file ordered by ``index``.
@@ -12,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
+from diffmem.detectors import Detector, get_detector, parse_methods
 from diffmem.files import append_rows, read_rows, save_generations
-from diffmem.metrics import prompt_score
 from diffmem.prompts import PromptRecord
 from diffmem.sampling import PromptSamples, SamplingConfig, plan_units, sample_unit
 
@@ -28,24 +30,41 @@ def meta_path(out: Path) -> Path:
     return out.with_name(out.stem + ".meta.json")
 
 
-def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool) -> dict:
-    text = samples.text_noise_norm.tolist()
+def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool, fields: list[dict]) -> dict:
+    """One prompt's row; `fields` are its detectors' fields, the first detector's score is ``score``."""
+    scores = {k: v for f in fields for k, v in f.items()}
     return {
         "prompt": record.prompt,
         "index": record.position,
         "seed": samples.seed,
-        "score": prompt_score(text),
-        "text_noise_norm": text,
-        "uncond_noise_norm": samples.uncond_noise_norm.tolist(),
+        "score": next(iter(fields[0].values())),
+        **scores,
         "truncated": truncated,
         **({"source": record.source} if record.source else {}),
     }
 
 
+def detect_unit(model, detectors: list[Detector], prompts: list[str], positions: list[int], config: SamplingConfig,
+                decode: bool = False) -> tuple[list[PromptSamples], list[list[dict]]]:
+    """One work unit through the pass with every detector's recorder: the samples and, per prompt,
+    each detector's row fields (in `detectors` order)."""
+    G = config.num_generations
+    with ExitStack() as stack:
+        recorders = [d.recorder(model, config) for d in detectors]
+        for r in recorders:
+            if hasattr(r, "__enter__"):
+                stack.enter_context(r)
+        samples = sample_unit(model, prompts, positions, config, decode=decode, recorders=recorders)
+        fields = [[d.fields(r, slice(j * G, (j + 1) * G)) for d, r in zip(detectors, recorders)]
+                  for j in range(len(positions))]
+    return samples, fields
+
+
 def run_detection(model, records: list[PromptRecord], out: str | Path, config: SamplingConfig = SamplingConfig(),
                   resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
-                  unet: str | None = None, progress: bool = True) -> Path:
-    """Detect memorization for `records`; write rows to `out` (JSON Lines). Returns `out`."""
+                  unet: str | None = None, progress: bool = True, methods=None) -> Path:
+    """Detect memorization for `records` with the detectors named in `methods` (default: wen); write
+    rows to `out` (JSON Lines). Returns `out`."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -53,7 +72,9 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
 
     state = PartialState()
     out = Path(out)
-    settings = {**asdict(config), "guidance_scale": config.guidance(model)}
+    methods = parse_methods(methods)
+    detectors = [get_detector(m) for m in methods]
+    settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods)}
     truncated = {r.position for r in records if model.count_tokens(r.prompt) > model.max_tokens}
     meta = provenance(model, unet=unet, settings=settings, prompts=prompts_info or {}, num_prompts=len(records),
                       num_truncated=len(truncated), max_tokens=model.max_tokens, num_processes=state.num_processes)
@@ -65,6 +86,8 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
             if not resume:
                 raise FileExistsError(f"{out} exists; pass --resume to continue that run, or choose another --out")
             old = json.loads(meta_path(out).read_text()) if meta_path(out).exists() else {}
+            if isinstance(old.get("settings"), dict):  # outputs written before detectors were named ran wen
+                old["settings"].setdefault("methods", ["wen"])
             diff = [k for k in RESUME_KEYS if old.get(k) != meta[k]]
             if diff:
                 raise ValueError(f"cannot resume {out}: its {', '.join(diff)} differ from this run's "
@@ -88,13 +111,14 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     # 3. Sample unit by unit, appending each unit's rows in one write.
     bar = tqdm(total=sum(map(len, todo)), desc="detect", unit="prompt", disable=not progress or not state.is_main_process)
     for unit in todo:
-        results = sample_unit(model, [by_pos[p].prompt for p in unit], unit, config, decode=images_dir is not None)
+        results, fields = detect_unit(model, detectors, [by_pos[p].prompt for p in unit], unit, config,
+                                      decode=images_dir is not None)
         if images_dir is not None:
             for s in results:
                 save_generations(Path(images_dir), s.position, s.images)
         # A unit is redone whole (same batch, same numbers) but rows already written are not repeated.
-        append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated) for s in results
-                             if s.position not in done])
+        append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated, f)
+                             for s, f in zip(results, fields) if s.position not in done])
         bar.update(len(unit))
     bar.close()
 

@@ -6,9 +6,11 @@ settings give the same numbers everywhere. Tracking does not change sampling: la
 of diffusers' ``StableDiffusionPipeline`` with ``DDIMScheduler`` for the same seed (the seed
 contract in ``initial_noise``).
 
-A *recorder* is any object with ``on_step(step: Step)``; ``NoiseNormRecorder`` records Wen et al.'s
-d. A recorder may also have ``before_step(index, t)``, called before that step's UNet calls (the
-cross-attention recorder of ``diffmem.attention`` uses it to capture only the steps asked for).
+A *recorder* is any object with ``on_step(step: Step)`` and, optionally, ``before_step(index, t)``,
+called before that step's UNet calls (the cross-attention recorder of ``diffmem.attention`` uses it
+to capture only the steps asked for). Every pass keeps Wen et al.'s d
+(``diffmem.detectors.wen.NoiseNormRecorder``, in ``PromptSamples``); the detectors of
+``diffmem.detectors`` hand the pass their own recorders.
 With ``grad=True`` the UNet calls keep their autograd graph (token significance, embedding
 optimization, Jacobian-vector scores differentiate through the recorded tensors); the latent
 update is always taken without gradients, so no graph spans two steps.
@@ -22,7 +24,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from diffmem.metrics import noise_norm, text_noise_norm
+from diffmem.detectors.wen import NoiseNormRecorder
 from diffmem.model import Conditioning
 
 
@@ -87,25 +89,6 @@ class Step:
 
 class Recorder(Protocol):
     def on_step(self, step: Step) -> None: ...
-
-
-class NoiseNormRecorder:
-    """Wen et al.'s d = ||eps_c - eps_u||_2 (eq. 3) and the unconditional norm, per row and step."""
-
-    def __init__(self):
-        self.text: list[torch.Tensor] = []
-        self.uncond: list[torch.Tensor] = []
-
-    def on_step(self, step: Step) -> None:
-        self.text.append(text_noise_norm(step.eps_cond, step.eps_uncond))
-        self.uncond.append(noise_norm(step.eps_uncond))
-
-    def text_noise_norm(self) -> torch.Tensor:
-        """(N, S) d per row and recorded step (differentiable when the pass ran with grad)."""
-        return torch.stack(self.text, 1)
-
-    def uncond_noise_norm(self) -> torch.Tensor:
-        return torch.stack(self.uncond, 1)
 
 
 def predict_branches(model, x_t: torch.Tensor, t, cond: Conditioning, uncond: Conditioning | None,

@@ -8,6 +8,7 @@ from pathlib import Path
 def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
     from diffmem.cli.options import add_sampling_args
+    from diffmem.detectors import DETECTORS
     from diffmem.sampling import SamplingConfig
 
     p = sub.add_parser("detect", help="track the detection metric during sampling and score each prompt",
@@ -20,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--start", type=int, default=0, help="first prompt position to run (0-based)")
     p.add_argument("--end", type=int, default=None, help="stop before this prompt position")
     p.add_argument("--out", default="detect_results.jsonl", help="output JSON Lines (metadata beside it in .meta.json)")
+    p.add_argument("--method", default=None, help="detectors to run in the same pass, comma-separated "
+                   f"(known: {', '.join(sorted(DETECTORS))}; default: wen); each adds its score to the row "
+                   "under its own name, the first one's is also 'score'")
     add_sampling_args(p, SamplingConfig(), track_steps=True)
     p.add_argument("--save-images", default=None, metavar="DIR", help="also decode and save the generations")
     p.add_argument("--resume", action="store_true", help="continue the run already in --out")
@@ -37,8 +41,11 @@ def config_from_args(args):
 def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
     from diffmem.detect import run_detection
+    from diffmem.detectors import parse_methods
     from diffmem.prompts import read_prompts
+
     config = config_from_args(args)  # checked before loading anything
+    methods = parse_methods(args.method)
     if args.prompts is None:
         if args.model != "lab":
             raise ValueError("--prompts is required unless --model is the built-in lab")
@@ -51,7 +58,7 @@ def run(args) -> int:
                 "start": args.start, "end": args.end}
     model = load_model_from_args(args)
     out = run_detection(model, records, args.out, config, resume=args.resume, images_dir=args.save_images,
-                        prompts_info=info, unet=args.unet, progress=not args.no_progress)
+                        prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

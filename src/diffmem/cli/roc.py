@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
                        "accuracy and TPR@1%%FPR as the official notebook defines them.")
     p.add_argument("--memorized", required=True, help="detection output (.jsonl) of memorized prompts")
     p.add_argument("--non-memorized", required=True, help="detection output (.jsonl) of normal prompts")
+    p.add_argument("--method", default="wen", help="which detector's score to evaluate (a field of the rows; "
+                   "default: wen); its direction (higher or lower = memorized) comes from the detector")
     p.add_argument("--steps", default=None, help="step window a:b (default: all tracked steps)")
     p.add_argument("--generations", type=int, default=None, help="use the first g generations (default: all)")
     p.add_argument("--json", default=None, help="write the summary here")
@@ -33,10 +35,14 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def scores_from(path: str | Path, steps: slice | None, generations: int | None) -> list[float]:
+def scores_from(path: str | Path, steps: slice | None, generations: int | None, method: str = "wen") -> list[float]:
+    """Each row's score by `method`, oriented so that higher means memorized (a detector whose
+    lower values mean memorized is negated, never label-flipped)."""
     from diffmem.detect import read_rows
-    from diffmem.metrics import prompt_score
+    from diffmem.detectors import get_detector
 
+    detector = get_detector(method)
+    sign = 1.0 if detector.higher_is_memorized else -1.0
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such detection output")
@@ -45,29 +51,32 @@ def scores_from(path: str | Path, steps: slice | None, generations: int | None) 
         raise ValueError(f"{path}: no result rows")
     out = []
     for i, r in enumerate(rows, 1):
-        if "text_noise_norm" not in r:
-            raise ValueError(f"{path}:{i}: no text_noise_norm field; is this a diffmem detect output?")
         try:
-            out.append(prompt_score(r["text_noise_norm"], steps, generations))
-        except ValueError as e:
-            raise ValueError(f"{path}:{i}: {e}") from None
+            out.append(sign * detector.score_of(r, steps, generations))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}:{i}: method {method}: {e}") from None
     return out
 
 
 def run(args) -> int:
+    from diffmem.detectors import get_detector
     from diffmem.metrics import roc_metrics
     from diffmem.reports.plots import roc_figure
 
     steps = parse_steps(args.steps)
-    pos = scores_from(args.memorized, steps, args.generations)
-    neg = scores_from(args.non_memorized, steps, args.generations)
+    pos = scores_from(args.memorized, steps, args.generations, args.method)
+    neg = scores_from(args.non_memorized, steps, args.generations, args.method)
     roc = roc_metrics(pos, neg)
-    summary = {**roc.summary(), "steps": args.steps or "all", "generations": args.generations or "all"}
+    summary = {**roc.summary(), "method": args.method,
+               "higher_is_memorized": get_detector(args.method).higher_is_memorized, "steps": args.steps or "all", "generations": args.generations or "all"}
     print(f"AUC {roc.auc:.4f}   ACC {roc.acc:.4f}   TPR@1%FPR {roc.tpr_at_1fpr:.4f}   "
           f"threshold@1%FPR {roc.threshold_at_1fpr:.6g}   ({roc.n_memorized} memorized, {roc.n_non_memorized} non-memorized)")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else "roc.png")
-    roc_figure(roc, pos, neg, plot, title=f"steps {summary['steps']}, generations {summary['generations']}")
+    label = "score (mean text-conditional noise norm)" if args.method == "wen" else \
+        f"{args.method} score" + ("" if get_detector(args.method).higher_is_memorized else ", negated")
+    roc_figure(roc, pos, neg, plot, title=f"{args.method}: steps {summary['steps']}, generations {summary['generations']}",
+               score_label=label)
     print(f"wrote {plot}" + (f" and {args.json}" if args.json else ""))
     return 0

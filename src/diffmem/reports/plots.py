@@ -17,8 +17,9 @@ def _pyplot():
 
 
 def roc_figure(roc, memorized_scores, non_memorized_scores, out: str | Path, title: str = "",
-               negative_label: str = "non-memorized") -> Path:
-    """ROC curve (left) and the two score distributions on a log axis (right).
+               negative_label: str = "non-memorized",
+               score_label: str = "score (mean text-conditional noise norm)") -> Path:
+    """ROC curve (left) and the two score distributions (right; log axis when every score is > 0).
 
     `negative_label` names the control set in the legend (non-memorized, novel, normal prompts...).
     """
@@ -30,13 +31,14 @@ def roc_figure(roc, memorized_scores, non_memorized_scores, out: str | Path, tit
     a.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title or "ROC")
     a.legend(loc="lower right")
     pos, neg = np.asarray(memorized_scores, float), np.asarray(non_memorized_scores, float)
-    lo = max(min(pos.min(), neg.min()), 1e-12)
-    bins = np.logspace(np.log10(lo), np.log10(max(pos.max(), neg.max()) * 1.01), 40)
+    lo, hi = min(pos.min(), neg.min()), max(pos.max(), neg.max())
+    log = lo > 0
+    bins = np.logspace(np.log10(lo), np.log10(hi * 1.01), 40) if log else np.linspace(lo, hi + 1e-12, 40)
     b.hist(neg, bins=bins, alpha=0.6, label=f"{negative_label} (n={neg.size})")
     b.hist(pos, bins=bins, alpha=0.6, label=f"memorized (n={pos.size})")
     if np.isfinite(roc.threshold_at_1fpr):
         b.axvline(roc.threshold_at_1fpr, color="k", ls="--", lw=1, label="threshold at 1% FPR")
-    b.set(xscale="log", xlabel="score (mean text-conditional noise norm)", ylabel="prompts", title="score distributions")
+    b.set(xscale="log" if log else "linear", xlabel=score_label, ylabel="prompts", title="score distributions")
     b.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -1,0 +1,57 @@
+"""Wen et al. (ICLR 2024, sec. 3): d = ||eps(x_t, e_prompt) - eps(x_t, e_empty)||_2 per step.
+
+The score of a prompt is the mean of d over the tracked steps and its generations (the first step
+alone: first-step detection). Rows keep the per-generation, per-step arrays under the official
+``det_outputs`` names, so ``roc`` can re-score any step window and number of generations later.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from diffmem.detectors import register
+from diffmem.metrics import noise_norm, prompt_score, text_noise_norm
+
+if TYPE_CHECKING:
+    from diffmem.sampling import SamplingConfig, Step
+
+
+class NoiseNormRecorder:
+    """d (paper eq. 3) and the unconditional noise norm, per pass row and step."""
+
+    def __init__(self):
+        self.text: list[torch.Tensor] = []
+        self.uncond: list[torch.Tensor] = []
+
+    def on_step(self, step: "Step") -> None:
+        self.text.append(text_noise_norm(step.eps_cond, step.eps_uncond))
+        self.uncond.append(noise_norm(step.eps_uncond))
+
+    def text_noise_norm(self) -> torch.Tensor:
+        """(N, S) d per row and recorded step (differentiable when the pass ran with grad)."""
+        return torch.stack(self.text, 1)
+
+    def uncond_noise_norm(self) -> torch.Tensor:
+        """(N, S) ||eps_u|| per row and recorded step."""
+        return torch.stack(self.uncond, 1)
+
+
+@register
+class Wen:
+    name = "wen"
+    higher_is_memorized = True
+
+    def recorder(self, model, config: "SamplingConfig") -> NoiseNormRecorder:
+        return NoiseNormRecorder()
+
+    def fields(self, recorder: NoiseNormRecorder, rows: slice) -> dict:
+        text = recorder.text_noise_norm()[rows].detach().float().cpu().tolist()
+        return {self.name: prompt_score(text), "text_noise_norm": text,
+                "uncond_noise_norm": recorder.uncond_noise_norm()[rows].detach().float().cpu().tolist()}
+
+    def score_of(self, row: dict, steps: slice | None = None, generations: int | None = None) -> float:
+        if "text_noise_norm" not in row:
+            raise ValueError("no text_noise_norm field; is this a diffmem detect output?")
+        return prompt_score(row["text_noise_norm"], steps, generations)
