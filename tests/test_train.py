@@ -76,3 +76,16 @@ def test_resume_without_checkpoint_is_an_error(tiny_sd_folder, tmp_path, capsys)
     mem, non = write_pairs(tmp_path / "mem", 2, 0), write_pairs(tmp_path / "non", 2, 1)
     assert main(train_args(tiny_sd_folder, mem, non, tmp_path / "o", 2, "--resume-from-checkpoint", "latest")) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_train_cli_defaults_are_the_config_defaults():
+    """Options not given leave TrainConfig's defaults; given ones reach the config, parsed."""
+    from diffmem.cli.main import build_parser
+    from diffmem.cli.train import config_from_args
+    from diffmem.train import TrainConfig
+
+    parse = lambda *a: config_from_args(build_parser().parse_args(["train", "--output-dir", "o", *a]))
+    assert parse() == TrainConfig(output_dir="o")
+    given = parse("--learning-rate", "3e-4", "--use-ema", "--hard-threshold", "1,2", "--threads", "1")
+    assert (given.learning_rate, given.use_ema, given.hard_threshold, given.num_threads) == (3e-4, True, (1.0, 2.0), 1)
+    assert given.train_batch_size == TrainConfig(output_dir="o").train_batch_size

@@ -27,8 +27,8 @@ from diffmem.model import Conditioning
 class TrainConfig:
     output_dir: str
     max_train_steps: int = 1000
-    train_batch_size: int = 32  # per process
-    learning_rate: float = 1e-4
+    train_batch_size: int = 8  # per process (the seed's fine-tuning recipe on Stable Diffusion)
+    learning_rate: float = 1e-5  # the seed's, for a pretrained SD UNet
     lr_scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler knows
     lr_warmup_steps: int = 0
     adam_weight_decay: float = 1e-2
