@@ -31,6 +31,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from diffmem.adapters import load_model
     from diffmem.lab.attribution import attribution_benchmark, format_results
+    from diffmem.provenance import provenance
 
     windows = [tuple(int(v) for v in w.split(":")) for w in args.windows]
     model = load_model(args.model)
@@ -41,7 +42,7 @@ def main() -> None:
     print(format_results(results))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"model": model.name, "settings": vars(args),
+            json.dump({**provenance(model, settings=vars(args), seconds=round(time.time() - t0)),
                        "results": [{**r.summary(), "prompts": {k: [asdict(x) for x in v] for k, v in r.prompts.items()}}
                                    for r in results]}, f, indent=1)
 

@@ -22,7 +22,7 @@ there the branch's ordinary draws have a larger d than the finished model's, so 
 from the finished model leaves out most of them, they stay untrained and the loss gap grows; opening
 the band closes that gap, but p80 costs ordinary captions' alignment whether the band is open or at
 p95. ``--band-percentile K=P,...`` gives
-some bands another percentile (e.g. 0=95). No setting tried meets every figure of the issue's bar;
+some bands another percentile (e.g. 0=95). No setting tried meets every target at once;
 benchmarks/MITIGATION.md has each one measured. calibration.json has the fractions left out, per
 band and for one number.
 ``evaluate`` reports the memorized copy rate, the non-memorized and novel prompt alignment (lab

@@ -77,7 +77,8 @@ def load_model(model: str = DEFAULT_MODEL, unet: str | None = None, device: str 
     if family == "lab":
         from diffmem.adapters.lab import load_lab_model
 
-        return load_lab_model(path, unet, device=device, dtype=torch_dtype)
+        return load_lab_model(path, unet, device=device, dtype=torch_dtype,
+                              name=DEFAULT_MODEL if model == DEFAULT_MODEL else None)
     if family == "stable-diffusion-xl":
         from diffmem.adapters.stable_diffusion_xl import load_stable_diffusion_xl
 

@@ -203,8 +203,9 @@ def read_lab_config(path: Path) -> LabModelConfig:
 
 
 def load_lab_model(path: str | Path, unet_path: str | Path | None = None, device="cpu",
-                   dtype=torch.float32) -> LabModel:
-    """Load a lab model folder; ``unet_path`` swaps in a fine-tuned UNet."""
+                   dtype=torch.float32, name: str | None = None) -> LabModel:
+    """Load a lab model folder; ``unet_path`` swaps in a fine-tuned UNet; `name` (default: the
+    folder) is what outputs record as the model ("lab" for the built-in one)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     path = Path(path)
@@ -215,7 +216,7 @@ def load_lab_model(path: str | Path, unet_path: str | Path | None = None, device
     unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
     folders = (path, unet_dir) if unet_path else (path,)
-    model = LabModel(unet, scheduler, config, name=str(path), device=device, dtype=dtype, folders=folders)
+    model = LabModel(unet, scheduler, config, name=name or str(path), device=device, dtype=dtype, folders=folders)
     meta = load_lab_meta(path)
     model.extra_meta = {k: v for k, v in meta.items() if k not in ("format", "diffmem_version", "text_encoder", "config")}
     return model
