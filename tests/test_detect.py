@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from diffmem.cli.main import main
@@ -184,3 +185,63 @@ def test_accelerate_two_processes_equal_single_process(tiny_sd_folder, tmp_path)
     assert [r["index"] for r in b] == list(range(7))
     assert a == b
     assert json.loads((tmp_path / "multi.meta.json").read_text())["num_processes"] == 2
+
+
+def seed_notebook_auc(mem_path, non_path, num_gens, start, end):
+    """The seed's det_mem_viz.ipynb aggregation, as it reads det_outputs rows: every key but
+    `prompt` sliced [:num_gens, start:end], averaged over generations, then over steps; the AUC of
+    text_noise_norm_mean with memorized as the positive label."""
+    from sklearn import metrics
+
+    frames = []
+    for path in (non_path, mem_path):
+        frame = []
+        for row in map(json.loads, open(path)):
+            new_row = {}
+            for key in row.keys():
+                if key == "prompt":
+                    continue
+                data = np.array(row[key])[:num_gens, start:end]
+                new_row[f"{key}_mean"] = np.mean(np.mean(data, axis=0))
+            frame.append(new_row)
+        frames.append(frame)
+    preds = [r["text_noise_norm_mean"] for r in frames[1]] + [r["text_noise_norm_mean"] for r in frames[0]]
+    labels = [1] * len(frames[1]) + [0] * len(frames[0])
+    fpr, tpr, _ = metrics.roc_curve(labels, preds, pos_label=1)
+    return metrics.auc(fpr, tpr)
+
+
+def test_official_format_reads_in_the_seed_notebook_and_in_roc(tiny_sd_folder, tmp_path, capsys):
+    sets = {"mem": ["a red square", "a blue circle", "a dog on a mat"],
+            "non": ["a green triangle", "a cat", "two birds", "a house by a lake"]}
+    for name, prompts in sets.items():
+        (tmp_path / f"{name}.txt").write_text("\n".join(prompts) + "\n")
+        assert detect(tiny_sd_folder, tmp_path / f"{name}.txt", tmp_path / f"{name}.jsonl", "--format", "official") == 0
+        rows = [json.loads(l) for l in open(tmp_path / f"{name}.jsonl")]
+        assert [list(r) for r in rows] == [["uncond_noise_norm", "text_noise_norm", "prompt"]] * len(prompts)
+        full = read_rows(tmp_path / f"{name}.rows.jsonl")  # nothing lost: the full rows beside it
+        assert [r["prompt"] for r in full] == [r["prompt"] for r in rows] == prompts
+        assert [r["text_noise_norm"] for r in full] == [r["text_noise_norm"] for r in rows]
+        assert {"index", "seed", "score", "wen"} <= set(full[0])
+    for steps, gens in (("0:3", 2), ("1:2", 1)):
+        js = tmp_path / f"roc{steps[0]}.json"
+        assert main(["roc", "--memorized", str(tmp_path / "mem.jsonl"), "--non-memorized", str(tmp_path / "non.jsonl"),
+                     "--steps", steps, "--generations", str(gens), "--json", str(js)]) == 0
+        a, b = map(int, steps.split(":"))
+        assert json.loads(js.read_text())["auc"] == pytest.approx(
+            seed_notebook_auc(tmp_path / "mem.jsonl", tmp_path / "non.jsonl", gens, a, b))
+
+
+def test_official_format_resumes_from_its_full_rows(tiny_sd_folder, prompt_file, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert detect(tiny_sd_folder, prompt_file, out, "--format", "official") == 0
+    whole = out.read_text()
+    # a run killed after its first work unit: the full rows hold that unit, the official file is not written yet
+    rows_path = tmp_path / "o.rows.jsonl"
+    rows_path.write_text("".join(rows_path.read_text().splitlines(keepends=True)[:4]))
+    out.unlink()
+    assert detect(tiny_sd_folder, prompt_file, out, "--format", "official") == 2  # exists: --resume needed
+    assert "pass --resume" in capsys.readouterr().err
+    assert detect(tiny_sd_folder, prompt_file, out, "--format", "official", "--resume") == 0
+    assert out.read_text() == whole
+    assert [r["index"] for r in read_rows(rows_path)] == list(range(6))

@@ -24,10 +24,25 @@ from diffmem.prompts import PromptRecord
 from diffmem.sampling import PromptSamples, SamplingConfig, plan_units, sample_unit
 
 RESUME_KEYS = ("model", "unet", "settings", "prompts")  # metadata that must match to resume
+FORMATS = ("diffmem", "official")
+OFFICIAL_FIELDS = ("uncond_noise_norm", "text_noise_norm", "prompt")  # the seed's det_outputs rows, in its order
 
 
 def meta_path(out: Path) -> Path:
     return out.with_name(out.stem + ".meta.json")
+
+
+def full_rows_path(out: Path) -> Path:
+    """Where ``--format official`` keeps the full rows (index, seed, scores, source) beside `out`."""
+    return out.with_name(out.stem + ".rows.jsonl")
+
+
+def write_official(rows_path: Path, out: Path) -> None:
+    """`out` (replaced atomically): the rows of `rows_path` with only the seed's fields, in input order."""
+    rows = sorted(read_rows(rows_path), key=lambda r: r["index"])
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps({k: r[k] for k in OFFICIAL_FIELDS}) + "\n" for r in rows))
+    os.replace(tmp, out)
 
 
 def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool, fields: list[dict]) -> dict:
@@ -62,9 +77,15 @@ def detect_unit(model, detectors: list[Detector], prompts: list[str], positions:
 
 def run_detection(model, records: list[PromptRecord], out: str | Path, config: SamplingConfig = SamplingConfig(),
                   resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
-                  unet: str | None = None, progress: bool = True, methods=None) -> Path:
+                  unet: str | None = None, progress: bool = True, methods=None, format: str = "diffmem") -> Path:
     """Detect memorization for `records` with the detectors named in `methods` (default: wen); write
-    rows to `out` (JSON Lines). Returns `out`."""
+    rows to `out` (JSON Lines). Returns `out`.
+
+    ``format="official"``: `out` holds only the seed's fields (``uncond_noise_norm``,
+    ``text_noise_norm``, ``prompt``), so the seed's analysis notebooks read it unchanged; the full
+    rows, which resume works from, are kept beside it (``full_rows_path``), and `out` is written from
+    them when the run completes.
+    """
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -73,21 +94,27 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     state = PartialState()
     out = Path(out)
     methods = parse_methods(methods)
+    if format not in FORMATS:
+        raise ValueError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
+    if format == "official" and "wen" not in methods:
+        raise ValueError("--format official writes Wen et al.'s arrays: --method must include wen")
     detectors = [get_detector(m) for m in methods]
-    settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods)}
+    rows_path = out if format == "diffmem" else full_rows_path(out)
+    settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods), "format": format}
     truncated = {r.position for r in records if model.count_tokens(r.prompt) > model.max_tokens}
     meta = provenance(model, unet=unet, settings=settings, prompts=prompts_info or {}, num_prompts=len(records),
                       num_truncated=len(truncated), max_tokens=model.max_tokens, num_processes=state.num_processes)
-    parts = sorted(out.parent.glob(out.name + ".part*"))
+    parts = sorted(rows_path.parent.glob(rows_path.name + ".part*"))
 
     # 1. Check the output: a new run must not overwrite, a resumed run must match its settings.
     if state.is_main_process:
-        if out.exists() or parts:
+        if out.exists() or rows_path.exists() or parts:
             if not resume:
                 raise FileExistsError(f"{out} exists; pass --resume to continue that run, or choose another --out")
             old = json.loads(meta_path(out).read_text()) if meta_path(out).exists() else {}
-            if isinstance(old.get("settings"), dict):  # outputs written before detectors were named ran wen
+            if isinstance(old.get("settings"), dict):  # outputs written before these settings existed
                 old["settings"].setdefault("methods", ["wen"])
+                old["settings"].setdefault("format", "diffmem")
             diff = [k for k in RESUME_KEYS if old.get(k) != meta[k]]
             if diff:
                 raise ValueError(f"cannot resume {out}: its {', '.join(diff)} differ from this run's "
@@ -101,12 +128,12 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     state.wait_for_everyone()
 
     # 2. What is left: whole work units not yet in the output (or in a process's part file).
-    done = {r["index"] for p in [out, *parts] for r in read_rows(p, repair=state.is_main_process)}
+    done = {r["index"] for p in [rows_path, *parts] for r in read_rows(p, repair=state.is_main_process)}
     state.wait_for_everyone()
     by_pos = {r.position: r for r in records}
     units = plan_units([r.position for r in records], config.num_generations, config.batch_size)
     todo = [u for u in units if not all(p in done for p in u)][state.process_index::state.num_processes]
-    target = out if state.num_processes == 1 else out.with_name(f"{out.name}.part{state.process_index}")
+    target = rows_path if state.num_processes == 1 else rows_path.with_name(f"{rows_path.name}.part{state.process_index}")
 
     # 3. Sample unit by unit, appending each unit's rows in one write.
     bar = tqdm(total=sum(map(len, todo)), desc="detect", unit="prompt", disable=not progress or not state.is_main_process)
@@ -125,7 +152,9 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     # 4. Several processes: merge the parts into one file ordered like a single-process run.
     state.wait_for_everyone()
     if state.is_main_process and (state.num_processes > 1 or parts):
-        merge_parts(out)
+        merge_parts(rows_path)
+    if state.is_main_process and format == "official":
+        write_official(rows_path, out)
     state.wait_for_everyone()
     return out
 

@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default=None, help="detectors to run in the same pass, comma-separated "
                    f"(known: {', '.join(sorted(DETECTORS))}; default: wen); each adds its score to the row "
                    "under its own name, the first one's is also 'score'")
+    p.add_argument("--format", choices=("diffmem", "official"), default="diffmem",
+                   help="official: --out holds only the seed's fields (uncond_noise_norm, text_noise_norm, "
+                   "prompt) for its analysis notebooks; the full rows go to <out>.rows.jsonl beside it")
     add_sampling_args(p, SamplingConfig(), track_steps=True)
     p.add_argument("--save-images", default=None, metavar="DIR", help="also decode and save the generations")
     p.add_argument("--resume", action="store_true", help="continue the run already in --out")
@@ -40,7 +43,7 @@ def config_from_args(args):
 
 def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
-    from diffmem.detect import run_detection
+    from diffmem.detect import full_rows_path, run_detection
     from diffmem.detectors import parse_methods
     from diffmem.prompts import read_prompts
 
@@ -58,19 +61,20 @@ def run(args) -> int:
                 "start": args.start, "end": args.end}
     model = load_model_from_args(args)
     out = run_detection(model, records, args.out, config, resume=args.resume, images_dir=args.save_images,
-                        prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods)
+                        prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods,
+                        format=args.format)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        _print_summary(out)
+        _print_summary(out, out if args.format == "diffmem" else full_rows_path(out))
     return 0
 
 
-def _print_summary(out: Path) -> None:
+def _print_summary(out: Path, rows_path: Path) -> None:
     from diffmem.detect import read_rows
 
-    rows = read_rows(out)
+    rows = read_rows(rows_path)
     top = sorted(rows, key=lambda r: -r["score"])[:5]
-    print(f"wrote {len(rows)} rows to {out}")
+    print(f"wrote {len(rows)} rows to {out}" + ("" if rows_path == out else f" (full rows in {rows_path})"))
     for r in top:
         print(f"  score {r['score']:.4f}  #{r['index']}  {r['prompt'][:70]}")
