@@ -4,8 +4,18 @@ The significance of token j is ``s_j = || d score / d e_j ||_2``: the L2 norm of
 prompt's detection score (the text-conditional noise norm ``d = ||eps(x_t, e_prompt) - eps(x_t, e_empty)||_2``
 averaged over a window of DDIM steps and over the generations) with respect to the j-th token's
 embedding in the *conditional* prompt embedding. The unconditional branch is the empty prompt, as in
-sampling, and no gradient flows through it. (The official ``get_text_cond_grad`` took the gradient
-with respect to the embedding in the unconditional slot; see ``tests/test_explain.py``.)
+sampling, and no gradient flows through it.
+
+The official notebook's ``get_text_cond_grad`` also differentiates only the conditional embedding
+(its batch is ``[prompt, empty]``, so its ``chunk(2)`` names the halves the wrong way round, but the
+empty embedding is a detached copy and the norm is symmetric). What differs: it averages each
+token's gradient norm over the 2G rows of the embedding batch, of which one receives gradient (so
+with one generation its significance is exactly half of ours, same ranking); its loss is the norm
+over all G generations at once, not their mean; it averages per-step norms over the target steps;
+and at every target step it advances the latents with ``eps_c + w (eps_u - eps_c)``, guidance
+pointed away from the prompt, so over the notebook's 50 target steps every step after the first
+runs on another trajectory than sampling's. ``official_token_significance`` reproduces it for
+comparison; ``tests/test_explain.py`` checks both against an independent computation.
 
 Scores and gradients come from the tracked pass of ``diffmem.sampling`` (its gradient-enabled
 variant inside the window), under the seed contract: the prompt at position i starts from seed + i,
@@ -69,6 +79,26 @@ class SignificanceRecorder:
         if d.requires_grad:  # a denoiser that ignores its embedding has no gradient
             (grad,) = torch.autograd.grad(d.mean(), self.leaf)
             self.grad_sum += grad.float()
+
+
+class OfficialSignificanceRecorder:
+    """The official ``get_text_cond_grad``'s quantity at each step, for comparison: the gradient of
+    ``||eps_c - eps_u||_2`` taken over the whole batch of G generations at once, with respect to its
+    2G-row ``[prompt, empty]`` embedding batch, where only the prompt row (shared by the G conditional
+    rows) receives gradient; token norms averaged over the 2G rows: ``||grad_j|| / (2G)`` per step."""
+
+    def __init__(self, leaf: torch.Tensor):
+        self.leaf = leaf  # (1, T, D)
+        self.per_step: list[torch.Tensor] = []  # (T,) each
+
+    def on_step(self, step: Step) -> None:
+        loss = (step.eps_cond - step.eps_uncond).norm()
+        rows = 2 * len(step.eps_cond)
+        if not loss.requires_grad:
+            self.per_step.append(torch.zeros(self.leaf.shape[1]))
+            return
+        (grad,) = torch.autograd.grad(loss, self.leaf)
+        self.per_step.append(grad[0].float().norm(dim=-1).cpu() / rows)
 
 
 @dataclass
@@ -150,6 +180,27 @@ class Explanation:
 
 # -- on a model -------------------------------------------------------------------------------
 
+def _window_start(model, prompt: str, config: ExplainConfig, position: int):
+    """The leaf conditional embedding (1, T, D) shared by the G generations, the G-row conditional and
+    unconditional branches, the latents at the window's first step (sampled there without gradients
+    from seed + `position`), the schedule, and the prompt's tokens."""
+    G = config.generations
+    # 1. Conditioning and tokens: one conditional embedding (a leaf) shared by all generations
+    cond = model.encode_prompts([prompt])  # (1 row)
+    tokens = model.tokens(prompt)
+    if len(tokens) != cond.embeddings.shape[1]:
+        raise ValueError(f"model {model.name}: tokens() gave {len(tokens)} tokens but the embedding has "
+                         f"{cond.embeddings.shape[1]} positions; the adapter must pad tokens() to max_tokens")
+    leaf = cond.embeddings.detach().clone().requires_grad_(True)  # (1, T, D)
+    cond_g = cond.with_embeddings(leaf).expand(G)
+    uncond_g = model.empty_conditioning().expand(G)
+    # 2. x_T under the seed contract, sampled up to the window without gradients
+    timesteps = schedule(model, config.num_inference_steps)
+    x = initial_noise(model, G, config.seed + position)  # (G, C, H, W)
+    x = tracked_pass(model, x, cond_g.detach(), uncond_g, timesteps[:config.steps[0]], config.sampling().guidance(model))
+    return leaf, cond_g, uncond_g, x, timesteps, tokens
+
+
 def token_significance(model, prompt: str, config: ExplainConfig | None = None, position: int = 0,
                        **overrides) -> Explanation:
     """Significance of each token of `prompt` for memorization, on any ``DiffusionModel``.
@@ -160,23 +211,8 @@ def token_significance(model, prompt: str, config: ExplainConfig | None = None, 
     """
     config = explain_config(config, overrides)
     start, end = config.steps
-    G = config.generations
-
-    # 1. Conditioning and tokens: one conditional embedding (a leaf) shared by all generations
-    cond = model.encode_prompts([prompt])  # (1 row)
-    tokens = model.tokens(prompt)
-    if len(tokens) != cond.embeddings.shape[1]:
-        raise ValueError(f"model {model.name}: tokens() gave {len(tokens)} tokens but the embedding has "
-                         f"{cond.embeddings.shape[1]} positions; the adapter must pad tokens() to max_tokens")
-    leaf = cond.embeddings.detach().clone().requires_grad_(True)  # (1, T, D)
-    cond_g = cond.with_embeddings(leaf).expand(G)
-    uncond_g = model.empty_conditioning().expand(G)
-
-    # 2. x_T under the seed contract, sampled up to the window without gradients
-    timesteps = schedule(model, config.num_inference_steps)
+    leaf, cond_g, uncond_g, x, timesteps, tokens = _window_start(model, prompt, config, position)
     guidance = config.sampling().guidance(model)
-    x = initial_noise(model, G, config.seed + position)  # (G, C, H, W)
-    x = tracked_pass(model, x, cond_g.detach(), uncond_g, timesteps[:start], guidance)
 
     # 3. The window: the gradient-enabled pass
     rec = SignificanceRecorder(leaf)
@@ -193,6 +229,25 @@ def token_significance(model, prompt: str, config: ExplainConfig | None = None, 
     return Explanation(prompt, float(d_table.double().mean()), token_scores, words, d_table.tolist(), config,
                        truncated=model.count_tokens(prompt) > model.max_tokens,
                        provenance={**provenance(model), "position": position, "seed": config.seed + position})
+
+
+def official_token_significance(model, prompt: str, config: ExplainConfig | None = None, position: int = 0,
+                                **overrides) -> list[float]:
+    """Per token (T,), what the official notebook's ``get_text_cond_grad`` returns for `prompt` with
+    ``target_steps`` = the window, from the same x_T as ``token_significance``: the mean over the
+    window's steps of ``OfficialSignificanceRecorder``'s values, the steps before the window sampled
+    as usual and each window step advanced with the official reversed guidance
+    ``eps_c + w (eps_u - eps_c)`` (a tracked pass at guidance scale ``1 - w``). For comparison with
+    published explanations; ``token_significance`` is diffmem's.
+    """
+    config = explain_config(config, overrides)
+    start, end = config.steps
+    leaf, cond_g, uncond_g, x, timesteps, _ = _window_start(model, prompt, config, position)
+    rec = OfficialSignificanceRecorder(leaf)
+    reversed_guidance = 1.0 - config.sampling().guidance(model)
+    tracked_pass(model, x, cond_g, uncond_g, timesteps[start:end], reversed_guidance, [rec], first_index=start,
+                 grad=True)
+    return torch.stack(rec.per_step).mean(0).tolist()
 
 
 def prompt_scores(model, prompts: list[str], config: ExplainConfig | None = None, positions: list[int] | None = None,

@@ -6,6 +6,10 @@ For each step window this measures, on memorized captions and on ordinary ones:
 - top-1: how often the most significant token (and word) is one of the title words;
 - deletion / replacement: how often removing that word (or swapping it for another title word)
   brings a flagged prompt's detection score under the threshold calibrated at 1% FPR on novel prompts.
+
+``official_comparison`` measures, on memorized captions, how often the official notebook's
+computation over its 50 target steps (``diffmem.explain.official_token_significance``: reversed
+guidance inside the window) ranks another word first than ``token_significance`` over the same steps.
 """
 
 from __future__ import annotations
@@ -13,9 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from diffmem.model import Conditioning
-from diffmem.explain import (ExplainConfig, prompt_scores, significance_from_grad, text_noise_norm_grad,
-                             token_significance)
+from diffmem.explain import (ExplainConfig, official_token_significance, prompt_scores, token_significance,
+                             word_scores)
 from diffmem.metrics import threshold_at_fpr
 
 
@@ -43,7 +46,6 @@ class SetSummary:
     flagged_cleared_by_deletion: float | None  # among flagged prompts; None when none is flagged
     flagged_cleared_by_replacement: float | None
     flagged_after_deletion: float  # share of all prompts still flagged after deleting their top word
-    top1_token_is_title_swapped: float | None = None  # the official code's swapped branch (first step only)
 
 
 @dataclass
@@ -65,20 +67,37 @@ def remove_word(prompt: str, start: int, end: int, replacement: str = "") -> str
     return re.sub(r"\s+", " ", re.sub(r"\s+([:,.;!?])", r"\1", out)).strip()
 
 
-def swapped_top_token(model, prompt: str, config: ExplainConfig) -> str:
-    """The official ``get_text_cond_grad`` attribution at the first step: gradient w.r.t. the empty
-    prompt's embedding placed in the conditional slot, its positions read as the prompt's tokens."""
-    from diffmem.sampling import initial_noise
+@dataclass
+class OfficialComparison:
+    steps: tuple[int, int]  # the window both computations use (the official notebook: all 50 steps)
+    n: int  # memorized captions
+    top_word_differs: float  # share whose official top word is not ours
+    top1_word_is_title: float  # ours: the top word is a title (trigger) word
+    official_top1_word_is_title: float
+    prompts: list[dict] = field(default_factory=list)  # caption, title words, our and the official top word
 
-    model.scheduler.set_timesteps(config.num_inference_steps, device=model.device)
-    t = model.scheduler.timesteps[0]
-    x = model.scheduler.scale_model_input(initial_noise(model, config.generations, config.seed), t)
-    denoise = lambda x, t, emb: model.predict_noise(x, t, Conditioning(emb))
-    _, grad = text_noise_norm_grad(denoise, x, t, model.empty_conditioning().embeddings,
-                                   model.encode_prompts([prompt]).embeddings)
-    s = significance_from_grad(grad).tolist()
-    j = max((j for j, tok in enumerate(model.tokens(prompt)) if not tok.special), key=s.__getitem__)
-    return model.tokens(prompt)[j].text
+
+def official_comparison(model, generations: int = 4, seed: int = 0, steps: tuple[int, int] = (0, 50),
+                        progress: bool = True) -> OfficialComparison:
+    """Our and the official notebook's top word on every memorized caption of a lab model, both over
+    `steps` of a 50-step schedule from the same x_T (position 0, as the benchmark's explanations)."""
+    from tqdm.auto import tqdm
+
+    from diffmem.lab.build import lab_data_for
+
+    config = ExplainConfig(steps, generations, seed)
+    rows = []
+    for pair in tqdm(lab_data_for(model).prompt_set("memorized"), desc=f"official vs ours {steps}", disable=not progress):
+        ours = token_significance(model, pair.caption, config).ranked_words()[0].word
+        official_scores = official_token_significance(model, pair.caption, config)
+        words, _ = word_scores(pair.caption, model.tokens(pair.caption), official_scores)
+        official = max(words, key=lambda w: w.score).word
+        rows.append({"prompt": pair.caption, "title_words": list(pair.title_words), "top_word": ours,
+                     "official_top_word": official})
+    share = lambda f: sum(map(f, rows)) / len(rows)
+    return OfficialComparison(tuple(steps), len(rows), share(lambda r: r["top_word"] != r["official_top_word"]),
+                              share(lambda r: r["top_word"] in r["title_words"]),
+                              share(lambda r: r["official_top_word"] in r["title_words"]), rows)
 
 
 def attribution_benchmark(model, windows: list[tuple[int, int]], generations: int = 4, seed: int = 0,
@@ -131,9 +150,6 @@ def attribution_benchmark(model, windows: list[tuple[int, int]], generations: in
                 share(flagged, lambda r: r.top_word in r.title_words),
                 share(flagged, lambda r: r.deleted_score < threshold), share(flagged, lambda r: r.replaced_score < threshold),
                 share(rows, lambda r: r.deleted_score >= threshold))
-            if tuple(steps) == (0, 1):
-                summary.top1_token_is_title_swapped = share(
-                    pairs, lambda p: swapped_top_token(model, p.caption, config) in p.title_words)
             result.sets.append(summary)
             result.prompts[name] = rows
         results.append(result)
@@ -142,7 +158,7 @@ def attribution_benchmark(model, windows: list[tuple[int, int]], generations: in
 
 def format_results(results: list[WindowResult]) -> str:
     head = (f"{'steps':>8} {'threshold':>9} {'set':<14} {'n':>4} {'flagged':>7} {'top1 tok':>8} {'top1 word':>9} "
-            f"{'(flagged)':>9} {'del clears':>10} {'repl clears':>11} {'flagged after del':>17} {'top1 swapped':>12}")
+            f"{'(flagged)':>9} {'del clears':>10} {'repl clears':>11} {'flagged after del':>17}")
     lines = [head]
     pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
     for r in results:
@@ -150,5 +166,5 @@ def format_results(results: list[WindowResult]) -> str:
             lines.append(f"{f'[{r.steps[0]},{r.steps[1]})':>8} {r.threshold:>9.4f} {s.name:<14} {s.n:>4} "
                          f"{pct(s.flagged):>7} {pct(s.top1_token_is_title):>8} {pct(s.top1_word_is_title):>9} "
                          f"{pct(s.top1_word_is_title_flagged):>9} {pct(s.flagged_cleared_by_deletion):>10} {pct(s.flagged_cleared_by_replacement):>11} "
-                         f"{pct(s.flagged_after_deletion):>17} {pct(s.top1_token_is_title_swapped):>12}")
+                         f"{pct(s.flagged_after_deletion):>17}")
     return "\n".join(lines)
