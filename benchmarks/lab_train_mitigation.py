@@ -49,8 +49,8 @@ def calibrate(args) -> None:
     import torch
 
     from diffmem.adapters import load_model
-    from diffmem.evaluate import calibrate_hard_threshold, training_step_stats
     from diffmem.lab.build import lab_data_for, lab_training_sets
+    from diffmem.training_stats import calibrate_hard_threshold, training_step_stats
 
     model = load_model(args.reference)
     mem, non = lab_training_sets(lab_data_for(model))
@@ -92,9 +92,11 @@ def evaluate(args) -> None:
     import torch
 
     from diffmem.adapters import load_model
-    from diffmem.evaluate import EvaluateConfig, lab_eval_set, run_evaluation, training_step_stats
+    from diffmem.eval_sets import lab_eval_set
+    from diffmem.evaluate import EvaluateConfig, run_evaluation
     from diffmem.lab.build import lab_data_for, lab_training_sets
     from diffmem.sampling import SamplingConfig
+    from diffmem.training_stats import training_step_stats
 
     models = {"unfiltered": args.reference}
     for v in ("filtered", "augmented"):

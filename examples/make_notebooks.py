@@ -187,7 +187,7 @@ the memorized caption's training image (left), with the best pixel cosine simila
 generation to it (1 = identical):
 '''),
         code('''
-from diffmem.evaluate import lab_eval_set
+from diffmem.eval_sets import lab_eval_set
 from diffmem.reports.plots import comparison_grid
 from diffmem.sampling import SamplingConfig, sample_prompts
 from diffmem.similarity import pixel_cosine
@@ -215,8 +215,10 @@ alignment (does the image still show the described object?).
 '''),
         code(LAB_SETUP),
         code('''
-from diffmem.evaluate import EvaluateConfig, Judge, calibrate_target_loss, lab_eval_set
+from diffmem.eval_sets import lab_eval_set
+from diffmem.evaluate import EvaluateConfig, calibrate_target_loss
 from diffmem.explain import prompt_scores
+from diffmem.judge import Judge
 from diffmem.mitigate import MitigationConfig, mitigate_unit
 from diffmem.sampling import SamplingConfig
 
@@ -374,7 +376,9 @@ optimization, random-word addition; the first column is the training image when
 `DIFFMEM_SD_GROUND_TRUTH` is set, blank otherwise.
 '''),
         code('''
-from diffmem.evaluate import EvalPrompt, EvalSet, EvaluateConfig, Judge, calibrate_target_loss, load_eval_set
+from diffmem.eval_sets import EvalPrompt, EvalSet, load_eval_set
+from diffmem.evaluate import EvaluateConfig, calibrate_target_loss
+from diffmem.judge import Judge
 from diffmem.mitigate import MitigationConfig, mitigate_unit
 from diffmem.reports.plots import comparison_grid
 import pandas as pd

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmem.mitigate import MitigationConfig
-from diffmem.evaluate import (EvalPrompt, EvalSet, EvaluateConfig, Judge, folder_eval_set, ground_truth_eval_set,
-                              lab_eval_set, run_evaluation, summarize)
+from diffmem.eval_sets import EvalPrompt, EvalSet, folder_eval_set, ground_truth_eval_set, lab_eval_set
+from diffmem.evaluate import EvaluateConfig, run_evaluation, summarize
+from diffmem.judge import Judge
 from diffmem.mitigate import MitigatedPrompt, MitigationConfig
 from diffmem.sampling import SamplingConfig
 

@@ -255,7 +255,7 @@ def test_lab_default_target_is_its_reference_prompts_median_first_step_d():
 
 def test_lab_export_given_as_dataset_is_judged_by_the_lab_copy_rule(tmp_path):
     from diffmem.adapters import load_model
-    from diffmem.evaluate import load_eval_set
+    from diffmem.eval_sets import load_eval_set
     from diffmem.lab.export import export_training_data
 
     lab = load_model("lab")

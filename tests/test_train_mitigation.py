@@ -72,7 +72,7 @@ def test_hard_threshold_per_band_of_timesteps():
 
 
 def test_calibrated_thresholds_are_each_bands_percentile_of_ordinary_d():
-    from diffmem.evaluate import calibrate_hard_threshold
+    from diffmem.training_stats import calibrate_hard_threshold
 
     # band 0 (t < 500): d = 0..99; band 1: d = 100..199 (100 samples each)
     stats = {"t": np.r_[np.full(100, 10), np.full(100, 700)], "d": np.arange(200, dtype=np.float64)}

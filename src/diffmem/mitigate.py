@@ -8,19 +8,24 @@
 - ``mitigate_unit``: one batch of prompts mitigated and sampled with the explicit DDIM loop
   (used by ``diffmem mitigate``, ``evaluate``, ``audit`` and the ``serve`` page's mitigation button).
 - ``default_target_loss``: the target when none is given (normal prompts' median score).
+- ``run_mitigation``: ``diffmem mitigate``'s run, writing images, final d and embeddings to a folder.
 """
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffmem.files import save_generations
 from diffmem.metrics import text_noise_norm
 from diffmem.model import Conditioning
-from diffmem.sampling import NoiseNormRecorder, SamplingConfig, Step, predict_branches, tracked_pass
+from diffmem.provenance import provenance
+from diffmem.sampling import NoiseNormRecorder, SamplingConfig, Step, plan_units, predict_branches, tracked_pass
 
 AUGMENT_STYLES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
 METHODS = ("none", "embedding-opt", *AUGMENT_STYLES)
@@ -284,3 +289,38 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
     return [MitigatedPrompt(pos, p, m, cond.embeddings[j].detach().cpu(), float(d0[j]), float(final_d[j]),
                             int(iterations[j]), s.images, s.text_noise_norm)
             for j, (pos, p, m, s) in enumerate(zip(positions, prompts, modified, samples))]
+
+
+# -- one mitigation run, as `diffmem mitigate` writes it ------------------------------------------
+
+def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling: SamplingConfig, out: str | Path,
+                   progress: bool = True) -> Path:
+    """Mitigate and sample `prompts`; write images, ``results.jsonl`` (final d, iterations, modified
+    prompt) and ``embeddings.safetensors`` (the conditional embedding each prompt was sampled with)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    if (out / "results.jsonl").exists():
+        raise FileExistsError(f"{out}/results.jsonl exists; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    config = config.resolved(model, calibrated_target_loss(model, config, sampling))
+    units = plan_units(list(range(len(prompts))), sampling.num_generations, sampling.batch_size)
+    results: list[MitigatedPrompt] = []
+    bar = tqdm(total=len(prompts), desc=f"mitigate ({config.method})", unit="prompt", disable=not progress)
+    for unit in units:
+        results += mitigate_unit(model, [prompts[p] for p in unit], unit, config, sampling)
+        bar.update(len(unit))
+    bar.close()
+    for r in results:
+        save_generations(out / "images", r.position, r.images)
+    save_file({f"prompt_{r.position:05d}": r.embedding.float().contiguous() for r in results},
+              str(out / "embeddings.safetensors"))
+    rows = [{"position": r.position, "seed": sampling.seed + r.position, "prompt": r.prompt,
+             "modified_prompt": r.modified_prompt, "method": config.method, "initial_d": r.initial_d,
+             "final_d": r.final_d, "iterations": r.iterations, "embedding": f"prompt_{r.position:05d}",
+             "images": [f"images/{r.position:05d}_{g}.png" for g in range(len(r.images))]} for r in results]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "meta.json").write_text(json.dumps(provenance(model, mitigation=asdict(config),
+                                                         sampling=asdict(sampling)), indent=2))
+    return out

@@ -66,7 +66,8 @@ def run(args) -> int:
     import json
 
     from diffmem.cli.main import load_model_from_args
-    from diffmem.evaluate import calibrate_target_loss, load_eval_set, run_evaluation
+    from diffmem.eval_sets import load_eval_set
+    from diffmem.evaluate import calibrate_target_loss, run_evaluation
 
     config = config_from_args(args)  # checked before loading anything
     sampling = config.sampling

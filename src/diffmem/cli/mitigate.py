@@ -39,12 +39,12 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
-    from diffmem.evaluate import run_mitigation
+    from diffmem.mitigate import run_mitigation
 
     config, sampling = config_from_args(args)
     model = load_model_from_args(args)
     if args.prompts is None:
-        from diffmem.evaluate import load_eval_set
+        from diffmem.eval_sets import load_eval_set
 
         prompts = [p.caption for p in load_eval_set(model, None).prompts]
     else:

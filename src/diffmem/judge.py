@@ -1,0 +1,63 @@
+"""The judge of an evaluation's generations: copy similarity to the prompt's training images per
+metric, copies by a threshold or by the lab's copy rule, alignment (lab) or CLIP score.
+
+The lab's own copy rule and content check live in ``diffmem.lab.judge``; this module applies them,
+and the similarity metrics of ``diffmem.similarity``, to every generation of a mitigation setting.
+"""
+
+from __future__ import annotations
+
+from diffmem.eval_sets import EvalPrompt, EvalSet
+from diffmem.evaluate import EvaluateConfig, setting_key, setting_value
+from diffmem.mitigate import MitigatedPrompt, MitigationConfig
+
+
+class Judge:
+    """All per-generation measurements of one evaluation set, set up once."""
+
+    def __init__(self, model, eval_set: EvalSet, config: EvaluateConfig):
+        from diffmem import similarity
+
+        self.config, self.eval_set = config, eval_set
+        self.sscd = similarity.SSCD(config.sscd, model.device) if config.sscd else None
+        self.clip = similarity.CLIPScorer(config.clip, model.device) if config.clip else None
+        self.metrics = {"tiled_l2": similarity.tiled_l2, "pixel_cosine": similarity.pixel_cosine}
+        if self.sscd is not None:
+            self.metrics = {"sscd": self.sscd.similarity, **self.metrics}
+        self.copy_metric = config.copy_metric or ("sscd" if self.sscd else "pixel_cosine")
+        if self.copy_metric not in self.metrics:
+            raise ValueError(f"--copy-metric {self.copy_metric}: expected one of {', '.join(self.metrics)}")
+        self.lab_train = self.lab_threshold = None
+        if eval_set.lab_data is not None:
+            from diffmem.lab.judge import TrainingImages, copy_threshold
+
+            self.lab_train = TrainingImages.of(eval_set.lab_data)
+            self.lab_threshold = copy_threshold(eval_set.lab_data, self.lab_train)
+
+    def row(self, prompt: EvalPrompt, result: MitigatedPrompt, setting: MitigationConfig) -> dict:
+        images = result.images  # (G, 3, H, W)
+        row = {"method": setting.method, "setting": setting_key(setting), "value": setting_value(setting),
+               "position": result.position, "prompt": prompt.caption, "modified_prompt": result.modified_prompt,
+               "source": prompt.key, "num_generations": len(images), "initial_d": result.initial_d,
+               "final_d": result.final_d, "iterations": result.iterations}
+        best = {}
+        if len(prompt.training):
+            for name, fn in self.metrics.items():
+                r = fn(images, prompt.training)
+                row[name] = r.summary()
+                best[name] = r
+        if self.config.copy_threshold is not None and self.copy_metric in best:
+            r = best[self.copy_metric]
+            copies = r.best > self.config.copy_threshold if r.higher_is_better else r.best < self.config.copy_threshold
+            row["copies_by_threshold"] = int(copies.sum())
+        if self.lab_train is not None:
+            from diffmem.lab.judge import content_correct, judge_copies
+
+            arr = images.numpy()
+            row["copies"] = int(judge_copies(arr, [prompt.caption] * len(arr), self.lab_train, self.lab_threshold).is_copy.sum())
+            row["aligned"] = int(content_correct(arr, [prompt.colour] * len(arr), [prompt.shape] * len(arr)).sum())
+        elif "copies_by_threshold" in row:
+            row["copies"] = row["copies_by_threshold"]
+        if self.clip is not None:
+            row["clip_score"] = float(self.clip.score(images, [prompt.caption] * len(images)).mean())
+        return row
