@@ -36,7 +36,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
     use_ema: bool = False
-    ema_decay: float = 0.999
+    ema_decay: float = 0.9999  # diffusers' EMAModel default (the seed's); the lab build uses 0.999
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     gradient_checkpointing: bool = False
     checkpointing_steps: int = 0  # 0: only at the end
@@ -49,6 +49,14 @@ class TrainConfig:
     hard_threshold: float | tuple[float, ...] | None = None
     prompt_aug_style: str | None = None  # e.g. "rand_word_add" (training baseline)
     repeat_num: int = 1
+    # the seed's (diffusers' train_text_to_image.py) loss options
+    snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023); 5.0 is the usual value
+    noise_offset: float = 0.0  # offset noise: + noise_offset * N(0, 1) of shape (B, C, 1, 1)
+    input_perturbation: float = 0.0  # x_t from noise + input_perturbation * N(0, 1); target keeps the plain noise
+    # validation: images of these prompts saved every `validation_epochs` epochs, under validation/
+    validation_prompts: tuple[str, ...] = ()
+    validation_epochs: int = 1
+    validation_inference_steps: int = 50
     log_every: int = 10
     num_threads: int | None = None  # torch threads per process; 1 when several run on one CPU
 
@@ -130,7 +138,8 @@ def _to_tensor(img, resolution: int, center_crop: bool, random_flip: bool) -> to
 
     w, h = img.size
     scale = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    # bilinear, as the seed's torchvision Resize(resolution, BILINEAR) on a PIL image
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
     w, h = img.size
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2
@@ -242,6 +251,24 @@ def hard_threshold_at(threshold, t: torch.Tensor, num_train_timesteps: int) -> t
     return values[band.clamp(0, len(values) - 1)].to(t.device)
 
 
+def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of integer timesteps t (B,) -> (B,) float."""
+    a = alphas_cumprod.to(t.device)[t].float()
+    return a / (1 - a)
+
+
+def min_snr_weights(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) as diffusers' train_text_to_image.py computes
+    them: min(SNR, gamma) / SNR for a noise target, min(SNR, gamma) / (SNR + 1) for a velocity target.
+    (B,) -> (B,)."""
+    clipped = torch.clamp(snr_t, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr_t
+    if prediction_type == "v_prediction":
+        return clipped / (snr_t + 1)
+    raise ValueError(f"min-SNR weighting: unsupported prediction_type {prediction_type!r}")
+
+
 def parse_hard_threshold(text: str) -> float | tuple[float, ...]:
     """'2' -> 2.0; '0.3,0.5,4' -> (0.3, 0.5, 4.0), one threshold per band of timesteps (low t first)."""
     try:
@@ -333,13 +360,21 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
             latents = model.encode_images(images.to(model.dtype), generator=gen).float()
         # 3. DDPM forward process at a uniformly drawn timestep.
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+        if config.noise_offset:  # one offset per sample and channel
+            noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(noise.device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen).to(latents.device)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
+        noise_in = noise
+        if config.input_perturbation:  # perturbed noise into x_t, the plain noise as the target
+            noise_in = noise + config.input_perturbation * torch.randn(latents.shape, generator=gen).to(noise.device)
+        noisy = noise_scheduler.add_noise(latents, noise_in, t)
         target = model.training_target(latents, noise, t)  # the noise, or the velocity on v-prediction models
         with accelerator.accumulate(unet):
             with accelerator.autocast():
                 pred = model.model_output(noisy, t, cond, unet=unet).float()
             per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)  # (B,)
+            if config.snr_gamma is not None:  # per sample, so the filter below keeps each kept sample's own weight
+                per_sample = per_sample * min_snr_weights(snr(noise_scheduler.alphas_cumprod, t), config.snr_gamma,
+                                                          model.prediction_type)
             keep = torch.ones_like(per_sample, dtype=torch.bool)
             if config.hard_threshold is not None:
                 # 4. Training-time mitigation: d (a noise difference) on the same noisy input and timestep, no gradient.
@@ -359,7 +394,7 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
                 lr_sched.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
-        if ema is not None and accelerator.sync_gradients and not skipped:
+        if ema is not None and accelerator.sync_gradients:  # also on steps the filter left empty, as the seed does
             ema.update()
         bar.update(1)
         done = step + 1
@@ -371,6 +406,8 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             losses, t0 = [], time.time()
+        if config.validation_prompts and accelerator.is_main_process and done % (steps_per_epoch * config.validation_epochs) == 0:
+            _validation_images(model, accelerator.unwrap_model(unet), config, out / "validation" / f"step-{done}")
         # 5. Checkpoints: accelerate state (resume) and a loadable model (evaluation).
         if config.checkpointing_steps and done % config.checkpointing_steps == 0 and done < config.max_train_steps:
             _checkpoint(accelerator, unet, ema, out / f"checkpoint-{done}", done, save_model, config)
@@ -378,11 +415,33 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(unet)
-        if ema is not None:
+        if ema is not None:  # the raw weights beside the EMA ones (the seed evaluates checkpoint-N/unet, the raw)
+            save_model(final.eval(), out / RAW_FOLDER)
             ema.copy_to(final.parameters())
         save_model(final.eval(), out)
     unet.eval().requires_grad_(False)
     return out
+
+
+RAW_FOLDER = "raw"  # with EMA: the raw (non-EMA) weights, a loadable model in OUTPUT/raw
+
+
+def _validation_images(model, unet, config: TrainConfig, folder: Path) -> None:
+    """One image per validation prompt from the weights being trained, prompt i from seed + i, as PNG."""
+    from diffmem.files import save_png
+    from diffmem.sampling import SamplingConfig, sample_prompts
+
+    was_training = unet.training
+    unet.eval()
+    with torch.no_grad():
+        res = sample_prompts(model, list(config.validation_prompts),
+                             SamplingConfig(num_inference_steps=config.validation_inference_steps, num_generations=1,
+                                            seed=config.seed))
+    unet.train(was_training)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, r in enumerate(res):
+        save_png(r.images[0], folder / f"{i:03d}.png")
+    (folder / "prompts.txt").write_text("".join(p + "\n" for p in config.validation_prompts))
 
 
 def _checkpoint(accelerator, unet, ema, folder: Path, step: int, save_model, config: TrainConfig):
@@ -394,6 +453,7 @@ def _checkpoint(accelerator, unet, ema, folder: Path, step: int, save_model, con
 
         snap = copy.deepcopy(accelerator.unwrap_model(unet))
         if ema is not None:
+            save_model(snap.eval(), folder / "model" / RAW_FOLDER)
             ema.copy_to(snap.parameters())
         save_model(snap.eval(), folder / "model")
         ckpts = sorted(folder.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

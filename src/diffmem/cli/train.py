@@ -12,7 +12,16 @@ TRAIN_OPTIONS = (
     ("lr_scheduler", str, "any name diffusers.optimization.get_scheduler knows"),
     ("lr_warmup_steps", int, ""),
     ("max_grad_norm", float, ""),
-    ("use_ema", bool, "keep an exponential moving average of the weights and save it"),
+    ("use_ema", bool, "keep an exponential moving average of the weights and save it (the raw weights go to "
+                      "OUTPUT/raw)"),
+    ("ema_decay", float, ""),
+    ("snr_gamma", float, "min-SNR loss weighting with this gamma (5.0 is usual); the velocity form on "
+                         "v-prediction models"),
+    ("noise_offset", float, "offset noise of shape (B, C, 1, 1) with this scale"),
+    ("input_perturbation", float, "perturb the noise that makes x_t by this scale (the target keeps the plain noise)"),
+    ("validation_prompts", str, "prompts whose images are saved to OUTPUT/validation/step-N every --validation-epochs"),
+    ("validation_epochs", int, ""),
+    ("validation_inference_steps", int, "DDIM steps of the validation images"),
     ("mixed_precision", str, ""),
     ("gradient_checkpointing", bool, "trade compute for memory"),
     ("checkpointing_steps", int, "save a resumable checkpoint every N steps (0: only at the end)"),
@@ -53,6 +62,8 @@ def add_parser(sub) -> None:
         flag = "--" + ("threads" if name == "num_threads" else name.replace("_", "-"))
         if kind is bool:
             g.add_argument(flag, dest=name, action="store_const", const=True, help=help)
+        elif name == "validation_prompts":
+            g.add_argument(flag, dest=name, nargs="+", type=str, help=help)
         else:
             g.add_argument(flag, dest=name, type=kind, choices=CHOICES.get(name),
                            help=f"{help + '; ' if help else ''}default {default}")
@@ -67,6 +78,8 @@ def config_from_args(args):
     options = given(args, [name for name, _, _ in TRAIN_OPTIONS])
     if "hard_threshold" in options:
         options["hard_threshold"] = parse_hard_threshold(options["hard_threshold"])
+    if "validation_prompts" in options:
+        options["validation_prompts"] = tuple(options["validation_prompts"])
     return TrainConfig(output_dir=args.output_dir, **options)
 
 

@@ -150,7 +150,7 @@ def _train_lab(out, config: LabBuildConfig, resume: bool, num_threads, progress:
     train_config = TrainConfig(
         output_dir=str(out), max_train_steps=config.max_train_steps, train_batch_size=config.train_batch_size,
         learning_rate=config.learning_rate, lr_scheduler=config.lr_scheduler,
-        lr_warmup_steps=config.lr_warmup_steps, adam_beta2=config.adam_beta2, use_ema=config.use_ema, caption_dropout=config.model.caption_dropout,
+        lr_warmup_steps=config.lr_warmup_steps, adam_beta2=config.adam_beta2, use_ema=config.use_ema, ema_decay=0.999, caption_dropout=config.model.caption_dropout,
         checkpointing_steps=config.checkpointing_steps, checkpoints_total_limit=0, seed=config.seed,
         resume_from_checkpoint=("latest" if resume and any(Path(out).glob("checkpoint-*"))
                                 else str(resume_from) if resume_from else None),
