@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.audit import AuditConfig, PromptSet, lab_audit_prompts, run_audit
+from diffmem.audit import AuditConfig, run_audit
 from diffmem.cli.main import main
-from diffmem.prompts import PromptRecord
+from diffmem.prompts import PromptRecord, PromptSet
 from diffmem.sampling import SamplingConfig
 
 torch.set_num_threads(1)
@@ -131,7 +131,7 @@ def test_audit_resumes_an_interrupted_stage(tiny_sd, tmp_path):
     config = AuditConfig(threshold=-1.0, **FAST)  # every prompt flagged; batch 8 = 2 prompts per mitigation unit
     first = run_audit(tiny_sd, prompts, None, config, tmp_path, progress=False)
     assert first.stages_run == ["detect", "calibrate", "track", "explain", "mitigate", "copies", "report"]
-    assert first.threshold["method"] == "given" and all(r["flagged"] for r in first.rows)
+    assert first.threshold["method"] == "given" and all(r.flagged for r in first.rows)
     # Pretend the run stopped after the first mitigation unit.
     stages = json.loads((tmp_path / "stages.json").read_text())
     for name in ("mitigate", "copies", "report"):
@@ -144,7 +144,7 @@ def test_audit_resumes_an_interrupted_stage(tiny_sd, tmp_path):
     assert second.stages_run == ["mitigate", "copies", "report"]
     again = [json.loads(line) for line in (tmp_path / "mitigate.jsonl").read_text().splitlines()]
     assert [r["index"] for r in again] == [0, 1, 2, 3, 4]  # the two kept, the three redone
-    assert [r["mitigated_score"] for r in second.rows] == pytest.approx([r["mitigated_score"] for r in first.rows])
+    assert [r.mitigated_score for r in second.rows] == pytest.approx([r.mitigated_score for r in first.rows])
 
 
 def test_audit_refuses_another_audit_in_the_same_folder(tiny_sd, tmp_path):

@@ -56,7 +56,8 @@ def test_first_step_d_is_the_same_from_every_verb(tiny_sd, tmp_path):
 def test_audit_scores_explanations_and_serve_threshold_agree(tiny_sd, tmp_path):
     """An audit row's score equals its explanation score; serve and audit calibrated on the same
     reference prompts give the same threshold."""
-    from diffmem.audit import AuditConfig, PromptSet, run_audit
+    from diffmem.audit import AuditConfig, run_audit
+    from diffmem.prompts import PromptSet
     from diffmem.web.server import calibrate_threshold
 
     reference = ["a photo of a dog", "a small house", "green grass", "a bowl of fruit", "a city street at night"]
@@ -66,10 +67,10 @@ def test_audit_scores_explanations_and_serve_threshold_agree(tiny_sd, tmp_path):
     audited = PromptSet([PromptRecord(i, p) for i, p in enumerate(PROMPTS)], "test")
     ref = PromptSet([PromptRecord(i, p) for i, p in enumerate(reference)], "reference")
     result = run_audit(tiny_sd, audited, ref, config, tmp_path, progress=False)
-    flagged = [r for r in result.rows if r["flagged"]]
+    flagged = [r for r in result.rows if r.flagged]
     assert flagged, "choose prompts so that the audit flags some"
     for r in flagged:
-        assert r["explanation_score"] == pytest.approx(r["score"], abs=1e-6), r["prompt"]
+        assert r.explanation_score == pytest.approx(r.score, abs=1e-6), r.prompt
     served = calibrate_threshold(tiny_sd, reference, ExplainConfig(generations=G, seed=SEED, num_inference_steps=STEPS),
                                  fpr=0.5)
     assert served.value == pytest.approx(result.threshold["value"], abs=1e-6)
@@ -78,7 +79,8 @@ def test_audit_scores_explanations_and_serve_threshold_agree(tiny_sd, tmp_path):
 def test_lab_serve_and_audit_calibrate_on_the_same_reference_prompts():
     """On the shipped lab, serve's default threshold is the audit's: same prompts, seeds and settings."""
     from diffmem.adapters import load_model
-    from diffmem.audit import AuditConfig, calibrate, lab_audit_prompts
+    from diffmem.audit import AuditConfig, calibrate
+    from diffmem.lab.prompts import lab_audit_prompts
     from diffmem.web.server import lab_reference_threshold
 
     lab = load_model("lab")

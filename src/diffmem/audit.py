@@ -15,12 +15,11 @@ that a re-run with the same folder resumes stage by stage:
               ``mitigate.jsonl`` and ``images/mitigated/``;
 6. copies     where the training images are known (lab models): each generation's nearest training
               image and the lab's copy rule, ``copies.jsonl`` and ``images/training/``;
-7. report     ``results.jsonl`` (one row per prompt) and the self-contained ``index.html``.
+7. report     ``results.jsonl`` (one ``AuditRow`` per prompt) and the self-contained ``index.html``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +31,7 @@ from diffmem.detect import run_detection
 from diffmem.files import append_rows, jsonable, load_png, read_rows, save_generations, save_png, write_json, write_rows
 from diffmem.metrics import prompt_score, threshold_at_fpr
 from diffmem.mitigate import MitigationConfig
-from diffmem.prompts import PromptRecord
+from diffmem.prompts import PromptRecord, PromptSet
 from diffmem.sampling import SamplingConfig, plan_units
 
 STAGES = ("detect", "calibrate", "track", "explain", "mitigate", "copies", "report")
@@ -63,45 +62,39 @@ class AuditConfig:
 
 
 @dataclass
-class PromptSet:
-    """Prompts with where they came from (a file, or a lab prompt set)."""
+class AuditRow:
+    """One row of results.jsonl: an audited prompt's score and verdict, and for a flagged prompt the
+    why (top words) and the what-to-do (mitigation). Fields left None are absent from the row."""
 
-    records: list[PromptRecord]
-    source: str
+    index: int  # the prompt's position in the audited set; its seed is sampling seed + index
+    prompt: str
+    seed: int
+    score: float  # detection score over the detection window
+    flagged: bool  # score >= threshold
+    source: dict | None = None  # the prompt's input fields (lab: set, colour, shape, trigger_words)
+    # flagged prompts only:
+    score_all_steps: float | None = None  # the score over the whole schedule (track stage)
+    images: list[str] | None = None  # its generations
+    top_words: list[str] | None = None  # the most significant words (explain stage)
+    explanation_score: float | None = None
+    mitigated_score: float | None = None  # the score after embedding optimization
+    mitigated_flagged: bool | None = None
+    mitigation_iterations: int | None = None
+    mitigated_images: list[str] | None = None
+    generated_copies: int | None = None  # generations copying a training image (lab copy rule)
+    mitigated_copies: int | None = None
 
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for r in self.records:
-            h.update(f"{r.position}\t{r.prompt}\n".encode())
-        return h.hexdigest()[:16]
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass
 class AuditResult:
     out: Path
-    rows: list[dict]  # results.jsonl
+    rows: list[AuditRow]  # results.jsonl
     threshold: dict
     stages_run: list[str] = field(default_factory=list)  # stages computed in this call
     stages_resumed: list[str] = field(default_factory=list)  # stages found finished under `out`
-
-
-# -- the lab's built-in prompt sets -----------------------------------------------------------
-
-def lab_audit_prompts(data, num_non_memorized: int = 50) -> tuple[PromptSet, PromptSet]:
-    """(audited, reference) for a lab model: the reference is the lab's reference prompts (the first
-    60% of the novel captions, never seen in training); memorized + the other novel + some
-    non-memorized captions are audited."""
-    from diffmem.lab.prompts import prompt_row, reference_pairs
-
-    novel = data.prompt_set("novel")
-    ref = reference_pairs(data)
-    split = len(ref)
-    pairs = data.prompt_set("memorized") + novel[split:] + data.prompt_set("non-memorized")[:num_non_memorized]
-    audited = [PromptRecord(i, p.caption, {k: v for k, v in prompt_row(p).items() if k != "caption"})
-               for i, p in enumerate(pairs)]
-    reference = [PromptRecord(i, p.caption, {"set": p.kind}) for i, p in enumerate(ref)]
-    return (PromptSet(audited, f"lab: memorized + novel[{split}:] + non-memorized[:{num_non_memorized}]"),
-            PromptSet(reference, f"lab: novel[:{split}] (titles never seen in training)"))
 
 
 # -- the stages -------------------------------------------------------------------------------
@@ -186,6 +179,19 @@ def _mitigate(model, flagged: list[dict], path: Path, images: Path, config: Audi
     return done
 
 
+def mitigation_of(model, config: AuditConfig, normal: list[dict], threshold: float) -> MitigationConfig:
+    """embedding-opt of the flagged prompts: the config's settings, the model's defaults for the rest,
+    and where neither gives a target, one calibrated on `normal` (detect rows of normal prompts)."""
+    calibrated = None
+    if config.mitigation.target_loss is None and model.defaults.target_loss is None:
+        from diffmem.mitigate import default_target_loss
+
+        # embedding-opt stops on the first-step d, so the target is set on that scale (= the score
+        # when the window is the first step): the median of the reference prompts, as on every verb
+        calibrated = default_target_loss([prompt_score(r["text_noise_norm"], slice(0, 1)) for r in normal], threshold)
+    return config.mitigation.resolved(model, calibrated)
+
+
 def _copies(data, flagged: list[dict], out: Path, progress: bool) -> list[dict]:
     """Nearest training image (RMSE) of every generation before and after mitigation, and the lab's copy rule."""
     from diffmem.lab.judge import TrainingImages, copy_threshold, judge_copies
@@ -226,46 +232,47 @@ def _word_list(explanation: dict, n: int) -> list[str]:
 
 
 def result_rows(scored: list[dict], threshold: float, explained: dict, mitigated: dict, copies: dict,
-                tracked: dict, top_words: int) -> list[dict]:
+                tracked: dict, top_words: int) -> list[AuditRow]:
     """One row per audited prompt: score, verdict, and for flagged prompts the why and the what-to-do."""
     rows = []
     for r in sorted(scored, key=lambda r: r["index"]):
         i = r["index"]
-        row = {"index": i, "prompt": r["prompt"], "seed": r["seed"], "score": r["score"],
-               "flagged": r["score"] >= threshold, **({"source": r["source"]} if r.get("source") else {})}
-        if row["flagged"]:
+        row = AuditRow(i, r["prompt"], r["seed"], r["score"], r["score"] >= threshold, source=r.get("source") or None)
+        if row.flagged:
             if i in tracked:
-                row["score_all_steps"] = tracked[i]["score"]
-                row["images"] = [f"images/generated/{i:05d}_{g}.png" for g in range(len(tracked[i]["text_noise_norm"]))]
+                row.score_all_steps = tracked[i]["score"]
+                row.images = [f"images/generated/{i:05d}_{g}.png" for g in range(len(tracked[i]["text_noise_norm"]))]
             if i in explained:
-                row["top_words"] = _word_list(explained[i], top_words)
-                row["explanation_score"] = explained[i]["score"]
+                row.top_words = _word_list(explained[i], top_words)
+                row.explanation_score = explained[i]["score"]
             if i in mitigated:
                 m = mitigated[i]
-                row.update(mitigated_score=m["mitigated_score"], mitigated_flagged=m["mitigated_score"] >= threshold,
-                           mitigation_iterations=m["iterations"], mitigated_images=m["images"])
+                row.mitigated_score = m["mitigated_score"]
+                row.mitigated_flagged = m["mitigated_score"] >= threshold
+                row.mitigation_iterations = m["iterations"]
+                row.mitigated_images = m["images"]
             if i in copies:
-                c = copies[i]
-                row.update({k: c[k] for k in ("generated_copies", "mitigated_copies") if k in c})
+                row.generated_copies = copies[i].get("generated_copies")
+                row.mitigated_copies = copies[i].get("mitigated_copies")
         rows.append(row)
     return rows
 
 
-def ground_truth(rows: list[dict]) -> dict | None:
+def ground_truth(rows: list[AuditRow]) -> dict | None:
     """Where prompts carry a known `set` (lab prompt sets): flag rate per set, and the ROC of memorized
     (memorized + template) against novel scores. None when no prompt carries one."""
     from diffmem.metrics import roc_metrics
 
-    sets: dict[str, list[dict]] = {}
+    sets: dict[str, list[AuditRow]] = {}
     for r in rows:
-        if (r.get("source") or {}).get("set") is not None:
-            sets.setdefault(r["source"]["set"], []).append(r)
+        if (r.source or {}).get("set") is not None:
+            sets.setdefault(r.source["set"], []).append(r)
     if not sets:
         return None
-    out = {"sets": {s: {"prompts": len(rs), "flagged": sum(r["flagged"] for r in rs)} for s, rs in sets.items()}}
-    mem = [r["score"] for s in ("memorized", "template") for r in sets.get(s, [])]
+    out = {"sets": {s: {"prompts": len(rs), "flagged": sum(r.flagged for r in rs)} for s, rs in sets.items()}}
+    mem = [r.score for s in ("memorized", "template") for r in sets.get(s, [])]
     if mem and sets.get("novel"):
-        out["roc_memorized_vs_novel"] = roc_metrics(mem, [r["score"] for r in sets["novel"]]).summary()
+        out["roc_memorized_vs_novel"] = roc_metrics(mem, [r.score for r in sets["novel"]]).summary()
     return out
 
 
@@ -355,16 +362,8 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
 
     # 6. Mitigate: embedding optimization down to the target, then sample with the optimized embedding.
     t0 = time.time()
-    calibrated = None
-    if config.mitigation.target_loss is None and model.defaults.target_loss is None:
-        from diffmem.mitigate import default_target_loss
-
-        # embedding-opt stops on the first-step d, so the target is set on that scale (= the score
-        # when the window is the first step): the median of the reference prompts, as on every verb
-        normal = ref_rows or [r for r in scored if r["score"] < threshold["value"]]
-        calibrated = default_target_loss([prompt_score(r["text_noise_norm"], slice(0, 1)) for r in normal],
-                                         threshold["value"])
-    mitigation = config.mitigation.resolved(model, calibrated)
+    mitigation = mitigation_of(model, config, ref_rows or [r for r in scored if r["score"] < threshold["value"]],
+                               threshold["value"])
     target = mitigation.target_loss
     if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to d <= {target:.4g}"):
         _mitigate(model, flagged, out / "mitigate.jsonl", out / "images" / "mitigated", config, mitigation, progress)
@@ -386,13 +385,14 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     stage("report", 7, "results.jsonl and index.html")
     t0 = time.time()
     result.rows = result_rows(scored, threshold["value"], explained, mitigated, copies, tracked, config.top_words)
-    write_rows(out / "results.jsonl", result.rows)
+    records = [r.to_json() for r in result.rows]
+    write_rows(out / "results.jsonl", records)
     truth = ground_truth(result.rows)
     if truth is not None:
         write_json(out / "ground_truth.json", truth)
     info = {**run_info, **provenance(model), "target_loss": target, "mitigation": asdict(mitigation), "stages": state,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_audit_report(out, result.rows, threshold, [r["score"] for r in ref_rows], info, explained, mitigated,
+    write_audit_report(out, records, threshold, [r["score"] for r in ref_rows], info, explained, mitigated,
                        copies, truth)
     finish("report", t0)
     _log(progress, f"wrote {out / 'index.html'} and {out / 'results.jsonl'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,20 @@ class PromptRecord:
     position: int  # 0-based position in the input; the prompt's seed is seed + position
     prompt: str
     source: dict = field(default_factory=dict)  # the input row's other fields (e.g. index, url, trigger_words)
+
+
+@dataclass
+class PromptSet:
+    """Prompts with where they came from (a file, or a lab prompt set)."""
+
+    records: list[PromptRecord]
+    source: str
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(f"{r.position}\t{r.prompt}\n".encode())
+        return h.hexdigest()[:16]
 
 
 class PromptFileError(ValueError):

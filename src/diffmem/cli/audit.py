@@ -33,8 +33,7 @@ def add_parser(sub) -> None:
 
 
 def _prompt_set(path: str, key: str):
-    from diffmem.audit import PromptSet
-    from diffmem.prompts import read_prompts
+    from diffmem.prompts import PromptSet, read_prompts
 
     return PromptSet(read_prompts(path, key), f"{Path(path).resolve()} ({key})")
 
@@ -52,8 +51,9 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from diffmem.audit import lab_audit_prompts, run_audit
+    from diffmem.audit import run_audit
     from diffmem.cli.main import load_model_from_args
+    from diffmem.lab.prompts import lab_audit_prompts
 
     config = config_from_args(args)  # checked before loading anything
     prompts = _prompt_set(args.prompts, args.prompt_key) if args.prompts else None
@@ -68,10 +68,11 @@ def run(args) -> int:
     if prompts is None:
         raise ValueError(f"--prompts is required: {args.model} is not a lab model, so it has no built-in prompt sets")
     result = run_audit(model, prompts, reference, config, args.out, progress=not args.no_progress)
-    flagged = [r for r in result.rows if r["flagged"]]
+    flagged = [r for r in result.rows if r.flagged]
     print(f"{len(flagged)} of {len(result.rows)} prompts flagged (threshold {result.threshold['value']:.4g}); "
           f"report: {Path(args.out) / 'index.html'}")
-    for r in sorted(flagged, key=lambda r: -r["score"])[:5]:
-        print(f"  score {r['score']:.4f}  top word {(r.get('top_words') or ['?'])[0]!r:<14} "
-              f"mitigated {r.get('mitigated_score', float('nan')):.4f}  {r['prompt'][:60]}")
+    for r in sorted(flagged, key=lambda r: -r.score)[:5]:
+        mitigated = float("nan") if r.mitigated_score is None else r.mitigated_score
+        print(f"  score {r.score:.4f}  top word {(r.top_words or ['?'])[0]!r:<14} "
+              f"mitigated {mitigated:.4f}  {r.prompt[:60]}")
     return 0

@@ -1,4 +1,5 @@
-"""The lab's prompt sets with ground truth, as rows that ``diffmem detect`` reads."""
+"""The lab's prompt sets with ground truth, as rows that ``diffmem detect`` reads, and the split of
+them that a bare ``diffmem audit`` audits and calibrates on."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 from pathlib import Path
 
 from diffmem.lab.data import LabData, LabPair
-from diffmem.prompts import PromptRecord
+from diffmem.prompts import PromptRecord, PromptSet
 
 REFERENCE_FRACTION = 0.6  # the first 60% of the novel captions are the lab's reference (ordinary) prompts
 
@@ -59,3 +60,18 @@ def default_detection_prompts(start: int = 0, end: int | None = None, data: LabD
     rows = prompt_rows(data, "memorized") + prompt_rows(data, "novel", num_novel)
     records = [PromptRecord(i, r["caption"], {k: v for k, v in r.items() if k != "caption"}) for i, r in enumerate(rows)]
     return records[start:end]
+
+
+def lab_audit_prompts(data: LabData, num_non_memorized: int = 50) -> tuple[PromptSet, PromptSet]:
+    """(audited, reference) for a lab model: the reference is the lab's reference prompts (the first
+    60% of the novel captions, never seen in training); memorized + the other novel + some
+    non-memorized captions are audited."""
+    novel = data.prompt_set("novel")
+    ref = reference_pairs(data)
+    split = len(ref)
+    pairs = data.prompt_set("memorized") + novel[split:] + data.prompt_set("non-memorized")[:num_non_memorized]
+    audited = [PromptRecord(i, p.caption, {k: v for k, v in prompt_row(p).items() if k != "caption"})
+               for i, p in enumerate(pairs)]
+    reference = [PromptRecord(i, p.caption, {"set": p.kind}) for i, p in enumerate(ref)]
+    return (PromptSet(audited, f"lab: memorized + novel[{split}:] + non-memorized[:{num_non_memorized}]"),
+            PromptSet(reference, f"lab: novel[:{split}] (titles never seen in training)"))

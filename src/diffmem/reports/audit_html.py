@@ -1,89 +1,23 @@
-"""The audit's HTML report: one self-contained page (images beside it under images/); no computation."""
+"""The audit's HTML report: one self-contained page (images beside it under images/); no computation.
+
+The page's skeleton, style sheet and script are templates/audit.html, audit.css and audit.js, inlined
+into index.html so that the report is one file.
+"""
 
 from __future__ import annotations
 
 import json
 from html import escape
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>diffmem audit: {title}</title>
-<link rel="icon" href="data:,">
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; padding: 0 1em; }}
-h1 {{ font-size: 1.5em; }} h2 {{ margin-top: 2em; border-bottom: 1px solid #ddd; }}
-table {{ border-collapse: collapse; }} td, th {{ padding: 3px 8px; border-bottom: 1px solid #eee; text-align: left; }}
-th.sortable {{ cursor: pointer; user-select: none; }} th.sortable:after {{ content: " \\2195"; color: #aaa; }}
-tr.flagged td {{ background: #fff1f0; }}
-.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-.summary {{ font-size: 1.1em; background: #f6f8fa; padding: 0.8em 1em; border-radius: 6px; }}
-.card {{ border: 1px solid #ddd; border-radius: 6px; padding: 0.8em 1em; margin: 1em 0; }}
-.card h3 {{ margin: 0 0 0.4em 0; font-size: 1.05em; }}
-.bars td {{ border: none; padding: 1px 6px; }}
-.bar {{ background: #4c72b0; height: 12px; }} .bar.top {{ background: #d62728; }}
-.imgs {{ display: flex; gap: 10px; flex-wrap: wrap; align-items: flex-start; }}
-figure {{ margin: 0; text-align: center; font-size: 0.8em; }}
-figure img {{ width: 96px; height: 96px; image-rendering: pixelated; border: 1px solid #ccc; }}
-figure.copy img {{ border: 3px solid #d62728; }}
-.label {{ font-weight: 600; margin: 0.6em 0 0.2em 0; }}
-.trigger {{ background: #ffe08a; padding: 0 3px; border-radius: 3px; }}
-.muted {{ color: #777; }}
-</style>
-</head>
-<body>
-<h1>Memorization audit of <code>{model}</code></h1>
-<p class="summary">{summary}</p>
-{ground_truth}
-<h2>Score distribution</h2>
-<p>Detection score: the magnitude of the text-conditional noise prediction
-d = ||&epsilon;(x<sub>t</sub>, prompt) &minus; &epsilon;(x<sub>t</sub>, &empty;)||, averaged over {window} and
-{generations} generations (Wen et al., ICLR 2024, sec. 3). A prompt is flagged when its score is at or above the threshold.
-Threshold: <b>{threshold:.4g}</b>, {threshold_how}.</p>
-{histogram}
-<h2>Prompts</h2>
-<p class="muted">Click a column header to sort.</p>
-<table id="prompts">
-<thead><tr>{header}</tr></thead>
-<tbody>
-{rows}
-</tbody>
-</table>
-<h2>Flagged prompts</h2>
-<p>For each: the tokens that drive the score (token significance, Wen et al. sec. 4), the model's generations,
-the generations after mitigation by prompt-embedding optimization (sec. 5.1) with the same seeds{copy_note}.</p>
-{cards}
-<h2>Provenance</h2>
-<table>{provenance}</table>
-<p class="muted">Machine-readable results: <a href="results.jsonl">results.jsonl</a> (one row per prompt),
-<a href="threshold.json">threshold.json</a>, <a href="audit.json">audit.json</a>.</p>
-<script>
-// Sort the prompts table by a column: numbers by value, text alphabetically; a second click reverses.
-document.querySelectorAll("#prompts th.sortable").forEach(function (th, col) {{
-  th.addEventListener("click", function () {{
-    var body = document.querySelector("#prompts tbody");
-    var rows = Array.from(body.rows);
-    var asc = th.dataset.order !== "asc";
-    th.dataset.order = asc ? "asc" : "desc";
-    rows.sort(function (a, b) {{
-      var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
-      var nx = parseFloat(x), ny = parseFloat(y);
-      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : String(x).localeCompare(String(y));
-      return asc ? c : -c;
-    }});
-    rows.forEach(function (r) {{ body.appendChild(r); }});
-  }});
-}});
-</script>
-</body>
-</html>
-"""
-
 COLUMNS = ("#", "prompt", "score", "flagged", "top word", "mitigated score", "copies before", "copies after")
+
+
+def _template(name: str) -> str:
+    return resources.files("diffmem.reports").joinpath(f"templates/{name}").read_text(encoding="utf-8")
 
 
 def histogram_svg(scores, reference, threshold: float, width: int = 720, height: int = 220, bins: int = 40) -> str:
@@ -268,7 +202,8 @@ def write_audit_report(out: Path, rows: list[dict], threshold: dict, reference_s
     header = "".join(f'<th class="sortable">{escape(c)}</th>' for c in COLUMNS + (("known set",) if known_sets else ()))
     cards = "\n".join(flagged_card(r, explained.get(r["index"]), mitigated.get(r["index"]), copies.get(r["index"]))
                       for r in flagged) or "<p>No prompt is flagged.</p>"
-    html = PAGE.format(
+    html = _template("audit.html").format(
+        css=_template("audit.css"), js=_template("audit.js"),
         title=escape(str(info.get("model", ""))), model=escape(str(info.get("model", ""))), summary=summary,
         ground_truth=ground_truth_section(truth), window=window, generations=config.get("num_generations", "?"),
         threshold=threshold["value"], threshold_how=escape(threshold["description"]),
