@@ -228,7 +228,7 @@ j = max(range(len(scores)), key=scores.__getitem__)  # the most strongly flagged
 target = eval_set.prompts[j]
 sampling = SamplingConfig(num_inference_steps=50, num_generations=4)
 target_loss = calibrate_target_loss(model, [r["caption"] for r in prompt_rows(data, "novel", 100)], sampling)[50.0]
-print(f"{target.caption!r}: target loss {target_loss:.3f} (median first-step d of 100 novel captions)")
+print(f"{target.caption!r}: target loss {target_loss:.3f} (median first-step loss of 100 novel captions, the original unit)")
 '''),
         md('''
 ## Before and after
@@ -391,7 +391,7 @@ else:
     size = model.image_size
     eval_set = EvalSet("no training images", [EvalPrompt(memorized[0], torch.zeros(0, 3, size, size))])
 target = eval_set.prompts[0]
-target_loss = calibrate_target_loss(model, normal, sampling)[50.0]  # median first-step d of the normal prompts
+target_loss = calibrate_target_loss(model, normal, sampling)[50.0]  # median first-step loss of the normal prompts (the original unit)
 methods = {"no mitigation": MitigationConfig(method="none"),
            "embedding optimization": MitigationConfig(method="embedding-opt", target_loss=target_loss),
            "random-word addition": MitigationConfig(method="rand_word_add", repeat_num=4)}

@@ -220,8 +220,9 @@ def test_audit_flags_the_fast_labs_memorized_prompts(fast_lab_folder, tmp_path):
 
 
 def test_audit_with_a_longer_window_sets_the_mitigation_target_on_the_first_step(tiny_sd_folder, tmp_path):
-    """embedding-opt stops on the first-step d, so with --detect-steps K a calibrated target (a model
-    without a default target, as the lab) is the reference prompts' median first-step d, not their K-step score."""
+    """embedding-opt stops on its first-step loss, so with --detect-steps K a calibrated target (a model
+    without a default target, as the lab) is the reference prompts' median first-step loss (the
+    original unit: the norm over the generations at once), not their K-step score."""
     from dataclasses import replace
 
     from diffmem.adapters import load_model
@@ -236,10 +237,11 @@ def test_audit_with_a_longer_window_sets_the_mitigation_target_on_the_first_step
     run_audit(model, prompts, reference, config, out, progress=False)
     ref = [json.loads(l) for l in (out / "detect" / "reference.jsonl").read_text().splitlines()]
     first = [float(np.mean([g[0] for g in r["text_noise_norm"]])) for r in ref]
+    first_loss = [float(np.sqrt(sum(g[0] ** 2 for g in r["text_noise_norm"]))) for r in ref]
     window = [r["score"] for r in ref]
     assert window != pytest.approx(first)  # the two scales differ on this model
     mitigated = [json.loads(l) for l in (out / "mitigate.jsonl").read_text().splitlines()]
-    assert mitigated and all(m["target_loss"] == pytest.approx(float(np.median(first))) for m in mitigated)
+    assert mitigated and all(m["target_loss"] == pytest.approx(float(np.median(first_loss))) for m in mitigated)
 
 
 def test_audit_on_stable_diffusion_takes_the_seeds_target(tiny_sd, tmp_path):

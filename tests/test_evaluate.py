@@ -63,7 +63,7 @@ def small_lab_data():
 
 
 def mitigated(images, position=0):
-    return MitigatedPrompt(position, "p", "p", torch.zeros(2, 2), 1.0, 0.5, 3, images, torch.zeros(len(images), 1))
+    return MitigatedPrompt(position, "p", "p", torch.zeros(2, 2), 1.0, 0.5, 2.0, 1.0, 3, images, torch.zeros(len(images), 1))
 
 
 def test_lab_judge_counts_training_images_as_copies_and_aligned(small_lab_data):
@@ -96,7 +96,7 @@ def test_copy_threshold_turns_similarity_into_copies():
 def test_summary_aggregates_per_method_and_setting():
     def row(method, setting, value, copies, aligned, sim):
         return {"method": method, "setting": setting, "value": value, "num_generations": 4, "copies": copies,
-                "aligned": aligned, "pixel_cosine": {"mean": sim}, "initial_d": 1.0, "final_d": 0.5, "iterations": 2}
+                "aligned": aligned, "pixel_cosine": {"mean": sim}, "initial_d": 1.0, "final_d": 0.5, "final_loss": 1.0, "iterations": 2}
 
     rows = [row("none", "default", None, 4, 4, 0.9), row("none", "default", None, 2, 3, 0.7),
             row("embedding-opt", "target_loss=0.2", 0.2, 0, 3, 0.1), row("embedding-opt", "target_loss=0.2", 0.2, 1, 1, 0.3)]
@@ -133,8 +133,9 @@ def tiny_clip_folder(path):
 def test_run_evaluation_writes_tables_summary_grids_and_plot(tiny_sd, pair_folder, tmp_path):
     sscd = tmp_path / "sscd.pt"
     torch.jit.script(MeanColour()).save(str(sscd))
+    clip = tiny_clip_folder(tmp_path / "clip")
     config = EvaluateConfig(methods=("none", "embedding-opt", "rand_word_add"), target_losses=(1e6, -1.0),
-                            repeat_nums=(1, 2), mitigation=MitigationConfig(max_iters=2), sscd=str(sscd), clip=str(tiny_clip_folder(tmp_path / "clip")),
+                            repeat_nums=(1, 2), mitigation=MitigationConfig(max_iters=2), sscd=str(sscd), clip=str(clip),
                             copy_threshold=0.5, sampling=SamplingConfig(num_inference_steps=2, num_generations=2))
     out = tmp_path / "eval"
     summary = run_evaluation(tiny_sd, folder_eval_set(pair_folder, 32), config, out, progress=False)
@@ -156,6 +157,17 @@ def test_run_evaluation_writes_tables_summary_grids_and_plot(tiny_sd, pair_folde
     assert res["none"]["default"]["similarity_mean"]["sscd"] == pytest.approx(np.mean([r["sscd"]["mean"] for r in none_rows]))
     assert all(r["sscd"]["min"] <= r["sscd"]["mean"] <= r["sscd"]["max"] for r in rows)
     assert (out / "per_prompt.csv").read_text().splitlines()[0].startswith("method,setting,value")
+    # the training image against its own caption, beside the generations' CLIP score
+    from diffmem.similarity import CLIPScorer
+
+    eval_set = folder_eval_set(pair_folder, 32)
+    by_caption = {p.caption: p for p in eval_set.prompts}
+    scorer = CLIPScorer(str(clip))
+    for r in rows:
+        p = by_caption[r["prompt"]]
+        assert r["gt_clip_score"] == pytest.approx(float(scorer.score(p.training, [p.caption] * len(p.training)).mean()),
+                                                   abs=1e-6)
+    assert res["none"]["default"]["gt_clip_score_mean"] == pytest.approx(np.mean([r["gt_clip_score"] for r in none_rows]))
     assert json.loads((out / "summary.json").read_text())["provenance"]["model"] == tiny_sd.name
     assert len(list((out / "grids").glob("*.png"))) == 5 and (out / "tradeoff.png").stat().st_size > 0
 

@@ -49,17 +49,17 @@ def test_target_above_d_stops_at_once_and_changes_nothing(tiny_sd):
 def test_stops_as_soon_as_d_reaches_the_target(tiny_sd):
     cond, x, t = first_step(tiny_sd, PROMPTS[:1])
     three = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=-1.0, max_iters=3)
-    target = float(three.final_d[0])  # d after exactly 3 steps
+    target = float(three.final_loss[0])  # the loss after exactly 3 steps
     r = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=target, max_iters=10)
     assert 1 <= int(r.iterations[0]) <= 3
-    assert float(r.final_d[0]) <= target
+    assert float(r.final_loss[0]) <= target
     if int(r.iterations[0]) == 3:
         assert torch.equal(r.embeddings, three.embeddings)
 
 
 def test_a_finished_prompt_stops_changing_while_others_continue(tiny_sd):
     cond, x, t = first_step(tiny_sd, PROMPTS)
-    d0 = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=1e6).initial_d
+    d0 = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=1e6).initial_loss
     lo = int(d0.argmin())
     target = float(d0[lo]) + 1e-6  # only the lowest prompt is already there
     joint = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=target)
@@ -71,7 +71,7 @@ def test_a_finished_prompt_stops_changing_while_others_continue(tiny_sd):
         alone = optimize_prompt_embedding(tiny_sd, cond[i:i + 1], x[i:i + 1], t, target_loss=target)
         assert int(alone.iterations[0]) == int(joint.iterations[i])
         torch.testing.assert_close(alone.embeddings[0], joint.embeddings[i], atol=1e-5, rtol=1e-4)
-        assert float(joint.final_d[i]) <= target or int(joint.iterations[i]) == 10
+        assert float(joint.final_loss[i]) <= target or int(joint.iterations[i]) == 10
 
 
 def test_prompt_that_ignores_the_text_has_d_zero_and_needs_no_iterations(tiny_sd):
@@ -128,7 +128,100 @@ def test_augmentation_samples_the_modified_prompt(tiny_sd):
 
 def test_default_target_loss_is_the_normal_median_or_half_the_threshold():
     assert default_target_loss([0.3, 0.1, 0.2, 0.9], threshold=0.5) == pytest.approx(0.25)
-    assert default_target_loss([], threshold=0.5) == 0.25
+    assert default_target_loss([], threshold=0.5, unit="mean") == 0.25
+    assert default_target_loss([], threshold=0.5, unit="batch", num_generations=4) == 0.5  # sqrt(4) x a mean d
+
+
+# -- the seed's units and options, against an independent replica of its loop --------------------
+
+def seed_aug_prompt(model, prompt, x_t, t, target_loss, lr=0.05, optim_iters=10, optim_epsilon=None, alpha=0.5):
+    """The seed's aug_prompt at one target step, written from its description: AdamW (weight decay
+    0.01) on the prompt's embedding; each iteration the batch [empty x G, prompt x G] through the
+    UNet, loss = ||eps_c - eps_u||_2 over the whole batch, stop when loss <= target before stepping;
+    the start token's gradient zeroed; past optim_epsilon (mean L2 distance of positions 1.. from
+    the start) the loss becomes alpha * loss + (1 - alpha) * that distance. Returns (embedding,
+    iterations, last loss)."""
+    G = len(x_t)
+    uncond = model.empty_conditioning().embeddings
+    single = model.encode_prompts([prompt]).embeddings.clone().detach().requires_grad_(True)
+    init = single.detach().clone()
+    opt = torch.optim.AdamW([single], lr=lr)
+    x_in = model.scheduler.scale_model_input(torch.cat([x_t, x_t]), t)
+    with torch.no_grad():
+        eps_u = model.unet(x_in[:G], t, encoder_hidden_states=uncond.repeat(G, 1, 1)).sample
+    loss_item, steps = None, 0
+    for j in range(optim_iters):
+        l_2 = (init[:, 1:] - single.detach()[:, 1:]).norm(dim=-1).mean()
+        eps_c = model.unet(x_in[G:], t, encoder_hidden_states=single.repeat(G, 1, 1)).sample
+        loss = torch.norm(eps_c - eps_u, p=2)
+        loss_item = loss.item()
+        if optim_epsilon is not None and l_2 > optim_epsilon:
+            loss = alpha * loss + (1 - alpha) * (init[:, 1:] - single[:, 1:]).norm(dim=-1).mean()
+        if loss_item <= target_loss:
+            break
+        (single.grad,) = torch.autograd.grad(loss, [single])
+        single.grad[:, [0]] = 0
+        opt.step()
+        opt.zero_grad()
+        steps += 1
+    return single.detach(), steps, loss_item
+
+
+def test_target_loss_is_the_seeds_loss_over_all_generations(tiny_sd):
+    """G = 4: for three targets that take 1 to 9 iterations, the seed's loop and ours take the same
+    number of iterations and stop at the same loss. What remains different in the embedding: the
+    seed's AdamW decays the start token (x (1 - lr * 0.01) per step), diffmem keeps it."""
+    cond, x, t = first_step(tiny_sd, PROMPTS[:1], G=4)
+    _, _, start = seed_aug_prompt(tiny_sd, PROMPTS[0], x[0], t, target_loss=-1.0, optim_iters=1)
+    losses = [seed_aug_prompt(tiny_sd, PROMPTS[0], x[0], t, target_loss=-1.0, optim_iters=k + 1)[2] for k in range(10)]
+    assert losses[0] == pytest.approx(start) and losses[9] < losses[0]
+    for k in (1, 4, 9):  # a target between the loss after k - 1 and after k steps: k iterations
+        target = 0.5 * (losses[k - 1] + losses[k])
+        emb, steps, last = seed_aug_prompt(tiny_sd, PROMPTS[0], x[0], t, target_loss=target)
+        ours = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=target, lr=0.05, max_iters=10)
+        assert steps == k and int(ours.iterations[0]) == k
+        assert float(ours.final_loss[0]) == pytest.approx(last, rel=1e-4)
+        torch.testing.assert_close(emb[0, 0], cond.embeddings[0, 0] * (1 - 0.05 * 0.01) ** k)
+        torch.testing.assert_close(ours.embeddings[0, 0], cond.embeddings[0, 0])
+        torch.testing.assert_close(ours.embeddings[0, 1:], emb[0, 1:], atol=1e-4, rtol=1e-3)
+    # the mean-d unit is another number for the same prompt: the seed's is at least sqrt(G) x it
+    mean = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=1e6, target_unit="mean")
+    assert float(mean.initial_loss[0]) == pytest.approx(float(mean.initial_d[0]))
+    assert start >= 2.0 * float(mean.initial_loss[0]) * (1 - 1e-6)
+
+
+def test_l2_constrained_variant_matches_the_seed(tiny_sd):
+    cond, x, t = first_step(tiny_sd, PROMPTS[:1], G=2)
+    emb, steps, _ = seed_aug_prompt(tiny_sd, PROMPTS[0], x[0], t, target_loss=-1.0, lr=0.05, optim_iters=6,
+                                    optim_epsilon=0.05, alpha=0.25)
+    ours = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=-1.0, lr=0.05, max_iters=6, epsilon=0.05,
+                                     alpha=0.25)
+    plain = optimize_prompt_embedding(tiny_sd, cond, x, t, target_loss=-1.0, lr=0.05, max_iters=6)
+    torch.testing.assert_close(ours.embeddings[0, 1:], emb[0, 1:], atol=1e-4, rtol=1e-3)
+    assert (ours.embeddings[0, 1:] - plain.embeddings[0, 1:]).abs().max() > 1e-3  # the constraint acted
+    dist = lambda e: (e[0, 1:] - cond.embeddings[0, 1:]).norm(dim=-1).mean()
+    assert dist(ours.embeddings) < dist(plain.embeddings)
+
+
+def test_optimization_at_a_later_step(tiny_sd):
+    """--optim-step k optimizes at the latents the original prompt reaches at step k, then samples
+    from x_T with the result."""
+    from diffmem.sampling import schedule, tracked_pass
+
+    config = MitigationConfig(method="embedding-opt", target_loss=-1.0, max_iters=2, optim_step=1)
+    res = mitigate_unit(tiny_sd, PROMPTS[:1], [0], config, SAMPLING)
+    cond = tiny_sd.encode_prompts(PROMPTS[:1])
+    ts = schedule(tiny_sd, SAMPLING.num_inference_steps)
+    x_T = initial_noise(tiny_sd, 2, SAMPLING.seed)
+    x_1 = tracked_pass(tiny_sd, x_T, cond.expand(2), tiny_sd.empty_conditioning().expand(2), ts[:1],
+                       SAMPLING.guidance(tiny_sd))
+    direct = optimize_prompt_embedding(tiny_sd, cond, x_1[None], ts[1], target_loss=-1.0, max_iters=2)
+    torch.testing.assert_close(res[0].embedding, direct.embeddings[0])
+    assert res[0].final_loss == pytest.approx(float(direct.final_loss[0]), rel=1e-5)
+    plain = sample_unit(tiny_sd, PROMPTS[:1], [0], SAMPLING, decode=True, conditioning=Conditioning(direct.embeddings))
+    torch.testing.assert_close(res[0].images, plain[0].images)
+    with pytest.raises(ValueError, match="--optim-step 3"):
+        mitigate_unit(tiny_sd, PROMPTS[:1], [0], MitigationConfig(target_loss=1.0, optim_step=3), SAMPLING)
 
 
 # -- prompt augmentation --------------------------------------------------------------------------

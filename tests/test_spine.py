@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def test_first_step_d_is_the_same_from_every_verb(tiny_sd, tmp_path):
     }
     for name, d in verbs.items():
         np.testing.assert_allclose(d, detect, rtol=0, atol=1e-6, err_msg=name)
-    median = calibrate_target_loss(tiny_sd, PROMPTS, sampling, percentiles=(50,))[50.0]
+    median = calibrate_target_loss(tiny_sd, PROMPTS, sampling, percentiles=(50,), unit="mean")[50.0]
     assert median == pytest.approx(float(np.median(detect)), abs=1e-6)
 
 
@@ -250,8 +251,12 @@ def test_lab_default_target_is_its_reference_prompts_median_first_step_d():
     lab = load_model("lab")
     sampling = SamplingConfig(batch_size=64)
     reference = own_reference_prompts(lab)
-    target = calibrated_target_loss(lab, MitigationConfig(), sampling)
+    target = calibrated_target_loss(lab, MitigationConfig(target_unit="mean"), sampling)
     assert target == pytest.approx(float(np.median(window_scores(lab, reference, sampling))), abs=1e-9)
+    # in the seed's unit: the median of sqrt(sum_g d_g^2) over the reference prompts' first-step d
+    res = sample_prompts(lab, reference, replace(sampling, track_steps=1), decode=False)
+    batch = [float(r.text_noise_norm[:, 0].double().pow(2).sum().sqrt()) for r in res]
+    assert calibrated_target_loss(lab, MitigationConfig(), sampling) == pytest.approx(float(np.median(batch)), abs=1e-9)
     assert calibrated_target_loss(lab, MitigationConfig(target_loss=0.2), sampling) is None  # given: nothing to do
 
 

@@ -184,11 +184,14 @@ def mitigation_of(model, config: AuditConfig, normal: list[dict], threshold: flo
     and where neither gives a target, one calibrated on `normal` (detect rows of normal prompts)."""
     calibrated = None
     if config.mitigation.target_loss is None and model.defaults.target_loss is None:
+        from diffmem.metrics import mitigation_loss
         from diffmem.mitigate import default_target_loss
 
-        # embedding-opt stops on the first-step d, so the target is set on that scale (= the score
-        # when the window is the first step): the median of the reference prompts, as on every verb
-        calibrated = default_target_loss([prompt_score(r["text_noise_norm"], slice(0, 1)) for r in normal], threshold)
+        # embedding-opt stops on its first-step loss, so the target is set on that scale: the median
+        # first-step loss of the reference prompts (from their detect rows), as on every verb
+        unit = config.mitigation.target_unit
+        losses = [float(mitigation_loss(np.asarray(r["text_noise_norm"], dtype=np.float64)[:, 0], unit)) for r in normal]
+        calibrated = default_target_loss(losses, threshold, unit, config.sampling.num_generations)
     return config.mitigation.resolved(model, calibrated)
 
 
@@ -365,7 +368,7 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     mitigation = mitigation_of(model, config, ref_rows or [r for r in scored if r["score"] < threshold["value"]],
                                threshold["value"])
     target = mitigation.target_loss
-    if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to d <= {target:.4g}"):
+    if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to a first-step loss ({mitigation.target_unit}) <= {target:.4g}"):
         _mitigate(model, flagged, out / "mitigate.jsonl", out / "images" / "mitigated", config, mitigation, progress)
         finish("mitigate", t0)
     mitigated = {r["index"]: r for r in read_rows(out / "mitigate.jsonl")}

@@ -17,9 +17,10 @@ import numpy as np
 
 from diffmem.eval_sets import EvalSet
 from diffmem.files import jsonable, save_generations
-from diffmem.mitigate import AUGMENT_STYLES, METHODS, MitigatedPrompt, MitigationConfig, calibrated_target_loss, mitigate_unit
+from diffmem.mitigate import (AUGMENT_STYLES, METHODS, MitigatedPrompt, MitigationConfig, calibrated_target_loss,
+                              mitigate_unit, reference_losses)
 from diffmem.provenance import provenance
-from diffmem.sampling import SamplingConfig, plan_units, window_scores
+from diffmem.sampling import SamplingConfig, plan_units
 
 
 @dataclass
@@ -56,7 +57,9 @@ def settings_of(config: EvaluateConfig) -> list[MitigationConfig]:
 
 def setting_key(m: MitigationConfig) -> str:
     if m.method == "embedding-opt":
-        return f"target_loss={m.target_loss:g}"
+        extra = (f",step={m.optim_step}" if m.optim_step else "") + \
+            (f",epsilon={m.epsilon:g},alpha={m.alpha:g}" if m.epsilon is not None else "")
+        return f"target_loss={m.target_loss:g}" + extra
     if m.method in AUGMENT_STYLES:
         return f"repeat_num={m.repeat_num}"
     return "default"
@@ -67,13 +70,14 @@ def setting_value(m: MitigationConfig) -> float | None:
 
 
 def calibrate_target_loss(model, reference_prompts: list[str], sampling: SamplingConfig,
-                          percentiles=(50, 75, 90, 95)) -> dict[float, float]:
-    """Target losses for embedding-opt from non-memorized prompts' first-step d: {percentile: value}.
+                          percentiles=(50, 75, 90, 95), unit: str = "batch") -> dict[float, float]:
+    """Target losses for embedding-opt from non-memorized prompts' first-step loss (in `unit`):
+    {percentile: value}.
 
-    Memorized prompts whose first-step d is brought down to where ordinary prompts sit; a target
-    above the memorized prompts' own d stops the optimizer at once (the prototype finding)."""
-    d = window_scores(model, reference_prompts, replace(sampling, track_steps=1))
-    return {float(p): float(np.percentile(d, p)) for p in percentiles}
+    Memorized prompts are brought down to where ordinary prompts sit; a target above the memorized
+    prompts' own loss stops the optimizer at once (the prototype finding)."""
+    losses = reference_losses(model, reference_prompts, sampling, unit)
+    return {float(p): float(np.percentile(losses, p)) for p in percentiles}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -87,6 +91,7 @@ def summarize(rows: list[dict]) -> dict:
              "similarity_mean": {m: float(np.mean([r[m]["mean"] for r in rs if m in r]))
                                  for m in ("sscd", "tiled_l2", "pixel_cosine") if any(m in r for r in rs)},
              "final_d_mean": float(np.mean([r["final_d"] for r in rs])),
+             "final_loss_mean": float(np.mean([r["final_loss"] for r in rs])),
              "initial_d_mean": float(np.mean([r["initial_d"] for r in rs])),
              "iterations_mean": float(np.mean([r["iterations"] for r in rs]))}
         if method == "embedding-opt":  # prompts already at the target: their embedding is unchanged
@@ -95,6 +100,8 @@ def summarize(rows: list[dict]) -> dict:
             s["alignment_mean"] = sum(r["aligned"] for r in rs) / n_gen
         if "clip_score" in rs[0]:
             s["clip_score_mean"] = float(np.mean([r["clip_score"] for r in rs]))
+        if "gt_clip_score" in rs[0]:  # the training images against their captions: the score a copy would get
+            s["gt_clip_score_mean"] = float(np.mean([r["gt_clip_score"] for r in rs]))
         if "copies_by_threshold" in rs[0]:
             s["copy_rate_by_threshold"] = sum(r["copies_by_threshold"] for r in rs) / n_gen
         out.setdefault(method, {})[key] = s

@@ -27,6 +27,7 @@ class Judge:
         self.copy_metric = config.copy_metric or ("sscd" if self.sscd else "pixel_cosine")
         if self.copy_metric not in self.metrics:
             raise ValueError(f"--copy-metric {self.copy_metric}: expected one of {', '.join(self.metrics)}")
+        self._gt_clip: dict[tuple[str, str], float] = {}
         self.lab_train = self.lab_threshold = None
         if eval_set.lab_data is not None:
             from diffmem.lab.judge import TrainingImages, copy_threshold
@@ -39,7 +40,8 @@ class Judge:
         row = {"method": setting.method, "setting": setting_key(setting), "value": setting_value(setting),
                "position": result.position, "prompt": prompt.caption, "modified_prompt": result.modified_prompt,
                "source": prompt.key, "num_generations": len(images), "initial_d": result.initial_d,
-               "final_d": result.final_d, "iterations": result.iterations}
+               "final_d": result.final_d, "initial_loss": result.initial_loss, "final_loss": result.final_loss,
+               "target_unit": setting.target_unit, "iterations": result.iterations}
         best = {}
         if len(prompt.training):
             for name, fn in self.metrics.items():
@@ -60,4 +62,13 @@ class Judge:
             row["copies"] = row["copies_by_threshold"]
         if self.clip is not None:
             row["clip_score"] = float(self.clip.score(images, [prompt.caption] * len(images)).mean())
+            if len(prompt.training):  # the training image against its own caption (the original's gt_clip_score)
+                row["gt_clip_score"] = self.gt_clip_score(prompt)
         return row
+
+    def gt_clip_score(self, prompt: EvalPrompt) -> float:
+        """Mean CLIP score of the prompt's training image(s) against its caption, computed once per prompt."""
+        key = (prompt.key, prompt.caption)
+        if key not in self._gt_clip:
+            self._gt_clip[key] = float(self.clip.score(prompt.training, [prompt.caption] * len(prompt.training)).mean())
+        return self._gt_clip[key]

@@ -18,6 +18,22 @@ def text_noise_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.T
     return noise_norm(eps_cond - eps_uncond)
 
 
+TARGET_UNITS = ("batch", "mean")
+
+
+def mitigation_loss(d: torch.Tensor | np.ndarray, unit: str = "batch"):
+    """Embedding optimization's loss from per-generation d (..., G) -> (...).
+
+    "batch": the seed's ``||eps_c - eps_u||_2`` over all G generations at once,
+    ``sqrt(sum_g d_g^2)`` (about sqrt(G) times the mean d); "mean": the mean per-image d.
+    """
+    if unit == "batch":
+        return (d ** 2).sum(-1) ** 0.5
+    if unit == "mean":
+        return d.mean(-1)
+    raise ValueError(f"--target-unit {unit!r}: expected one of {', '.join(TARGET_UNITS)}")
+
+
 def prompt_score(text_noise_norms, steps: slice | None = None, generations: int | None = None) -> float:
     """Mean of d over a window of steps and the first `generations` generations.
 

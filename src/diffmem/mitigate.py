@@ -2,12 +2,15 @@
 (Somepalli et al. 2023, "Understanding and mitigating copying in diffusion models").
 
 - ``optimize_prompt_embedding``: AdamW on the conditional prompt embedding to bring the
-  first-step text-conditional noise norm d down to a target, the start token left untouched.
+  text-conditional noise norm at one step (the first by default) down to a target, the start token
+  left untouched; the loss is the seed's (the norm over all generations at once) or the mean d,
+  optionally with the seed's L2 constraint to the starting embedding.
 - ``augment_prompt``: ``rand_word_add`` / ``rand_numb_add`` / ``rand_word_repeat``, used at
   inference (``repeat_num = 4``) and as the training-time baseline (``repeat_num = 1``).
 - ``mitigate_unit``: one batch of prompts mitigated and sampled with the explicit DDIM loop
   (used by ``diffmem mitigate``, ``evaluate``, ``audit`` and the ``serve`` page's mitigation button).
-- ``default_target_loss``: the target when none is given (normal prompts' median score).
+- ``default_target_loss``, ``calibrated_target_loss``: the target when none is given (normal
+  prompts' median first-step loss, in the target's unit).
 - ``run_mitigation``: ``diffmem mitigate``'s run, writing images, final d and embeddings to a folder.
 """
 
@@ -22,10 +25,11 @@ import numpy as np
 import torch
 
 from diffmem.files import save_generations
-from diffmem.metrics import text_noise_norm
+from diffmem.metrics import TARGET_UNITS, mitigation_loss, text_noise_norm
 from diffmem.model import Conditioning
 from diffmem.provenance import provenance
-from diffmem.sampling import NoiseNormRecorder, SamplingConfig, Step, plan_units, predict_branches, tracked_pass
+from diffmem.detectors.wen import NoiseNormRecorder
+from diffmem.sampling import SamplingConfig, Step, plan_units, predict_branches, tracked_pass
 
 AUGMENT_STYLES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
 METHODS = ("none", "embedding-opt", *AUGMENT_STYLES)
@@ -35,87 +39,113 @@ RANDOM_NUMBER_LIMIT = 100000  # rand_numb_add draws integers below this
 
 # -- embedding optimization (Wen et al. sec. 5.1) -------------------------------------------------
 
-def first_step_d(model, cond: Conditioning, x_T: torch.Tensor, t, eps_uncond: torch.Tensor) -> torch.Tensor:
-    """Per-prompt d at one step, averaged over generations (differentiable in ``cond.embeddings``).
+def step_noise_norms(model, cond: Conditioning, x_t: torch.Tensor, t, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """d of each prompt and generation at one step (differentiable in ``cond.embeddings``).
 
-    cond P rows; x_T (P, G, C, H, W) latents at step t (unscaled); eps_uncond (P, G, C, H, W) the
-    unconditional branch there (``diffmem.sampling.predict_branches``, computed once). Returns (P,).
+    cond P rows; x_t (P, G, C, H, W) latents at step t (unscaled); eps_uncond (P, G, C, H, W) the
+    unconditional branch there (``diffmem.sampling.predict_branches``, computed once). Returns (P, G).
     """
-    P, G = x_T.shape[:2]
-    eps_c, eps_u = predict_branches(model, x_T.flatten(0, 1), t, cond.repeat_interleave(G), None,
+    P, G = x_t.shape[:2]
+    eps_c, eps_u = predict_branches(model, x_t.flatten(0, 1), t, cond.repeat_interleave(G), None,
                                     eps_uncond=eps_uncond.flatten(0, 1))
-    return text_noise_norm(eps_c, eps_u).view(P, G).mean(1)
+    return text_noise_norm(eps_c, eps_u).view(P, G)
+
+
+def token_distance(emb: torch.Tensor, start: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """Mean over `positions` of each token's L2 distance from its starting embedding: (P, T, D) x2 -> (P,)."""
+    return (emb[:, positions] - start[:, positions]).norm(dim=-1).mean(-1)
 
 
 @dataclass
 class OptimizedEmbeddings:
     embeddings: torch.Tensor  # (P, T, D) the conditional embeddings to sample with
-    final_d: torch.Tensor  # (P,) first-step d of the returned embeddings (mean over generations)
-    initial_d: torch.Tensor  # (P,) first-step d of the input embeddings
+    final_loss: torch.Tensor  # (P,) loss (in the target's unit) of the returned embeddings
+    initial_loss: torch.Tensor  # (P,) loss of the input embeddings
+    final_d: torch.Tensor  # (P,) mean per-generation d of the returned embeddings
+    initial_d: torch.Tensor  # (P,) mean per-generation d of the input embeddings
     iterations: torch.Tensor  # (P,) int, AdamW steps taken for each prompt (0: already at the target)
 
 
-def optimize_prompt_embedding(model, cond: Conditioning, x_T: torch.Tensor, t, target_loss: float,
+def optimize_prompt_embedding(model, cond: Conditioning, x_t: torch.Tensor, t, target_loss: float,
                               lr: float | None = None, max_iters: int | None = None,
-                              eps_uncond: torch.Tensor | None = None) -> OptimizedEmbeddings:
-    """Minimize the first-step d over the conditional token embeddings (Wen et al. sec. 5.1), batched.
+                              eps_uncond: torch.Tensor | None = None, target_unit: str = "batch",
+                              epsilon: float | None = None, alpha: float = 0.5) -> OptimizedEmbeddings:
+    """Minimize d at one step over the conditional token embeddings (Wen et al. sec. 5.1), batched.
 
-    cond P rows (their extra conditioning stays fixed); x_T (P, G, C, H, W) each prompt's initial
-    noise (already scaled by ``init_noise_sigma``); t the first timestep; eps_uncond (P, G, C, H, W)
-    the unconditional branch at x_T when already known. Each prompt stops as soon as its d (mean over
-    its G generations) is <= `target_loss`, and its embedding stops changing while the other prompts
-    continue; at most `max_iters` AdamW steps. lr and max_iters default to the model's
-    (``ModelDefaults``). The model's ``frozen_token_positions`` (the start
-    token) never change: their gradient is zeroed, and they are restored after each step so that
-    AdamW's weight decay cannot move them either.
+    cond P rows (their extra conditioning stays fixed); x_t (P, G, C, H, W) each prompt's latents at
+    step t (x_T, scaled by ``init_noise_sigma``, at the first step); eps_uncond (P, G, C, H, W) the
+    unconditional branch there when already known. The loss of a prompt is
+    ``diffmem.metrics.mitigation_loss`` of its G values of d in `target_unit` ("batch": the seed's
+    norm over all generations at once; "mean": the mean d). Each prompt stops as soon as its loss is
+    <= `target_loss` (checked before each step, as the seed does), and its embedding stops changing
+    while the other prompts continue; at most `max_iters` AdamW steps. lr and max_iters default to
+    the model's (``ModelDefaults``).
+
+    With `epsilon` (the seed's ``optim_epsilon``), once a prompt's mean token L2 distance from its
+    starting embedding (over the learnable positions) exceeds it, that prompt minimizes
+    ``alpha * loss + (1 - alpha) * distance`` instead. The model's ``frozen_token_positions`` (the
+    start token) never change: their gradient is zeroed, and they are restored after each step so
+    that AdamW's weight decay cannot move them either (the seed's AdamW decays them).
     """
-    if len(cond.embeddings.shape) != 3 or x_T.ndim != 5 or len(cond) != len(x_T):
-        raise ValueError(f"expected cond (P, T, D) and x_T (P, G, C, H, W) with the same P; got "
-                         f"{tuple(cond.embeddings.shape)} and {tuple(x_T.shape)}")
+    if len(cond.embeddings.shape) != 3 or x_t.ndim != 5 or len(cond) != len(x_t):
+        raise ValueError(f"expected cond (P, T, D) and x_t (P, G, C, H, W) with the same P; got "
+                         f"{tuple(cond.embeddings.shape)} and {tuple(x_t.shape)}")
     lr = model.defaults.mitigation_lr if lr is None else lr
     max_iters = model.defaults.mitigation_max_iters if max_iters is None else max_iters
     if max_iters < 0 or lr <= 0:
         raise ValueError(f"need max_iters >= 0 and lr > 0; got max_iters={max_iters}, lr={lr}")
-    P, G = x_T.shape[:2]
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha {alpha}: must be between 0 and 1")
+    mitigation_loss(torch.zeros(1, 1), target_unit)  # checks the unit
+    P, G = x_t.shape[:2]
     if eps_uncond is None:
         with torch.no_grad():  # the unconditional branch does not depend on the prompt embedding
-            _, eps_uncond = predict_branches(model, x_T.flatten(0, 1), t, cond.repeat_interleave(G),
+            _, eps_uncond = predict_branches(model, x_t.flatten(0, 1), t, cond.repeat_interleave(G),
                                              model.empty_conditioning().expand(P * G))
-    eps_u = eps_uncond.reshape(x_T.shape).detach()
+    eps_u = eps_uncond.reshape(x_t.shape).detach()
 
     # 1. Parameters, optimizer and the per-prompt bookkeeping.
     frozen_pos = list(model.frozen_token_positions)
-    emb = cond.embeddings.detach().clone().requires_grad_(True)  # (P, T, D)
-    kept = cond.embeddings[:, frozen_pos].detach().clone()
+    learnable = [j for j in range(cond.embeddings.shape[1]) if j not in set(frozen_pos)]
+    start = cond.embeddings.detach().clone()
+    emb = start.clone().requires_grad_(True)  # (P, T, D)
     optimizer = torch.optim.AdamW([emb], lr=lr)
     active = torch.ones(P, dtype=torch.bool, device=emb.device)
+    final_loss = torch.zeros(P, device=emb.device)
     final_d = torch.zeros(P, device=emb.device)
     iterations = torch.zeros(P, dtype=torch.long)
-    initial_d = None
+    initial = None
     for it in range(max_iters + 1):
         idx = active.nonzero().flatten()
-        # 2. d of the prompts still running; those at the target stop here.
+        # 2. The loss of the prompts still running; those at the target stop here.
         with torch.enable_grad():
-            d = first_step_d(model, cond[idx].with_embeddings(emb[idx]), x_T[idx], t, eps_u[idx])  # (A,)
-        if initial_d is None:
-            initial_d = d.detach().clone()
-        final_d[idx] = d.detach().to(final_d.dtype)
-        reached = d.detach() <= target_loss
+            d = step_noise_norms(model, cond[idx].with_embeddings(emb[idx]), x_t[idx], t, eps_u[idx])  # (A, G)
+            loss = mitigation_loss(d, target_unit)  # (A,)
+        if initial is None:
+            initial = (loss.detach().clone(), d.detach().mean(1))
+        final_loss[idx] = loss.detach().to(final_loss.dtype)
+        final_d[idx] = d.detach().mean(1).to(final_d.dtype)
+        reached = loss.detach() <= target_loss
         active[idx[reached]] = False
         if it == max_iters or not active.any():
             break
-        # 3. One AdamW step on the prompts that did not reach it.
+        # 3. One AdamW step on the prompts that did not reach it (with the distance term past epsilon).
+        objective = loss
+        if epsilon is not None:
+            dist = token_distance(emb[idx], start[idx], learnable)
+            far = dist.detach() > epsilon
+            objective = torch.where(far, alpha * loss + (1 - alpha) * dist, loss)
         optimizer.zero_grad(set_to_none=False)
-        d[~reached].sum().backward()  # a sum keeps each prompt's gradient independent of the others
+        objective[~reached].sum().backward()  # a sum keeps each prompt's gradient independent of the others
         emb.grad[:, frozen_pos] = 0
         frozen = ~active
         before = emb.detach()[frozen].clone()
         optimizer.step()
         with torch.no_grad():
             emb[frozen] = before  # finished prompts keep their embedding exactly
-            emb[:, frozen_pos] = kept
+            emb[:, frozen_pos] = start[:, frozen_pos]
         iterations[active.cpu()] += 1
-    return OptimizedEmbeddings(emb.detach(), final_d, initial_d, iterations)
+    return OptimizedEmbeddings(emb.detach(), final_loss, initial[0], final_d, initial[1], iterations)
 
 
 # -- prompt augmentation baselines (Somepalli et al. 2023) ----------------------------------------
@@ -169,9 +199,13 @@ class MitigationConfig:
     """One mitigation setting. ``None``: the model's default (``ModelDefaults``)."""
 
     method: str = "embedding-opt"  # one of METHODS
-    target_loss: float | None = None  # embedding-opt: stop at d <= this (SD: the seed's 3; lab: calibrated)
+    target_loss: float | None = None  # embedding-opt: stop at loss <= this (SD: the seed's 3; lab: calibrated)
+    target_unit: str = "batch"  # the loss: "batch" = the seed's norm over all generations at once; "mean" = mean d
     lr: float | None = None  # embedding-opt AdamW learning rate (SD: Wen et al.'s 0.05; lab: 0.01)
     max_iters: int | None = None  # embedding-opt AdamW steps at most (SD: 10; lab: 50)
+    optim_step: int = 0  # embedding-opt at this DDIM step (the seed's --optim_target_steps; 0 = the first)
+    epsilon: float | None = None  # L2-constrained variant: past this mean token distance, add the distance term
+    alpha: float = 0.5  # weight of the loss against the distance term past epsilon (the seed's default)
     repeat_num: int = 4  # augmentations: items inserted (4 at inference, 1 in training)
     seed: int = 0  # augmentation draws for the prompt at position p use seed + p
 
@@ -184,6 +218,14 @@ class MitigationConfig:
             raise ValueError(f"--max-iters {self.max_iters}: must be >= 0")
         if self.repeat_num < 0:
             raise ValueError(f"--repeat-num {self.repeat_num}: must be >= 0")
+        if self.target_unit not in TARGET_UNITS:
+            raise ValueError(f"--target-unit {self.target_unit!r}: expected one of {', '.join(TARGET_UNITS)}")
+        if self.optim_step < 0:
+            raise ValueError(f"--optim-step {self.optim_step}: must be >= 0")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError(f"--epsilon {self.epsilon}: must be > 0")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"--alpha {self.alpha}: must be between 0 and 1")
 
     def resolved(self, model, target_loss: float | None = None) -> "MitigationConfig":
         """This setting with the model's defaults filled in; `target_loss` is the calibrated target used
@@ -199,22 +241,34 @@ class MitigationConfig:
                        max_iters=self.max_iters if self.max_iters is not None else d.mitigation_max_iters)
 
 
-def default_target_loss(normal_scores: list[float], threshold: float | None = None) -> float:
-    """embedding-opt's calibrated target: the median first-step d of prompts known to be normal (a
-    mitigated prompt ends where a typical ordinary prompt sits, benchmarks/MITIGATION.md), or half the
-    decision threshold when there are none."""
-    if len(normal_scores):
-        return float(np.median(normal_scores))
+def default_target_loss(normal_losses: list[float], threshold: float | None = None,
+                        unit: str = "batch", num_generations: int = 1) -> float:
+    """embedding-opt's calibrated target: the median first-step loss of prompts known to be normal (a
+    mitigated prompt ends where a typical ordinary prompt sits, benchmarks/MITIGATION.md), or, when
+    there are none, half the decision threshold (a mean d) put in `unit` for `num_generations`."""
+    if len(normal_losses):
+        return float(np.median(normal_losses))
     if threshold is None:
         raise ValueError("no normal prompts' scores and no threshold to derive a target loss from")
-    return 0.5 * float(threshold)
+    return 0.5 * float(threshold) * (num_generations ** 0.5 if unit == "batch" else 1.0)
+
+
+def reference_losses(model, prompts: list[str], sampling: SamplingConfig, unit: str = "batch") -> np.ndarray:
+    """First-step embedding-opt loss (``mitigation_loss`` in `unit`) of each prompt, prompt j from seed + j: (P,)."""
+    from dataclasses import replace
+
+    from diffmem.sampling import sample_prompts
+
+    res = sample_prompts(model, prompts, replace(sampling, track_steps=1), decode=False)
+    return np.array([float(mitigation_loss(r.text_noise_norm[:, 0].double(), unit)) for r in res])
 
 
 def calibrated_target_loss(model, config: MitigationConfig, sampling: SamplingConfig,
                            reference_prompts: list[str] | None = None) -> float | None:
-    """The target a verb uses when neither `config` nor the model gives one: the median first-step d
-    of `reference_prompts`, or of the model's own reference prompts (lab: the novel captions that
-    the audit and ``serve`` calibrate on). None when a target is given or there is nothing to calibrate on."""
+    """The target a verb uses when neither `config` nor the model gives one: the median first-step
+    loss (in ``config.target_unit``) of `reference_prompts`, or of the model's own reference prompts
+    (lab: the novel captions that the audit and ``serve`` calibrate on). None when a target is given
+    or there is nothing to calibrate on."""
     if config.method != "embedding-opt" or config.target_loss is not None or model.defaults.target_loss is not None:
         return None
     if reference_prompts is None:
@@ -223,11 +277,7 @@ def calibrated_target_loss(model, config: MitigationConfig, sampling: SamplingCo
         reference_prompts = own_reference_prompts(model)
     if not reference_prompts:
         return None
-    from dataclasses import replace
-
-    from diffmem.sampling import window_scores
-
-    return default_target_loss(window_scores(model, reference_prompts, replace(sampling, track_steps=1)))
+    return default_target_loss(reference_losses(model, reference_prompts, sampling, config.target_unit))
 
 
 @dataclass
@@ -236,8 +286,10 @@ class MitigatedPrompt:
     prompt: str  # the original prompt
     modified_prompt: str  # what was encoded (= prompt for none/embedding-opt)
     embedding: torch.Tensor  # (T, D) the conditional embedding sampled with
-    initial_d: float  # first-step d of the original prompt (mean over generations)
-    final_d: float  # first-step d of the embedding sampled with
+    initial_d: float  # d of the original prompt at the optimization step (the first), mean over generations
+    final_d: float  # d there of the embedding sampled with
+    initial_loss: float  # embedding-opt's loss (config.target_unit) of the original prompt there
+    final_loss: float  # ... of the embedding sampled with
     iterations: int  # embedding-opt AdamW steps (0 otherwise)
     images: torch.Tensor | None  # (G, 3, H, W) in [0, 1]
     text_noise_norm: torch.Tensor  # (G, S) d per generation and step while sampling
@@ -248,8 +300,8 @@ class _UncondRecorder:
         self.eps_uncond = step.eps_uncond
 
 
-def _first_step(model, x, cond, uncond, t, batch_size):
-    """The tracked pass's first step, not taken: d (N,) and eps_uncond (N, C, H, W)."""
+def _step_branches(model, x, cond, uncond, t, batch_size):
+    """One step of the tracked pass at t, not taken: d (N,) and eps_uncond (N, C, H, W) at x."""
     norms, unc = NoiseNormRecorder(), _UncondRecorder()
     tracked_pass(model, x, cond, uncond, t[None], 1.0, [norms, unc], advance_last=False, max_batch=batch_size)
     return norms.text_noise_norm()[:, 0], unc.eps_uncond
@@ -260,34 +312,46 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
     """Mitigate and sample one batch of prompts (seed of position p: ``sampling.seed + p``).
 
     Fields of `config` left None take the model's defaults (``MitigationConfig.resolved``).
+    embedding-opt optimizes at step ``config.optim_step`` (the latents the original prompt reaches
+    there); every prompt is then sampled from its x_T with the embedding it ends with.
     """
     from diffmem.sampling import sample_unit, schedule, unit_inputs
 
-    # 1. Each prompt's x_T under the seed contract, and the tracked pass's first step: d0, eps_uncond.
-    G, P = sampling.num_generations, len(prompts)
-    t = schedule(model, sampling.num_inference_steps)[0]
+    # 1. Each prompt's x_T under the seed contract; the latents at the optimization step k (x_T for
+    #    k = 0) and the tracked pass's step there, not taken: d and eps_uncond.
+    G, P, k = sampling.num_generations, len(prompts), config.optim_step
+    timesteps = schedule(model, sampling.num_inference_steps)
+    if k >= len(timesteps):
+        raise ValueError(f"--optim-step {k}: the schedule has {len(timesteps)} steps (0-based)")
     original = model.encode_prompts(prompts)  # P rows
     x, cond_rows, uncond = unit_inputs(model, positions, sampling, conditioning=original)
-    d0_rows, eps_u = _first_step(model, x, cond_rows, uncond, t, sampling.batch_size)
-    d0 = d0_rows.view(P, G).mean(1)
+    x_k = tracked_pass(model, x, cond_rows, uncond, timesteps[:k], sampling.guidance(model), eta=sampling.eta,
+                       max_batch=sampling.batch_size) if k else x
+    t = timesteps[k]
+    d0_rows, eps_u = _step_branches(model, x_k, cond_rows, uncond, t, sampling.batch_size)
+    d0 = d0_rows.view(P, G)
+    loss0 = mitigation_loss(d0, config.target_unit)
     # 2. The conditional embeddings to sample with.
     modified = list(prompts)
     iterations = torch.zeros(P, dtype=torch.long)
-    cond, final_d = original, d0
+    cond, final_d, final_loss = original, d0.mean(1), loss0
     if config.method == "embedding-opt":
         config = config.resolved(model)
-        opt = optimize_prompt_embedding(model, original, x.view(P, G, *x.shape[1:]), t, config.target_loss,
-                                        config.lr, config.max_iters, eps_uncond=eps_u)
-        cond, final_d, iterations = original.with_embeddings(opt.embeddings), opt.final_d, opt.iterations
+        opt = optimize_prompt_embedding(model, original, x_k.view(P, G, *x.shape[1:]), t, config.target_loss,
+                                        config.lr, config.max_iters, eps_uncond=eps_u, target_unit=config.target_unit,
+                                        epsilon=config.epsilon, alpha=config.alpha)
+        cond, final_d, final_loss, iterations = (original.with_embeddings(opt.embeddings), opt.final_d, opt.final_loss,
+                                                 opt.iterations)
     elif config.method in AUGMENT_STYLES:
         modified = [augment_prompt(p, config.method, config.repeat_num, model, random.Random(config.seed + pos))
                     for p, pos in zip(prompts, positions)]
         cond = model.encode_prompts(modified)
-        final_d = _first_step(model, x, cond.repeat_interleave(G), uncond, t, sampling.batch_size)[0].view(P, G).mean(1)
+        d1 = _step_branches(model, x_k, cond.repeat_interleave(G), uncond, t, sampling.batch_size)[0].view(P, G)
+        final_d, final_loss = d1.mean(1), mitigation_loss(d1, config.target_unit)
     # 3. Sample every step with them.
     samples = sample_unit(model, modified, positions, sampling, decode=decode, conditioning=cond)
-    return [MitigatedPrompt(pos, p, m, cond.embeddings[j].detach().cpu(), float(d0[j]), float(final_d[j]),
-                            int(iterations[j]), s.images, s.text_noise_norm)
+    return [MitigatedPrompt(pos, p, m, cond.embeddings[j].detach().cpu(), float(d0[j].mean()), float(final_d[j]),
+                            float(loss0[j]), float(final_loss[j]), int(iterations[j]), s.images, s.text_noise_norm)
             for j, (pos, p, m, s) in enumerate(zip(positions, prompts, modified, samples))]
 
 
@@ -318,7 +382,8 @@ def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling
               str(out / "embeddings.safetensors"))
     rows = [{"position": r.position, "seed": sampling.seed + r.position, "prompt": r.prompt,
              "modified_prompt": r.modified_prompt, "method": config.method, "initial_d": r.initial_d,
-             "final_d": r.final_d, "iterations": r.iterations, "embedding": f"prompt_{r.position:05d}",
+             "final_d": r.final_d, "initial_loss": r.initial_loss, "final_loss": r.final_loss,
+             "target_unit": config.target_unit, "iterations": r.iterations, "embedding": f"prompt_{r.position:05d}",
              "images": [f"images/{r.position:05d}_{g}.png" for g in range(len(r.images))]} for r in results]
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / "meta.json").write_text(json.dumps(provenance(model, mitigation=asdict(config),

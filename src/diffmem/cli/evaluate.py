@@ -23,8 +23,14 @@ def add_parser(sub) -> None:
     p.add_argument("--mitigation", nargs="+", choices=METHODS,
                    help="methods to compare (default: none embedding-opt rand_word_add)")
     p.add_argument("--target-loss", nargs="+", default=None, help="embedding-opt sweep; 'pN' = the N-th percentile "
-                   "of first-step d on --calibration-set prompts (e.g. p50 p95); default: the model's target (3 on "
-                   "SD; on the lab, the median first-step d of its reference prompts)")
+                   "of the first-step loss on --calibration-set prompts (e.g. p50 p95); default: the model's target "
+                   "(3 on SD; on the lab, the median first-step loss of its reference prompts)")
+    p.add_argument("--target-unit", choices=("batch", "mean"), help="embedding-opt's loss: batch = the seed's "
+                   "||eps_c - eps_u|| over all generations at once (default), mean = the mean per-image d")
+    p.add_argument("--optim-step", type=int, help="embedding-opt at this DDIM step (default 0)")
+    p.add_argument("--epsilon", type=float, help="embedding-opt, L2-constrained: mean token distance past which "
+                   "alpha * loss + (1 - alpha) * distance is minimized")
+    p.add_argument("--alpha", type=float, help="weight of the loss past --epsilon (default 0.5)")
     p.add_argument("--repeat-num", nargs="+", type=int, default=None, help="augmentation sweep (items inserted; default 4)")
     p.add_argument("--lr", type=float, help="embedding-opt: AdamW learning rate (default: the model's; 0.05 on SD, 0.01 on the lab)")
     p.add_argument("--max-iters", type=int, help="embedding-opt: AdamW steps at most (default: the model's; 10 on SD, 50 on the lab)")
@@ -54,7 +60,8 @@ def config_from_args(args, target_losses=None):
     sampling = sampling_from_args(args, base.sampling)
     lists = given(args, ("repeat_num",))
     config = replace(base, methods=tuple(args.mitigation or base.methods), sampling=sampling,
-                     mitigation=replace(base.mitigation, **given(args, ("lr", "max_iters"))),
+                     mitigation=replace(base.mitigation, **given(args, ("lr", "max_iters", "target_unit", "optim_step",
+                                                                         "epsilon", "alpha"))),
                      **({"repeat_nums": tuple(lists["repeat_num"])} if lists else {}),
                      **given(args, ("sscd", "clip", "copy_threshold", "copy_metric")), save_images=args.save_images)
     if target_losses is not None:
@@ -82,8 +89,9 @@ def run(args) -> int:
     percentiles = [float(v[1:]) for v in args.target_loss or [] if v.startswith("p")]
     if percentiles and "embedding-opt" in config.methods:
         ref = load_eval_set(model, args.calibration_set, args.calibration_limit)
-        calibration = calibrate_target_loss(model, [p.caption for p in ref.prompts], sampling, percentiles)
-        print("target losses from first-step d of " + ref.name + ": " +
+        calibration = calibrate_target_loss(model, [p.caption for p in ref.prompts], sampling, percentiles,
+                                            config.mitigation.target_unit)
+        print(f"target losses ({config.mitigation.target_unit}) from the first-step loss of " + ref.name + ": " +
               ", ".join(f"p{k:g} = {v:.4f}" for k, v in calibration.items()))
     for v in args.target_loss or []:
         targets.append(calibration[float(v[1:])] if v.startswith("p") else float(v))

@@ -34,18 +34,26 @@ def sampling_from_args(args, base):
 def add_mitigation_args(p, prefix: str = "", with_repeat: bool = True) -> None:
     """--target-loss, --lr / --max-iters (embedding-opt) and --repeat-num (augmentations); `prefix`
     names the learning-rate and iteration options (``serve`` uses --mitigation-lr)."""
-    p.add_argument("--target-loss", type=float, help="embedding-opt: stop once first-step d <= this (default: "
-                   "the model's: 3 on SD, the seed's; on the lab, the median d of its reference prompts)")
+    p.add_argument("--target-loss", type=float, help="embedding-opt: stop once the first-step loss <= this (default: "
+                   "the model's: 3 on SD, the seed's; on the lab, the median loss of its reference prompts)")
+    p.add_argument("--target-unit", choices=("batch", "mean"), help="embedding-opt's loss: batch = the seed's "
+                   "||eps_c - eps_u|| over all generations at once (default), mean = the mean per-image d")
     p.add_argument(f"--{prefix}lr", dest="lr", type=float,
                    help="embedding-opt: AdamW learning rate (default: the model's; 0.05 on SD, 0.01 on the lab)")
     p.add_argument(f"--{prefix}max-iters", dest="max_iters", type=int,
                    help="embedding-opt: AdamW steps at most (default: the model's; 10 on SD, 50 on the lab)")
+    p.add_argument("--optim-step", type=int, help="embedding-opt at this DDIM step, 0-based (the seed's "
+                   "--optim_target_steps; default 0)")
+    p.add_argument("--epsilon", type=float, help="embedding-opt, L2-constrained: once the mean token distance "
+                   "from the prompt's embedding exceeds this, minimize alpha * loss + (1 - alpha) * distance")
+    p.add_argument("--alpha", type=float, help="weight of the loss past --epsilon (default 0.5)")
     if with_repeat:
         p.add_argument("--repeat-num", type=int, help="augmentations: items inserted per prompt (default 4)")
 
 
 def mitigation_from_args(args, base):
-    return replace(base, **given(args, ("target_loss", "lr", "max_iters", "repeat_num")))
+    return replace(base, **given(args, ("target_loss", "target_unit", "lr", "max_iters", "optim_step", "epsilon",
+                                        "alpha", "repeat_num")))
 
 
 def add_explain_args(p, base) -> None:

@@ -52,9 +52,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from diffmem.cli.explain import config_from_args as explain_config_from_args
     from diffmem.cli.main import load_model_from_args
-    from diffmem.mitigate import default_target_loss
+    from diffmem.mitigate import calibrated_target_loss, default_target_loss
     from diffmem.web.server import (ExplainApp, Threshold, calibrate_threshold, lab_reference_threshold, make_server,
-                                    mitigation_hook)
+                                    mitigation_hook, page_sampling)
 
     # 1. Check inputs before loading anything
     config = explain_config_from_args(args)
@@ -70,6 +70,7 @@ def run(args) -> int:
 
     # 2. The model and the threshold
     model = load_model_from_args(args)
+    normal: list[str] = []  # the calibration prompts, when given (the lab's own otherwise)
     if args.threshold is not None:
         threshold = Threshold(args.threshold, "given with --threshold")
     elif args.calibration_prompts:
@@ -93,11 +94,15 @@ def run(args) -> int:
             origin = "given with --target-loss" if args.target_loss is not None else f"{model.name}'s default"
             calibrated = None
             if args.target_loss is None and model.defaults.target_loss is None:
-                normal = [] if threshold.median is None else [threshold.median]  # the median of their scores
-                calibrated = default_target_loss(normal, threshold.value)
-                origin = "median score of the calibration prompts" if normal else "half the threshold"
+                # the median first-step loss of the prompts the threshold was calibrated on (as the audit does)
+                calibrated = calibrated_target_loss(model, mitigation, page_sampling(config, None), normal or None)
+                origin = "median first-step loss of the calibration prompts"
+                if calibrated is None:
+                    calibrated = default_target_loss([], threshold.value, mitigation.target_unit, config.generations)
+                    origin = "half the threshold"
             mitigation = mitigation.resolved(model, calibrated)
-            print(f"mitigation embedding-opt: first-step d down to {mitigation.target_loss:.4g} ({origin}), "
+            print(f"mitigation embedding-opt: first-step loss ({mitigation.target_unit}) down to "
+                  f"{mitigation.target_loss:.4g} ({origin}), "
                   f"lr {mitigation.lr:g}, at most {mitigation.max_iters} iterations")
         else:
             print(f"mitigation {mitigation.method}: {mitigation.repeat_num} items inserted into the prompt")

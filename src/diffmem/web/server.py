@@ -45,7 +45,7 @@ class Threshold:
     source: str  # how it was chosen, shown on the page
     fpr: float | None = None  # target false-positive rate of the calibration
     num_reference: int | None = None  # normal prompts it was calibrated on
-    median: float | None = None  # their median score: the default target of embedding-opt (as in the audit)
+    median: float | None = None  # their median score
 
 
 def calibrate_threshold(model, normal_prompts: list[str], config: ExplainConfig = ExplainConfig(),
@@ -124,12 +124,21 @@ class ExplainApp:
         return {**res, "elapsed_s": round(time.perf_counter() - t0, 3)}
 
     def _images(self, prompt: str) -> list[str]:
-        from diffmem.sampling import SamplingConfig, sample_prompts
+        from diffmem.sampling import sample_prompts
 
-        cfg = SamplingConfig(num_inference_steps=self.image_steps, guidance_scale=self.config.guidance_scale,
-                             num_generations=self.config.generations, seed=self.config.seed)
+        cfg = page_sampling(self.config, self.image_steps)
         samples = sample_prompts(self.model, [prompt], cfg, decode=True)[0]  # same x_T as the explanation
         return [png_data_url(img) for img in samples.images]
+
+
+def page_sampling(config: ExplainConfig, image_steps: int | None = 50):
+    """The sampling of the page's images (and of its mitigation): the explanation's generations, seed and
+    guidance over `image_steps` DDIM steps, or only up to the score window's end without images."""
+    from diffmem.sampling import SamplingConfig
+
+    return SamplingConfig(num_inference_steps=image_steps or config.num_inference_steps,
+                          guidance_scale=config.guidance_scale, num_generations=config.generations, seed=config.seed,
+                          track_steps=None if image_steps else config.steps[1])
 
 
 def mitigation_hook(mitigation: MitigationConfig, image_steps: int | None = 50) -> Mitigate:
@@ -144,13 +153,10 @@ def mitigation_hook(mitigation: MitigationConfig, image_steps: int | None = 50) 
     """
     from diffmem.metrics import prompt_score
     from diffmem.mitigate import mitigate_unit
-    from diffmem.sampling import SamplingConfig
 
     def mitigate(model, prompt: str, config: ExplainConfig) -> dict:
         steps = image_steps or config.num_inference_steps
-        sampling = SamplingConfig(num_inference_steps=steps, guidance_scale=config.guidance_scale,
-                                  num_generations=config.generations, seed=config.seed,
-                                  track_steps=None if image_steps else config.steps[1])
+        sampling = page_sampling(config, image_steps)
         (m,) = mitigate_unit(model, [prompt], [0], mitigation, sampling, decode=bool(image_steps))  # seed + 0
         score = None  # d (G, S) is tracked along the images' schedule; the page's window lives in its own
         if steps == config.num_inference_steps:
@@ -158,6 +164,7 @@ def mitigation_hook(mitigation: MitigationConfig, image_steps: int | None = 50) 
         return {"images": [png_data_url(img) for img in m.images] if m.images is not None else [],
                 "method": mitigation.method, "modified_prompt": m.modified_prompt,
                 "initial_score": m.initial_d, "final_score": m.final_d, "iterations": m.iterations,
+                "initial_loss": m.initial_loss, "final_loss": m.final_loss,
                 "target_loss": mitigation.target_loss if mitigation.method == "embedding-opt" else None,
                 "repeat_num": mitigation.repeat_num if mitigation.method in AUGMENT_STYLES else None,
                 "mitigated_score": score}
