@@ -245,3 +245,28 @@ def test_official_format_resumes_from_its_full_rows(tiny_sd_folder, prompt_file,
     assert detect(tiny_sd_folder, prompt_file, out, "--format", "official", "--resume") == 0
     assert out.read_text() == whole
     assert [r["index"] for r in read_rows(rows_path)] == list(range(6))
+
+
+def test_random_prompt_set_is_the_originals(tiny_sd, tiny_sd_folder, tmp_path, capsys):
+    """'random' draws what the original's get_dataset('random') draws after set_random_seed(seed):
+    Python's generator at seed + 5, a length below the token limit, ids without replacement."""
+    import random
+
+    from diffmem.prompts import RANDOM_SET_SIZE
+
+    records = read_prompts("random", model=tiny_sd, seed=3)
+    random.seed(3 + 5)
+    tok = tiny_sd.tokenizer
+    expected = []
+    for _ in range(RANDOM_SET_SIZE):
+        k = random.randrange(tok.model_max_length)
+        expected.append(tok.decode(random.sample(range(tok.vocab_size), k)))
+    assert tok.model_max_length == tiny_sd.max_tokens == 77
+    assert [r.prompt for r in records] == expected and [r.position for r in records] == list(range(RANDOM_SET_SIZE))
+    assert "" in expected  # some are empty, as in the original
+    with pytest.raises(PromptFileError, match="drawn from the model's tokenizer"):
+        read_prompts("random")
+    out = tmp_path / "r.jsonl"
+    assert main(["detect", "--model", str(tiny_sd_folder), "--prompts", "random", "--start", "5", "--end", "7",
+                 "--seed", "3", "--out", str(out), *FAST]) == 0
+    assert [r["prompt"] for r in read_rows(out)] == expected[5:7]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SUFFIXES = (".jsonl", ".txt", ".csv", ".parquet")
+RANDOM_SET = "random"  # the built-in random control set (the original's `--dataset random`)
+RANDOM_SET_SIZE = 2000
 
 
 @dataclass
@@ -35,8 +38,37 @@ class PromptFileError(ValueError):
     """Malformed prompt input; the message names the file and line or column."""
 
 
-def read_prompts(path: str | Path, prompt_key: str = "caption", start: int = 0, end: int | None = None) -> list[PromptRecord]:
-    """Prompts at positions [start, end) of the input. Rows keep their position in the whole input."""
+def random_prompts(tokenizer, max_tokens: int, num: int = RANDOM_SET_SIZE, seed: int = 0) -> list[str]:
+    """The original's `random` control set: for each prompt a length k drawn uniformly from
+    [0, max_tokens), then k token ids drawn without replacement from the whole vocabulary (special
+    tokens included), decoded. Drawn from ``random.Random(seed + 5)``, the state the original's
+    ``set_random_seed(seed)`` leaves Python's generator in, so with the same tokenizer (CLIP's, 77
+    tokens) the prompts are the original's; some are empty (k = 0)."""
+    rng = random.Random(seed + 5)
+    out = []
+    for _ in range(num):
+        k = rng.randrange(max_tokens)
+        out.append(tokenizer.decode(rng.sample(range(tokenizer.vocab_size), k)))
+    return out
+
+
+def needs_model(path: str | Path | None) -> bool:
+    """Whether a --prompts value is a built-in set drawn from the model's tokenizer (read it after loading)."""
+    return path is not None and str(path) == RANDOM_SET and not Path(path).exists()
+
+
+def read_prompts(path: str | Path, prompt_key: str = "caption", start: int = 0, end: int | None = None,
+                 model=None, seed: int = 0) -> list[PromptRecord]:
+    """Prompts at positions [start, end) of the input. Rows keep their position in the whole input.
+
+    ``"random"`` (when no such file exists) is the built-in random control set, drawn from `model`'s
+    tokenizer with `seed` (``random_prompts``)."""
+    if needs_model(path):
+        if model is None:
+            raise PromptFileError(f"the built-in {RANDOM_SET!r} prompt set is drawn from the model's tokenizer: "
+                                  "read it after loading the model")
+        texts = random_prompts(model.tokenizer, model.max_tokens, seed=seed)
+        return _select([PromptRecord(i, t) for i, t in enumerate(texts)], Path(RANDOM_SET), start, end)
     path = Path(path)
     if not path.exists():
         raise PromptFileError(f"{path}: no such file or folder")
@@ -54,6 +86,10 @@ def read_prompts(path: str | Path, prompt_key: str = "caption", start: int = 0, 
                               f"{', '.join(SUFFIXES)} or a local Hugging Face dataset folder")
     if not records:
         raise PromptFileError(f"{path}: no prompts in the file")
+    return _select(records, path, start, end)
+
+
+def _select(records: list[PromptRecord], path: Path, start: int, end: int | None) -> list[PromptRecord]:
     if start < 0 or (end is not None and end < start):
         raise PromptFileError(f"--start {start} --end {end}: not a valid range")
     selected = records[start:end]

@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
                    "dataset folder); default for lab models: memorized, novel and non-memorized lab captions")
     p.add_argument("--prompt-key", default="caption", help="field/column holding the prompt (default: caption)")
     p.add_argument("--reference-prompts", default=None, help="prompts known to be normal, to calibrate the threshold "
-                   "on; default for lab models: lab novel captions (titles never seen in training)")
+                   "on ('random': the original's random control set); default for lab models: lab novel captions "
+                   "(titles never seen in training)")
     p.add_argument("--threshold", type=float, help="a given decision threshold instead of calibrating")
     p.add_argument("--fpr", type=float, help=f"false-positive rate on the reference prompts (default {base.fpr})")
     p.add_argument("--out", default="audit", help="output folder (default: audit)")
@@ -32,9 +33,11 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _prompt_set(path: str, key: str):
-    from diffmem.prompts import PromptSet, read_prompts
+def _prompt_set(path: str, key: str, model=None, seed: int = 0):
+    from diffmem.prompts import PromptSet, needs_model, read_prompts
 
+    if needs_model(path):  # a built-in set: read once the model is loaded
+        return None if model is None else PromptSet(read_prompts(path, key, model=model, seed=seed), f"{path} (seed {seed})")
     return PromptSet(read_prompts(path, key), f"{Path(path).resolve()} ({key})")
 
 
@@ -59,6 +62,10 @@ def run(args) -> int:
     prompts = _prompt_set(args.prompts, args.prompt_key) if args.prompts else None
     reference = _prompt_set(args.reference_prompts, args.prompt_key) if args.reference_prompts else None
     model = load_model_from_args(args)
+    seed = config.sampling.seed
+    prompts = prompts or (_prompt_set(args.prompts, args.prompt_key, model, seed) if args.prompts else None)
+    reference = reference or (_prompt_set(args.reference_prompts, args.prompt_key, model, seed)
+                              if args.reference_prompts else None)
     data = model.training_data()
     if data is not None and (prompts is None or (reference is None and args.threshold is None)):
         lab_prompts, lab_reference = lab_audit_prompts(data)

@@ -15,8 +15,9 @@ def add_parser(sub) -> None:
                        description="Sample each prompt with DDIM + classifier-free guidance and record "
                        "d = ||eps(x_t, prompt) - eps(x_t, '')|| per generation and step (Wen et al. sec. 3).")
     common_model_args(p)
-    p.add_argument("--prompts", default=None, help="prompt file (.jsonl, .txt, .csv, .parquet) or local HF "
-                   "dataset folder; default: the lab's memorized and novel prompts")
+    p.add_argument("--prompts", default=None, help="prompt file (.jsonl, .txt, .csv, .parquet), local HF "
+                   "dataset folder, or 'random' (2,000 prompts of random tokens, the original's control set); "
+                   "default: the lab's memorized and novel prompts")
     p.add_argument("--prompt-key", default="caption", help="field/column holding the prompt (default: caption)")
     p.add_argument("--start", type=int, default=0, help="first prompt position to run (0-based)")
     p.add_argument("--end", type=int, default=None, help="stop before this prompt position")
@@ -45,7 +46,7 @@ def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
     from diffmem.detect import full_rows_path, run_detection
     from diffmem.detectors import parse_methods
-    from diffmem.prompts import read_prompts
+    from diffmem.prompts import needs_model, read_prompts
 
     config = config_from_args(args)  # checked before loading anything
     methods = parse_methods(args.method)
@@ -55,11 +56,15 @@ def run(args) -> int:
         from diffmem.lab.prompts import default_detection_prompts
 
         records, info = default_detection_prompts(args.start, args.end), {"file": "lab:memorized+novel"}
+    elif needs_model(args.prompts):
+        records, info = None, {"set": args.prompts, "seed": config.seed, "start": args.start, "end": args.end}
     else:
         records = read_prompts(args.prompts, args.prompt_key, args.start, args.end)
         info = {"file": str(Path(args.prompts).resolve()), "prompt_key": args.prompt_key,
                 "start": args.start, "end": args.end}
     model = load_model_from_args(args)
+    if records is None:
+        records = read_prompts(args.prompts, args.prompt_key, args.start, args.end, model=model, seed=config.seed)
     out = run_detection(model, records, args.out, config, resume=args.resume, images_dir=args.save_images,
                         prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods,
                         format=args.format)

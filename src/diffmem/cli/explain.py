@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     common_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts", help="prompt file (.jsonl, .txt, .csv, .parquet) or local HF dataset folder")
+    src.add_argument("--prompts", help="prompt file (.jsonl, .txt, .csv, .parquet), local HF dataset folder, or "
+                     "'random' (the original's random control set)")
     p.add_argument("--prompt-key", default="caption", help="field/column holding the prompt (default: caption)")
     p.add_argument("--start", type=int, default=0, help="first prompt position of --prompts to run")
     p.add_argument("--end", type=int, default=None, help="stop before this prompt position")
@@ -45,7 +46,7 @@ def run(args) -> int:
 
     from diffmem.cli.main import load_model_from_args
     from diffmem.explain import token_significance
-    from diffmem.prompts import PromptRecord, read_prompts
+    from diffmem.prompts import PromptRecord, needs_model, read_prompts
     from diffmem.reports.explain import significance_figure, significance_table
 
     # 1. Check everything before loading the model
@@ -54,7 +55,7 @@ def run(args) -> int:
         if not args.prompt.strip():
             raise ValueError("--prompt is empty")
         records = [PromptRecord(0, args.prompt)]
-    else:
+    elif not needs_model(args.prompts):
         records = read_prompts(args.prompts, args.prompt_key, args.start, args.end)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,8 @@ def run(args) -> int:
 
     # 2. Explain each prompt; print, plot, record
     model = load_model_from_args(args)
+    if args.prompt is None and needs_model(args.prompts):
+        records = read_prompts(args.prompts, args.prompt_key, args.start, args.end, model=model, seed=config.seed)
     json_file = open(args.json, "w") if args.json else None
     try:
         for r in tqdm(records, desc="explain", unit="prompt", disable=len(records) == 1):

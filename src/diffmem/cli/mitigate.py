@@ -26,8 +26,8 @@ def add_parser(sub) -> None:
                        "(Somepalli et al. 2023). Writes images/, results.jsonl (final d, iterations, modified "
                        "prompt) and embeddings.safetensors to --out.")
     common_model_args(p)
-    p.add_argument("--prompts", default=None, help="prompt file (.jsonl, .txt, .csv, .parquet); default for lab "
-                   "models: the lab's memorized prompts")
+    p.add_argument("--prompts", default=None, help="prompt file (.jsonl, .txt, .csv, .parquet) or 'random'; default "
+                   "for lab models: the lab's memorized prompts")
     p.add_argument("--prompt-key", default="caption")
     p.add_argument("--method", required=True, choices=METHODS)
     add_mitigation_args(p)
@@ -50,7 +50,7 @@ def run(args) -> int:
     else:
         from diffmem.prompts import read_prompts
 
-        prompts = [r.prompt for r in read_prompts(args.prompts, args.prompt_key)]
+        prompts = [r.prompt for r in read_prompts(args.prompts, args.prompt_key, model=model, seed=sampling.seed)]
     out = run_mitigation(model, prompts, config, sampling, args.out, progress=not args.no_progress)
     import json
 

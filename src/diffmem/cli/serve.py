@@ -76,7 +76,7 @@ def run(args) -> int:
     elif args.calibration_prompts:
         from diffmem.prompts import read_prompts
 
-        normal = [r.prompt for r in read_prompts(args.calibration_prompts, args.prompt_key)]
+        normal = [r.prompt for r in read_prompts(args.calibration_prompts, args.prompt_key, model=model, seed=config.seed)]
         print(f"calibrating the threshold on {len(normal)} prompts of {args.calibration_prompts} ...")
         threshold = calibrate_threshold(model, normal, config, args.fpr, source=args.calibration_prompts)
     elif model.training_data() is not None:
