@@ -118,3 +118,25 @@ def test_unknown_method_fails_before_loading_the_model(tmp_path, capsys):
                  "--out", str(tmp_path / "o.jsonl"), "--method", "wen,nope"])
     assert code != 0 and "unknown detection method 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_norm_order_is_the_originals_lp(tiny_sd_folder, tmp_path):
+    """--norm-order 1: d is the L1 norm of eps_c - eps_u per generation, as the original's lp = 1."""
+    from diffmem.adapters import load_model
+    from diffmem.sampling import SamplingConfig, initial_noise, predict_branches, schedule
+
+    (tmp_path / "p.txt").write_text("a red square\n")
+    out = tmp_path / "l1.jsonl"
+    assert main(["detect", "--model", str(tiny_sd_folder), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),
+                 "--norm-order", "1", "--track-steps", "1", *FAST]) == 0
+    (row,) = read_rows(out)
+    model = load_model(str(tiny_sd_folder))
+    x = initial_noise(model, 2, 0)
+    t = schedule(model, 3)[0]
+    with torch.no_grad():
+        e_c, e_u = predict_branches(model, x, t, model.encode_prompts(["a red square"]).expand(2),
+                                    model.empty_conditioning().expand(2))
+    np.testing.assert_allclose(np.array(row["text_noise_norm"])[:, 0], (e_c - e_u).flatten(1).abs().sum(1).numpy(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.array(row["uncond_noise_norm"])[:, 0], e_u.flatten(1).abs().sum(1).numpy(), rtol=1e-5)
+    assert json.loads((tmp_path / "l1.meta.json").read_text())["settings"]["norm_order"] == 1.0

@@ -77,9 +77,11 @@ def detect_unit(model, detectors: list[Detector], prompts: list[str], positions:
 
 def run_detection(model, records: list[PromptRecord], out: str | Path, config: SamplingConfig = SamplingConfig(),
                   resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
-                  unet: str | None = None, progress: bool = True, methods=None, format: str = "diffmem") -> Path:
+                  unet: str | None = None, progress: bool = True, methods=None, format: str = "diffmem",
+                  norm_order: float = 2.0) -> Path:
     """Detect memorization for `records` with the detectors named in `methods` (default: wen); write
-    rows to `out` (JSON Lines). Returns `out`.
+    rows to `out` (JSON Lines). Returns `out`. `norm_order` is the p of Wen et al.'s norm (2; the
+    original's ``lp``).
 
     ``format="official"``: `out` holds only the seed's fields (``uncond_noise_norm``,
     ``text_noise_norm``, ``prompt``), so the seed's analysis notebooks read it unchanged; the full
@@ -98,9 +100,10 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         raise ValueError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     if format == "official" and "wen" not in methods:
         raise ValueError("--format official writes Wen et al.'s arrays: --method must include wen")
-    detectors = [get_detector(m) for m in methods]
+    detectors = [get_detector(m, norm_order=norm_order) for m in methods]
     rows_path = out if format == "diffmem" else full_rows_path(out)
-    settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods), "format": format}
+    settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods), "format": format,
+                **({"norm_order": norm_order} if norm_order != 2 else {})}
     truncated = {r.position for r in records if model.count_tokens(r.prompt) > model.max_tokens}
     meta = provenance(model, unet=unet, settings=settings, prompts=prompts_info or {}, num_prompts=len(records),
                       num_truncated=len(truncated), max_tokens=model.max_tokens, num_processes=state.num_processes)

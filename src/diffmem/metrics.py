@@ -8,14 +8,15 @@ import numpy as np
 import torch
 
 
-def noise_norm(eps: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm over all latent elements: (B, C, H, W) -> (B,)."""
-    return eps.flatten(1).to(torch.promote_types(eps.dtype, torch.float32)).norm(dim=1)  # float64 stays float64
+def noise_norm(eps: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Per-sample L_p norm over all latent elements (p = 2 unless asked): (B, C, H, W) -> (B,)."""
+    return eps.flatten(1).to(torch.promote_types(eps.dtype, torch.float32)).norm(p=p, dim=1)  # float64 stays float64
 
 
-def text_noise_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
-    """d = ||eps(x_t, e_prompt) - eps(x_t, e_empty)||_2 per sample (paper eq. 3): (B, C, H, W) x2 -> (B,)."""
-    return noise_norm(eps_cond - eps_uncond)
+def text_noise_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """d = ||eps(x_t, e_prompt) - eps(x_t, e_empty)||_p per sample (paper eq. 3, p = 2; the original's
+    ``lp`` option sets p): (B, C, H, W) x2 -> (B,)."""
+    return noise_norm(eps_cond - eps_uncond, p)
 
 
 TARGET_UNITS = ("batch", "mean")

@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default=None, help="detectors to run in the same pass, comma-separated "
                    f"(known: {', '.join(sorted(DETECTORS))}; default: wen); each adds its score to the row "
                    "under its own name, the first one's is also 'score'")
+    p.add_argument("--norm-order", type=float, default=2.0, help="p of the norm of eps_c - eps_u (default 2, the "
+                   "paper's; the original's --lp)")
     p.add_argument("--format", choices=("diffmem", "official"), default="diffmem",
                    help="official: --out holds only the seed's fields (uncond_noise_norm, text_noise_norm, "
                    "prompt) for its analysis notebooks; the full rows go to <out>.rows.jsonl beside it")
@@ -67,7 +69,7 @@ def run(args) -> int:
         records = read_prompts(args.prompts, args.prompt_key, args.start, args.end, model=model, seed=config.seed)
     out = run_detection(model, records, args.out, config, resume=args.resume, images_dir=args.save_images,
                         prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods,
-                        format=args.format)
+                        format=args.format, norm_order=args.norm_order)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

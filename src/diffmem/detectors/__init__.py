@@ -52,12 +52,16 @@ def register(cls: type) -> type:
     return cls
 
 
-def get_detector(name: str) -> Detector:
-    """A fresh detector by name; an unknown name raises, listing the known ones."""
-    try:
-        return DETECTORS[name]()
-    except KeyError:
-        raise ValueError(f"unknown detection method {name!r}: expected one of {', '.join(sorted(DETECTORS))}") from None
+def get_detector(name: str, **options) -> Detector:
+    """A fresh detector by name, given those of `options` its constructor takes (e.g. ``norm_order``
+    for wen); an unknown name raises, listing the known ones."""
+    import inspect
+
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detection method {name!r}: expected one of {', '.join(sorted(DETECTORS))}")
+    cls = DETECTORS[name]
+    takes = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in options.items() if k in takes})
 
 
 def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:

@@ -19,15 +19,17 @@ if TYPE_CHECKING:
 
 
 class NoiseNormRecorder:
-    """d (paper eq. 3) and the unconditional noise norm, per pass row and step."""
+    """d (paper eq. 3) and the unconditional noise norm, per pass row and step; `p` is the norm order
+    (2, the paper's; the original's ``lp`` option)."""
 
-    def __init__(self):
+    def __init__(self, p: float = 2.0):
+        self.p = p
         self.text: list[torch.Tensor] = []
         self.uncond: list[torch.Tensor] = []
 
     def on_step(self, step: "Step") -> None:
-        self.text.append(text_noise_norm(step.eps_cond, step.eps_uncond))
-        self.uncond.append(noise_norm(step.eps_uncond))
+        self.text.append(text_noise_norm(step.eps_cond, step.eps_uncond, self.p))
+        self.uncond.append(noise_norm(step.eps_uncond, self.p))
 
     def text_noise_norm(self) -> torch.Tensor:
         """(N, S) d per row and recorded step (differentiable when the pass ran with grad)."""
@@ -43,8 +45,13 @@ class Wen:
     name = "wen"
     higher_is_memorized = True
 
+    def __init__(self, norm_order: float = 2.0):
+        if not norm_order >= 1:
+            raise ValueError(f"--norm-order {norm_order}: must be >= 1 (2 is the paper's)")
+        self.norm_order = norm_order
+
     def recorder(self, model, config: "SamplingConfig") -> NoiseNormRecorder:
-        return NoiseNormRecorder()
+        return NoiseNormRecorder(self.norm_order)
 
     def fields(self, recorder: NoiseNormRecorder, rows: slice) -> dict:
         text = recorder.text_noise_norm()[rows].detach().float().cpu().tolist()
