@@ -107,7 +107,8 @@ def optimize_prompt_embedding(model, cond: Conditioning, x_t: torch.Tensor, t, t
     # 1. Parameters, optimizer and the per-prompt bookkeeping.
     frozen_pos = list(model.frozen_token_positions)
     learnable = [j for j in range(cond.embeddings.shape[1]) if j not in set(frozen_pos)]
-    start = cond.embeddings.detach().clone()
+    dtype = cond.embeddings.dtype
+    start = cond.embeddings.detach().float()  # float32 master copy: AdamW's eps and moments underflow in half precision
     emb = start.clone().requires_grad_(True)  # (P, T, D)
     optimizer = torch.optim.AdamW([emb], lr=lr)
     active = torch.ones(P, dtype=torch.bool, device=emb.device)
@@ -119,8 +120,8 @@ def optimize_prompt_embedding(model, cond: Conditioning, x_t: torch.Tensor, t, t
         idx = active.nonzero().flatten()
         # 2. The loss of the prompts still running; those at the target stop here.
         with torch.enable_grad():
-            d = step_noise_norms(model, cond[idx].with_embeddings(emb[idx]), x_t[idx], t, eps_u[idx])  # (A, G)
-            loss = mitigation_loss(d, target_unit)  # (A,)
+            d = step_noise_norms(model, cond[idx].with_embeddings(emb[idx].to(dtype)), x_t[idx], t, eps_u[idx])  # (A, G)
+            loss = mitigation_loss(d.float(), target_unit)  # (A,)
         if initial is None:
             initial = (loss.detach().clone(), d.detach().mean(1))
         final_loss[idx] = loss.detach().to(final_loss.dtype)
@@ -145,7 +146,7 @@ def optimize_prompt_embedding(model, cond: Conditioning, x_t: torch.Tensor, t, t
             emb[frozen] = before  # finished prompts keep their embedding exactly
             emb[:, frozen_pos] = start[:, frozen_pos]
         iterations[active.cpu()] += 1
-    return OptimizedEmbeddings(emb.detach(), final_loss, initial[0], final_d, initial[1], iterations)
+    return OptimizedEmbeddings(emb.detach().to(dtype), final_loss, initial[0], final_d, initial[1], iterations)
 
 
 # -- prompt augmentation baselines (Somepalli et al. 2023) ----------------------------------------
