@@ -89,3 +89,37 @@ def test_train_cli_defaults_are_the_config_defaults():
     given = parse("--learning-rate", "3e-4", "--use-ema", "--hard-threshold", "1,2", "--threads", "1")
     assert (given.learning_rate, given.use_ema, given.hard_threshold, given.num_threads) == (3e-4, True, (1.0, 2.0), 1)
     assert given.train_batch_size == TrainConfig(output_dir="o").train_batch_size
+
+
+def test_killed_inside_a_checkpoint_write_resumes_from_the_last_complete_one(tiny_sd_folder, tmp_path):
+    """SIGKILL while writing checkpoint-4 (after accelerate's state, before the model and the state
+    file): 'latest' is checkpoint-2, the partial folder is ignored, and the resumed run ends with the
+    weights of an uninterrupted one."""
+    import os
+    import subprocess
+    import sys
+
+    from diffmem.adapters import load_model
+
+    mem, non = write_pairs(tmp_path / "mem", 3, 0), write_pairs(tmp_path / "non", 4, 1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda out, *extra, kill=None: subprocess.run(
+        [sys.executable, "-m", "diffmem.cli.main", *train_args(tiny_sd_folder, mem, non, out, 6,
+                                                                "--checkpointing-steps", "2", *extra)],
+        env={**env, **({"DIFFMEM_KILL_AT": kill} if kill else {})}, capture_output=True, text=True)
+    assert run(tmp_path / "straight").returncode == 0
+    killed = run(tmp_path / "run", kill="train.checkpoint:2")
+    assert killed.returncode == -9
+    assert (tmp_path / "run" / "checkpoint-4.partial").is_dir() and not (tmp_path / "run" / "checkpoint-4").exists()
+    resumed = run(tmp_path / "run", "--resume-from-checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "checkpoint-2" in resumed.stdout
+    a = load_model(str(tiny_sd_folder), unet=str(tmp_path / "run" / "unet")).unet.state_dict()
+    b = load_model(str(tiny_sd_folder), unet=str(tmp_path / "straight" / "unet")).unet.state_dict()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # a folder named like a checkpoint but without its state file (an older diffmem's torn write) is passed over
+    (tmp_path / "run" / "checkpoint-99").mkdir()
+    from diffmem.train import complete_checkpoints
+
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")][-1] != "checkpoint-99"

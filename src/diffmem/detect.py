@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from diffmem.detectors import Detector, get_detector, parse_methods
+from diffmem.faults import fault_point
 from diffmem.files import append_rows, read_rows, save_generations
 from diffmem.prompts import PromptRecord
 from diffmem.sampling import PromptSamples, SamplingConfig, plan_units, sample_unit
@@ -150,6 +151,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated, f)
                              for s, f in zip(results, fields) if s.position not in done])
         bar.update(len(unit))
+        fault_point("detect.unit")
     bar.close()
 
     # 4. Several processes: merge the parts into one file ordered like a single-process run.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import time
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffmem.faults import fault_point
+from diffmem.files import write_json
 from diffmem.metrics import text_noise_norm
 from diffmem.model import Conditioning
 
@@ -279,8 +282,28 @@ def parse_hard_threshold(text: str) -> float | tuple[float, ...]:
     return values[0] if len(values) == 1 else values
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+STATE_FILE = "diffmem_train_state.json"  # written last into a checkpoint: its completion mark
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first. A checkpoint is written under a temporary name
+    and renamed when whole; a folder without its state file (left by a run killed while writing one
+    with an older diffmem) is passed over with a warning."""
+    found = []
+    for p in Path(output_dir).glob("checkpoint-*"):
+        m = CHECKPOINT_NAME.fullmatch(p.name)
+        if not m or not p.is_dir():
+            continue  # e.g. checkpoint-N.partial, a write that never finished
+        if not (p / STATE_FILE).is_file():
+            print(f"warning: {p} is incomplete (no {STATE_FILE}); it is ignored")
+            continue
+        found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
 def _latest_checkpoint(output_dir: Path) -> Path | None:
-    ckpts = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = complete_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
 
 
@@ -322,7 +345,9 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
         if ckpt is None or not ckpt.is_dir():
             raise FileNotFoundError(f"no checkpoint to resume from at {config.resume_from_checkpoint} (output {out})")
         accelerator.load_state(str(ckpt))
-        start_step = int(json.loads((ckpt / "diffmem_train_state.json").read_text())["step"])
+        if not (ckpt / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {STATE_FILE})")
+        start_step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
         accelerator.print(f"resumed from {ckpt} at step {start_step}")
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -396,6 +421,7 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
                 losses.append(float(loss.detach()))
         if ema is not None and accelerator.sync_gradients:  # also on steps the filter left empty, as the seed does
             ema.update()
+        fault_point("train.step")
         bar.update(1)
         done = step + 1
         left_out = 1.0 - float(keep.float().mean())
@@ -445,20 +471,31 @@ def _validation_images(model, unet, config: TrainConfig, folder: Path) -> None:
 
 
 def _checkpoint(accelerator, unet, ema, folder: Path, step: int, save_model, config: TrainConfig):
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
-        (folder / "diffmem_train_state.json").write_text(json.dumps({"step": step}))
-        import copy
+    """Accelerate's state (resume) and a loadable model (evaluation) in `folder`, written whole under
+    a temporary name (``folder.partial``), the state file last, then renamed: a run killed while
+    writing leaves only the partial folder, which resume ignores."""
+    import copy
+    import shutil
 
+    partial = folder.with_name(folder.name + ".partial")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    fault_point("train.checkpoint")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         snap = copy.deepcopy(accelerator.unwrap_model(unet))
         if ema is not None:
-            save_model(snap.eval(), folder / "model" / RAW_FOLDER)
+            save_model(snap.eval(), partial / "model" / RAW_FOLDER)
             ema.copy_to(snap.parameters())
-        save_model(snap.eval(), folder / "model")
-        ckpts = sorted(folder.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        save_model(snap.eval(), partial / "model")
+        write_json(partial / STATE_FILE, {"step": step})
+        if folder.exists():  # a checkpoint of the same step from a run that was resumed before it
+            shutil.rmtree(folder)
+        os.replace(partial, folder)
         if config.checkpoints_total_limit:
-            import shutil
-
-            for old in ckpts[: -config.checkpoints_total_limit]:
+            for old in complete_checkpoints(folder.parent)[: -config.checkpoints_total_limit]:
                 shutil.rmtree(old)
+    accelerator.wait_for_everyone()

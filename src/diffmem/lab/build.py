@@ -10,7 +10,7 @@ import torch
 
 from diffmem.adapters.lab import LabModel, LabModelConfig, lab_scheduler_config, new_lab_unet
 from diffmem.lab.data import LabData, LabDataConfig, make_lab_data, render_all
-from diffmem.train import ImagePairs, TrainConfig, memorization_mix, train
+from diffmem.train import ImagePairs, TrainConfig, complete_checkpoints, memorization_mix, train
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped default lab model
 
@@ -152,7 +152,7 @@ def _train_lab(out, config: LabBuildConfig, resume: bool, num_threads, progress:
         learning_rate=config.learning_rate, lr_scheduler=config.lr_scheduler,
         lr_warmup_steps=config.lr_warmup_steps, adam_beta2=config.adam_beta2, use_ema=config.use_ema, ema_decay=0.999, caption_dropout=config.model.caption_dropout,
         checkpointing_steps=config.checkpointing_steps, checkpoints_total_limit=0, seed=config.seed,
-        resume_from_checkpoint=("latest" if resume and any(Path(out).glob("checkpoint-*"))
+        resume_from_checkpoint=("latest" if resume and complete_checkpoints(Path(out))
                                 else str(resume_from) if resume_from else None),
         hard_threshold=config.hard_threshold, prompt_aug_style=config.prompt_aug_style, repeat_num=config.repeat_num,
     )
