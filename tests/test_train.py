@@ -31,11 +31,11 @@ def test_memorization_mix_counts():
 
 
 def test_folder_pairs_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="nope: no such folder"):
         FolderPairs(tmp_path / "nope", 16)
     (tmp_path / "d").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "d" / "a.png")
-    with pytest.raises(FileNotFoundError, match="no caption .txt"):
+    with pytest.raises(ValueError, match="image a.png has no caption file a.txt"):
         FolderPairs(tmp_path / "d", 16)
 
 

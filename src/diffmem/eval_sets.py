@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from diffmem.files import IMAGE_SUFFIXES, InputFileError, image_caption_pairs, open_rgb_image, read_text_lines
 
 
 @dataclass
@@ -33,11 +33,9 @@ class EvalSet:
 
 
 def _load_image(path: Path, size: int) -> torch.Tensor:
-    from PIL import Image
-
     from diffmem.similarity import resize_center_crop
 
-    img = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    img = np.asarray(open_rgb_image(path), dtype=np.float32) / 255.0
     x = torch.from_numpy(img).permute(2, 0, 1)[None]
     return resize_center_crop(x, size, size)[0]  # as training sees it: shorter side to `size`, center crop
 
@@ -56,15 +54,9 @@ def lab_eval_set(data, name: str = "memorized", limit: int | None = None) -> Eva
 
 def folder_eval_set(folder: Path, size: int, limit: int | None = None) -> EvalSet:
     """The seed's layout (image + caption .txt pairs); a caption's training images are all images with it."""
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) with caption .txt files")
     groups: dict[str, list[Path]] = {}
-    for p in images:
-        txt = p.with_suffix(".txt")
-        if not txt.is_file():
-            raise FileNotFoundError(f"{folder}: image {p.name} has no caption file {txt.name}")
-        groups.setdefault(txt.read_text(encoding="utf-8").strip(), []).append(p)
+    for p, caption in image_caption_pairs(folder):
+        groups.setdefault(caption, []).append(p)
     prompts = [EvalPrompt(c, torch.stack([_load_image(p, size) for p in ps]), key=ps[0].name)
                for c, ps in list(groups.items())[:limit]]
     return EvalSet(str(folder), prompts)
@@ -73,10 +65,13 @@ def folder_eval_set(folder: Path, size: int, limit: int | None = None) -> EvalSe
 def ground_truth_eval_set(jsonl: Path, size: int, limit: int | None = None) -> EvalSet:
     """A .jsonl of ``caption`` and ``index`` with training images in ``gt_images/<index>/*.png`` beside it."""
     prompts = []
-    for lineno, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text_lines(jsonl), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputFileError(f"{jsonl}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         if "caption" not in row or "index" not in row:
             raise ValueError(f"{jsonl}:{lineno}: need keys 'caption' and 'index', found {', '.join(row)}")
         folder = jsonl.parent / "gt_images" / str(row["index"])

@@ -1,7 +1,9 @@
-"""Reading and writing diffmem's outputs: JSON Lines rows, JSON files and PNG images.
+"""Reading users' files and writing diffmem's outputs: text, images, JSON Lines rows, JSON, PNG.
 
 Rows are appended with one ``write`` and an fsync, so a killed run leaves whole lines only; whole
-files are written to a temporary name and renamed.
+files are written to a temporary name and renamed. Users' text files are read as UTF-8 with or
+without a byte-order mark and with any line ending; images in any mode PIL reads are made RGB;
+what cannot be read raises ``InputFileError`` naming the file (and line).
 """
 
 from __future__ import annotations
@@ -12,6 +14,85 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class InputFileError(ValueError):
+    """A user's input that cannot be read; the message names the file (and line)."""
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a byte-order mark and Windows or old Mac line endings allowed);
+    bytes that are not UTF-8 raise ``InputFileError`` naming the file, line and column."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.splitlines()
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputFileError(f"{path}:{lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
+    return out
+
+
+def open_rgb_image(path: Path):
+    """A PIL image in RGB from any file PIL reads: palette, grey, 16-bit grey (scaled, not clipped),
+    RGBA / LA (alpha dropped), CMYK. Empty, truncated or unreadable files raise ``InputFileError``."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise InputFileError(f"{path}: empty image file (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                return Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype("uint8"), "L").convert("RGB")
+            if img.mode == "F":
+                arr = np.asarray(img, dtype=np.float64)
+                return Image.fromarray(np.clip(arr * 255 + 0.5, 0, 255).astype("uint8"), "L").convert("RGB")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputFileError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def image_caption_pairs(folder: Path) -> list[tuple[Path, str]]:
+    """The seed's layout: ``NAME.<image>`` with ``NAME.txt`` holding its caption, sorted by name.
+    Raises ``InputFileError`` for a missing or empty folder, a caption without an image, an image
+    without a caption, and two images of one name (``a.png`` and ``a.jpg``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputFileError(f"{folder}: no such folder")
+    images: dict[str, list[Path]] = {}
+    captions: dict[str, Path] = {}
+    for p in folder.iterdir():
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            images.setdefault(p.stem, []).append(p)
+        elif p.suffix.lower() == ".txt":
+            captions[p.stem] = p
+    if not images and not captions:
+        raise InputFileError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) and caption .txt files")
+    twice = sorted(stem for stem, ps in images.items() if len(ps) > 1)
+    if twice:
+        names = ", ".join(sorted(p.name for p in images[twice[0]]))
+        raise InputFileError(f"{folder}: {len(twice)} names have more than one image ({names}); keep one per caption")
+    alone = sorted(set(captions) - set(images))
+    if alone:
+        raise InputFileError(f"{folder}: caption {captions[alone[0]].name} has no image"
+                             + (f" (and {len(alone) - 1} more)" if len(alone) > 1 else ""))
+    bare = sorted(set(images) - set(captions))
+    if bare:
+        raise InputFileError(f"{folder}: image {images[bare[0]][0].name} has no caption file {bare[0]}.txt"
+                             + (f" (and {len(bare) - 1} more)" if len(bare) > 1 else ""))
+    return [(images[stem][0], "\n".join(read_text_lines(captions[stem])).strip()) for stem in sorted(images)]
 
 
 def read_rows(path: Path, repair: bool = False) -> list[dict]:
@@ -81,9 +162,7 @@ def save_png(image: torch.Tensor | np.ndarray, path: Path) -> None:
 
 def load_png(path: Path) -> np.ndarray:
     """(3, H, W) float32 in [0, 1]."""
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return np.asarray(open_rgb_image(path), dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
 def generation_name(position: int, generation: int) -> str:

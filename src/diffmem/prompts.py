@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffmem.files import InputFileError, read_text_lines
+
 SUFFIXES = (".jsonl", ".txt", ".csv", ".parquet")
 RANDOM_SET = "random"  # the built-in random control set (the original's `--dataset random`)
 RANDOM_SET_SIZE = 2000
@@ -34,7 +36,7 @@ class PromptSet:
         return h.hexdigest()[:16]
 
 
-class PromptFileError(ValueError):
+class PromptFileError(InputFileError):
     """Malformed prompt input; the message names the file and line or column."""
 
 
@@ -77,8 +79,7 @@ def read_prompts(path: str | Path, prompt_key: str = "caption", start: int = 0, 
     elif path.suffix == ".jsonl":
         records = _read_jsonl(path, prompt_key)
     elif path.suffix == ".txt":
-        records = [PromptRecord(i, line) for i, line in enumerate(
-            l.rstrip("\n") for l in path.read_text(encoding="utf-8").splitlines() if l.strip())]
+        records = [PromptRecord(i, line) for i, line in enumerate(l for l in read_text_lines(path) if l.strip())]
     elif path.suffix in (".csv", ".parquet"):
         records = _read_table(path, prompt_key)
     else:
@@ -100,21 +101,20 @@ def _select(records: list[PromptRecord], path: Path, start: int, end: int | None
 
 def _read_jsonl(path: Path, key: str) -> list[PromptRecord]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptFileError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            if key not in row:
-                raise PromptFileError(f"{path}:{lineno}: no key {key!r} (keys: {', '.join(row)}); set --prompt-key")
-            if not isinstance(row[key], str):
-                raise PromptFileError(f"{path}:{lineno}: {key!r} is {type(row[key]).__name__}, expected a string")
-            records.append(PromptRecord(len(records), row[key], {k: v for k, v in row.items() if k != key}))
+    for lineno, line in enumerate(read_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        if key not in row:
+            raise PromptFileError(f"{path}:{lineno}: no key {key!r} (keys: {', '.join(row)}); set --prompt-key")
+        if not isinstance(row[key], str):
+            raise PromptFileError(f"{path}:{lineno}: {key!r} is {type(row[key]).__name__}, expected a string")
+        records.append(PromptRecord(len(records), row[key], {k: v for k, v in row.items() if k != key}))
     return records
 
 
@@ -122,9 +122,11 @@ def _read_table(path: Path, key: str) -> list[PromptRecord]:
     import pandas as pd
 
     try:
-        df = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        df = pd.read_csv(path, encoding="utf-8-sig") if path.suffix == ".csv" else pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         return []
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 text (byte {e.start} of the file); save it as UTF-8") from None
     except Exception as e:
         raise PromptFileError(f"{path}: cannot read as {path.suffix[1:]}: {e}") from e
     if key not in df.columns:

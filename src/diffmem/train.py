@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.faults import fault_point
-from diffmem.files import write_json
+from diffmem.files import image_caption_pairs, open_rgb_image, write_json
 from diffmem.metrics import text_noise_norm
 from diffmem.model import Conditioning
 
@@ -82,32 +82,20 @@ class ImagePairs(torch.utils.data.Dataset):
         return self.images[i], self.captions[i]
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
 class FolderPairs(torch.utils.data.Dataset):
     """The seed's layout: ``00000001.jpg`` + ``00000001.txt`` pairs in one folder, sorted by name."""
 
     def __init__(self, folder, resolution: int, center_crop: bool = True, random_flip: bool = False):
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"dataset folder {folder} does not exist")
-        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        missing = [p.name for p in self.images if not p.with_suffix(".txt").is_file()]
-        if missing:
-            raise FileNotFoundError(f"{folder}: no caption .txt for {len(missing)} images, e.g. {missing[:3]}")
-        if not self.images:
-            raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-        self.captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in self.images]
+        pairs = image_caption_pairs(Path(folder))  # checks the layout; images are read (and checked) when used
+        self.images = [p for p, _ in pairs]
+        self.captions = [c for _, c in pairs]
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        from PIL import Image
-
-        img = Image.open(self.images[i]).convert("RGB")
+        img = open_rgb_image(self.images[i])
         return _to_tensor(img, self.resolution, self.center_crop, self.random_flip), self.captions[i]
 
 
