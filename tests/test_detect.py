@@ -270,3 +270,29 @@ def test_random_prompt_set_is_the_originals(tiny_sd, tiny_sd_folder, tmp_path, c
     assert main(["detect", "--model", str(tiny_sd_folder), "--prompts", "random", "--start", "5", "--end", "7",
                  "--seed", "3", "--out", str(out), *FAST]) == 0
     assert [r["prompt"] for r in read_rows(out)] == expected[5:7]
+
+
+def test_one_writer_per_output_and_a_killed_runs_lock_does_not_block_resume(tiny_sd_folder, prompt_file, tmp_path,
+                                                                            capsys):
+    import socket
+
+    out = tmp_path / "r.jsonl"
+    # a live process holds the output: refused, nothing written
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "r.jsonl.lock").write_text(f"{holder.pid}\n{socket.gethostname()}\n")
+        assert detect(tiny_sd_folder, prompt_file, out) == 2
+        assert f"another diffmem run (process {holder.pid}) is writing this output" in capsys.readouterr().err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # a run killed after its first work unit leaves its lock; --resume takes it over and completes
+    (tmp_path / "r.jsonl.lock").unlink()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFMEM_KILL_AT": "detect.unit"}
+    args = [sys.executable, "-m", "diffmem.cli.main", "detect", "--model", str(tiny_sd_folder), "--prompts",
+            str(prompt_file), "--out", str(out), "--batch-size", "4", *FAST]
+    assert subprocess.run(args, env=env, capture_output=True).returncode == -9
+    assert (tmp_path / "r.jsonl.lock").exists() and 0 < len(read_rows(out)) < 6
+    assert detect(tiny_sd_folder, prompt_file, out, "--batch-size", "4", "--resume") == 0
+    assert [r["index"] for r in read_rows(out)] == list(range(6)) and not (tmp_path / "r.jsonl.lock").exists()

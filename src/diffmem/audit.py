@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from diffmem.detect import run_detection
-from diffmem.files import append_rows, jsonable, load_png, read_rows, save_generations, save_png, write_json, write_rows
+from diffmem.files import append_rows, jsonable, load_png, one_writer, read_rows, save_generations, save_png, write_json, write_rows
 from diffmem.metrics import prompt_score, threshold_at_fpr
 from diffmem.mitigate import MitigationConfig
 from diffmem.prompts import PromptRecord, PromptSet
@@ -279,6 +279,7 @@ def ground_truth(rows: list[AuditRow]) -> dict | None:
     return out
 
 
+@one_writer(lambda a: a["out"])
 def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: AuditConfig = AuditConfig(),
               out: str | Path = "audit", progress: bool = True) -> AuditResult:
     """Audit `prompts` on `model`; write every stage's output, results.jsonl and index.html under `out`."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from diffmem.detectors import Detector, get_detector, parse_methods
 from diffmem.faults import fault_point
-from diffmem.files import append_rows, read_rows, save_generations
+from diffmem.files import append_rows, one_writer, read_rows, save_generations
 from diffmem.prompts import PromptRecord
 from diffmem.sampling import PromptSamples, SamplingConfig, plan_units, sample_unit
 
@@ -76,6 +76,7 @@ def detect_unit(model, detectors: list[Detector], prompts: list[str], positions:
     return samples, fields
 
 
+@one_writer(lambda a: a["out"])
 def run_detection(model, records: list[PromptRecord], out: str | Path, config: SamplingConfig = SamplingConfig(),
                   resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
                   unet: str | None = None, progress: bool = True, methods=None, format: str = "diffmem",

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from diffmem.eval_sets import EvalSet
-from diffmem.files import jsonable, save_generations
+from diffmem.files import jsonable, one_writer, save_generations
 from diffmem.mitigate import (AUGMENT_STYLES, METHODS, MitigatedPrompt, MitigationConfig, calibrated_target_loss,
                               mitigate_unit, reference_losses)
 from diffmem.provenance import provenance
@@ -122,6 +122,7 @@ def best_under_copy_rate(results: dict, max_copy_rate: float = 0.05) -> dict:
     return {"max_copy_rate": max_copy_rate, "methods": out}
 
 
+@one_writer(lambda a: a["out"])
 def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | Path, progress: bool = True) -> dict:
     """Sample every mitigation setting on `eval_set`, judge the generations, write everything to `out`."""
     from tqdm.auto import tqdm

@@ -178,3 +178,87 @@ def save_generations(folder: Path, position: int, images) -> list[Path]:
     for img, p in zip(images, paths):
         save_png(img, p)
     return paths
+
+
+# -- one writer per output -------------------------------------------------------------------------
+
+class OutputLock:
+    """``with OutputLock(path):`` marks `path` (an output file or folder) as being written by this
+    process, in ``<path>.lock`` (pid and host), created exclusively. A second run on the same output
+    is refused while the first lives; a lock whose process is gone (a killed run) is taken over, so
+    ``--resume`` is never blocked by it."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        self.path = path.with_name(path.name + ".lock")
+        self.held = False
+
+    def _owner(self) -> tuple[int, str] | None:
+        try:
+            pid, host = self.path.read_text().split("\n")[:2]
+            return int(pid), host
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> "OutputLock":
+        import socket
+
+        me = f"{os.getpid()}\n{socket.gethostname()}\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner[1] != socket.gethostname():
+                    raise FileExistsError(f"{self.path.with_suffix('')}: a diffmem run on {owner[1]} (process "
+                                          f"{owner[0]}) is writing this output; if it is gone, delete {self.path}")
+                if owner is not None and owner[0] != os.getpid() and _alive(owner[0]):
+                    raise FileExistsError(f"{self.path.with_suffix('')}: another diffmem run (process {owner[0]}) "
+                                          f"is writing this output; wait for it or choose another output") from None
+                self.path.unlink(missing_ok=True)  # its process is gone (or it is ours): a stale lock
+                continue
+            os.write(fd, me.encode())
+            os.close(fd)
+            self.held = True
+            return self
+        raise FileExistsError(f"{self.path}: could not take the output lock")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def one_writer(output_of):
+    """Decorator: the call holds an ``OutputLock`` on ``output_of(arguments)`` (its output file or
+    folder; `arguments` maps parameter names to values) while it runs. Under ``accelerate launch``
+    only the main process takes it."""
+    import functools
+    import inspect
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            from accelerate import PartialState
+
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if not PartialState().is_main_process:
+                return fn(*args, **kwargs)
+            with OutputLock(Path(output_of(bound.arguments))):
+                return fn(*args, **kwargs)
+        return run
+    return decorate

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.files import save_generations
+from diffmem.files import one_writer, save_generations
 from diffmem.metrics import TARGET_UNITS, mitigation_loss, text_noise_norm
 from diffmem.model import Conditioning
 from diffmem.provenance import provenance
@@ -358,6 +358,7 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
 
 # -- one mitigation run, as `diffmem mitigate` writes it ------------------------------------------
 
+@one_writer(lambda a: a["out"])
 def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling: SamplingConfig, out: str | Path,
                    progress: bool = True) -> Path:
     """Mitigate and sample `prompts`; write images, ``results.jsonl`` (final d, iterations, modified

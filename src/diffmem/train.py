@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.faults import fault_point
-from diffmem.files import image_caption_pairs, open_rgb_image, write_json
+from diffmem.files import image_caption_pairs, one_writer, open_rgb_image, write_json
 from diffmem.metrics import text_noise_norm
 from diffmem.model import Conditioning
 
@@ -295,6 +295,7 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+@one_writer(lambda a: a["config"].output_dir)
 def train(model, dataset, config: TrainConfig, save_model=None, progress: bool = True) -> Path:
     """Fine-tune ``model.unet`` on ``dataset`` (pairs of (3, H, W) images in [0, 1] and captions).
 
