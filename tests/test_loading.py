@@ -78,3 +78,33 @@ def test_dtypes(tiny_sd_folder):
     m = load_model(str(tiny_sd_folder), dtype="bfloat16")
     assert next(m.unet.parameters()).dtype == torch.bfloat16
     assert m.encode_prompts(["x"]).embeddings.dtype == torch.bfloat16
+
+
+class _Evil:
+    """A pickle that runs a command when unpickled with arbitrary objects allowed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_weights_are_never_unpickled_as_objects(tiny_sd_folder, tmp_path, capsys):
+    import shutil
+
+    from diffmem.cli.main import main
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_sd_folder, folder)
+    marker = tmp_path / "ran"
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"conv_in.weight": _Evil(marker)}, folder / "unet" / "diffusion_pytorch_model.bin")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    code = main(["detect", "--model", str(folder), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o.jsonl"),
+                 "--num-inference-steps", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot load its weights" in err and "Traceback" not in err
+    assert not marker.exists()

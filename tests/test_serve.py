@@ -292,3 +292,31 @@ def test_attribution_benchmark_on_the_fast_lab(fast_lab):
     assert mem.top1_token_is_title == 1.0 and mem.top1_word_is_title == 1.0
     assert mem.flagged > 0 and mem.flagged_cleared_by_deletion >= 0.5
     assert {s.name for s in result.sets} == {"memorized", "non-memorized", "novel"}
+
+
+def test_info_answers_while_long_analyses_run(tiny_sd):
+    """Analyses run one at a time (they share the model); the page's info stays available meanwhile."""
+    import threading
+    import time
+
+    app = ExplainApp(tiny_sd, Threshold(1.0, "test"), ExplainConfig(generations=4), image_steps=400)
+    server, url = start_server(app)
+    try:
+        results = []
+        workers = [threading.Thread(target=lambda: results.append(_post(url + "api/analyze", {"prompt": f"a cat {i}"})))
+                   for i in range(2)]
+        for w in workers:
+            w.start()
+        deadline = time.time() + 30
+        while not app._lock.locked() and time.time() < deadline:
+            time.sleep(0.01)
+        assert app._lock.locked()  # an analysis is running
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url + "api/info", timeout=5) as r:
+            assert r.status == 200 and json.loads(r.read())["threshold"]["value"] == 1.0
+        assert time.perf_counter() - t0 < 2.0 and app._lock.locked()  # answered before the analysis ended
+        for w in workers:
+            w.join(120)
+        assert [status for status, _ in results] == [200, 200]
+    finally:
+        server.shutdown()

@@ -74,6 +74,17 @@ def load_model(model: str = DEFAULT_MODEL, unet: str | None = None, device: str 
     """Load any supported model behind the common interface (``diffmem.model.DiffusionModel``)."""
     torch_dtype = resolve_dtype(dtype, device)
     family, path = resolve_model_path(model)
+    try:
+        return _load_family(family, path, model, unet, device, torch_dtype)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # unreadable or unsafe weights: diffusers and transformers load pickles weights-only
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--model {model}{f' --unet {unet}' if unet else ''}: cannot load its weights ({first}); "
+                         "diffmem reads safetensors, and pickled .bin weights only as plain tensors") from None
+
+
+def _load_family(family: str, path, model: str, unet, device, torch_dtype):
     if family == "lab":
         from diffmem.adapters.lab import load_lab_model
 
