@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from diffmem.detect import run_detection
+from diffmem.faults import fault_point
 from diffmem.files import append_rows, jsonable, load_png, one_writer, read_rows, save_generations, save_png, write_json, write_rows
 from diffmem.metrics import prompt_score, threshold_at_fpr
 from diffmem.mitigate import MitigationConfig
@@ -320,6 +321,7 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     def finish(name: str, t0: float) -> None:
         state[name] = {"seconds": round(time.time() - t0, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(out / "stages.json", state)
+        fault_point("audit.stage")
 
     # 2. Detect: first-step scores of the audited and the reference prompts.
     t0 = time.time()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from diffmem.eval_sets import EvalSet
-from diffmem.files import jsonable, one_writer, save_generations
+from diffmem.files import generation_name, jsonable, one_writer, save_generations
 from diffmem.mitigate import (AUGMENT_STYLES, METHODS, MitigatedPrompt, MitigationConfig, calibrated_target_loss,
                               mitigate_unit, reference_losses)
 from diffmem.provenance import provenance
@@ -123,41 +123,70 @@ def best_under_copy_rate(results: dict, max_copy_rate: float = 0.05) -> dict:
 
 
 @one_writer(lambda a: a["out"])
-def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | Path, progress: bool = True) -> dict:
-    """Sample every mitigation setting on `eval_set`, judge the generations, write everything to `out`."""
+def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | Path, progress: bool = True,
+                   resume: bool = False) -> dict:
+    """Sample every mitigation setting on `eval_set`, judge the generations, write everything to `out`.
+
+    Rows are appended to ``per_prompt.jsonl`` a work unit at a time (the generations a grid shows
+    saved beside them as PNG), so a killed run keeps every finished unit; ``resume=True`` continues it
+    (same model, set and settings) and ends with the files an uninterrupted run writes.
+    """
     from tqdm.auto import tqdm
 
+    from diffmem.faults import fault_point
+    from diffmem.files import append_rows, load_png, read_rows, write_json
     from diffmem.judge import Judge  # the judge names its rows by setting_key: imported here, not at the top
     from diffmem.reports.plots import comparison_grid, tradeoff_figure
 
-    # 1. Inputs and output folder.
+    # 1. Inputs and output folder: a new run must not overwrite, a resumed one must match.
     out = Path(out)
-    (out / "grids").mkdir(parents=True, exist_ok=True)
     settings = settings_of(config)
     # one calibrated target for every embedding-opt setting without its own (None when nothing needs one)
     target = next((t for t in (calibrated_target_loss(model, m, config.sampling) for m in settings) if t is not None),
                   None)
     settings = [m.resolved(model, target) for m in settings]
-    judge = Judge(model, eval_set, config)
     prompts = [p.caption for p in eval_set.prompts]
+    run = jsonable({"model": model.name, "dataset": eval_set.name, "prompts": prompts, "config": asdict(config),
+                    "calibrated_target_loss": target})
+    rows_path = out / "per_prompt.jsonl"
+    if (out / "run.json").exists() or rows_path.exists():
+        if not resume:
+            raise FileExistsError(f"{out} holds an evaluation; pass --resume to continue it, or choose another --out")
+        old = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        diff = [k for k in run if old.get(k) != run[k]]
+        if diff:
+            raise ValueError(f"cannot resume {out}: its {', '.join(diff)} differ from this run's")
+    (out / "grids").mkdir(parents=True, exist_ok=True)
+    write_json(out / "run.json", run)
+    judge = Judge(model, eval_set, config)
+    names = [f"{m.method}_{setting_key(m)}" for m in settings]
+    done = {(r["method"], r["setting"], r["position"]) for r in read_rows(rows_path, repair=True)}
     units = plan_units(list(range(len(prompts))), config.sampling.num_generations, config.sampling.batch_size)
-    rows: list[dict] = []
-    bar = tqdm(total=len(settings) * len(prompts), desc="evaluate", unit="prompt", disable=not progress)
-    # 2. Each setting: mitigate and sample unit by unit, judge each prompt's generations.
-    for setting in settings:
-        results: list[MitigatedPrompt] = []
-        for unit in units:
-            results += mitigate_unit(model, [prompts[p] for p in unit], unit, setting, config.sampling)
-            bar.update(len(unit))
-        rows += [judge.row(eval_set.prompts[r.position], r, setting) for r in results]
-        name = f"{setting.method}_{setting_key(setting)}"
-        comparison_grid([eval_set.prompts[r.position].training[:1] for r in results[:config.grid_prompts]],
-                        [r.images for r in results[:config.grid_prompts]], out / "grids" / f"{name}.png")
-        if config.save_images:
-            for r in results:
+    todo = [(m, name, u) for m, name in zip(settings, names) for u in units
+            if not all((m.method, setting_key(m), p) in done for p in u)]
+    bar = tqdm(total=sum(len(u) for _, _, u in todo), desc="evaluate", unit="prompt", disable=not progress)
+    # 2. Each setting, unit by unit: mitigate and sample, judge each prompt's generations.
+    for setting, name, unit in todo:
+        results = mitigate_unit(model, [prompts[p] for p in unit], unit, setting, config.sampling)
+        for r in results:
+            if r.position < config.grid_prompts:
+                save_generations(out / "grids" / name, r.position, r.images)
+            if config.save_images:
                 save_generations(out / "images" / name, r.position, r.images)
+        append_rows(rows_path, [judge.row(eval_set.prompts[r.position], r, setting) for r in results
+                                if (setting.method, setting_key(setting), r.position) not in done])
+        bar.update(len(unit))
+        fault_point("evaluate.unit")
     bar.close()
-    # 3. Tables, summary and the trade-off figure.
+    # 3. Grids, tables, summary and the trade-off figure, from what is on disk.
+    order = {(m.method, setting_key(m)): i for i, m in enumerate(settings)}
+    rows = sorted(read_rows(rows_path), key=lambda r: (order[(r["method"], r["setting"])], r["position"]))
+    G = config.sampling.num_generations
+    for name in names:
+        shown = range(min(config.grid_prompts, len(prompts)))
+        comparison_grid([eval_set.prompts[p].training[:1] for p in shown],
+                        [np.stack([load_png(out / "grids" / name / generation_name(p, g)) for g in range(G)])
+                         for p in shown], out / "grids" / f"{name}.png")
     summary = {"provenance": provenance(model, dataset=eval_set.name, num_prompts=len(prompts),
                                         config=jsonable(asdict(config)), calibrated_target_loss=target),
                "copy_rule": "lab judge (nearest training image is the prompt's own, RMSE under the lab threshold)"
@@ -166,7 +195,7 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
                "lab_copy_threshold_rmse": judge.lab_threshold,
                "results": summarize(rows)}
     summary["best_at_copy_rate_5pct"] = best_under_copy_rate(summary["results"], 0.05)
-    (out / "per_prompt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _write_csv(out / "per_prompt.csv", rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     x_key = "alignment_mean" if judge.lab_train is not None else "clip_score_mean" if judge.clip else None

@@ -3,7 +3,8 @@
 ``DIFFMEM_KILL_AT=POINT`` (or ``POINT:N``, the N-th time the point is reached, default the first)
 makes the process send itself SIGKILL there, the way a scheduler or the out-of-memory killer ends
 a run. Points: ``train.checkpoint`` (inside a checkpoint write, before it is complete),
-``train.step`` (after an optimizer step), ``detect.unit`` (after a work unit's rows are written).
+``train.step`` (after an optimizer step), ``detect.unit``, ``mitigate.unit``, ``evaluate.unit``
+(after a work unit's rows are written), ``audit.stage`` (after a stage is recorded as finished).
 Unset, ``fault_point`` does nothing.
 """
 

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.files import one_writer, save_generations
+from diffmem.files import jsonable, one_writer, save_generations
 from diffmem.metrics import TARGET_UNITS, mitigation_loss, text_noise_norm
 from diffmem.model import Conditioning
 from diffmem.provenance import provenance
@@ -360,34 +361,69 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
 
 @one_writer(lambda a: a["out"])
 def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling: SamplingConfig, out: str | Path,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, resume: bool = False) -> Path:
     """Mitigate and sample `prompts`; write images, ``results.jsonl`` (final d, iterations, modified
-    prompt) and ``embeddings.safetensors`` (the conditional embedding each prompt was sampled with)."""
-    from safetensors.torch import save_file
+    prompt) and ``embeddings.safetensors`` (the conditional embedding each prompt was sampled with).
+
+    Work units are written as they finish (images, then one append of their rows, their embeddings in
+    ``embeddings/``), so a killed run keeps every finished unit; ``resume=True`` continues it (same
+    settings and prompts) and ends with the files an uninterrupted run writes.
+    """
+    from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
+    from diffmem.faults import fault_point
+    from diffmem.files import append_rows, read_rows, write_json
+
     out = Path(out)
-    if (out / "results.jsonl").exists():
-        raise FileExistsError(f"{out}/results.jsonl exists; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     config = config.resolved(model, calibrated_target_loss(model, config, sampling))
-    units = plan_units(list(range(len(prompts))), sampling.num_generations, sampling.batch_size)
-    results: list[MitigatedPrompt] = []
-    bar = tqdm(total=len(prompts), desc=f"mitigate ({config.method})", unit="prompt", disable=not progress)
+    meta = provenance(model, mitigation=asdict(config), sampling=asdict(sampling),
+                      prompts_sha256_16=hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16])
+    keys = ("model", "mitigation", "sampling", "prompts_sha256_16")
+    results, parts = out / "results.jsonl", out / "embeddings"
+    # 1. A new run must not overwrite; a resumed one must match.
+    if results.exists() or (out / "meta.json").exists():
+        if not resume:
+            raise FileExistsError(f"{out} holds a mitigation run; pass --resume to continue it, or choose another --out")
+        old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+        diff = [k for k in keys if old.get(k) != jsonable(meta[k])]
+        if diff:
+            raise ValueError(f"cannot resume {out}: its {', '.join(diff)} differ from this run's")
+    out.mkdir(parents=True, exist_ok=True)
+    parts.mkdir(exist_ok=True)
+    if not (out / "meta.json").exists():
+        write_json(out / "meta.json", jsonable(meta))
+    done = {r["position"] for r in read_rows(results, repair=True)}
+    # 2. Unit by unit: images, embeddings, then the rows (their append marks the unit done).
+    units = [u for u in plan_units(list(range(len(prompts))), sampling.num_generations, sampling.batch_size)
+             if not all(p in done for p in u)]
+    bar = tqdm(total=sum(map(len, units)), desc=f"mitigate ({config.method})", unit="prompt", disable=not progress)
     for unit in units:
-        results += mitigate_unit(model, [prompts[p] for p in unit], unit, config, sampling)
+        finished = mitigate_unit(model, [prompts[p] for p in unit], unit, config, sampling)
+        for r in finished:
+            save_generations(out / "images", r.position, r.images)
+        save_file({f"prompt_{r.position:05d}": r.embedding.float().contiguous() for r in finished},
+                  str(parts / f"{unit[0]:05d}.safetensors"))
+        append_rows(results, [_result_row(r, config, sampling) for r in finished if r.position not in done])
         bar.update(len(unit))
+        fault_point("mitigate.unit")
     bar.close()
-    for r in results:
-        save_generations(out / "images", r.position, r.images)
-    save_file({f"prompt_{r.position:05d}": r.embedding.float().contiguous() for r in results},
-              str(out / "embeddings.safetensors"))
-    rows = [{"position": r.position, "seed": sampling.seed + r.position, "prompt": r.prompt,
-             "modified_prompt": r.modified_prompt, "method": config.method, "initial_d": r.initial_d,
-             "final_d": r.final_d, "initial_loss": r.initial_loss, "final_loss": r.final_loss,
-             "target_unit": config.target_unit, "iterations": r.iterations, "embedding": f"prompt_{r.position:05d}",
-             "images": [f"images/{r.position:05d}_{g}.png" for g in range(len(r.images))]} for r in results]
-    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "meta.json").write_text(json.dumps(provenance(model, mitigation=asdict(config),
-                                                         sampling=asdict(sampling)), indent=2))
+    # 3. The embeddings in one file, rows in input order.
+    embeddings = {}
+    for part in sorted(parts.glob("*.safetensors")):
+        embeddings.update(load_file(str(part)))
+    save_file(dict(sorted(embeddings.items())), str(out / "embeddings.safetensors"))
+    rows = sorted(read_rows(results), key=lambda r: r["position"])
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import shutil
+
+    shutil.rmtree(parts)
     return out
+
+
+def _result_row(r: MitigatedPrompt, config: MitigationConfig, sampling: SamplingConfig) -> dict:
+    return {"position": r.position, "seed": sampling.seed + r.position, "prompt": r.prompt,
+            "modified_prompt": r.modified_prompt, "method": config.method, "initial_d": r.initial_d,
+            "final_d": r.final_d, "initial_loss": r.initial_loss, "final_loss": r.final_loss,
+            "target_unit": config.target_unit, "iterations": r.iterations, "embedding": f"prompt_{r.position:05d}",
+            "images": [f"images/{r.position:05d}_{g}.png" for g in range(len(r.images))]}

@@ -44,6 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--copy-metric", default=None, choices=("sscd", "tiled_l2", "pixel_cosine"))
     p.add_argument("--save-images", action="store_true", help="also write every generation as PNG")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the evaluation already in --out")
     add_sampling_args(p, SamplingConfig())
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
@@ -96,7 +97,7 @@ def run(args) -> int:
     for v in args.target_loss or []:
         targets.append(calibration[float(v[1:])] if v.startswith("p") else float(v))
     config = config_from_args(args, targets or None)
-    summary = run_evaluation(model, eval_set, config, args.out, progress=not args.no_progress)
+    summary = run_evaluation(model, eval_set, config, args.out, progress=not args.no_progress, resume=args.resume)
     if calibration:
         summary["target_loss_calibration"] = {"set": args.calibration_set, "limit": args.calibration_limit,
                                               "percentiles": calibration}

@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--method", required=True, choices=METHODS)
     add_mitigation_args(p)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run already in --out")
     add_sampling_args(p, SamplingConfig())
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
@@ -51,7 +52,7 @@ def run(args) -> int:
         from diffmem.prompts import read_prompts
 
         prompts = [r.prompt for r in read_prompts(args.prompts, args.prompt_key, model=model, seed=sampling.seed)]
-    out = run_mitigation(model, prompts, config, sampling, args.out, progress=not args.no_progress)
+    out = run_mitigation(model, prompts, config, sampling, args.out, progress=not args.no_progress, resume=args.resume)
     import json
 
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
