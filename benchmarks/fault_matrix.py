@@ -21,6 +21,7 @@ from pathlib import Path
 FAST = ["--num-inference-steps", "3", "--num-generations", "2", "--batch-size", "4", "--no-progress"]
 SKIP = {"meta.json", "run.json", "summary.json", "tradeoff.png", "stages.json", "index.html", "audit.json",
         "train_config.json", "train_log.jsonl", "lab_model.json"}  # hold times or wall-clock figures
+TIME_KEYS = {"time", "started", "seconds", "finished", "elapsed_s"}
 
 
 def diffmem(args, kill=None) -> int:
@@ -35,19 +36,41 @@ def diffmem(args, kill=None) -> int:
 def content(path: Path) -> dict:
     """Relative path -> comparable content of every output file (JSON without its 'time' fields)."""
     if path.is_file():
-        files = {Path(path.name): path}
+        files = {Path("output"): path}
     else:
         files = {p.relative_to(path): p for p in path.rglob("*") if p.is_file() and p.name not in SKIP
-                 and ".lock" not in p.name and "checkpoint-" not in str(p)}
+                 and not p.name.endswith(".meta.json") and ".lock" not in p.name and "checkpoint-" not in str(p)}
     out = {}
     for rel, p in files.items():
         if p.suffix in (".jsonl", ".json"):
             rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.suffix == ".jsonl" \
                 else [json.loads(p.read_text())]
-            out[str(rel)] = [{k: v for k, v in r.items() if k != "time"} if isinstance(r, dict) else r for r in rows]
+            out[str(rel)] = [{k: v for k, v in r.items() if k not in TIME_KEYS} if isinstance(r, dict) else r
+                             for r in rows]
+        elif p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            out[str(rel)] = load_file(str(p))
         else:
             out[str(rel)] = p.read_bytes()
     return out
+
+
+def same(a: dict, b: dict) -> bool:
+    """Equal outputs; weights (safetensors) equal to 1e-5, as resumed training is (float reductions
+    may run in another order after a restart)."""
+    import torch
+
+    if set(a) != set(b):
+        return False
+    for k in a:
+        if isinstance(a[k], dict) and a[k] and all(isinstance(v, torch.Tensor) for v in a[k].values()):
+            if set(a[k]) != set(b[k]) or not all(torch.allclose(a[k][n].float(), b[k][n].float(), rtol=1e-5, atol=1e-6)
+                                                 for n in a[k]):
+                return False
+        elif a[k] != b[k]:
+            return False
+    return True
 
 
 def main() -> int:
@@ -88,7 +111,7 @@ def main() -> int:
         "lab build": (["lab", "build", "--preset", "fast", "--max-train-steps", "40", "--no-anneal"], "--out", ["--resume"],
                       ["train.step:20"]),
     }
-    print("| verb | killed at | killed | resumed | outputs equal an uninterrupted run | seconds |")
+    print("| verb | killed at | killed | resumed | outputs equal an uninterrupted run's | seconds |")
     print("|---|---|---|---|---|---|")
     for name, (cmd, flag, resume, points) in verbs.items():
         slug = name.replace(", ", "-").replace(" ", "-")
@@ -101,7 +124,7 @@ def main() -> int:
             cut = root / f"{slug}-{point.replace(':', '-')}" if cmd[0] != "detect" else root / f"{slug}-{point}.jsonl"
             killed = diffmem([*cmd, flag, cut], kill=point)
             resumed = diffmem([*cmd, flag, cut, *resume])
-            equal = content(cut) == content(whole)
+            equal = same(content(cut), content(whole))
             print(f"| {name} | `{point}` | {'yes' if killed == -9 else f'no ({killed})'} | "
                   f"{'yes' if resumed == 0 else f'failed ({resumed})'} | {'yes' if equal else 'NO'} | "
                   f"{time.time() - t0:.0f} |", flush=True)

@@ -331,13 +331,17 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
     start_step = 0
     if config.resume_from_checkpoint:
         ckpt = _latest_checkpoint(out) if config.resume_from_checkpoint == "latest" else Path(config.resume_from_checkpoint)
-        if ckpt is None or not ckpt.is_dir():
+        partial = list(out.glob("checkpoint-*.partial"))
+        if ckpt is None and partial:  # killed while writing its first checkpoint: nothing complete to go on from
+            accelerator.print(f"no complete checkpoint in {out} (only {partial[0].name}): training starts from step 0")
+        elif ckpt is None or not ckpt.is_dir():
             raise FileNotFoundError(f"no checkpoint to resume from at {config.resume_from_checkpoint} (output {out})")
-        accelerator.load_state(str(ckpt))
-        if not (ckpt / STATE_FILE).is_file():
-            raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {STATE_FILE})")
-        start_step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
-        accelerator.print(f"resumed from {ckpt} at step {start_step}")
+        else:
+            if not (ckpt / STATE_FILE).is_file():
+                raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {STATE_FILE})")
+            accelerator.load_state(str(ckpt))
+            start_step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+            accelerator.print(f"resumed from {ckpt} at step {start_step}")
 
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = config.train_batch_size * world
