@@ -39,7 +39,8 @@ def content(path: Path) -> dict:
         files = {Path("output"): path}
     else:
         files = {p.relative_to(path): p for p in path.rglob("*") if p.is_file() and p.name not in SKIP
-                 and not p.name.endswith(".meta.json") and ".lock" not in p.name and "checkpoint-" not in str(p)}
+                 and not p.name.endswith(".meta.json") and ".lock" not in p.name
+                 and "checkpoint-" not in str(p.relative_to(path))}
     out = {}
     for rel, p in files.items():
         if p.suffix in (".jsonl", ".json"):
