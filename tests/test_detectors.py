@@ -32,7 +32,7 @@ class UncondNorm:
     name = "uncond-norm"
     higher_is_memorized = False
 
-    def recorder(self, model, config):
+    def recorder(self, model, config, prompts):
         return _UncondRecorder()
 
     def fields(self, recorder, rows):
@@ -140,3 +140,142 @@ def test_norm_order_is_the_originals_lp(tiny_sd_folder, tmp_path):
                                rtol=1e-5)
     np.testing.assert_allclose(np.array(row["uncond_noise_norm"])[:, 0], e_u.flatten(1).abs().sum(1).numpy(), rtol=1e-5)
     assert json.loads((tmp_path / "l1.meta.json").read_text())["settings"]["norm_order"] == 1.0
+
+
+# -- the field's detectors, each against an independent computation of its formula ---------------
+
+ALL = ["wen", "ren-le", "ren-ae", "bright-ending", "membench", "jeon-fd", "carlini"]
+CFG = SamplingConfig(num_inference_steps=4, num_generations=2, batch_size=16, seed=5)
+THREE = ["a red square", "a blue circle on a mat", "two green birds"]
+
+
+@pytest.fixture(scope="module")
+def all_fields(tiny_sd):
+    """Every detector in one pass over three prompts (G = 2, one unit), and each prompt alone."""
+    dets = [detectors.get_detector(n) for n in ALL]
+    together = detect_unit(tiny_sd, dets, THREE, [0, 1, 2], CFG)[1]
+    alone = [detect_unit(tiny_sd, dets, [p], [i], CFG)[1][0] for i, p in enumerate(THREE)]
+    return {n: [f[k] for f in together] for k, n in enumerate(ALL)}, {n: [f[k] for f in alone] for k, n in enumerate(ALL)}
+
+
+def test_one_pass_keeps_prompts_and_generations_apart(all_fields):
+    together, alone = all_fields
+    for name in ALL:
+        for j in range(3):
+            for key, value in together[name][j].items():
+                np.testing.assert_allclose(value, alone[name][j][key], rtol=1e-4, atol=1e-6, err_msg=f"{name} {key} {j}")
+
+
+def _trajectory(model, prompt, position, layers=None):
+    """The prompt's own pass, recorded independently: every step's full attention maps and delta eps."""
+    from diffmem.attention import CrossAttentionRecorder
+    from diffmem.sampling import sample_unit
+
+    class Delta:
+        def __init__(self):
+            self.delta = []
+
+        def on_step(self, step):
+            self.delta.append((step.eps_cond - step.eps_uncond).double())
+
+    delta = Delta()
+    with CrossAttentionRecorder(model, layers) as rec:
+        sample = sample_unit(model, [prompt], [position], CFG, decode=True, recorders=[rec, delta])[0]
+    return rec, delta.delta, sample
+
+
+def _end_index(model, prompt):
+    ids = model.tokenizer(prompt, padding="max_length", max_length=model.max_tokens, truncation=True).input_ids
+    return ids.index(model.tokenizer.eos_token_id, 1)
+
+
+def test_layer_roles_on_an_sd1_layout():
+    from diffusers import UNet2DConditionModel
+
+    from diffmem.attention import down_cross_attention_blocks
+    from diffmem.detectors.ren import le_layer
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 8, 8, 8), layers_per_block=2, norm_num_groups=4,
+                                cross_attention_dim=8, attention_head_dim=2, sample_size=8)  # SD 1.x's block layout
+    model = type("M", (), {"unet": unet, "name": "sd1-layout"})()
+    groups = down_cross_attention_blocks(model)
+    assert [g[0].split(".attentions")[0] for g in groups] == ["down_blocks.0", "down_blocks.1", "down_blocks.2"]
+    assert le_layer(model).startswith("down_blocks.1.attentions.1.")  # Ren et al.'s layer 3
+    assert [n.split(".transformer")[0] for n in groups[0]] == ["down_blocks.0.attentions.0", "down_blocks.0.attentions.1"]
+
+
+def test_ren_le_and_ae(tiny_sd, all_fields):
+    from diffmem.detectors.ren import le_layer
+
+    together, _ = all_fields
+    for j, prompt in enumerate(THREE):
+        rec, _, _ = _trajectory(tiny_sd, prompt, j)
+        a0 = rec.maps[0][le_layer(tiny_sd)].double().mean(2).mean(1)  # (G, T): queries, then heads
+        le = -(a0 * a0.log()).sum(-1)
+        assert together["ren-le"][j]["ren-le"] == pytest.approx(float(le.mean()), rel=1e-6)
+        avg = {k: torch.stack([m.double().mean(2).mean(1) for m in rec.maps[k].values()]).mean(0) for k in rec.maps}
+        end = _end_index(tiny_sd, prompt)
+        ent = lambda a: -(a * a.log()).sum(-1)
+        last = [1, 2, 3]  # fewer than 10 steps: all but the first
+        e = torch.stack([ent(avg[k]) for k in last]).mean(0)
+        e_end = torch.stack([ent(avg[k][:, end:]) for k in last]).mean(0) - ent(avg[0][:, end:])
+        assert together["ren-ae"][j]["ren-ae"] == pytest.approx(float((e + e_end).mean()), rel=1e-6)
+
+
+def test_bright_ending(tiny_sd, all_fields):
+    from diffmem.attention import down_cross_attention_blocks
+
+    together, _ = all_fields
+    layers = down_cross_attention_blocks(tiny_sd)[0]
+    for j, prompt in enumerate(THREE):
+        rec, delta, _ = _trajectory(tiny_sd, prompt, j, layers)
+        end = _end_index(tiny_sd, prompt)
+        probs = torch.stack([rec.maps[3][l].double().mean(1) for l in layers]).mean(0)  # (G, HW, T)
+        side = int(probs.shape[1] ** 0.5)
+        mask = probs[:, :, end].view(-1, 1, side, side)
+        mask = torch.nn.functional.interpolate(mask, size=delta[0].shape[-2:], mode="nearest")
+        be = torch.stack([(d * mask).flatten(1).norm(dim=1) / mask.flatten(1).mean(1) for d in delta]).mean(0)
+        assert together["bright-ending"][j]["bright-ending"] == pytest.approx(float(be.mean()), rel=1e-6)
+
+
+def test_membench_and_jeon_fd(tiny_sd, all_fields):
+    together, _ = all_fields
+    t0 = schedule(tiny_sd, CFG.num_inference_steps)[0]
+    for j, prompt in enumerate(THREE):
+        x = initial_noise(tiny_sd, 2, CFG.seed + j)
+        cond = tiny_sd.encode_prompts([prompt]).embeddings.expand(2, -1, -1)
+        unc = tiny_sd.empty_conditioning().embeddings.expand(2, -1, -1)
+        eps = lambda x, t, e: tiny_sd.unet(x, t, encoder_hidden_states=e).sample
+        with torch.no_grad():
+            d999 = eps(x, 999, cond) - eps(x, 999, unc)
+            delta = eps(x, t0, cond) - eps(x, t0, unc)
+            v = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            moved = eps(x + v, t0, cond) - eps(x + v, t0, unc)
+        assert together["membench"][j]["membench"] == pytest.approx(float(d999.pow(2).flatten(1).sum(1).mean()), rel=1e-5)
+        assert together["jeon-fd"][j]["jeon-fd"] == pytest.approx(float((moved - delta).flatten(1).norm(dim=1).mean()),
+                                                                   rel=1e-4)
+
+
+def test_carlini(tiny_sd, all_fields):
+    together, _ = all_fields
+    for j, prompt in enumerate(THREE):
+        _, _, sample = _trajectory(tiny_sd, prompt, j)
+        a, b = sample.images.double()
+        side = a.shape[-1] // 4
+        tiles = lambda x: [x[:, r * side:(r + 1) * side, c * side:(c + 1) * side] for r in range(4) for c in range(4)]
+        d = max(float((ta - tb).pow(2).mean().sqrt()) for ta, tb in zip(tiles(a), tiles(b)))
+        assert together["carlini"][j]["carlini"] == pytest.approx(d, rel=1e-6)  # one pair: its median is itself
+
+
+def test_settings_a_detector_cannot_run_under_are_refused(tiny_sd_folder, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a dog\n")
+    base = ["detect", "--model", str(tiny_sd_folder), "--prompts", str(tmp_path / "p.txt"), "--no-progress",
+            "--num-inference-steps", "3"]
+    assert main([*base, "--out", str(tmp_path / "a.jsonl"), "--method", "wen,ren-ae", "--track-steps", "1"]) == 2
+    assert "ren-ae needs the whole trajectory" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b.jsonl"), "--method", "carlini", "--num-generations", "1"]) == 2
+    assert "carlini needs at least 2 generations" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "c.jsonl"), "--method", "ren-le,membench,jeon-fd", "--track-steps", "1",
+                 "--num-generations", "2"]) == 0
+    row = read_rows(tmp_path / "c.jsonl")[0]
+    assert row["score"] == row["ren-le"] and {"membench", "jeon-fd"} <= set(row)

@@ -77,6 +77,17 @@ def select_layers(model, layers: LayerSelection = None) -> list[str]:
     return chosen
 
 
+def down_cross_attention_blocks(model) -> list[list[str]]:
+    """The cross-attention layers of the UNet's down path, grouped by down block, highest resolution
+    first: the roles published layer choices map onto (Ren et al.'s LE layer is the last layer of
+    the second group on SD 1.x; Bright Ending's layers are the first group)."""
+    groups: dict[str, list[str]] = {}
+    for name in cross_attention_layers(model):
+        if name.startswith("down_blocks."):
+            groups.setdefault(block_of(name), []).append(name)
+    return [groups[b] for b in sorted(groups, key=lambda b: int(b.split(".")[1]))]
+
+
 def block_of(name: str) -> str:
     """The UNet block a layer sits in: "down_blocks.1", "mid_block", "up_blocks.0"."""
     head = name.split(".attentions.")[0]

@@ -18,7 +18,9 @@ from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
-from diffmem.detectors import Detector, get_detector, parse_methods
+import torch
+
+from diffmem.detectors import Detector, check_settings, get_detector, parse_methods
 from diffmem.faults import fault_point
 from diffmem.files import append_rows, one_writer, read_rows, save_generations
 from diffmem.prompts import PromptRecord
@@ -65,12 +67,17 @@ def detect_unit(model, detectors: list[Detector], prompts: list[str], positions:
     """One work unit through the pass with every detector's recorder: the samples and, per prompt,
     each detector's row fields (in `detectors` order)."""
     G = config.num_generations
+    decode = decode or any(getattr(d, "needs_images", False) for d in detectors)
     with ExitStack() as stack:
-        recorders = [d.recorder(model, config) for d in detectors]
+        recorders = [d.recorder(model, config, prompts) for d in detectors]
         for r in recorders:
             if hasattr(r, "__enter__"):
                 stack.enter_context(r)
         samples = sample_unit(model, prompts, positions, config, decode=decode, recorders=recorders)
+        images = torch.cat([s.images for s in samples]) if decode else None
+        for r in recorders:
+            if hasattr(r, "on_images"):
+                r.on_images(images)
         fields = [[d.fields(r, slice(j * G, (j + 1) * G)) for d, r in zip(detectors, recorders)]
                   for j in range(len(positions))]
     return samples, fields
@@ -103,6 +110,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     if format == "official" and "wen" not in methods:
         raise ValueError("--format official writes Wen et al.'s arrays: --method must include wen")
     detectors = [get_detector(m, norm_order=norm_order) for m in methods]
+    check_settings(detectors, config)
     rows_path = out if format == "diffmem" else full_rows_path(out)
     settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods), "format": format,
                 **({"norm_order": norm_order} if norm_order != 2 else {})}

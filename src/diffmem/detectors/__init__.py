@@ -8,13 +8,18 @@ fields of a detection row. To add one:
    - ``name`` (str): the registry key, the ``--method`` value and the row field holding its score;
    - ``higher_is_memorized`` (bool): the direction of the score, used as is by ``diffmem roc``
      (scores are never label-flipped after the fact);
-   - ``recorder(model, config) -> Recorder``: a fresh recorder for one work unit (an object with
-     ``on_step(step)`` and optionally ``before_step(index, t)``; it may be a context manager, as
-     ``diffmem.attention.CrossAttentionRecorder`` is, entered around the unit's pass);
+   - ``recorder(model, config, prompts) -> Recorder``: a fresh recorder for one work unit whose pass
+     rows are `prompts` x G generations, prompt-major (an object with ``on_step(step)`` and
+     optionally ``before_step(index, t)``, and ``on_images(images)`` to receive the decoded
+     generations; it may be a context manager, as ``diffmem.attention.CrossAttentionRecorder`` is,
+     entered around the unit's pass);
    - ``fields(recorder, rows: slice) -> dict``: the row fields of the prompt whose generations are
      the pass rows ``rows``, including ``{name: score}``;
    - ``score_of(row, steps, generations) -> float``: the score of a stored row, over a step window
      and the first generations where the detector keeps per-step, per-generation values (``roc``);
+
+   and optionally ``all_steps = True`` (it needs the whole trajectory: refused with ``--track-steps``),
+   ``needs_images = True`` (the generations are decoded for it), ``min_generations`` (G it needs);
 
 2. decorate it with ``@register`` and import the file at the end of this module.
 
@@ -33,7 +38,7 @@ class Detector(Protocol):
     name: str
     higher_is_memorized: bool
 
-    def recorder(self, model, config: "SamplingConfig") -> "Recorder": ...
+    def recorder(self, model, config: "SamplingConfig", prompts: list[str]) -> "Recorder": ...
 
     def fields(self, recorder: "Recorder", rows: slice) -> dict: ...
 
@@ -77,4 +82,16 @@ def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
     return tuple(names)
 
 
-from diffmem.detectors import wen  # noqa: E402,F401  (registration)
+def check_settings(detectors, config: "SamplingConfig") -> None:
+    """Refuse settings a requested detector cannot run under, naming it (before any sampling)."""
+    for d in detectors:
+        if getattr(d, "all_steps", False) and config.steps_to_run < config.num_inference_steps:
+            raise ValueError(f"--method {d.name} needs the whole trajectory: drop --track-steps "
+                             f"({config.track_steps} of {config.num_inference_steps} steps)")
+        need = getattr(d, "min_generations", 1)
+        if config.num_generations < need:
+            raise ValueError(f"--method {d.name} needs at least {need} generations per prompt "
+                             f"(--num-generations {config.num_generations})")
+
+
+from diffmem.detectors import bright_ending, carlini, jeon_fd, membench, ren, wen  # noqa: E402,F401  (registration)

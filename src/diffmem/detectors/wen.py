@@ -50,7 +50,7 @@ class Wen:
             raise ValueError(f"--norm-order {norm_order}: must be >= 1 (2 is the paper's)")
         self.norm_order = norm_order
 
-    def recorder(self, model, config: "SamplingConfig") -> NoiseNormRecorder:
+    def recorder(self, model, config: "SamplingConfig", prompts: list[str]) -> NoiseNormRecorder:
         return NoiseNormRecorder(self.norm_order)
 
     def fields(self, recorder: NoiseNormRecorder, rows: slice) -> dict:

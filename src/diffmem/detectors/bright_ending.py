@@ -1,0 +1,65 @@
+"""Bright Ending (Chen et al., ICLR 2025): the noise difference weighted by the end token's attention.
+
+At the last step, the conditional rows' cross-attention to the end token in the highest-resolution
+down-block layers (SD 1.x: ``down_blocks.0.attentions.{0,1}``, 64x64 queries; on any UNet the first
+down block with cross-attention), heads then layers averaged, is a mask m (raw probabilities, no
+threshold) over the latent grid (nearest-neighbour upsampled where that block is coarser than the
+latents), shared by the channels. BE = mean over steps of ||delta_eps_t * m||_2 / mean(m), then the
+mean over generations; higher means memorized. The official code runs the generation twice (the
+mask, then the score); here one pass keeps delta_eps_t of every step and applies the mask at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffmem.attention import CrossAttentionRecorder, down_cross_attention_blocks
+from diffmem.detectors import register
+from diffmem.detectors.common import end_token_index, per_generation_score
+
+
+class _BERecorder(CrossAttentionRecorder):
+    def __init__(self, model, config, prompts):
+        groups = down_cross_attention_blocks(model)
+        if not groups:
+            raise ValueError(f"model {model.name}: its UNet has no cross-attention in its down blocks")
+        self.last = config.num_inference_steps - 1
+        super().__init__(model, groups[0], steps=[self.last], reduce=lambda p: p.mean(1))  # (n, HW, T)
+        self.ends = torch.tensor([end_token_index(model, p) for p in prompts]).repeat_interleave(config.num_generations)
+        self.delta: list[torch.Tensor] = []  # (N, C, H, W) per step, on the CPU
+
+    def on_step(self, step) -> None:
+        super().on_step(step)
+        self.delta.append((step.eps_cond - step.eps_uncond).detach().double().cpu())
+
+    def mask(self) -> torch.Tensor:
+        """(N, 1, H, W): the end token's attention at the last step, on the latent grid."""
+        maps = self.maps[self.last]
+        info = self.layer_info[next(iter(maps))]
+        probs = torch.stack([m.double().cpu() for m in maps.values()]).mean(0)  # (N, HW, T)
+        m = probs[torch.arange(len(probs)), :, self.ends]  # (N, HW)
+        h, w = info.resolution
+        m = m.view(-1, 1, h, w)
+        size = self.delta[0].shape[-2:]
+        return m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest")
+
+
+@register
+class BrightEnding:
+    name = "bright-ending"
+    higher_is_memorized = True
+    all_steps = True
+
+    def recorder(self, model, config, prompts):
+        return _BERecorder(model, config, prompts)
+
+    def fields(self, recorder: _BERecorder, rows: slice) -> dict:
+        m = recorder.mask()[rows]  # (G, 1, H, W)
+        delta = torch.stack([d[rows] for d in recorder.delta])  # (S, G, C, H, W)
+        per_step = (delta * m).flatten(2).norm(dim=-1) / m.flatten(1).mean(-1)  # (S, G)
+        be = per_step.mean(0)
+        return {self.name: float(be.mean()), "bright_ending_per_generation": be.tolist()}
+
+    def score_of(self, row, steps=None, generations=None):
+        return per_generation_score(row, "bright_ending_per_generation", self.name, steps, generations)

@@ -1,0 +1,32 @@
+"""What several detectors share: token positions of a prompt, attention entropy, extra UNet calls."""
+
+from __future__ import annotations
+
+import torch
+
+
+def end_token_index(model, prompt: str) -> int:
+    """Position of the prompt's end token (the first special token after the start token): with the
+    start token, the prompt's length L in Ren et al.'s and Bright Ending's sense is this + 1."""
+    tokens = model.tokens(prompt)
+    return next((j for j in range(1, len(tokens)) if tokens[j].special), len(tokens) - 1)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """-sum p log p over the last axis, with 0 log 0 = 0 (no renormalisation): (..., T) -> (...)."""
+    p = p.double()
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+
+
+def rows_per_prompt(values: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The values of one prompt's generations (its pass rows), as float64 on the CPU."""
+    return values[rows].detach().double().cpu()
+
+
+def per_generation_score(row: dict, key: str, method: str, steps=None, generations: int | None = None) -> float:
+    """Mean of a row's per-generation values under `key` over the first `generations`; a detector
+    taken at fixed steps refuses a step window."""
+    if steps is not None:
+        raise ValueError(f"{method} is taken at fixed steps: no step window")
+    values = row[key][:generations] if generations else row[key]
+    return float(sum(values) / len(values))

@@ -1,0 +1,51 @@
+"""jeon-fd, diffmem's own detector (not a published method): the finite-difference sharpness of
+Jeon et al.'s SAIL loss, used as a score.
+
+At the first step, with delta(x) = eps(x, c) - eps(x, empty) and v = delta(x_T) / ||delta(x_T)||
+(a unit vector per generation), the score is ||delta(x_T + v) - delta(x_T)||_2, the mean over
+generations: how fast the text-conditional noise changes along its own direction, the quantity
+Jeon et al.'s Hessian score measures with a Jacobian-vector product, here by one extra guided
+UNet call per generation and no autograd. Higher means memorized.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffmem.detectors import register
+from diffmem.detectors.common import per_generation_score
+
+
+class _FDRecorder:
+    def __init__(self, model):
+        self.model = model
+        self.values: torch.Tensor | None = None
+
+    def on_step(self, step) -> None:
+        if step.index != 0:
+            return
+        from diffmem.sampling import predict_branches
+
+        model = self.model
+        delta = (step.eps_cond - step.eps_uncond).detach()
+        norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (delta.ndim - 1))
+        with torch.no_grad():
+            eps_c, eps_u = predict_branches(model, step.x_t.detach() + delta / norm, step.t, step.cond.detach(),
+                                            model.empty_conditioning().expand(len(delta)))
+        self.values = ((eps_c - eps_u) - delta).flatten(1).double().norm(dim=1).cpu()
+
+
+@register
+class JeonFD:
+    name = "jeon-fd"
+    higher_is_memorized = True
+
+    def recorder(self, model, config, prompts):
+        return _FDRecorder(model)
+
+    def fields(self, recorder: _FDRecorder, rows: slice) -> dict:
+        v = recorder.values[rows]
+        return {self.name: float(v.mean()), "jeon_fd_per_generation": v.tolist()}
+
+    def score_of(self, row, steps=None, generations=None):
+        return per_generation_score(row, "jeon_fd_per_generation", self.name, steps, generations)

@@ -1,0 +1,48 @@
+"""MemBench (Hong et al., TMLR 2025): D = ||eps(x_T, 999, p) - eps(x_T, 999, empty)||^2.
+
+One extra conditional and unconditional UNet call per generation on the initial noise at t = 999
+(the training schedule's last timestep, not the first DDIM step's 981), made by the recorder at the
+pass's first step; the mean over generations; higher means memorized. The square is kept as
+published (it does not change the ranking of one generation, but it does change a mean over several).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffmem.detectors import register
+from diffmem.detectors.common import per_generation_score
+
+
+class _MemBenchRecorder:
+    def __init__(self, model):
+        self.model = model
+        self.values: torch.Tensor | None = None  # (N,)
+
+    def on_step(self, step) -> None:
+        if step.index != 0:
+            return
+        from diffmem.sampling import predict_branches
+
+        model = self.model
+        t = torch.tensor(model.scheduler.config.num_train_timesteps - 1, device=step.x_t.device)
+        with torch.no_grad():
+            eps_c, eps_u = predict_branches(model, step.x_t.detach(), t, step.cond.detach(),
+                                            model.empty_conditioning().expand(len(step.x_t)))
+        self.values = (eps_c - eps_u).flatten(1).double().pow(2).sum(1).cpu()
+
+
+@register
+class MemBench:
+    name = "membench"
+    higher_is_memorized = True
+
+    def recorder(self, model, config, prompts):
+        return _MemBenchRecorder(model)
+
+    def fields(self, recorder: _MemBenchRecorder, rows: slice) -> dict:
+        d = recorder.values[rows]
+        return {self.name: float(d.mean()), "membench_per_generation": d.tolist()}
+
+    def score_of(self, row, steps=None, generations=None):
+        return per_generation_score(row, "membench_per_generation", self.name, steps, generations)
