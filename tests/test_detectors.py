@@ -144,7 +144,7 @@ def test_norm_order_is_the_originals_lp(tiny_sd_folder, tmp_path):
 
 # -- the field's detectors, each against an independent computation of its formula ---------------
 
-ALL = ["wen", "ren-le", "ren-ae", "bright-ending", "membench", "jeon-fd", "carlini"]
+ALL = ["wen", "ren-le", "ren-ae", "bright-ending", "membench", "jeon-fd", "jeon", "carlini"]
 CFG = SamplingConfig(num_inference_steps=4, num_generations=2, batch_size=16, seed=5)
 THREE = ["a red square", "a blue circle on a mat", "two green birds"]
 
@@ -279,3 +279,27 @@ def test_settings_a_detector_cannot_run_under_are_refused(tiny_sd_folder, tmp_pa
                  "--num-generations", "2"]) == 0
     row = read_rows(tmp_path / "c.jsonl")[0]
     assert row["score"] == row["ren-le"] and {"membench", "jeon-fd"} <= set(row)
+
+
+def test_jeon_hessian_score_equals_a_float64_finite_difference(tiny_sd):
+    """The JVP of the detector against a central finite difference of the same product in float64."""
+    import copy
+
+    from diffmem.detectors.jeon import hessian_score
+
+    cfg = SamplingConfig(num_inference_steps=4, num_generations=2, batch_size=8, track_steps=1, seed=2)
+    (fields,) = detect_unit(tiny_sd, [detectors.get_detector("jeon")], ["a red cat on a mat"], [0], cfg)[1]
+    unet64 = copy.deepcopy(tiny_sd.unet).double()
+    t = schedule(tiny_sd, 4)[0]
+    x = initial_noise(tiny_sd, 2, 2).double()
+    cond = tiny_sd.encode_prompts(["a red cat on a mat"]).embeddings.double().expand(2, -1, -1)
+    unc = tiny_sd.empty_conditioning().embeddings.double().expand(2, -1, -1)
+    sigma = float((1 - tiny_sd.scheduler.alphas_cumprod[int(t)].double()).sqrt())
+    delta = lambda x: (unet64(x, t, encoder_hidden_states=cond).sample - unet64(x, t, encoder_hidden_states=unc).sample)
+    with torch.no_grad():
+        v = -delta(x) / sigma
+        h = 1e-4
+        fd = (delta(x + h * v) - delta(x - h * v)) / (2 * h)
+    expected = (fd / sigma).flatten(1).norm(dim=1)
+    np.testing.assert_allclose(fields[0]["jeon_per_generation"], expected.numpy(), rtol=1e-3)
+    assert fields[0]["jeon"] > 0
