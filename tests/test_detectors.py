@@ -303,3 +303,29 @@ def test_jeon_hessian_score_equals_a_float64_finite_difference(tiny_sd):
     expected = (fd / sigma).flatten(1).norm(dim=1)
     np.testing.assert_allclose(fields[0]["jeon_per_generation"], expected.numpy(), rtol=1e-3)
     assert fields[0]["jeon"] > 0
+
+
+def test_bench_detect_writes_the_table(tiny_sd_folder, tmp_path, capsys):
+    """bench detect on a tiny model: every detector at the settings it is defined for, metrics that
+    equal roc's on the same rows, costs, ROC figures."""
+    from diffmem.metrics import roc_metrics
+
+    (tmp_path / "m.txt").write_text("a red square\na blue circle\nthe owl\n")
+    (tmp_path / "n.txt").write_text("a green bird\na cat\ntwo dogs\na house\n")
+    out = tmp_path / "bench"
+    assert main(["bench", "detect", "--model", str(tiny_sd_folder), "--memorized", str(tmp_path / "m.txt"),
+                 "--non-memorized", str(tmp_path / "n.txt"), "--generations", "1,2", "--num-inference-steps", "3",
+                 "--bootstrap", "10", "--out", str(out), "--no-progress"]) == 0
+    table = json.loads((out / "table.json").read_text())
+    got = {(r["method"], r["steps"], r["generations"]) for r in table["rows"]}
+    assert ("carlini", "all", 2) in got and ("carlini", "all", 1) not in got  # needs two generations
+    assert ("ren-le", "first", 1) in got and ("ren-le", "all", 1) not in got  # taken at the first step only
+    assert ("ren-ae", "first", 1) not in got and ("wen", "first", 1) in got and ("wen", "all", 1) in got
+    row = next(r for r in table["rows"] if (r["method"], r["steps"], r["generations"]) == ("wen", "first", 2))
+    pos = [r["wen"] for r in read_rows(out / "runs" / "g2-first" / "memorized.jsonl")]
+    neg = [r["wen"] for r in read_rows(out / "runs" / "g2-first" / "non-memorized.jsonl")]
+    assert row["auc"] == pytest.approx(roc_metrics(pos, neg).auc)
+    assert row["auc_ci95"][0] <= row["auc"] <= row["auc_ci95"][1] and row["unet_rows_per_prompt"] == 4
+    carlini = next(r for r in table["rows"] if r["method"] == "carlini")
+    assert carlini["higher_is_memorized"] is False and carlini["unet_rows_per_prompt"] == 2 * 2 * 3
+    assert (out / "table.md").read_text().startswith("| method |") and len(list((out / "roc").glob("*.png"))) == len(got)

@@ -352,6 +352,7 @@ class CrossAttentionRecorder:
         self.layer_info: dict[str, LayerInfo] = {}
         self.active = True  # capture during the current step
         self._pending: dict[str, list[torch.Tensor]] = {}
+        self._step_maps: dict[str, torch.Tensor] | None = None
         self._previous: dict[str, object] | None = None
 
     @property
@@ -388,10 +389,18 @@ class CrossAttentionRecorder:
 
     def before_step(self, index: int, t) -> None:
         self._pending.clear()
+        self._step_maps = None
         self.active = self.wants(index)
 
+    def after_branches(self, index: int) -> None:
+        """The pass's UNet calls of this step are done: keep what they gave, and capture nothing
+        more until the next step (other recorders may make UNet calls of their own in ``on_step``)."""
+        self._step_maps = self.take()
+        self.active = False
+
     def on_step(self, step) -> None:
-        captured = self.take()
+        captured = self._step_maps if self._step_maps is not None else self.take()
+        self._step_maps = None
         self.active = True
         if not captured or not self.wants(step.index):
             return

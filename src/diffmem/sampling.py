@@ -7,8 +7,9 @@ of diffusers' ``StableDiffusionPipeline`` with ``DDIMScheduler`` for the same se
 contract in ``initial_noise``).
 
 A *recorder* is any object with ``on_step(step: Step)`` and, optionally, ``before_step(index, t)``,
-called before that step's UNet calls (the cross-attention recorder of ``diffmem.attention`` uses it
-to capture only the steps asked for). Every pass keeps Wen et al.'s d
+called before that step's UNet calls, and ``after_branches(index)``, called right after them (the
+cross-attention recorder of ``diffmem.attention`` uses both to capture exactly the pass's calls of
+the steps asked for, not the extra calls other recorders make in their ``on_step``). Every pass keeps Wen et al.'s d
 (``diffmem.detectors.wen.NoiseNormRecorder``, in ``PromptSamples``); the detectors of
 ``diffmem.detectors`` hand the pass their own recorders.
 With ``grad=True`` the UNet calls keep their autograd graph (token significance, embedding
@@ -132,6 +133,9 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
         # 1. Both branches at x_t (in one call per max_batch rows).
         with torch.set_grad_enabled(grad):
             eps_c, eps_u = predict_branches(model, latents, t, cond, uncond, max_batch=max_batch)
+        for r in recorders:  # the step's own UNet calls are done (recorders may make more in on_step)
+            if hasattr(r, "after_branches"):
+                r.after_branches(first_index + k)
         # 2. Guidance and the DDIM update, without gradients.
         nxt = None
         if advance_last or not last:

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("detect", "roc", "lab", "train", "mitigate", "evaluate", "explain", "serve", "audit")  # modules under diffmem.cli
+VERBS = ("detect", "roc", "lab", "train", "mitigate", "evaluate", "explain", "serve", "audit", "bench")  # modules under diffmem.cli
 
 
 def common_model_args(p: argparse.ArgumentParser) -> None:

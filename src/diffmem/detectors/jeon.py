@@ -53,6 +53,7 @@ class _JeonRecorder:
 class Jeon:
     name = "jeon"
     higher_is_memorized = True
+    first_step_only = True
 
     def recorder(self, model, config, prompts):
         return _JeonRecorder(model)

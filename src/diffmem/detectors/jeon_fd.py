@@ -39,6 +39,7 @@ class _FDRecorder:
 class JeonFD:
     name = "jeon-fd"
     higher_is_memorized = True
+    first_step_only = True
 
     def recorder(self, model, config, prompts):
         return _FDRecorder(model)

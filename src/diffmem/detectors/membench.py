@@ -36,6 +36,7 @@ class _MemBenchRecorder:
 class MemBench:
     name = "membench"
     higher_is_memorized = True
+    first_step_only = True
 
     def recorder(self, model, config, prompts):
         return _MemBenchRecorder(model)

@@ -39,6 +39,7 @@ class _LERecorder(CrossAttentionRecorder):
 class RenLE:
     name = "ren-le"
     higher_is_memorized = True
+    first_step_only = True
 
     def recorder(self, model, config, prompts):
         return _LERecorder(model)

@@ -1,0 +1,83 @@
+"""``diffmem bench``: benchmarks that compare methods on the same prompts, seeds and model."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    from diffmem.bench import BenchDetectConfig
+    from diffmem.cli.main import common_model_args
+
+    base = BenchDetectConfig()
+    p = sub.add_parser("bench", help="compare detectors on the same prompts, seeds and model")
+    kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    d = kinds.add_parser("detect", help="every detector at the settings it is defined for: AUC, TPR@1%%/3%%FPR "
+                         "with bootstrap intervals, cost", description="Detect memorized against control prompts "
+                         "with every requested detector and write table.md, table.json and ROC figures to --out. "
+                         "Default on the lab: its memorized captions against non-memorized, novel and out-of-style "
+                         "ones.")
+    common_model_args(d)
+    d.add_argument("--memorized", default=None, help="memorized prompts (a prompt file); default: the lab's")
+    d.add_argument("--non-memorized", default=None, help="control prompts (a prompt file, or 'random'); default: "
+                   "the lab's non-memorized, novel and out-of-style captions")
+    d.add_argument("--prompt-key", default="caption")
+    d.add_argument("--limit", type=int, default=100, help="prompts per control set (default 100)")
+    d.add_argument("--methods", default=None, help=f"comma-separated (default: all: {', '.join(base.methods)})")
+    d.add_argument("--steps", default=None, help="first, all or first,all (default): the first step for detectors "
+                   "defined there, the whole trajectory for every detector")
+    d.add_argument("--generations", default=None, help="comma-separated (default 1,4)")
+    d.add_argument("--num-inference-steps", type=int, default=None, help=f"default {base.num_inference_steps}")
+    d.add_argument("--seed", type=int, default=None, help="the prompt at position i starts from seed + i (default 0)")
+    d.add_argument("--batch-size", type=int, default=None, help=f"UNet samples per call (default {base.batch_size})")
+    d.add_argument("--bootstrap", type=int, default=None, help=f"resamples for the 95%% intervals (default {base.bootstrap})")
+    d.add_argument("--out", required=True)
+    d.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args):
+    from dataclasses import replace
+
+    from diffmem.bench import BenchDetectConfig
+    from diffmem.cli.options import given
+
+    split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())
+    options = given(args, ("num_inference_steps", "seed", "batch_size", "bootstrap"))
+    if args.methods:
+        options["methods"] = split(args.methods)
+    if args.steps:
+        options["steps"] = split(args.steps)
+    if args.generations:
+        try:
+            options["generations"] = tuple(int(g) for g in split(args.generations))
+        except ValueError:
+            raise ValueError(f"--generations {args.generations!r}: expected comma-separated numbers, e.g. 1,4") from None
+    return replace(BenchDetectConfig(), **options)
+
+
+def run(args) -> int:
+    from diffmem.bench import bench_detect
+    from diffmem.cli.main import load_model_from_args
+    from diffmem.prompts import PromptSet, read_prompts
+
+    config = config_from_args(args)  # checked before loading anything
+    model = load_model_from_args(args)
+    if (args.memorized is None) != (args.non_memorized is None):
+        raise ValueError("give both --memorized and --non-memorized, or neither (the lab's sets)")
+    if args.memorized is None:
+        data = model.training_data()
+        if data is None:
+            raise ValueError(f"--memorized and --non-memorized are required: {args.model} is not a lab model")
+        from diffmem.prompts import PromptRecord
+
+        as_set = lambda name, limit=None: PromptSet([PromptRecord(i, p.caption) for i, p in
+                                                     enumerate(data.prompt_set(name)[:limit])], f"lab:{name}")
+        memorized = as_set("memorized")
+        controls = {n: as_set(n, args.limit) for n in ("non-memorized", "novel", "out-of-style")}
+    else:
+        memorized = PromptSet(read_prompts(args.memorized, args.prompt_key, model=model, seed=config.seed), args.memorized)
+        records = read_prompts(args.non_memorized, args.prompt_key, model=model, seed=config.seed)[:args.limit]
+        controls = {"non-memorized": PromptSet(records, args.non_memorized)}
+    table = bench_detect(model, memorized, controls, config, args.out, progress=not args.no_progress)
+    print((__import__("pathlib").Path(args.out) / "table.md").read_text())
+    print(f"wrote {args.out}/table.md, table.json and roc/ ({len(table['rows'])} rows)")
+    return 0
