@@ -252,3 +252,20 @@ def test_every_verb_runs_on_sdxl(sdxl_folder, tmp_path):
     audited = [json.loads(line) for line in (tmp_path / "audit" / "results.jsonl").read_text().splitlines()]
     assert len(audited) == 2 and all(r["flagged"] for r in audited)
     assert (tmp_path / "audit" / "index.html").is_file()
+
+
+def test_every_detector_runs_in_one_pass_on_sdxl(sdxl_folder, tmp_path):
+    """The detectors ride the same pass on SDXL (pooled embedding, time ids, its own attention layout)."""
+    import math
+
+    from diffmem.cli.main import main
+    from diffmem.detectors import DETECTORS
+    from diffmem.files import read_rows
+
+    (tmp_path / "p.txt").write_text("a red square\nthe owl at night\n")
+    out = tmp_path / "d.jsonl"
+    assert main(["detect", "--model", str(sdxl_folder), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),
+                 "--method", ",".join(sorted(DETECTORS)), "--num-inference-steps", "3", "--num-generations", "2",
+                 "--no-progress"]) == 0
+    for row in read_rows(out):
+        assert all(math.isfinite(row[name]) for name in DETECTORS)
