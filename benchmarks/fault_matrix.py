@@ -20,7 +20,7 @@ from pathlib import Path
 
 FAST = ["--num-inference-steps", "3", "--num-generations", "2", "--batch-size", "4", "--no-progress"]
 SKIP = {"meta.json", "run.json", "summary.json", "tradeoff.png", "stages.json", "index.html", "audit.json",
-        "train_config.json", "train_log.jsonl", "lab_model.json"}  # hold times or wall-clock figures
+        "train_config.json", "train_log.jsonl", "lab_model.json", "table.json", "table.md"}  # times, seconds
 TIME_KEYS = {"time", "started", "seconds", "finished", "elapsed_s"}
 
 
@@ -111,6 +111,9 @@ def main() -> int:
                   ["train.checkpoint:1", "train.checkpoint:2", "train.step:5"]),
         "lab build": (["lab", "build", "--preset", "fast", "--max-train-steps", "40", "--no-anneal"], "--out", ["--resume"],
                       ["train.step:20"]),
+        "bench detect": (["bench", "detect", *m, "--memorized", prompts, "--non-memorized", ref, "--methods",
+                          "wen,ren-le,carlini", "--generations", "2", "--num-inference-steps", "3", "--bootstrap", "20",
+                          "--no-progress"], "--out", [], ["detect.unit:1", "detect.unit:3"]),
     }
     print("| verb | killed at | killed | resumed | outputs equal an uninterrupted run's | seconds |")
     print("|---|---|---|---|---|---|")
