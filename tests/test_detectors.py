@@ -329,3 +329,43 @@ def test_bench_detect_writes_the_table(tiny_sd_folder, tmp_path, capsys):
     carlini = next(r for r in table["rows"] if r["method"] == "carlini")
     assert carlini["higher_is_memorized"] is False and carlini["unet_rows_per_prompt"] == 2 * 2 * 3
     assert (out / "table.md").read_text().startswith("| method |") and len(list((out / "roc").glob("*.png"))) == len(got)
+
+
+def test_asthana_on_sd_uses_the_published_weights(tiny_sd):
+    """M = 1 * norm + 2 * cos on an SD 1.x-type (epsilon) model; cos from a second call at timesteps[-3]."""
+    cfg = SamplingConfig(num_inference_steps=5, num_generations=2, batch_size=8, track_steps=1, seed=4)
+    (f,) = detect_unit(tiny_sd, [detectors.get_detector("asthana")], ["a red cat"], [0], cfg)[1][0]
+    ts = schedule(tiny_sd, 5)
+    x = initial_noise(tiny_sd, 2, 4)
+    cond = tiny_sd.encode_prompts(["a red cat"]).embeddings.expand(2, -1, -1)
+    unc = tiny_sd.empty_conditioning().embeddings.expand(2, -1, -1)
+    eps = lambda t, e: tiny_sd.unet(x, t, encoder_hidden_states=e).sample.double()
+    with torch.no_grad():
+        norm = (eps(ts[0], cond) - eps(ts[0], unc)).flatten(1).norm(dim=1)
+        u, c = eps(ts[-3], unc), eps(ts[-3], cond)
+        d = c - u
+        cos = ((u * d).sum(1) / (u.norm(dim=1) * d.norm(dim=1))).flatten(1).mean(1)
+    assert f["asthana_weights"] == [1.0, 2.0]
+    np.testing.assert_allclose(f["asthana_per_generation"], (norm + 2 * cos).numpy(), rtol=1e-5)
+    given = detectors.get_detector("asthana", asthana_weights=(2.0, 1.0))
+    (g,) = detect_unit(tiny_sd, [given], ["a red cat"], [0], cfg)[1][0]
+    np.testing.assert_allclose(g["asthana_per_generation"], (2 * norm + cos).numpy(), rtol=1e-5)
+
+
+def test_asthana_weights_derived_from_the_labs_reference_prompts():
+    """No published weights for the lab: g2 = std(norm) / std(cos) over its reference prompts."""
+    from diffmem.adapters import load_model
+    from diffmem.lab.prompts import own_reference_prompts
+
+    lab = load_model("lab")
+    cfg = SamplingConfig(num_inference_steps=50, num_generations=1, batch_size=64, track_steps=1)
+    det = detectors.get_detector("asthana")
+    g1, g2 = det.resolve_weights(lab, cfg)
+    reference = own_reference_prompts(lab)
+    (fields,) = zip(*detect_unit(lab, [detectors.get_detector("asthana", asthana_weights=(1.0, 0.0))],
+                                 reference[:64], list(range(64)), cfg)[1])
+    norms = torch.tensor([v for f in fields for v in f["asthana_norm"]], dtype=torch.float64)
+    coss = torch.tensor([v for f in fields for v in f["asthana_cos"]], dtype=torch.float64)
+    assert g1 == 1.0 and g2 > 0
+    # on the first 64 reference prompts the ratio of spreads is close to the one over all of them
+    assert g2 == pytest.approx(float(norms.std() / coss.std()), rel=0.5)

@@ -1,0 +1,111 @@
+"""Asthana & Belagiannis (ICLR 2026): anisotropy of the log-probability, on the initial noise.
+
+M = g1 * norm + g2 * cos, per generation, then the mean over generations; higher means memorized.
+norm = ||delta_eps(x_T, t_1)||_2 at the first DDIM step (Wen's first-step d); cos comes from a
+second guided call on the same x_T at t = timesteps[-3] of the schedule (t = 41 of DDIM-50): the
+cosine between eps_u and delta_eps over the channel axis at each pixel, averaged over the pixels.
+
+Weights: the published (g1, g2) = (1, 2) for SD 1.x and (1, 0.1) for SD 2.x (v-prediction). A model
+without published weights gets its own from its reference prompts (the lab's novel captions),
+putting both terms on the same spread: g1 = 1, g2 = std(norm) / std(cos) over those prompts; a model
+with neither needs ``asthana_weights`` given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from diffmem.detectors import register
+from diffmem.detectors.common import per_generation_score
+
+PUBLISHED = {("stable-diffusion", "epsilon"): (1.0, 2.0), ("stable-diffusion", "v_prediction"): (1.0, 0.1)}
+_derived: dict[tuple, tuple[float, float]] = {}
+
+
+def second_timestep(model, num_inference_steps: int):
+    from diffmem.sampling import schedule
+
+    ts = schedule(model, num_inference_steps)
+    if len(ts) < 3:
+        raise ValueError(f"asthana takes its second call at timesteps[-3]: needs >= 3 steps, not {len(ts)}")
+    return ts[-3]
+
+
+def channel_cosine(eps_u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(N,) cosine of eps_u and delta_eps over the channel axis at each pixel, averaged over pixels."""
+    return F.cosine_similarity(eps_u.double(), delta.double(), dim=1).flatten(1).mean(1)
+
+
+class _AsthanaRecorder:
+    def __init__(self, model, t2):
+        self.model, self.t2 = model, t2
+        self.norm = self.cos = None
+
+    def on_step(self, step) -> None:
+        if step.index != 0:
+            return
+        from diffmem.sampling import predict_branches
+
+        self.norm = (step.eps_cond - step.eps_uncond).detach().flatten(1).double().norm(dim=1).cpu()
+        with torch.no_grad():
+            eps_c, eps_u = predict_branches(self.model, step.x_t.detach(), self.t2, step.cond.detach(),
+                                            self.model.empty_conditioning().expand(len(step.x_t)))
+        self.cos = channel_cosine(eps_u, eps_c - eps_u).cpu()
+
+
+@register
+class Asthana:
+    name = "asthana"
+    higher_is_memorized = True
+    first_step_only = True
+
+    def __init__(self, asthana_weights: tuple[float, float] | None = None):
+        self.given = tuple(asthana_weights) if asthana_weights is not None else None
+        self.weights: tuple[float, float] | None = self.given
+
+    def resolve_weights(self, model, config) -> tuple[float, float]:
+        if self.given is not None:
+            return self.given
+        key = (model.family, model.prediction_type)
+        if key in PUBLISHED:
+            return PUBLISHED[key]
+        from diffmem.lab.prompts import own_reference_prompts
+
+        reference = own_reference_prompts(model)
+        if not reference:
+            raise ValueError(f"asthana has no published weights for {model.family} and {model.name} has no "
+                             "reference prompts to derive them from: give asthana_weights=(g1, g2)")
+        cache = (model.name, model.identity()["sha256_16"], config.num_inference_steps, config.num_generations,
+                 config.seed)
+        if cache not in _derived:
+            from dataclasses import replace
+
+            from diffmem.detect import detect_unit
+            from diffmem.sampling import plan_units
+
+            cfg = replace(config, track_steps=1)
+            norms, coss = [], []
+            for unit in plan_units(list(range(len(reference))), cfg.num_generations, cfg.batch_size):
+                probe = Asthana(asthana_weights=(1.0, 0.0))
+                fields = detect_unit(model, [probe], [reference[p] for p in unit], unit, cfg)[1]
+                for (f,) in fields:
+                    norms += f["asthana_norm"]
+                    coss += f["asthana_cos"]
+            spread = lambda v: float(torch.tensor(v, dtype=torch.float64).std())
+            _derived[cache] = (1.0, spread(norms) / max(spread(coss), 1e-12))
+        return _derived[cache]
+
+    def recorder(self, model, config, prompts):
+        self.weights = self.resolve_weights(model, config)
+        return _AsthanaRecorder(model, second_timestep(model, config.num_inference_steps))
+
+    def fields(self, recorder: _AsthanaRecorder, rows: slice) -> dict:
+        g1, g2 = self.weights
+        norm, cos = recorder.norm[rows], recorder.cos[rows]
+        m = g1 * norm + g2 * cos
+        return {self.name: float(m.mean()), "asthana_per_generation": m.tolist(), "asthana_norm": norm.tolist(),
+                "asthana_cos": cos.tolist(), "asthana_weights": [g1, g2]}
+
+    def score_of(self, row, steps=None, generations=None):
+        return per_generation_score(row, "asthana_per_generation", self.name, steps, generations)
