@@ -264,12 +264,15 @@ class CrossAttentionProcessor:
             bias = attn.prepare_attention_mask(attention_mask, T, B).view(B, heads, -1, T).float()
         for state in self.edits:
             k, bias = state.apply(self.name, k, bias)
-        if any(sink.active for sink in self.sinks):
-            logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale  # (B, heads, L, T)
-            probs = (logits if bias is None else logits + bias).softmax(dim=-1)
+        if any(sink.active for sink in self.sinks):  # explicit probabilities of the conditional rows only
+            rows = _rows("cond", B)
+            logits = torch.matmul(q[rows].float(), k[rows].float().transpose(-1, -2)) * attn.scale  # (B/2, heads, L, T)
+            if bias is not None:
+                logits = logits + (bias[rows] if bias.shape[0] == B else bias)
+            probs = logits.softmax(dim=-1)
             for sink in self.sinks:
                 if sink.active:
-                    sink.capture(self.name, attn, probs[_rows("cond", B)], T)
+                    sink.capture(self.name, attn, probs, T)
         scale = None if attn.scale == q.shape[-1] ** -0.5 else attn.scale  # None: SDPA's own 1/sqrt(d), as diffusers
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                                              dropout_p=0.0, is_causal=False, scale=scale)  # (B, heads, L, d)
