@@ -369,3 +369,38 @@ def test_asthana_weights_derived_from_the_labs_reference_prompts():
     assert g1 == 1.0 and g2 > 0
     # on the first 64 reference prompts the ratio of spreads is close to the one over all of them
     assert g2 == pytest.approx(float(norms.std() / coss.std()), rel=0.5)
+
+
+def test_ssim_and_ms_ssim_equal_torchmetrics():
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as tm_ms_ssim
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    from diffmem.similarity import ms_ssim, ssim
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(6, 4, 64, 64, generator=g, dtype=torch.float64)
+    b = (a + 0.3 * torch.rand(6, 4, 64, 64, generator=g, dtype=torch.float64)).clamp(0, 1)
+    torch.testing.assert_close(ms_ssim(a, b), tm_ms_ssim(a, b, reduction="none", kernel_size=11, betas=(0.33, 0.33, 0.33)),
+                               rtol=1e-7, atol=1e-7)
+    c, d = a[:, :3, :16, :16], b[:, :3, :16, :16]
+    torch.testing.assert_close(ssim(c, d, sigma=1.0), tm_ssim(c, d, reduction="none", sigma=1.0), rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="over 40 pixels"):
+        ms_ssim(c, d)
+
+
+def test_nemo_ssim_is_the_largest_pairwise_similarity_of_scaled_predictions(tiny_sd):
+    from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
+
+    cfg = SamplingConfig(num_inference_steps=5, num_generations=3, batch_size=8, track_steps=1, seed=6)
+    (f,) = detect_unit(tiny_sd, [detectors.get_detector("nemo-ssim")], ["a red cat"], [0], cfg)[1][0]
+    t = schedule(tiny_sd, 5)[1]
+    x = initial_noise(tiny_sd, 3, 6)
+    with torch.no_grad():
+        eps = tiny_sd.unet(x, t, encoder_hidden_states=tiny_sd.encode_prompts(["a red cat"]).embeddings.expand(3, -1, -1)).sample
+    z = (eps - x).double()
+    z = (z - z.amin((2, 3), keepdim=True)) / (z.amax((2, 3), keepdim=True) - z.amin((2, 3), keepdim=True))
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected = max(float(tm_ssim(z[[i]], z[[j]], sigma=1.0, data_range=max(float(z[[i, j]].max() - z[[i, j]].min()), 0)))
+                   for i, j in pairs)
+    # our data range is taken over the batch of all pairs, as NeMo's call does; here every channel spans [0, 1]
+    assert f["nemo-ssim"] == pytest.approx(expected, rel=1e-6)

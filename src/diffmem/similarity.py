@@ -85,6 +85,65 @@ def pixel_cosine(generated, training) -> SimilarityResult:
     return _result("pixel_cosine", a @ b.T, higher_is_better=True)
 
 
+# -- structural similarity (NeMo's cross-seed check) ---------------------------------------------
+
+def _gaussian_window(sigma: float, dtype, device) -> torch.Tensor:
+    """(k, k) normalised Gaussian window of side int(3.5 sigma + 0.5) * 2 + 1 (11 for sigma 1.5)."""
+    k = int(3.5 * sigma + 0.5) * 2 + 1
+    x = torch.arange(k, dtype=dtype, device=device) - (k - 1) / 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def _ssim_terms(x: torch.Tensor, y: torch.Tensor, sigma: float, data_range: float | None):
+    """(SSIM, contrast-structure) per image of (B, C, H, W) pairs, as torchmetrics computes them:
+    reflect padding by the window's half side, SSIM averaged over the whole map, CS over the map
+    without the padded border, data range from the batch when not given, k1 = 0.01, k2 = 0.03."""
+    x, y = x.double(), y.double()
+    if data_range is None:
+        data_range = max(float(x.max() - x.min()), float(y.max() - y.min()))
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    C = x.shape[1]
+    w = _gaussian_window(sigma, x.dtype, x.device)
+    pad = (w.shape[-1] - 1) // 2
+    kernel = w.expand(C, 1, *w.shape)
+    stack = F.pad(torch.cat([x, y, x * x, y * y, x * y]), (pad, pad, pad, pad), mode="reflect")
+    mu_x, mu_y, xx, yy, xy = F.conv2d(stack, kernel, groups=C).split(len(x))
+    var_x = (xx - mu_x ** 2).clamp_min(0)
+    var_y = (yy - mu_y ** 2).clamp_min(0)
+    cov = xy - mu_x * mu_y
+    cs_map = (2 * cov + c2) / (var_x + var_y + c2)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1) * cs_map
+    return ssim_map.flatten(1).mean(1), cs_map[..., pad:-pad, pad:-pad].flatten(1).mean(1)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5, data_range: float | None = None) -> torch.Tensor:
+    """Structural similarity of (B, C, H, W) image pairs (Gaussian window): (B,)."""
+    return _ssim_terms(x, y, sigma, data_range)[0]
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, betas=(0.33, 0.33, 0.33), sigma: float = 1.5,
+            data_range: float | None = None) -> torch.Tensor:
+    """Multi-scale SSIM of (B, C, H, W) pairs over len(betas) scales (2x average pooling between
+    them), negative terms clipped to 0 (torchmetrics' default): (B,). Needs sides over
+    (window - 1) * (len(betas) - 1) ** 2 pixels (over 40 for three scales)."""
+    need = (int(3.5 * sigma + 0.5) * 2) * max(1, len(betas) - 1) ** 2
+    if min(x.shape[-2:]) <= need:
+        raise ValueError(f"ms_ssim with {len(betas)} scales needs image sides over {need} pixels, got "
+                         f"{tuple(x.shape[-2:])}; use ssim")
+    terms = []
+    for i in range(len(betas)):
+        sim, cs = _ssim_terms(x, y, sigma, data_range)
+        terms.append(cs.clamp_min(0))
+        x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    terms[-1] = sim.clamp_min(0)
+    out = torch.ones_like(sim)
+    for t, b in zip(terms, betas):
+        out = out * t ** b
+    return out
+
+
 # -- SSCD -----------------------------------------------------------------------------------------
 
 @dataclass

@@ -95,4 +95,4 @@ def check_settings(detectors, config: "SamplingConfig") -> None:
                              f"(--num-generations {config.num_generations})")
 
 
-from diffmem.detectors import asthana, bright_ending, carlini, jeon, jeon_fd, membench, ren, wen  # noqa: E402,F401  (registration)
+from diffmem.detectors import asthana, bright_ending, carlini, jeon, jeon_fd, membench, nemo, ren, wen  # noqa: E402,F401  (registration)
