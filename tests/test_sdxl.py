@@ -266,6 +266,10 @@ def test_every_detector_runs_in_one_pass_on_sdxl(sdxl_folder, tmp_path):
     out = tmp_path / "d.jsonl"
     assert main(["detect", "--model", str(sdxl_folder), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),
                  "--method", ",".join(sorted(DETECTORS)), "--num-inference-steps", "3", "--num-generations", "2",
-                 "--no-progress"]) == 0
+                 "--asthana-weights", "1,1", "--no-progress"]) == 0
     for row in read_rows(out):
         assert all(math.isfinite(row[name]) for name in DETECTORS)
+    # without weights asthana is refused before any sampling, naming what to give
+    capsys_free = main(["detect", "--model", str(sdxl_folder), "--prompts", str(tmp_path / "p.txt"), "--out",
+                        str(tmp_path / "e.jsonl"), "--method", "asthana", "--num-inference-steps", "3", "--no-progress"])
+    assert capsys_free == 2 and not (tmp_path / "e.jsonl").exists()

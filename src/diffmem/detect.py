@@ -87,7 +87,7 @@ def detect_unit(model, detectors: list[Detector], prompts: list[str], positions:
 def run_detection(model, records: list[PromptRecord], out: str | Path, config: SamplingConfig = SamplingConfig(),
                   resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
                   unet: str | None = None, progress: bool = True, methods=None, format: str = "diffmem",
-                  norm_order: float = 2.0) -> Path:
+                  norm_order: float = 2.0, asthana_weights: tuple[float, float] | None = None) -> Path:
     """Detect memorization for `records` with the detectors named in `methods` (default: wen); write
     rows to `out` (JSON Lines). Returns `out`. `norm_order` is the p of Wen et al.'s norm (2; the
     original's ``lp``).
@@ -109,8 +109,11 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         raise ValueError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     if format == "official" and "wen" not in methods:
         raise ValueError("--format official writes Wen et al.'s arrays: --method must include wen")
-    detectors = [get_detector(m, norm_order=norm_order) for m in methods]
+    detectors = [get_detector(m, norm_order=norm_order, asthana_weights=asthana_weights) for m in methods]
     check_settings(detectors, config)
+    for d in detectors:
+        if hasattr(d, "prepare"):
+            d.prepare(model, config)
     rows_path = out if format == "diffmem" else full_rows_path(out)
     settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods), "format": format,
                 **({"norm_order": norm_order} if norm_order != 2 else {})}

@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
                    "under its own name, the first one's is also 'score'")
     p.add_argument("--norm-order", type=float, default=2.0, help="p of the norm of eps_c - eps_u (default 2, the "
                    "paper's; the original's --lp)")
+    p.add_argument("--asthana-weights", default=None, help="g1,g2 of the asthana detector where the model has no "
+                   "published weights and no reference prompts (SDXL, ...)")
     p.add_argument("--format", choices=("diffmem", "official"), default="diffmem",
                    help="official: --out holds only the seed's fields (uncond_noise_norm, text_noise_norm, "
                    "prompt) for its analysis notebooks; the full rows go to <out>.rows.jsonl beside it")
@@ -69,12 +71,22 @@ def run(args) -> int:
         records = read_prompts(args.prompts, args.prompt_key, args.start, args.end, model=model, seed=config.seed)
     out = run_detection(model, records, args.out, config, resume=args.resume, images_dir=args.save_images,
                         prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods,
-                        format=args.format, norm_order=args.norm_order)
+                        format=args.format, norm_order=args.norm_order, asthana_weights=_pair(args.asthana_weights))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         _print_summary(out, out if args.format == "diffmem" else full_rows_path(out))
     return 0
+
+
+def _pair(text: str | None):
+    if text is None:
+        return None
+    try:
+        g1, g2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--asthana-weights {text!r}: expected two numbers, e.g. 1,2") from None
+    return g1, g2
 
 
 def _print_summary(out: Path, rows_path: Path) -> None:

@@ -20,6 +20,7 @@ fields of a detection row. To add one:
 
    and optionally ``all_steps = True`` (it needs the whole trajectory: refused with ``--track-steps``),
    ``first_step_only = True`` (its value is taken at the first step; benchmarks run it there only),
+   ``prepare(model, config)`` (called once before any sampling, to refuse a model or settings early),
    ``needs_images = True`` (the generations are decoded for it), ``min_generations`` (G it needs);
 
 2. decorate it with ``@register`` and import the file at the end of this module.

@@ -8,7 +8,7 @@ cosine between eps_u and delta_eps over the channel axis at each pixel, averaged
 Weights: the published (g1, g2) = (1, 2) for SD 1.x and (1, 0.1) for SD 2.x (v-prediction). A model
 without published weights gets its own from its reference prompts (the lab's novel captions),
 putting both terms on the same spread: g1 = 1, g2 = std(norm) / std(cos) over those prompts; a model
-with neither needs ``asthana_weights`` given.
+with neither needs ``asthana_weights`` given (``detect --asthana-weights G1,G2``).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class Asthana:
 
     def resolve_weights(self, model, config) -> tuple[float, float]:
         if self.given is not None:
+            if len(self.given) != 2:
+                raise ValueError(f"--asthana-weights {self.given}: expected two numbers, g1,g2")
             return self.given
         key = (model.family, model.prediction_type)
         if key in PUBLISHED:
@@ -96,8 +98,13 @@ class Asthana:
             _derived[cache] = (1.0, spread(norms) / max(spread(coss), 1e-12))
         return _derived[cache]
 
-    def recorder(self, model, config, prompts):
+    def prepare(self, model, config) -> None:
+        """Resolve the weights before any sampling (a model without them is refused here)."""
         self.weights = self.resolve_weights(model, config)
+
+    def recorder(self, model, config, prompts):
+        if self.weights is None:
+            self.prepare(model, config)
         return _AsthanaRecorder(model, second_timestep(model, config.num_inference_steps))
 
     def fields(self, recorder: _AsthanaRecorder, rows: slice) -> dict:
