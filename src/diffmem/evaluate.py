@@ -17,7 +17,7 @@ import numpy as np
 
 from diffmem.eval_sets import EvalSet
 from diffmem.files import generation_name, jsonable, one_writer, save_generations
-from diffmem.mitigate import (AUGMENT_STYLES, METHODS, MitigatedPrompt, MitigationConfig, calibrated_target_loss,
+from diffmem.mitigate import (AUGMENT_STYLES, METHODS, MitigationConfig, calibrated_target_loss,
                               mitigate_unit, reference_losses)
 from diffmem.provenance import provenance
 from diffmem.sampling import SamplingConfig, plan_units

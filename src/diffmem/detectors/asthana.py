@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.detectors import register
-from diffmem.detectors.common import per_generation_score
+from diffmem.detectors.common import PerGeneration
 
 PUBLISHED = {("stable-diffusion", "epsilon"): (1.0, 2.0), ("stable-diffusion", "v_prediction"): (1.0, 0.1)}
 _derived: dict[tuple, tuple[float, float]] = {}
@@ -55,9 +55,9 @@ class _AsthanaRecorder:
 
 
 @register
-class Asthana:
+class Asthana(PerGeneration):
     name = "asthana"
-    higher_is_memorized = True
+    per_generation_key = "asthana_per_generation"
     first_step_only = True
 
     def __init__(self, asthana_weights: tuple[float, float] | None = None):
@@ -107,12 +107,10 @@ class Asthana:
             self.prepare(model, config)
         return _AsthanaRecorder(model, second_timestep(model, config.num_inference_steps))
 
-    def fields(self, recorder: _AsthanaRecorder, rows: slice) -> dict:
+    def values(self, recorder: _AsthanaRecorder) -> torch.Tensor:
         g1, g2 = self.weights
-        norm, cos = recorder.norm[rows], recorder.cos[rows]
-        m = g1 * norm + g2 * cos
-        return {self.name: float(m.mean()), "asthana_per_generation": m.tolist(), "asthana_norm": norm.tolist(),
-                "asthana_cos": cos.tolist(), "asthana_weights": [g1, g2]}
+        return g1 * recorder.norm + g2 * recorder.cos
 
-    def score_of(self, row, steps=None, generations=None):
-        return per_generation_score(row, "asthana_per_generation", self.name, steps, generations)
+    def fields(self, recorder: _AsthanaRecorder, rows: slice) -> dict:
+        return {**super().fields(recorder, rows), "asthana_norm": recorder.norm[rows].tolist(),
+                "asthana_cos": recorder.cos[rows].tolist(), "asthana_weights": list(self.weights)}

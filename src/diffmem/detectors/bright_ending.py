@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from diffmem.attention import CrossAttentionRecorder, down_cross_attention_blocks
 from diffmem.detectors import register
-from diffmem.detectors.common import end_token_index, per_generation_score
+from diffmem.detectors.common import PerGeneration, end_token_index
 
 
 class _BERecorder(CrossAttentionRecorder):
@@ -46,20 +46,15 @@ class _BERecorder(CrossAttentionRecorder):
 
 
 @register
-class BrightEnding:
+class BrightEnding(PerGeneration):
     name = "bright-ending"
-    higher_is_memorized = True
+    per_generation_key = "bright_ending_per_generation"
     all_steps = True
 
     def recorder(self, model, config, prompts):
         return _BERecorder(model, config, prompts)
 
-    def fields(self, recorder: _BERecorder, rows: slice) -> dict:
-        m = recorder.mask()[rows]  # (G, 1, H, W)
-        delta = torch.stack([d[rows] for d in recorder.delta])  # (S, G, C, H, W)
-        per_step = (delta * m).flatten(2).norm(dim=-1) / m.flatten(1).mean(-1)  # (S, G)
-        be = per_step.mean(0)
-        return {self.name: float(be.mean()), "bright_ending_per_generation": be.tolist()}
-
-    def score_of(self, row, steps=None, generations=None):
-        return per_generation_score(row, "bright_ending_per_generation", self.name, steps, generations)
+    def values(self, recorder: _BERecorder) -> torch.Tensor:
+        m = recorder.mask()  # (N, 1, H, W)
+        delta = torch.stack(recorder.delta)  # (S, N, C, H, W)
+        return ((delta * m).flatten(2).norm(dim=-1) / m.flatten(1).mean(-1)).mean(0)  # (N,)

@@ -18,11 +18,6 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
 
 
-def rows_per_prompt(values: torch.Tensor, rows: slice) -> torch.Tensor:
-    """The values of one prompt's generations (its pass rows), as float64 on the CPU."""
-    return values[rows].detach().double().cpu()
-
-
 def per_generation_score(row: dict, key: str, method: str, steps=None, generations: int | None = None) -> float:
     """Mean of a row's per-generation values under `key` over the first `generations`; a detector
     taken at fixed steps refuses a step window."""
@@ -30,3 +25,21 @@ def per_generation_score(row: dict, key: str, method: str, steps=None, generatio
         raise ValueError(f"{method} is taken at fixed steps: no step window")
     values = row[key][:generations] if generations else row[key]
     return float(sum(values) / len(values))
+
+
+class PerGeneration:
+    """Base of the detectors whose value is one number per generation and whose score is their mean:
+    a subclass gives ``name``, ``per_generation_key`` and ``values(recorder) -> (N,)`` over the pass rows."""
+
+    higher_is_memorized = True
+    per_generation_key: str
+
+    def values(self, recorder) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fields(self, recorder, rows: slice) -> dict:
+        v = self.values(recorder)[rows].detach().double().cpu()
+        return {self.name: float(v.mean()), self.per_generation_key: v.tolist()}
+
+    def score_of(self, row, steps=None, generations=None):
+        return per_generation_score(row, self.per_generation_key, self.name, steps, generations)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from diffmem.detectors import register
-from diffmem.detectors.common import per_generation_score
+from diffmem.detectors.common import PerGeneration
 
 
 def hessian_score(model, x_t: torch.Tensor, t, cond, uncond) -> torch.Tensor:
@@ -50,17 +50,13 @@ class _JeonRecorder:
 
 
 @register
-class Jeon:
+class Jeon(PerGeneration):
     name = "jeon"
-    higher_is_memorized = True
+    per_generation_key = "jeon_per_generation"
     first_step_only = True
 
     def recorder(self, model, config, prompts):
         return _JeonRecorder(model)
 
-    def fields(self, recorder: _JeonRecorder, rows: slice) -> dict:
-        v = recorder.values[rows]
-        return {self.name: float(v.mean()), "jeon_per_generation": v.tolist()}
-
-    def score_of(self, row, steps=None, generations=None):
-        return per_generation_score(row, "jeon_per_generation", self.name, steps, generations)
+    def values(self, recorder: _JeonRecorder) -> torch.Tensor:
+        return recorder.values

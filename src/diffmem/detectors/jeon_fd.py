@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from diffmem.detectors import register
-from diffmem.detectors.common import per_generation_score
+from diffmem.detectors.common import PerGeneration
 
 
 class _FDRecorder:
@@ -36,17 +36,13 @@ class _FDRecorder:
 
 
 @register
-class JeonFD:
+class JeonFD(PerGeneration):
     name = "jeon-fd"
-    higher_is_memorized = True
+    per_generation_key = "jeon_fd_per_generation"
     first_step_only = True
 
     def recorder(self, model, config, prompts):
         return _FDRecorder(model)
 
-    def fields(self, recorder: _FDRecorder, rows: slice) -> dict:
-        v = recorder.values[rows]
-        return {self.name: float(v.mean()), "jeon_fd_per_generation": v.tolist()}
-
-    def score_of(self, row, steps=None, generations=None):
-        return per_generation_score(row, "jeon_fd_per_generation", self.name, steps, generations)
+    def values(self, recorder: _FDRecorder) -> torch.Tensor:
+        return recorder.values

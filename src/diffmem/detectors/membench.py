@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from diffmem.detectors import register
-from diffmem.detectors.common import per_generation_score
+from diffmem.detectors.common import PerGeneration
 
 
 class _MemBenchRecorder:
@@ -33,17 +33,13 @@ class _MemBenchRecorder:
 
 
 @register
-class MemBench:
+class MemBench(PerGeneration):
     name = "membench"
-    higher_is_memorized = True
+    per_generation_key = "membench_per_generation"
     first_step_only = True
 
     def recorder(self, model, config, prompts):
         return _MemBenchRecorder(model)
 
-    def fields(self, recorder: _MemBenchRecorder, rows: slice) -> dict:
-        d = recorder.values[rows]
-        return {self.name: float(d.mean()), "membench_per_generation": d.tolist()}
-
-    def score_of(self, row, steps=None, generations=None):
-        return per_generation_score(row, "membench_per_generation", self.name, steps, generations)
+    def values(self, recorder: _MemBenchRecorder) -> torch.Tensor:
+        return recorder.values

@@ -19,7 +19,7 @@ import torch
 
 from diffmem.attention import CrossAttentionRecorder, down_cross_attention_blocks
 from diffmem.detectors import register
-from diffmem.detectors.common import end_token_index, entropy, per_generation_score, rows_per_prompt
+from diffmem.detectors.common import PerGeneration, end_token_index, entropy
 
 
 def le_layer(model) -> str:
@@ -36,21 +36,16 @@ class _LERecorder(CrossAttentionRecorder):
 
 
 @register
-class RenLE:
+class RenLE(PerGeneration):
     name = "ren-le"
-    higher_is_memorized = True
+    per_generation_key = "ren_le_per_generation"
     first_step_only = True
 
     def recorder(self, model, config, prompts):
         return _LERecorder(model)
 
-    def fields(self, recorder: _LERecorder, rows: slice) -> dict:
-        a = rows_per_prompt(recorder.maps[0][recorder.layer], rows).mean(1)  # (G, T): heads averaged
-        le = entropy(a)
-        return {self.name: float(le.mean()), "ren_le_per_generation": le.tolist()}
-
-    def score_of(self, row, steps=None, generations=None):
-        return per_generation_score(row, "ren_le_per_generation", self.name, steps, generations)
+    def values(self, recorder: _LERecorder) -> torch.Tensor:
+        return entropy(recorder.maps[0][recorder.layer].double().cpu().mean(1))  # (N,): heads averaged
 
 
 def ae_steps(num_inference_steps: int) -> list[int]:
@@ -67,20 +62,19 @@ class _AERecorder(CrossAttentionRecorder):
 
 
 @register
-class RenAE:
+class RenAE(PerGeneration):
     name = "ren-ae"
-    higher_is_memorized = True
+    per_generation_key = "ren_ae_per_generation"
     all_steps = True
 
     def recorder(self, model, config, prompts):
         return _AERecorder(model, config, prompts)
 
-    def fields(self, recorder: _AERecorder, rows: slice) -> dict:
-        per_step = {k: torch.stack([rows_per_prompt(m, rows) for m in recorder.maps[k].values()]).mean(0)
-                    for k in recorder.steps_used}  # step -> (G, T), layers averaged
-        ends = recorder.ends[rows]
+    def values(self, recorder: _AERecorder) -> torch.Tensor:
+        per_step = {k: torch.stack([m.double().cpu() for m in recorder.maps[k].values()]).mean(0)
+                    for k in recorder.steps_used}  # step -> (N, T), layers averaged
         T = per_step[0].shape[-1]
-        after = (torch.arange(T)[None, :] >= ends[:, None]).double()  # the end token and what follows
+        after = (torch.arange(T)[None, :] >= recorder.ends[:, None]).double()  # the end token and what follows
 
         def end_entropy(a):
             return -(a * torch.log(a.clamp_min(1e-300)) * after).sum(-1)
@@ -88,8 +82,4 @@ class RenAE:
         last = recorder.steps_used[1:]
         e = torch.stack([entropy(per_step[k]) for k in last]).mean(0)
         e_end = torch.stack([end_entropy(per_step[k]) for k in last]).mean(0) - end_entropy(per_step[0])
-        ae = e + e_end  # (G,)
-        return {self.name: float(ae.mean()), "ren_ae_per_generation": ae.tolist()}
-
-    def score_of(self, row, steps=None, generations=None):
-        return per_generation_score(row, "ren_ae_per_generation", self.name, steps, generations)
+        return e + e_end  # (N,)
