@@ -404,3 +404,19 @@ def test_nemo_ssim_is_the_largest_pairwise_similarity_of_scaled_predictions(tiny
                    for i, j in pairs)
     # our data range is taken over the batch of all pairs, as NeMo's call does; here every channel spans [0, 1]
     assert f["nemo-ssim"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_every_detector_on_a_v_prediction_model(tmp_path):
+    """On a velocity model every detector reads the noise (the spine's conversion), finite values."""
+    import math
+
+    from diffmem.testing import make_tiny_sd_folder
+
+    folder = make_tiny_sd_folder(tmp_path / "v", prediction_type="v_prediction")
+    (tmp_path / "p.txt").write_text("a red square\nthe owl\n")
+    out = tmp_path / "d.jsonl"
+    assert main(["detect", "--model", str(folder), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),
+                 "--method", ",".join(sorted(detectors.DETECTORS)), *FAST]) == 0
+    for row in read_rows(out):
+        assert all(math.isfinite(row[n]) for n in detectors.DETECTORS)
+        assert row["asthana_weights"] == [1.0, 0.1]  # SD 2.x's published weights

@@ -273,3 +273,18 @@ def test_every_detector_runs_in_one_pass_on_sdxl(sdxl_folder, tmp_path):
     capsys_free = main(["detect", "--model", str(sdxl_folder), "--prompts", str(tmp_path / "p.txt"), "--out",
                         str(tmp_path / "e.jsonl"), "--method", "asthana", "--num-inference-steps", "3", "--no-progress"])
     assert capsys_free == 2 and not (tmp_path / "e.jsonl").exists()
+
+
+def test_bench_detect_on_sdxl(sdxl_folder, tmp_path):
+    import json
+
+    from diffmem.cli.main import main
+
+    (tmp_path / "m.txt").write_text("a red square\nthe owl at night\n")
+    (tmp_path / "n.txt").write_text("a green bird\na cat\ntwo dogs\n")
+    assert main(["bench", "detect", "--model", str(sdxl_folder), "--memorized", str(tmp_path / "m.txt"),
+                 "--non-memorized", str(tmp_path / "n.txt"), "--generations", "2", "--num-inference-steps", "3",
+                 "--bootstrap", "5", "--asthana-weights", "1,1", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    rows = json.loads((tmp_path / "b" / "table.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"asthana", "bright-ending", "carlini", "jeon", "jeon-fd", "membench",
+                                           "nemo-ssim", "ren-ae", "ren-le", "wen"}

@@ -34,6 +34,7 @@ class BenchDetectConfig:
     batch_size: int = 64
     bootstrap: int = 1000  # resamples for the 95% intervals
     timing_prompts: int = 8  # memorized prompts each detector is timed alone on
+    asthana_weights: tuple[float, float] | None = None  # where the model has neither published weights nor references
 
     def __post_init__(self):
         for m in self.methods:
@@ -97,12 +98,14 @@ class _RowCounter:
         self.model.predict_noise = self._orig
 
 
-def detector_cost(model, method: str, prompts: list[str], sampling: SamplingConfig) -> dict:
+def detector_cost(model, method: str, prompts: list[str], sampling: SamplingConfig, **options) -> dict:
     """UNet rows and seconds per prompt of one detector alone (its pass included)."""
     from diffmem.detect import detect_unit
     from diffmem.sampling import plan_units
 
-    det = get_detector(method)
+    det = get_detector(method, **options)
+    if hasattr(det, "prepare"):
+        det.prepare(model, sampling)
     with _RowCounter(model) as counter:
         t0 = time.perf_counter()
         for unit in plan_units(list(range(len(prompts))), sampling.num_generations, sampling.batch_size):
@@ -136,14 +139,16 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
             for name, prompts in {"memorized": memorized, **controls}.items():
                 path = out / "runs" / f"g{G}-{steps}" / f"{name}.jsonl"
                 run_detection(model, prompts.records, path, sampling, resume=True, methods=methods,
-                              progress=progress, prompts_info={"set": name, "source": prompts.source})
+                              progress=progress, prompts_info={"set": name, "source": prompts.source},
+                              asthana_weights=config.asthana_weights)
                 scored[name] = read_rows(path)
             # 2. Per detector and control set: the metrics, in the detector's own direction.
             for m in methods:
                 det = get_detector(m)
                 sign = 1.0 if det.higher_is_memorized else -1.0
                 pos = [sign * r[m] for r in scored["memorized"]]
-                cost = detector_cost(model, m, [r.prompt for r in memorized.records[:config.timing_prompts]], sampling)
+                cost = detector_cost(model, m, [r.prompt for r in memorized.records[:config.timing_prompts]], sampling,
+                                     asthana_weights=config.asthana_weights)
                 for name in controls:
                     neg = [sign * r[m] for r in scored[name]]
                     metrics = detection_metrics(pos, neg, config.bootstrap)

@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     d.add_argument("--seed", type=int, default=None, help="the prompt at position i starts from seed + i (default 0)")
     d.add_argument("--batch-size", type=int, default=None, help=f"UNet samples per call (default {base.batch_size})")
     d.add_argument("--bootstrap", type=int, default=None, help=f"resamples for the 95%% intervals (default {base.bootstrap})")
+    d.add_argument("--asthana-weights", default=None, help="g1,g2 of asthana where the model has neither published "
+                   "weights nor reference prompts (SDXL, ...)")
     d.add_argument("--out", required=True)
     d.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
@@ -51,6 +53,10 @@ def config_from_args(args):
             options["generations"] = tuple(int(g) for g in split(args.generations))
         except ValueError:
             raise ValueError(f"--generations {args.generations!r}: expected comma-separated numbers, e.g. 1,4") from None
+    if args.asthana_weights:
+        from diffmem.cli.options import parse_weights
+
+        options["asthana_weights"] = parse_weights(args.asthana_weights)
     return replace(BenchDetectConfig(), **options)
 
 

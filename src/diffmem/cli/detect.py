@@ -49,6 +49,7 @@ def config_from_args(args):
 def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
     from diffmem.detect import full_rows_path, run_detection
+    from diffmem.cli.options import parse_weights
     from diffmem.detectors import parse_methods
     from diffmem.prompts import needs_model, read_prompts
 
@@ -71,22 +72,12 @@ def run(args) -> int:
         records = read_prompts(args.prompts, args.prompt_key, args.start, args.end, model=model, seed=config.seed)
     out = run_detection(model, records, args.out, config, resume=args.resume, images_dir=args.save_images,
                         prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods,
-                        format=args.format, norm_order=args.norm_order, asthana_weights=_pair(args.asthana_weights))
+                        format=args.format, norm_order=args.norm_order, asthana_weights=parse_weights(args.asthana_weights))
     from accelerate import PartialState
 
     if PartialState().is_main_process:
         _print_summary(out, out if args.format == "diffmem" else full_rows_path(out))
     return 0
-
-
-def _pair(text: str | None):
-    if text is None:
-        return None
-    try:
-        g1, g2 = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"--asthana-weights {text!r}: expected two numbers, e.g. 1,2") from None
-    return g1, g2
 
 
 def _print_summary(out: Path, rows_path: Path) -> None:

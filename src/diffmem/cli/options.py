@@ -73,3 +73,14 @@ def explain_from_args(args, base):
     steps = (args.start_step if args.start_step is not None else base.steps[0],
              args.end_step if args.end_step is not None else base.steps[1])
     return replace(base, steps=steps, **given(args, names))
+
+
+def parse_weights(text: str | None):
+    """--asthana-weights "g1,g2" -> (g1, g2); None stays None."""
+    if text is None:
+        return None
+    try:
+        g1, g2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--asthana-weights {text!r}: expected two numbers, e.g. 1,2") from None
+    return g1, g2
