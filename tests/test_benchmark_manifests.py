@@ -1,0 +1,224 @@
+"""Every kept benchmark result says where it came from (a MANIFEST.json: command, model identity hash,
+commit, date), and the figures the README and docs/detectors.md quote equal the result files they cite."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# Result roots: a root's MANIFEST.json is either one record for the whole root (one result folder) or
+# maps each file directly in it to its record, every folder in it then having a MANIFEST.json of its own.
+ROOTS = ("lab", "lab_cells", "lab_cells_linear", "lab_scaled", "lab_mitigation_ckpt4000")
+COMMAND_STARTS = ("diffmem", "python", "OMP_NUM_THREADS=1 python", "benchmarks/")
+NOT_SHIPPED = re.compile(r"not shipped \(retired model; rebuild with `diffmem lab build --preset [a-z-]+`\)")
+TRAINED_BY_COMMAND = "trained by the command ("
+README = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())  # line breaks as spaces
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _records() -> list[tuple[str, Path, dict]]:
+    """(name, what it describes, record) for every record of every manifest; asserts the coverage."""
+    out = []
+    top = _load(RESULTS / "MANIFEST.json")
+    for entry in sorted(RESULTS.iterdir()):
+        if entry.is_dir():
+            assert entry.name in ROOTS, f"benchmarks/results/{entry.name}/ is not a result root this test knows"
+        elif entry.name != "MANIFEST.json":
+            assert entry.name in top, f"benchmarks/results/MANIFEST.json lacks {entry.name}"
+    out += [(f"results/{name}", RESULTS / name, rec) for name, rec in top.items()]
+    for root in ROOTS:
+        folder = RESULTS / root
+        manifest = _load(folder / "MANIFEST.json")
+        if "command" in manifest:  # the root is one result folder
+            out.append((root, folder, manifest))
+            continue
+        files = {p.name for p in folder.iterdir() if p.is_file() and p.name != "MANIFEST.json"}
+        assert set(manifest) == files, f"{root}/MANIFEST.json maps {sorted(manifest)}, the folder holds {sorted(files)}"
+        out += [(f"{root}/{name}", folder / name, rec) for name, rec in manifest.items()]
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            assert (sub / "MANIFEST.json").is_file(), f"{root}/{sub.name}/ has no MANIFEST.json"
+            out.append((f"{root}/{sub.name}", sub, _load(sub / "MANIFEST.json")))
+    return out
+
+
+RECORDS = _records()
+
+
+@pytest.fixture(scope="module")
+def shipped_hash() -> str:
+    from diffmem.adapters import load_model
+
+    return load_model("lab").identity()["sha256_16"]
+
+
+@pytest.mark.parametrize("name,path,record", RECORDS, ids=[r[0] for r in RECORDS])
+def test_manifest_fields(name, path, record):
+    command = record["command"]
+    assert isinstance(command, str) and command.strip() and command.startswith(COMMAND_STARTS), (name, command)
+    assert isinstance(record["model"], str) and record["model"], name
+    assert isinstance(record["retired"], bool), name
+    weights = record["weights_sha256_16"]
+    if record["retired"]:
+        assert NOT_SHIPPED.fullmatch(weights) or re.fullmatch(r"[0-9a-f]{16}", weights), (name, weights)
+    else:
+        assert re.fullmatch(r"[0-9a-f]{16}", weights) or weights.startswith(TRAINED_BY_COMMAND), (name, weights)
+    commit = record["diffmem_commit"]
+    for c in [commit] if isinstance(commit, str) else commit or []:
+        assert re.fullmatch(r"[0-9a-f]{40}", c), (name, c)
+    assert record["date"] is None or re.fullmatch(r"\d{4}-\d{2}-\d{2}", record["date"]), name
+    assert record["machine"], name
+    for part, sub in record.get("parts", {}).items():
+        assert (path / part).is_dir(), f"{name}: parts names {part}, which is not a folder there"
+        assert sub["command"].startswith(COMMAND_STARTS), (name, part)
+
+
+def test_shipped_lab_results_name_the_shipped_model(shipped_hash):
+    shipped = [(name, rec) for name, _, rec in RECORDS if not rec["retired"] and rec["model"] == "lab"]
+    assert len(shipped) >= 8
+    for name, rec in shipped:
+        assert rec["weights_sha256_16"] == shipped_hash, name
+    for name, path, rec in RECORDS:  # a file that records the model's identity agrees with its manifest
+        for f in [path] if path.is_file() else sorted(path.rglob("*.json")):
+            data = _load(f) if f.suffix == ".json" and f.name != "MANIFEST.json" else {}
+            identity = data.get("model_identity") or data.get("provenance", {}).get("model_identity")
+            if identity:
+                assert rec["weights_sha256_16"] == identity["sha256_16"], f
+    assert all(rec["retired"] for name, _, rec in RECORDS if not name.startswith("lab/")), \
+        "results outside benchmarks/results/lab/ are of retired lab models"
+
+
+def _provenance(path: Path) -> tuple[set[str], set[str]]:
+    """The commits and dates the JSON files at or under `path` name."""
+    commits, dates = set(), set()
+    for f in [path] if path.is_file() else sorted(path.rglob("*.json")):
+        if f.suffix != ".json" or f.name == "MANIFEST.json":
+            continue
+        data = _load(f)
+        p = data.get("provenance", data) if isinstance(data, dict) else {}
+        if p.get("git_commit") or p.get("git"):
+            commits.add(p.get("git_commit") or p.get("git"))
+        if p.get("time"):
+            dates.add(p["time"][:10])
+    return commits, dates
+
+
+@pytest.mark.parametrize("name,path,record", RECORDS, ids=[r[0] for r in RECORDS])
+def test_manifest_agrees_with_the_files_provenance(name, path, record):
+    # report.md is described by report.json's provenance (it has none of its own)
+    commits, dates = _provenance(path.with_suffix(".json") if path.suffix == ".md" else path)
+    commit = record["diffmem_commit"]
+    listed = {commit} if isinstance(commit, str) else set(commit or [])
+    assert listed == commits, f"{name}: the manifest names commits {sorted(listed)}, the files {sorted(commits)}"
+    assert ({record["date"]} if record["date"] else set()) == dates, f"{name}: rerun? the files say {sorted(dates)}"
+
+
+# -- the README's figures against the files it cites ------------------------------------------------------------
+
+LAB = RESULTS / "lab"
+
+
+def _gen(report: dict, name: str) -> dict:
+    return next(g for g in report["generation"] if g["set"] == name)
+
+
+def _detection(report: dict) -> str:
+    large = report["detection_first_step_large"]
+    values = {f"{r[k]:.3f}" for r in large for k in ("auc", "tpr_at_1fpr")}
+    assert len(values) == 1, values
+    n = {r["control"]: r["n_control"] for r in large}
+    return (f"first-step detection with one generation reaches AUC and TPR@1%FPR {values.pop()} against "
+            f"{n['non-memorized']} non-memorized, {n['novel']} novel and {n['out-of-style']} out-of-style")
+
+
+def _copies(report: dict) -> str:
+    return (f"Memorized captions are copied in {_gen(report, 'memorized')['copy_rate']:.3f} of generations, "
+            f"novel ones in {_gen(report, 'novel')['copy_rate']:.3f}.")
+
+
+def _explanation(explain: dict) -> str:
+    first = next(w for w in explain["results"] if w["steps"] == [0, 1])
+    sets = {s["name"]: s for s in first["sets"]}
+    mem, ordinary = sets["memorized"], [sets["non-memorized"], sets["novel"]]
+    top = round(mem["top1_word_is_title"] * mem["n"])
+    none = "none" if all(s["top1_word_is_title"] == 0 for s in ordinary) else "some"
+    return (f"at the first step a trigger word ranks first for {top} of {mem['n']} memorized captions "
+            f"({mem['top1_word_is_title']:.0%}) and for {none} of {sum(s['n'] for s in ordinary)} ordinary ones; "
+            f"deleting it brings {mem['flagged_cleared_by_deletion']:.0%} of them under the 1%-FPR threshold, "
+            f"replacing it {mem['flagged_cleared_by_replacement']:.0%}.")
+
+
+def _inference_mitigation(summary: dict) -> str:
+    res = summary["results"]
+    by_pct = {float(p): v for p, v in summary["target_loss_calibration"]["percentiles"].items()}
+    opt = {p: next(r for r in res["embedding-opt"].values() if r["value"] == v) for p, v in by_pct.items()}
+    low = [opt[p] for p in (5.0, 25.0, 50.0, 75.0)]
+    copies = {f"{r['copy_rate']:.3f}" for r in low}
+    assert len(copies) == 1, copies
+    align = [r["alignment_mean"] for r in low]
+    words = min(res["rand_word_add"].values(), key=lambda r: r["copy_rate"])
+    return (f"takes the copy rate of memorized prompts from {res['none']['default']['copy_rate']:.3f} to "
+            f"**{copies.pop()}** at every target from the 5th to the 75th percentile of non-memorized prompts' "
+            f"first-step d (alignment {min(align):.3f}-{max(align):.3f}; {opt[95.0]['copy_rate']:.3f} copies at "
+            f"alignment {opt[95.0]['alignment_mean']:.3f} at p95), while adding random words gets no lower than "
+            f"{words['copy_rate']:.3f} ({words['value']} words, alignment {words['alignment_mean']:.3f})")
+
+
+def _training_mitigation(_: dict) -> str:
+    p85 = _load(LAB / "train_mitigation" / "p85" / "evaluation.json")
+    p80 = _load(LAB / "train_mitigation" / "p80_unfiltered_t0-99" / "evaluation.json")
+    loss = p85["filtered"]["non_memorized_loss"] / p85["unfiltered"]["non_memorized_loss"] - 1
+    align = p80["filtered"]["non-memorized"]["alignment_mean"] / p80["unfiltered"]["non-memorized"]["alignment_mean"] - 1
+    return (f"takes memorized copies from {p85['unfiltered']['memorized']['copy_rate']:.3f} to "
+            f"{p85['filtered']['memorized']['copy_rate']:.3f} (p85 in every band; non-memorized loss **{loss:+.1%}**) "
+            f"or {p80['filtered']['memorized']['copy_rate']:.3f} (p80, t < 100 unfiltered; non-memorized alignment "
+            f"**{align:+.1%}**)")
+
+
+README_FIGURES = [  # (what, the file the README cites, the README's text computed from that file)
+    ("detection AUC and TPR", LAB / "report.json", _detection),
+    ("copy rates", LAB / "report.json", _copies),
+    ("explanation percentages", LAB / "explain_lab.json", _explanation),
+    ("inference mitigation", LAB / "mitigation" / "summary.json", _inference_mitigation),
+    ("training mitigation", LAB / "train_mitigation" / "band_diagnostics.json", _training_mitigation),
+]
+
+
+@pytest.mark.parametrize("what,source,compute", README_FIGURES, ids=[f[0] for f in README_FIGURES])
+def test_readme_figures_match_their_result_files(what, source, compute):
+    section = README.split("## Results on the lab model", 1)[1].split(" ## ", 1)[0]
+    assert str(source.relative_to(ROOT).parent) in section, f"the README no longer cites {source}"
+    expected = compute(_load(source))
+    assert expected in section, f"README's {what} differ from {source.relative_to(ROOT)}: expected {expected!r}"
+
+
+def test_detector_table_matches_bench_detect():
+    table = _load(LAB / "bench_detect" / "table.json")  # read fresh: a newer run may replace it
+    rows = {(r["method"], r["steps"], str(r["generations"]), r["control"]): r for r in table["rows"]}
+    doc = (ROOT / "docs" / "detectors.md").read_text(encoding="utf-8").split("## On the lab", 1)[1]
+    quoted = [[c.strip() for c in line.strip("|").split("|")] for line in doc.splitlines()
+              if line.startswith("| ") and not line.startswith("| method")]
+
+    def cell(value, ci):
+        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    seen = set()
+    for method, steps, g, control, auc, tpr1, tpr3, unet_rows, seconds in quoted:
+        key = (method, steps, g, control)
+        assert key in rows, f"docs/detectors.md quotes {key}, which table.json lacks"
+        r = rows[key]
+        assert [auc, tpr1, tpr3, unet_rows, seconds] == [
+            cell(r["auc"], r["auc_ci95"]), cell(r["tpr_at_1fpr"], r["tpr_at_1fpr_ci95"]),
+            cell(r["tpr_at_3fpr"], r["tpr_at_3fpr_ci95"]), f"{r['unet_rows_per_prompt']:.0f}",
+            f"{r['seconds_per_prompt']:.3f}"], f"docs/detectors.md's row {key} differs from table.json"
+        seen.add(key)
+    spot = {("wen", "first", "1", "non-memorized"), ("jeon-fd", "first", "1", "novel"),
+            ("bright-ending", "all", "1", "novel"), ("ren-ae", "all", "4", "novel"), ("carlini", "all", "4", "out-of-style")}
+    assert spot <= seen, f"docs/detectors.md's table lacks {sorted(spot - seen)}"
