@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # Result roots: a root's MANIFEST.json is either one record for the whole root (one result folder) or
 # maps each file directly in it to its record, every folder in it then having a MANIFEST.json of its own.
-ROOTS = ("lab", "lab_cells", "lab_cells_linear", "lab_scaled", "lab_mitigation_ckpt4000")
+ROOTS = ("lab", "history/lab_cells", "history/lab_cells_linear", "history/lab_scaled", "history/lab_mitigation_ckpt4000")
+HISTORY = RESULTS / "history"  # results of retired lab models; its MANIFEST.json maps its loose files
 COMMAND_STARTS = ("diffmem", "python", "OMP_NUM_THREADS=1 python", "benchmarks/")
 NOT_SHIPPED = re.compile(r"not shipped \(retired model; rebuild with `diffmem lab build --preset [a-z-]+`\)")
 TRAINED_BY_COMMAND = "trained by the command ("
@@ -27,13 +28,14 @@ def _load(path: Path) -> dict:
 def _records() -> list[tuple[str, Path, dict]]:
     """(name, what it describes, record) for every record of every manifest; asserts the coverage."""
     out = []
-    top = _load(RESULTS / "MANIFEST.json")
-    for entry in sorted(RESULTS.iterdir()):
+    assert sorted(p.name for p in RESULTS.iterdir()) == ["history", "lab"], "benchmarks/results/ holds lab/ and history/"
+    top = _load(HISTORY / "MANIFEST.json")
+    for entry in sorted(HISTORY.iterdir()):
         if entry.is_dir():
-            assert entry.name in ROOTS, f"benchmarks/results/{entry.name}/ is not a result root this test knows"
+            assert f"history/{entry.name}" in ROOTS, f"benchmarks/results/history/{entry.name}/ is not a result root this test knows"
         elif entry.name != "MANIFEST.json":
-            assert entry.name in top, f"benchmarks/results/MANIFEST.json lacks {entry.name}"
-    out += [(f"results/{name}", RESULTS / name, rec) for name, rec in top.items()]
+            assert entry.name in top, f"benchmarks/results/history/MANIFEST.json lacks {entry.name}"
+    out += [(f"history/{name}", HISTORY / name, rec) for name, rec in top.items()]
     for root in ROOTS:
         folder = RESULTS / root
         manifest = _load(folder / "MANIFEST.json")
