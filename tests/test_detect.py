@@ -154,17 +154,6 @@ def test_prompt_formats(tmp_path):
         read_prompts(tmp_path / "p.txt", start=5)
 
 
-def test_shared_benchmark_prompt_sets_load():
-    from pathlib import Path
-
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not shared.exists():
-        pytest.skip(f"{shared} not present")
-    mem = read_prompts(shared / "sdv1_500_memorized.jsonl")
-    assert len(mem) == 500 and "url" in mem[0].source
-    assert len(read_prompts(shared / "sd1_nonmemorized_500.txt")) >= 499
-
-
 @pytest.mark.slow
 def test_accelerate_two_processes_equal_single_process(tiny_sd_folder, tmp_path):
     prompts = tmp_path / "p.txt"
