@@ -329,6 +329,13 @@ def test_bench_detect_writes_the_table(tiny_sd_folder, tmp_path, capsys):
     carlini = next(r for r in table["rows"] if r["method"] == "carlini")
     assert carlini["higher_is_memorized"] is False and carlini["unet_rows_per_prompt"] == 2 * 2 * 3
     assert (out / "table.md").read_text().startswith("| method |") and len(list((out / "roc").glob("*.png"))) == len(got)
+    # without the cost columns (large models): the same metrics
+    assert main(["bench", "detect", "--model", str(tiny_sd_folder), "--memorized", str(tmp_path / "m.txt"),
+                 "--non-memorized", str(tmp_path / "n.txt"), "--generations", "2", "--steps", "first",
+                 "--methods", "wen", "--num-inference-steps", "3", "--bootstrap", "10", "--timing-prompts", "0",
+                 "--out", str(tmp_path / "b2"), "--no-progress"]) == 0
+    (fast,) = json.loads((tmp_path / "b2" / "table.json").read_text())["rows"]
+    assert fast["unet_rows_per_prompt"] is None and fast["auc"] == row["auc"]
 
 
 def test_asthana_on_sd_uses_the_published_weights(tiny_sd):

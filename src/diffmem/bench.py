@@ -33,7 +33,7 @@ class BenchDetectConfig:
     seed: int = 0
     batch_size: int = 64
     bootstrap: int = 1000  # resamples for the 95% intervals
-    timing_prompts: int = 8  # memorized prompts each detector is timed alone on
+    timing_prompts: int = 8  # memorized prompts each detector is timed alone on (0: no cost columns)
     asthana_weights: tuple[float, float] | None = None  # where the model has neither published weights nor references
 
     def __post_init__(self):
@@ -42,6 +42,8 @@ class BenchDetectConfig:
         bad = [s for s in self.steps if s not in STEP_SETTINGS]
         if bad:
             raise ValueError(f"--steps {','.join(bad)}: expected first and/or all")
+        if self.timing_prompts < 0 or self.bootstrap < 0:
+            raise ValueError(f"--timing-prompts {self.timing_prompts}, --bootstrap {self.bootstrap}: must be >= 0")
         if not self.generations or min(self.generations) < 1:
             raise ValueError(f"--generations {self.generations}: need numbers >= 1")
 
@@ -147,8 +149,9 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
                 det = get_detector(m)
                 sign = 1.0 if det.higher_is_memorized else -1.0
                 pos = [sign * r[m] for r in scored["memorized"]]
-                cost = detector_cost(model, m, [r.prompt for r in memorized.records[:config.timing_prompts]], sampling,
-                                     asthana_weights=config.asthana_weights)
+                timing = [r.prompt for r in memorized.records[:config.timing_prompts]]
+                cost = detector_cost(model, m, timing, sampling, asthana_weights=config.asthana_weights) if timing \
+                    else {"unet_rows_per_prompt": None, "seconds_per_prompt": None}
                 for name in controls:
                     neg = [sign * r[m] for r in scored[name]]
                     metrics = detection_metrics(pos, neg, config.bootstrap)
@@ -167,12 +170,16 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
     return table
 
 
+def _num(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def format_table(rows: list[dict]) -> str:
     ci = lambda r, k: f"{r[k]:.3f} [{r[k + '_ci95'][0]:.3f}, {r[k + '_ci95'][1]:.3f}]" if r[k + "_ci95"] else f"{r[k]:.3f}"
     lines = ["| method | steps | G | control | AUC [95% CI] | TPR@1%FPR [95% CI] | TPR@3%FPR [95% CI] | "
              "UNet rows / prompt | s / prompt |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['steps']} | {r['generations']} | {r['control']} | {ci(r, 'auc')} | "
-                     f"{ci(r, 'tpr_at_1fpr')} | {ci(r, 'tpr_at_3fpr')} | {r['unet_rows_per_prompt']:.0f} | "
-                     f"{r['seconds_per_prompt']:.3f} |")
+                     f"{ci(r, 'tpr_at_1fpr')} | {ci(r, 'tpr_at_3fpr')} | {_num(r['unet_rows_per_prompt'], '.0f')} | "
+                     f"{_num(r['seconds_per_prompt'], '.3f')} |")
     return "\n".join(lines) + "\n"

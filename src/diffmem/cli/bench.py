@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     d.add_argument("--seed", type=int, default=None, help="the prompt at position i starts from seed + i (default 0)")
     d.add_argument("--batch-size", type=int, default=None, help=f"UNet samples per call (default {base.batch_size})")
     d.add_argument("--bootstrap", type=int, default=None, help=f"resamples for the 95%% intervals (default {base.bootstrap})")
+    d.add_argument("--timing-prompts", type=int, default=None, help="memorized prompts each detector is timed alone on "
+                   f"for its cost (default {base.timing_prompts}; 0: no cost columns, faster on large models)")
     d.add_argument("--asthana-weights", default=None, help="g1,g2 of asthana where the model has neither published "
                    "weights nor reference prompts (SDXL, ...)")
     d.add_argument("--out", required=True)
@@ -43,7 +45,7 @@ def config_from_args(args):
     from diffmem.cli.options import given
 
     split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())
-    options = given(args, ("num_inference_steps", "seed", "batch_size", "bootstrap"))
+    options = given(args, ("num_inference_steps", "seed", "batch_size", "bootstrap", "timing_prompts"))
     if args.methods:
         options["methods"] = split(args.methods)
     if args.steps:
