@@ -134,7 +134,7 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
     from tqdm.auto import tqdm
 
     from diffmem.faults import fault_point
-    from diffmem.files import append_rows, load_png, read_rows, write_json
+    from diffmem.files import append_rows, load_png, read_rows, write_json, write_rows
     from diffmem.judge import Judge  # the judge names its rows by setting_key: imported here, not at the top
     from diffmem.reports.plots import comparison_grid, tradeoff_figure
 
@@ -195,7 +195,7 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
                "lab_copy_threshold_rmse": judge.lab_threshold,
                "results": summarize(rows)}
     summary["best_at_copy_rate_5pct"] = best_under_copy_rate(summary["results"], 0.05)
-    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(rows_path, rows)  # whole, under a temporary name then renamed
     _write_csv(out / "per_prompt.csv", rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     x_key = "alignment_mean" if judge.lab_train is not None else "clip_score_mean" if judge.clip else None

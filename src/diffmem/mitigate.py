@@ -373,7 +373,7 @@ def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling
     from tqdm.auto import tqdm
 
     from diffmem.faults import fault_point
-    from diffmem.files import append_rows, read_rows, write_json
+    from diffmem.files import append_rows, read_rows, write_json, write_rows
 
     out = Path(out)
     config = config.resolved(model, calibrated_target_loss(model, config, sampling))
@@ -414,7 +414,7 @@ def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling
         embeddings.update(load_file(str(part)))
     save_file(dict(sorted(embeddings.items())), str(out / "embeddings.safetensors"))
     rows = sorted(read_rows(results), key=lambda r: r["position"])
-    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(results, rows)  # whole, under a temporary name then renamed
     import shutil
 
     shutil.rmtree(parts)
