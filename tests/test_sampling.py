@@ -140,3 +140,31 @@ def test_detect_cli_matches_reference_implementation(tiny_sd, tiny_sd_folder, tm
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, rtol=1e-4)
         assert r["score"] == pytest.approx(got.mean())
+
+
+def test_a_guidance_schedule_equals_a_hand_written_loop(tiny_sd):
+    """guidance_scale as a schedule (index, eps_c, eps_u) -> w: no guidance (w = 1) before step 2,
+    7.5 from there (static delayed guidance), against the DDIM loop written out with the switch."""
+    from diffmem.sampling import predict_branches, schedule
+
+    ts = schedule(tiny_sd, 5)
+    x = initial_noise(tiny_sd, 2, 3)
+    cond = tiny_sd.encode_prompts(["a red cat"]).expand(2)
+    unc = tiny_sd.empty_conditioning().expand(2)
+    ours = tracked_pass(tiny_sd, x, cond, unc, ts, lambda k, e_c, e_u: 1.0 if k < 2 else 7.5)
+    latents = x
+    with torch.no_grad():
+        for k, t in enumerate(ts):
+            e_c, e_u = predict_branches(tiny_sd, latents, t, cond, unc)
+            w = 1.0 if k < 2 else 7.5
+            latents = tiny_sd.scheduler.step(e_u + w * (e_c - e_u), t, latents, return_dict=False)[0]
+    torch.testing.assert_close(ours, latents)
+    # one w per row, from the branches themselves: rows whose d is above a level get no guidance
+    per_row = lambda k, e_c, e_u: torch.where((e_c - e_u).flatten(1).norm(dim=1) > 0.5, 1.0, 7.5)
+    mixed = tracked_pass(tiny_sd, x, cond, unc, ts[:1], per_row)
+    with torch.no_grad():
+        e_c, e_u = predict_branches(tiny_sd, x, ts[0], cond, unc)
+        w = per_row(0, e_c, e_u).view(-1, 1, 1, 1)
+        expected = tiny_sd.scheduler.step(e_u + w * (e_c - e_u), ts[0], x, return_dict=False)[0]
+    torch.testing.assert_close(mixed, expected)
+    assert tracked_pass(tiny_sd, x, cond, unc, ts, 7.5).allclose(tracked_pass(tiny_sd, x, cond, unc, ts, lambda *a: 7.5))

@@ -20,7 +20,7 @@ update is always taken without gradients, so no graph spans two steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -113,8 +113,11 @@ def predict_branches(model, x_t: torch.Tensor, t, cond: Conditioning, uncond: Co
     return torch.cat(outs_c), torch.cat(outs_u)
 
 
+GuidanceSchedule = Callable[[int, torch.Tensor, torch.Tensor], "float | torch.Tensor"]
+
+
 def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Conditioning, timesteps,
-                 guidance_scale: float, recorders: Sequence[Recorder] = (), *, first_index: int = 0,
+                 guidance_scale: "float | GuidanceSchedule", recorders: Sequence[Recorder] = (), *, first_index: int = 0,
                  eta: float = 0.0, advance_last: bool = True, max_batch: int | None = None,
                  grad: bool = False) -> torch.Tensor:
     """DDIM with classifier-free guidance over `timesteps`, each step handed to `recorders`.
@@ -122,6 +125,9 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
     latents (N, C, H, W) at the first of `timesteps` (step `first_index` of the schedule); cond,
     uncond N rows; `max_batch` UNet samples per call (conditional and unconditional rows count).
     With ``advance_last=False`` the last step is recorded but not taken (early-stopped detection).
+    `guidance_scale` is a number, or a schedule ``(index, eps_cond, eps_uncond) -> w`` called at each
+    step with its schedule position and both branches (a float, or an (N,) tensor for one w per row):
+    guidance switched on at a step, or switched when d reaches a minimum (delayed guidance).
     With ``grad`` the UNet calls keep their graph for the recorders. Returns the final latents.
     """
     for k, t in enumerate(timesteps):
@@ -141,7 +147,10 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
         if advance_last or not last:
             with torch.no_grad():
                 e_c, e_u = eps_c.detach(), eps_u.detach()
-                guided = e_u + guidance_scale * (e_c - e_u)
+                w = guidance_scale(first_index + k, e_c, e_u) if callable(guidance_scale) else guidance_scale
+                if isinstance(w, torch.Tensor):
+                    w = w.to(e_c.dtype).view(-1, *[1] * (e_c.ndim - 1))
+                guided = e_u + w * (e_c - e_u)
                 nxt = model.scheduler.step(guided, t, latents.detach(), eta=eta, return_dict=False)[0]
         # 3. Recorders see the step.
         step = Step(first_index + k, t, latents, eps_c, eps_u, nxt, cond)
