@@ -22,7 +22,7 @@ import torch
 
 from diffmem.detectors import Detector, check_settings, get_detector, parse_methods
 from diffmem.faults import fault_point
-from diffmem.files import append_rows, one_writer, read_rows, save_generations
+from diffmem.files import append_rows, check_resume, one_writer, read_json, read_rows, save_generations
 from diffmem.prompts import PromptRecord
 from diffmem.sampling import PromptSamples, SamplingConfig, plan_units, sample_unit
 
@@ -124,17 +124,11 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
 
     # 1. Check the output: a new run must not overwrite, a resumed run must match its settings.
     if state.is_main_process:
-        if out.exists() or rows_path.exists() or parts:
-            if not resume:
-                raise FileExistsError(f"{out} exists; pass --resume to continue that run, or choose another --out")
-            old = json.loads(meta_path(out).read_text()) if meta_path(out).exists() else {}
-            if isinstance(old.get("settings"), dict):  # outputs written before these settings existed
-                old["settings"].setdefault("methods", ["wen"])
-                old["settings"].setdefault("format", "diffmem")
-            diff = [k for k in RESUME_KEYS if old.get(k) != meta[k]]
-            if diff:
-                raise ValueError(f"cannot resume {out}: its {', '.join(diff)} differ from this run's "
-                                 f"({'; '.join(f'{k}: {old.get(k)!r} vs {meta[k]!r}' for k in diff)})")
+        old = read_json(meta_path(out))
+        if isinstance(old.get("settings"), dict):  # outputs written before these settings existed
+            old["settings"].setdefault("methods", ["wen"])
+            old["settings"].setdefault("format", "diffmem")
+        check_resume(out, bool(out.exists() or rows_path.exists() or parts), resume, old, meta, RESUME_KEYS)
         out.parent.mkdir(parents=True, exist_ok=True)
         if not meta_path(out).exists() or not resume:
             meta_path(out).write_text(json.dumps({**meta, "started": meta["time"]}, indent=2))

@@ -134,7 +134,7 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
     from tqdm.auto import tqdm
 
     from diffmem.faults import fault_point
-    from diffmem.files import append_rows, load_png, read_rows, write_json, write_rows
+    from diffmem.files import append_rows, check_resume, load_png, read_json, read_rows, write_json, write_rows
     from diffmem.judge import Judge  # the judge names its rows by setting_key: imported here, not at the top
     from diffmem.reports.plots import comparison_grid, tradeoff_figure
 
@@ -149,13 +149,7 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
     run = jsonable({"model": model.name, "dataset": eval_set.name, "prompts": prompts, "config": asdict(config),
                     "calibrated_target_loss": target})
     rows_path = out / "per_prompt.jsonl"
-    if (out / "run.json").exists() or rows_path.exists():
-        if not resume:
-            raise FileExistsError(f"{out} holds an evaluation; pass --resume to continue it, or choose another --out")
-        old = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-        diff = [k for k in run if old.get(k) != run[k]]
-        if diff:
-            raise ValueError(f"cannot resume {out}: its {', '.join(diff)} differ from this run's")
+    check_resume(out, (out / "run.json").exists() or rows_path.exists(), resume, read_json(out / "run.json"), run, list(run))
     (out / "grids").mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", run)
     judge = Judge(model, eval_set, config)

@@ -180,6 +180,26 @@ def save_generations(folder: Path, position: int, images) -> list[Path]:
     return paths
 
 
+def check_resume(out: Path, started: bool, resume: bool, recorded: dict, current: dict, keys) -> None:
+    """A run into an output that already holds one (`started`) must be ``--resume`` of that same run:
+    the values of `keys` in its `recorded` metadata must equal `current`'s (both JSON-like). Raises
+    naming what differs; writes nothing."""
+    if not started:
+        return
+    if not resume:
+        raise FileExistsError(f"{out} holds a run already; pass --resume to continue it, or choose another --out")
+    diff = [k for k in keys if recorded.get(k) != current[k]]
+    if diff:
+        raise ValueError(f"cannot resume {out}: its {', '.join(diff)} differ from this run's "
+                         f"({'; '.join(f'{k}: {recorded.get(k)!r} vs {current[k]!r}' for k in diff)})")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's object, or {} when there is no such file."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 # -- one writer per output -------------------------------------------------------------------------
 
 class OutputLock:

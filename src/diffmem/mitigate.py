@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -373,7 +372,7 @@ def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling
     from tqdm.auto import tqdm
 
     from diffmem.faults import fault_point
-    from diffmem.files import append_rows, read_rows, write_json, write_rows
+    from diffmem.files import append_rows, check_resume, read_json, read_rows, write_json, write_rows
 
     out = Path(out)
     config = config.resolved(model, calibrated_target_loss(model, config, sampling))
@@ -382,13 +381,8 @@ def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling
     keys = ("model", "mitigation", "sampling", "prompts_sha256_16")
     results, parts = out / "results.jsonl", out / "embeddings"
     # 1. A new run must not overwrite; a resumed one must match.
-    if results.exists() or (out / "meta.json").exists():
-        if not resume:
-            raise FileExistsError(f"{out} holds a mitigation run; pass --resume to continue it, or choose another --out")
-        old = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
-        diff = [k for k in keys if old.get(k) != jsonable(meta[k])]
-        if diff:
-            raise ValueError(f"cannot resume {out}: its {', '.join(diff)} differ from this run's")
+    check_resume(out, results.exists() or (out / "meta.json").exists(), resume, read_json(out / "meta.json"),
+                 jsonable(meta), keys)
     out.mkdir(parents=True, exist_ok=True)
     parts.mkdir(exist_ok=True)
     if not (out / "meta.json").exists():
