@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.detectors import register
-from diffmem.detectors.common import PerGeneration
+from diffmem.detectors.common import FirstStepRecorder, PerGeneration, guided_branches
 
 PUBLISHED = {("stable-diffusion", "epsilon"): (1.0, 2.0), ("stable-diffusion", "v_prediction"): (1.0, 0.1)}
 _derived: dict[tuple, tuple[float, float]] = {}
@@ -37,21 +37,11 @@ def channel_cosine(eps_u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(eps_u.double(), delta.double(), dim=1).flatten(1).mean(1)
 
 
-class _AsthanaRecorder:
-    def __init__(self, model, t2):
-        self.model, self.t2 = model, t2
-        self.norm = self.cos = None
-
-    def on_step(self, step) -> None:
-        if step.index != 0:
-            return
-        from diffmem.sampling import predict_branches
-
-        self.norm = (step.eps_cond - step.eps_uncond).detach().flatten(1).double().norm(dim=1).cpu()
-        with torch.no_grad():
-            eps_c, eps_u = predict_branches(self.model, step.x_t.detach(), self.t2, step.cond.detach(),
-                                            self.model.empty_conditioning().expand(len(step.x_t)))
-        self.cos = channel_cosine(eps_u, eps_c - eps_u).cpu()
+def norm_and_cosine(model, step, t2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) x 2: the first step's ||delta_eps||_2, and the channel cosine of a second call on x_T at t2."""
+    norm = (step.eps_cond - step.eps_uncond).detach().flatten(1).double().norm(dim=1).cpu()
+    eps_c, eps_u = guided_branches(model, step.x_t.detach(), t2, step.cond.detach())
+    return norm, channel_cosine(eps_u, eps_c - eps_u).cpu()
 
 
 @register
@@ -105,12 +95,14 @@ class Asthana(PerGeneration):
     def recorder(self, model, config, prompts):
         if self.weights is None:
             self.prepare(model, config)
-        return _AsthanaRecorder(model, second_timestep(model, config.num_inference_steps))
+        t2 = second_timestep(model, config.num_inference_steps)
+        return FirstStepRecorder(lambda step: norm_and_cosine(model, step, t2))
 
-    def values(self, recorder: _AsthanaRecorder) -> torch.Tensor:
-        g1, g2 = self.weights
-        return g1 * recorder.norm + g2 * recorder.cos
+    def values(self, recorder: FirstStepRecorder) -> torch.Tensor:
+        (g1, g2), (norm, cos) = self.weights, recorder.value
+        return g1 * norm + g2 * cos
 
-    def fields(self, recorder: _AsthanaRecorder, rows: slice) -> dict:
-        return {**super().fields(recorder, rows), "asthana_norm": recorder.norm[rows].tolist(),
-                "asthana_cos": recorder.cos[rows].tolist(), "asthana_weights": list(self.weights)}
+    def fields(self, recorder: FirstStepRecorder, rows: slice) -> dict:
+        norm, cos = recorder.value
+        return {**super().fields(recorder, rows), "asthana_norm": norm[rows].tolist(),
+                "asthana_cos": cos[rows].tolist(), "asthana_weights": list(self.weights)}

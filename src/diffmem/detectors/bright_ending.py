@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from diffmem.attention import CrossAttentionRecorder, down_cross_attention_blocks
 from diffmem.detectors import register
-from diffmem.detectors.common import PerGeneration, end_token_index
+from diffmem.detectors.common import PerGeneration, end_positions
 
 
 class _BERecorder(CrossAttentionRecorder):
@@ -26,7 +26,7 @@ class _BERecorder(CrossAttentionRecorder):
             raise ValueError(f"model {model.name}: its UNet has no cross-attention in its down blocks")
         self.last = config.num_inference_steps - 1
         super().__init__(model, groups[0], steps=[self.last], reduce=lambda p: p.mean(1))  # (n, HW, T)
-        self.ends = torch.tensor([end_token_index(model, p) for p in prompts]).repeat_interleave(config.num_generations)
+        self.ends = end_positions(model, prompts, config.num_generations)
         self.delta: list[torch.Tensor] = []  # (N, C, H, W) per step, on the CPU
 
     def on_step(self, step) -> None:

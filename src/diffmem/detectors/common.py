@@ -12,6 +12,33 @@ def end_token_index(model, prompt: str) -> int:
     return next((j for j in range(1, len(tokens)) if tokens[j].special), len(tokens) - 1)
 
 
+def end_positions(model, prompts: list[str], generations: int) -> torch.Tensor:
+    """(N,) the end token's position of each pass row (prompt-major, `generations` rows each)."""
+    return torch.tensor([end_token_index(model, p) for p in prompts]).repeat_interleave(generations)
+
+
+class FirstStepRecorder:
+    """Keeps ``measure(step)`` of the pass's first step, computed without gradients, in ``value``; the
+    measure may make UNet calls of its own on x_T (``guided_branches``)."""
+
+    def __init__(self, measure):
+        self.measure = measure
+        self.value = None
+
+    def on_step(self, step) -> None:
+        if step.index == 0:
+            with torch.no_grad():
+                self.value = self.measure(step)
+
+
+def guided_branches(model, x: torch.Tensor, t, cond) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_cond, eps_uncond) at latents x (N rows, unscaled) and timestep t: `cond` (N rows)
+    against the empty prompt, in the pass's layout."""
+    from diffmem.sampling import predict_branches
+
+    return predict_branches(model, x, t, cond, model.empty_conditioning().expand(len(x)))
+
+
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """-sum p log p over the last axis, with 0 log 0 = 0 (no renormalisation): (..., T) -> (...)."""
     p = p.double()
@@ -35,7 +62,8 @@ class PerGeneration:
     per_generation_key: str
 
     def values(self, recorder) -> torch.Tensor:
-        raise NotImplementedError
+        """(N,) over the pass rows; by default what a ``FirstStepRecorder`` measured."""
+        return recorder.value
 
     def fields(self, recorder, rows: slice) -> dict:
         v = self.values(recorder)[rows].detach().double().cpu()

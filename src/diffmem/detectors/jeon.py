@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from diffmem.detectors import register
-from diffmem.detectors.common import PerGeneration
+from diffmem.detectors.common import FirstStepRecorder, PerGeneration
 
 
 def hessian_score(model, x_t: torch.Tensor, t, cond, uncond) -> torch.Tensor:
@@ -38,17 +38,6 @@ def hessian_score(model, x_t: torch.Tensor, t, cond, uncond) -> torch.Tensor:
     return (jvp / sigma).flatten(1).double().norm(dim=1).cpu()  # J_s = -J_eps / sigma; the norm drops the sign
 
 
-class _JeonRecorder:
-    def __init__(self, model):
-        self.model = model
-        self.values: torch.Tensor | None = None
-
-    def on_step(self, step) -> None:
-        if step.index == 0:
-            self.values = hessian_score(self.model, step.x_t, step.t, step.cond.detach(),
-                                        self.model.empty_conditioning().expand(len(step.x_t)))
-
-
 @register
 class Jeon(PerGeneration):
     name = "jeon"
@@ -56,7 +45,5 @@ class Jeon(PerGeneration):
     first_step_only = True
 
     def recorder(self, model, config, prompts):
-        return _JeonRecorder(model)
-
-    def values(self, recorder: _JeonRecorder) -> torch.Tensor:
-        return recorder.values
+        return FirstStepRecorder(lambda step: hessian_score(model, step.x_t, step.t, step.cond.detach(),
+                                                            model.empty_conditioning().expand(len(step.x_t))))

@@ -13,26 +13,15 @@ from __future__ import annotations
 import torch
 
 from diffmem.detectors import register
-from diffmem.detectors.common import PerGeneration
+from diffmem.detectors.common import FirstStepRecorder, PerGeneration, guided_branches
 
 
-class _FDRecorder:
-    def __init__(self, model):
-        self.model = model
-        self.values: torch.Tensor | None = None
-
-    def on_step(self, step) -> None:
-        if step.index != 0:
-            return
-        from diffmem.sampling import predict_branches
-
-        model = self.model
-        delta = (step.eps_cond - step.eps_uncond).detach()
-        norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (delta.ndim - 1))
-        with torch.no_grad():
-            eps_c, eps_u = predict_branches(model, step.x_t.detach() + delta / norm, step.t, step.cond.detach(),
-                                            model.empty_conditioning().expand(len(delta)))
-        self.values = ((eps_c - eps_u) - delta).flatten(1).double().norm(dim=1).cpu()
+def finite_difference_sharpness(model, step) -> torch.Tensor:
+    """(N,) ||delta(x_T + v) - delta(x_T)||_2, v = delta(x_T) / ||delta(x_T)||, of the pass rows."""
+    delta = (step.eps_cond - step.eps_uncond).detach()
+    norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (delta.ndim - 1))
+    eps_c, eps_u = guided_branches(model, step.x_t.detach() + delta / norm, step.t, step.cond.detach())
+    return ((eps_c - eps_u) - delta).flatten(1).double().norm(dim=1).cpu()
 
 
 @register
@@ -42,7 +31,4 @@ class JeonFD(PerGeneration):
     first_step_only = True
 
     def recorder(self, model, config, prompts):
-        return _FDRecorder(model)
-
-    def values(self, recorder: _FDRecorder) -> torch.Tensor:
-        return recorder.values
+        return FirstStepRecorder(lambda step: finite_difference_sharpness(model, step))

@@ -11,25 +11,14 @@ from __future__ import annotations
 import torch
 
 from diffmem.detectors import register
-from diffmem.detectors.common import PerGeneration
+from diffmem.detectors.common import FirstStepRecorder, PerGeneration, guided_branches
 
 
-class _MemBenchRecorder:
-    def __init__(self, model):
-        self.model = model
-        self.values: torch.Tensor | None = None  # (N,)
-
-    def on_step(self, step) -> None:
-        if step.index != 0:
-            return
-        from diffmem.sampling import predict_branches
-
-        model = self.model
-        t = torch.tensor(model.scheduler.config.num_train_timesteps - 1, device=step.x_t.device)
-        with torch.no_grad():
-            eps_c, eps_u = predict_branches(model, step.x_t.detach(), t, step.cond.detach(),
-                                            model.empty_conditioning().expand(len(step.x_t)))
-        self.values = (eps_c - eps_u).flatten(1).double().pow(2).sum(1).cpu()
+def t999_difference(model, step) -> torch.Tensor:
+    """(N,) ||eps(x_T, 999, c) - eps(x_T, 999, empty)||^2 of the pass rows."""
+    t = torch.tensor(model.scheduler.config.num_train_timesteps - 1, device=step.x_t.device)
+    eps_c, eps_u = guided_branches(model, step.x_t.detach(), t, step.cond.detach())
+    return (eps_c - eps_u).flatten(1).double().pow(2).sum(1).cpu()
 
 
 @register
@@ -39,7 +28,4 @@ class MemBench(PerGeneration):
     first_step_only = True
 
     def recorder(self, model, config, prompts):
-        return _MemBenchRecorder(model)
-
-    def values(self, recorder: _MemBenchRecorder) -> torch.Tensor:
-        return recorder.values
+        return FirstStepRecorder(lambda step: t999_difference(model, step))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from diffmem.detectors import register
+from diffmem.detectors.common import FirstStepRecorder
 
 
 def scaled_noise_difference(eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -35,22 +36,11 @@ def max_pairwise_similarity(z: torch.Tensor) -> float:
     return float(values.max())
 
 
-class _NemoRecorder:
-    def __init__(self, model, config):
-        from diffmem.sampling import schedule
-
-        self.model = model
-        self.t = schedule(model, config.num_inference_steps)[1]
-        self.z: torch.Tensor | None = None
-
-    def on_step(self, step) -> None:
-        if step.index != 0:
-            return
-        model = self.model
-        x = step.x_t.detach()
-        with torch.no_grad():
-            eps = model.predict_noise(model.scheduler.scale_model_input(x, self.t), self.t, step.cond.detach())
-        self.z = scaled_noise_difference(eps, x).cpu()
+def single_step_differences(model, step, t) -> torch.Tensor:
+    """(N, C, H, W): the scaled eps(x_T, t, c) - x_T of the pass rows (conditional calls only)."""
+    x = step.x_t.detach()
+    eps = model.predict_noise(model.scheduler.scale_model_input(x, t), t, step.cond.detach())
+    return scaled_noise_difference(eps, x).cpu()
 
 
 @register
@@ -63,10 +53,13 @@ class NemoSSIM:
     def recorder(self, model, config, prompts):
         if config.num_inference_steps < 2:
             raise ValueError("nemo-ssim takes the second timestep of the schedule: needs >= 2 steps")
-        return _NemoRecorder(model, config)
+        from diffmem.sampling import schedule
 
-    def fields(self, recorder: _NemoRecorder, rows: slice) -> dict:
-        return {self.name: max_pairwise_similarity(recorder.z[rows])}
+        t = schedule(model, config.num_inference_steps)[1]
+        return FirstStepRecorder(lambda step: single_step_differences(model, step, t))
+
+    def fields(self, recorder: FirstStepRecorder, rows: slice) -> dict:
+        return {self.name: max_pairwise_similarity(recorder.value[rows])}
 
     def score_of(self, row, steps=None, generations=None):
         if steps is not None or generations is not None:

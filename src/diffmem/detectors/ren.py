@@ -19,7 +19,7 @@ import torch
 
 from diffmem.attention import CrossAttentionRecorder, down_cross_attention_blocks
 from diffmem.detectors import register
-from diffmem.detectors.common import PerGeneration, end_token_index, entropy
+from diffmem.detectors.common import PerGeneration, end_positions, entropy
 
 
 def le_layer(model) -> str:
@@ -57,8 +57,7 @@ class _AERecorder(CrossAttentionRecorder):
     def __init__(self, model, config, prompts):
         self.steps_used = ae_steps(config.num_inference_steps)
         super().__init__(model, None, steps=self.steps_used, reduce=lambda p: p.mean(2).mean(1))  # (n, T)
-        G = config.num_generations
-        self.ends = torch.tensor([end_token_index(model, p) for p in prompts]).repeat_interleave(G)  # (N,)
+        self.ends = end_positions(model, prompts, config.num_generations)
 
 
 @register
