@@ -19,6 +19,14 @@ def tiny_sd_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_v_folder(tmp_path_factory):
+    """The same layout with a velocity-predicting (SD 2.x-style) scheduler."""
+    from diffmem.testing import make_tiny_sd_folder
+
+    return make_tiny_sd_folder(tmp_path_factory.mktemp("tiny_v") / "model", seed=1, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tiny_sd_folder):
     from diffmem.adapters import load_model
 

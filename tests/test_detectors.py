@@ -413,13 +413,11 @@ def test_nemo_ssim_is_the_largest_pairwise_similarity_of_scaled_predictions(tiny
     assert f["nemo-ssim"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_every_detector_on_a_v_prediction_model(tmp_path):
+def test_every_detector_on_a_v_prediction_model(tiny_v_folder, tmp_path):
     """On a velocity model every detector reads the noise (the spine's conversion), finite values."""
     import math
 
-    from diffmem.testing import make_tiny_sd_folder
-
-    folder = make_tiny_sd_folder(tmp_path / "v", prediction_type="v_prediction")
+    folder = tiny_v_folder
     (tmp_path / "p.txt").write_text("a red square\nthe owl\n")
     out = tmp_path / "d.jsonl"
     assert main(["detect", "--model", str(folder), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),

@@ -98,13 +98,6 @@ def test_lab_serve_and_audit_calibrate_on_the_same_reference_prompts():
 # -- v-prediction ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_v_folder(tmp_path_factory):
-    from diffmem.testing import make_tiny_sd_folder
-
-    return make_tiny_sd_folder(tmp_path_factory.mktemp("tiny_v") / "model", seed=1, prediction_type="v_prediction")
-
-
-@pytest.fixture(scope="module")
 def tiny_v(tiny_v_folder):
     from diffmem.adapters import load_model
 

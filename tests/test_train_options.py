@@ -13,13 +13,6 @@ from diffmem.train import EMA, ImagePairs, TrainConfig, _to_tensor, train
 CAPTIONS = ["a red cat", "a blue dog", "a green frog", "a white swan"]
 
 
-@pytest.fixture(scope="module")
-def tiny_v_folder(tmp_path_factory):
-    from diffmem.testing import make_tiny_sd_folder
-
-    return make_tiny_sd_folder(tmp_path_factory.mktemp("tiny_v") / "model", prediction_type="v_prediction")
-
-
 def images():
     return torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
