@@ -29,7 +29,8 @@ import numpy as np
 
 from diffmem.detect import run_detection
 from diffmem.faults import fault_point
-from diffmem.files import append_rows, jsonable, load_png, one_writer, read_rows, save_generations, save_png, write_json, write_rows
+from diffmem.files import (append_rows, jsonable, load_png, one_writer, read_json, read_rows, save_generations, save_png,
+                           write_json, write_rows)
 from diffmem.metrics import prompt_score, threshold_at_fpr
 from diffmem.mitigate import MitigationConfig
 from diffmem.prompts import PromptRecord, PromptSet
@@ -308,7 +309,7 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
         out.mkdir(parents=True, exist_ok=True)
         run_info["started"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_json(audit_json, run_info)
-    state = json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}
+    state = read_json(out / "stages.json")
     result = AuditResult(out, [], {})
 
     def stage(name: str, k: int, what: str):
