@@ -108,6 +108,7 @@ def test_tiny_sd_audit_produces_every_part(tiny_audit):
     assert 'class="bar' in html  # token bars
     assert str(Path(json.loads((out / "audit.json").read_text())["model"])) in html  # provenance
     assert "20% false positives on 6 reference prompts" in html  # the report states how the threshold was set
+    assert "2 generations (Wen et al." in html  # the score's definition names the audit's own number of generations
     assert sum(link.startswith("images/mitigated/") for link in parser.links) == 2 * len(flagged)
 
 
