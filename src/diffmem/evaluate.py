@@ -19,6 +19,7 @@ from diffmem.eval_sets import EvalSet
 from diffmem.files import generation_name, jsonable, one_writer, save_generations
 from diffmem.mitigate import (AUGMENT_STYLES, METHODS, MitigationConfig, calibrated_target_loss,
                               mitigate_unit, reference_losses)
+from diffmem.mitigations import get_mitigation, param_names
 from diffmem.provenance import provenance
 from diffmem.sampling import SamplingConfig, plan_units
 
@@ -28,6 +29,8 @@ class EvaluateConfig:
     methods: tuple[str, ...] = ("none", "embedding-opt", "rand_word_add")
     target_losses: tuple[float | None, ...] = (None,)  # embedding-opt sweep; None: the model's default target
     repeat_nums: tuple[int, ...] = (4,)  # augmentation sweep (4 at inference; the paper sweeps 1-8)
+    # the other methods' parameters: {name: values}; each method sweeps the product of those it takes
+    params: dict = field(default_factory=dict)
     mitigation: MitigationConfig = field(default_factory=MitigationConfig)  # lr, max_iters of embedding-opt
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     sscd: str | None = None  # TorchScript checkpoint path
@@ -40,18 +43,29 @@ class EvaluateConfig:
 
 def settings_of(config: EvaluateConfig) -> list[MitigationConfig]:
     """Every setting of the sweep (augmentations draw with the sampling seed)."""
+    import itertools
+
     out = []
-    base = replace(config.mitigation, seed=config.sampling.seed)
+    base = replace(config.mitigation, seed=config.sampling.seed, params={})
     for method in config.methods:
         if method not in METHODS:
             raise ValueError(f"--mitigation {method!r}: expected one of {', '.join(METHODS)}")
-        if method == "none":
-            out.append(replace(base, method="none"))
-        elif method == "embedding-opt":
+    unused = set(config.params) - {n for m in config.methods for n in param_names(m)}
+    if unused:
+        raise ValueError(f"--param {', '.join(sorted(unused))}: none of the methods {', '.join(config.methods)} "
+                         "takes it")
+    for method in config.methods:
+        if method == "embedding-opt":
             out += [replace(base, method=method, target_loss=None if v is None else float(v))
                     for v in config.target_losses]
-        else:
+        elif method in AUGMENT_STYLES:
             out += [replace(base, method=method, repeat_num=int(v)) for v in config.repeat_nums]
+        else:
+            names = [n for n in param_names(method) if n in config.params]
+            grids = [tuple(config.params[n]) if isinstance(config.params[n], (list, tuple)) else (config.params[n],)
+                     for n in names]
+            out += [replace(base, method=method, params=dict(zip(names, values)))
+                    for values in itertools.product(*grids)]
     return out
 
 
@@ -62,11 +76,20 @@ def setting_key(m: MitigationConfig) -> str:
         return f"target_loss={m.target_loss:g}" + extra
     if m.method in AUGMENT_STYLES:
         return f"repeat_num={m.repeat_num}"
+    if m.params:
+        return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.params.items())
     return "default"
 
 
 def setting_value(m: MitigationConfig) -> float | None:
-    return m.target_loss if m.method == "embedding-opt" else m.repeat_num if m.method in AUGMENT_STYLES else None
+    """The value of the method's main knob in this setting (None: the method's default)."""
+    if m.method == "embedding-opt":
+        return m.target_loss
+    if m.method in AUGMENT_STYLES:
+        return m.repeat_num
+    knob = getattr(get_mitigation(m.method), "knob", None)
+    v = m.params.get(knob) if knob else None
+    return v if isinstance(v, (int, float)) else None
 
 
 def calibrate_target_loss(model, reference_prompts: list[str], sampling: SamplingConfig,
@@ -94,6 +117,9 @@ def summarize(rows: list[dict]) -> dict:
              "final_loss_mean": float(np.mean([r["final_loss"] for r in rs])),
              "initial_d_mean": float(np.mean([r["initial_d"] for r in rs])),
              "iterations_mean": float(np.mean([r["iterations"] for r in rs]))}
+        if "unet_rows" in rs[0]:  # cost per prompt, the sampling included
+            s["unet_rows_per_prompt"] = float(np.mean([r["unet_rows"] for r in rs]))
+            s["seconds_per_prompt"] = float(np.mean([r["seconds"] for r in rs]))
         if method == "embedding-opt":  # prompts already at the target: their embedding is unchanged
             s["fraction_at_target_at_once"] = float(np.mean([r["iterations"] == 0 for r in rs]))
         if "aligned" in rs[0]:

@@ -41,7 +41,8 @@ class Judge:
                "position": result.position, "prompt": prompt.caption, "modified_prompt": result.modified_prompt,
                "source": prompt.key, "num_generations": len(images), "initial_d": result.initial_d,
                "final_d": result.final_d, "initial_loss": result.initial_loss, "final_loss": result.final_loss,
-               "target_unit": setting.target_unit, "iterations": result.iterations}
+               "target_unit": setting.target_unit, "iterations": result.iterations, "unet_rows": result.unet_rows,
+               "seconds": result.seconds, **result.info}
         best = {}
         if len(prompt.training):
             for name, fn in self.metrics.items():

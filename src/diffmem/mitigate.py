@@ -1,14 +1,11 @@
-"""Inference-time mitigation (Wen et al. sec. 5.1) and the prompt-augmentation baselines
-(Somepalli et al. 2023, "Understanding and mitigating copying in diffusion models").
+"""Sampling with an inference-time mitigation: the methods of ``diffmem.mitigations`` (Wen et al.'s
+embedding optimization, the prompt augmentations and the field's other methods), one setting at a time.
 
-- ``optimize_prompt_embedding``: AdamW on the conditional prompt embedding to bring the
-  text-conditional noise norm at one step (the first by default) down to a target, the start token
-  left untouched; the loss is the seed's (the norm over all generations at once) or the mean d,
-  optionally with the seed's L2 constraint to the starting embedding.
-- ``augment_prompt``: ``rand_word_add`` / ``rand_numb_add`` / ``rand_word_repeat``, used at
-  inference (``repeat_num = 4``) and as the training-time baseline (``repeat_num = 1``).
-- ``mitigate_unit``: one batch of prompts mitigated and sampled with the explicit DDIM loop
-  (used by ``diffmem mitigate``, ``evaluate``, ``audit`` and the ``serve`` page's mitigation button).
+- ``MitigationConfig``: one setting (the method, the seed's embedding-opt / augmentation options,
+  and ``params`` for the other methods' ``Params``).
+- ``mitigate_unit``: one batch of prompts mitigated and sampled through the one tracked pass
+  (used by ``diffmem mitigate``, ``evaluate``, ``bench mitigate``, ``audit`` and the ``serve`` page's
+  mitigation button), with the UNet rows and seconds it cost.
 - ``default_target_loss``, ``calibrated_target_loss``: the target when none is given (normal
   prompts' median first-step loss, in the target's unit).
 - ``run_mitigation``: ``diffmem mitigate``'s run, writing images, final d and embeddings to a folder.
@@ -18,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,166 +28,14 @@ from diffmem.provenance import provenance
 from diffmem.detectors.wen import NoiseNormRecorder
 from diffmem.sampling import SamplingConfig, Step, plan_units, predict_branches, tracked_pass
 
-AUGMENT_STYLES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
-METHODS = ("none", "embedding-opt", *AUGMENT_STYLES)
-CLIP_RANDOM_TOKEN_LIMIT = 49400  # Somepalli et al. draw token ids below this in CLIP's 49,408-token vocabulary
-RANDOM_NUMBER_LIMIT = 100000  # rand_numb_add draws integers below this
+from diffmem.mitigations import (MITIGATIONS, Plan, Unit, count_unet_rows, get_mitigation, make_params,
+                                 plan_context, timed)
+from diffmem.mitigations.augment import (AUGMENT_STYLES, augment_prompt, insert_word,  # noqa: F401  (re-exported)
+                                         random_vocabulary_word)
+from diffmem.mitigations.embedding_opt import (OptimizedEmbeddings, optimize_prompt_embedding,  # noqa: F401
+                                               step_noise_norms, token_distance)
 
-
-# -- embedding optimization (Wen et al. sec. 5.1) -------------------------------------------------
-
-def step_noise_norms(model, cond: Conditioning, x_t: torch.Tensor, t, eps_uncond: torch.Tensor) -> torch.Tensor:
-    """d of each prompt and generation at one step (differentiable in ``cond.embeddings``).
-
-    cond P rows; x_t (P, G, C, H, W) latents at step t (unscaled); eps_uncond (P, G, C, H, W) the
-    unconditional branch there (``diffmem.sampling.predict_branches``, computed once). Returns (P, G).
-    """
-    P, G = x_t.shape[:2]
-    eps_c, eps_u = predict_branches(model, x_t.flatten(0, 1), t, cond.repeat_interleave(G), None,
-                                    eps_uncond=eps_uncond.flatten(0, 1))
-    return text_noise_norm(eps_c, eps_u).view(P, G)
-
-
-def token_distance(emb: torch.Tensor, start: torch.Tensor, positions: list[int]) -> torch.Tensor:
-    """Mean over `positions` of each token's L2 distance from its starting embedding: (P, T, D) x2 -> (P,)."""
-    return (emb[:, positions] - start[:, positions]).norm(dim=-1).mean(-1)
-
-
-@dataclass
-class OptimizedEmbeddings:
-    embeddings: torch.Tensor  # (P, T, D) the conditional embeddings to sample with
-    final_loss: torch.Tensor  # (P,) loss (in the target's unit) of the returned embeddings
-    initial_loss: torch.Tensor  # (P,) loss of the input embeddings
-    final_d: torch.Tensor  # (P,) mean per-generation d of the returned embeddings
-    initial_d: torch.Tensor  # (P,) mean per-generation d of the input embeddings
-    iterations: torch.Tensor  # (P,) int, AdamW steps taken for each prompt (0: already at the target)
-
-
-def optimize_prompt_embedding(model, cond: Conditioning, x_t: torch.Tensor, t, target_loss: float,
-                              lr: float | None = None, max_iters: int | None = None,
-                              eps_uncond: torch.Tensor | None = None, target_unit: str = "batch",
-                              epsilon: float | None = None, alpha: float = 0.5) -> OptimizedEmbeddings:
-    """Minimize d at one step over the conditional token embeddings (Wen et al. sec. 5.1), batched.
-
-    cond P rows (their extra conditioning stays fixed); x_t (P, G, C, H, W) each prompt's latents at
-    step t (x_T, scaled by ``init_noise_sigma``, at the first step); eps_uncond (P, G, C, H, W) the
-    unconditional branch there when already known. The loss of a prompt is
-    ``diffmem.metrics.mitigation_loss`` of its G values of d in `target_unit` ("batch": the seed's
-    norm over all generations at once; "mean": the mean d). Each prompt stops as soon as its loss is
-    <= `target_loss` (checked before each step, as the seed does), and its embedding stops changing
-    while the other prompts continue; at most `max_iters` AdamW steps. lr and max_iters default to
-    the model's (``ModelDefaults``).
-
-    With `epsilon` (the seed's ``optim_epsilon``), once a prompt's mean token L2 distance from its
-    starting embedding (over the learnable positions) exceeds it, that prompt minimizes
-    ``alpha * loss + (1 - alpha) * distance`` instead. The model's ``frozen_token_positions`` (the
-    start token) never change: their gradient is zeroed, and they are restored after each step so
-    that AdamW's weight decay cannot move them either (the seed's AdamW decays them).
-    """
-    if len(cond.embeddings.shape) != 3 or x_t.ndim != 5 or len(cond) != len(x_t):
-        raise ValueError(f"expected cond (P, T, D) and x_t (P, G, C, H, W) with the same P; got "
-                         f"{tuple(cond.embeddings.shape)} and {tuple(x_t.shape)}")
-    lr = model.defaults.mitigation_lr if lr is None else lr
-    max_iters = model.defaults.mitigation_max_iters if max_iters is None else max_iters
-    if max_iters < 0 or lr <= 0:
-        raise ValueError(f"need max_iters >= 0 and lr > 0; got max_iters={max_iters}, lr={lr}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha {alpha}: must be between 0 and 1")
-    mitigation_loss(torch.zeros(1, 1), target_unit)  # checks the unit
-    P, G = x_t.shape[:2]
-    if eps_uncond is None:
-        with torch.no_grad():  # the unconditional branch does not depend on the prompt embedding
-            _, eps_uncond = predict_branches(model, x_t.flatten(0, 1), t, cond.repeat_interleave(G),
-                                             model.empty_conditioning().expand(P * G))
-    eps_u = eps_uncond.reshape(x_t.shape).detach()
-
-    # 1. Parameters, optimizer and the per-prompt bookkeeping.
-    frozen_pos = list(model.frozen_token_positions)
-    learnable = [j for j in range(cond.embeddings.shape[1]) if j not in set(frozen_pos)]
-    dtype = cond.embeddings.dtype
-    start = cond.embeddings.detach().float()  # float32 master copy: AdamW's eps and moments underflow in half precision
-    emb = start.clone().requires_grad_(True)  # (P, T, D)
-    optimizer = torch.optim.AdamW([emb], lr=lr)
-    active = torch.ones(P, dtype=torch.bool, device=emb.device)
-    final_loss = torch.zeros(P, device=emb.device)
-    final_d = torch.zeros(P, device=emb.device)
-    iterations = torch.zeros(P, dtype=torch.long)
-    initial = None
-    for it in range(max_iters + 1):
-        idx = active.nonzero().flatten()
-        # 2. The loss of the prompts still running; those at the target stop here.
-        with torch.enable_grad():
-            d = step_noise_norms(model, cond[idx].with_embeddings(emb[idx].to(dtype)), x_t[idx], t, eps_u[idx])  # (A, G)
-            loss = mitigation_loss(d.float(), target_unit)  # (A,)
-        if initial is None:
-            initial = (loss.detach().clone(), d.detach().mean(1))
-        final_loss[idx] = loss.detach().to(final_loss.dtype)
-        final_d[idx] = d.detach().mean(1).to(final_d.dtype)
-        reached = loss.detach() <= target_loss
-        active[idx[reached]] = False
-        if it == max_iters or not active.any():
-            break
-        # 3. One AdamW step on the prompts that did not reach it (with the distance term past epsilon).
-        objective = loss
-        if epsilon is not None:
-            dist = token_distance(emb[idx], start[idx], learnable)
-            far = dist.detach() > epsilon
-            objective = torch.where(far, alpha * loss + (1 - alpha) * dist, loss)
-        optimizer.zero_grad(set_to_none=False)
-        objective[~reached].sum().backward()  # a sum keeps each prompt's gradient independent of the others
-        emb.grad[:, frozen_pos] = 0
-        frozen = ~active
-        before = emb.detach()[frozen].clone()
-        optimizer.step()
-        with torch.no_grad():
-            emb[frozen] = before  # finished prompts keep their embedding exactly
-            emb[:, frozen_pos] = start[:, frozen_pos]
-        iterations[active.cpu()] += 1
-    return OptimizedEmbeddings(emb.detach().to(dtype), final_loss, initial[0], final_d, initial[1], iterations)
-
-
-# -- prompt augmentation baselines (Somepalli et al. 2023) ----------------------------------------
-
-def random_vocabulary_word(tokenizer, rng: random.Random) -> str:
-    """A uniformly drawn non-special token id below min(vocabulary size, 49400), decoded to one word."""
-    limit = min(len(tokenizer), CLIP_RANDOM_TOKEN_LIMIT)
-    special = set(tokenizer.all_special_ids)
-    for _ in range(1000):
-        i = rng.randrange(limit)
-        word = tokenizer.decode([i]).strip()
-        if i not in special and word and not any(c.isspace() for c in word):
-            return word
-    raise ValueError(f"tokenizer {type(tokenizer).__name__}: no decodable single-word token in 1,000 draws")
-
-
-def insert_word(prompt: str, word: str, rng: random.Random) -> str:
-    """Insert `word` at a uniformly drawn position among the prompt's space-separated words."""
-    words = prompt.split(" ")
-    words.insert(rng.randint(0, len(words)), word)
-    return " ".join(words)
-
-
-def augment_prompt(prompt: str, style: str, repeat_num: int, model, rng: random.Random) -> str:
-    """Insert `repeat_num` items into `prompt` (Somepalli et al. 2023's caption augmentations).
-
-    rand_word_add: random vocabulary tokens; rand_numb_add: random integers < 100000;
-    rand_word_repeat: random words of the prompt itself.
-    """
-    if style not in AUGMENT_STYLES:
-        raise ValueError(f"prompt augmentation {style!r}: expected one of {', '.join(AUGMENT_STYLES)}")
-    if repeat_num < 0:
-        raise ValueError(f"repeat_num {repeat_num}: must be >= 0")
-    words = prompt.split(" ")
-    tokenizer = model.tokenizer if style == "rand_word_add" else None
-    for _ in range(repeat_num):
-        if style == "rand_word_add":
-            item = random_vocabulary_word(tokenizer, rng)
-        elif style == "rand_numb_add":
-            item = str(rng.randrange(RANDOM_NUMBER_LIMIT))
-        else:
-            item = rng.choice(words)
-        prompt = insert_word(prompt, item, rng)
-    return prompt
+METHODS = tuple(MITIGATIONS)  # every registered method (diffmem.mitigations)
 
 
 # -- sampling with a mitigation -------------------------------------------------------------------
@@ -199,7 +44,7 @@ def augment_prompt(prompt: str, style: str, repeat_num: int, model, rng: random.
 class MitigationConfig:
     """One mitigation setting. ``None``: the model's default (``ModelDefaults``)."""
 
-    method: str = "embedding-opt"  # one of METHODS
+    method: str = "embedding-opt"  # a registered mitigation (METHODS)
     target_loss: float | None = None  # embedding-opt: stop at loss <= this (SD: the seed's 3; lab: calibrated)
     target_unit: str = "batch"  # the loss: "batch" = the seed's norm over all generations at once; "mean" = mean d
     lr: float | None = None  # embedding-opt AdamW learning rate (SD: Wen et al.'s 0.05; lab: 0.01)
@@ -209,10 +54,12 @@ class MitigationConfig:
     alpha: float = 0.5  # weight of the loss against the distance term past epsilon (the seed's default)
     repeat_num: int = 4  # augmentations: items inserted (4 at inference, 1 in training)
     seed: int = 0  # augmentation draws for the prompt at position p use seed + p
+    params: dict = field(default_factory=dict)  # the other methods' Params overrides (--param NAME=VALUE)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"mitigation {self.method!r}: expected one of {', '.join(METHODS)}")
+        make_params(self.method, self.params)  # names and values checked now, before any sampling
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"--lr {self.lr}: must be > 0")
         if self.max_iters is not None and self.max_iters < 0:
@@ -285,15 +132,18 @@ def calibrated_target_loss(model, config: MitigationConfig, sampling: SamplingCo
 class MitigatedPrompt:
     position: int
     prompt: str  # the original prompt
-    modified_prompt: str  # what was encoded (= prompt for none/embedding-opt)
+    modified_prompt: str  # what was encoded (= prompt unless the method rewrites prompts)
     embedding: torch.Tensor  # (T, D) the conditional embedding sampled with
     initial_d: float  # d of the original prompt at the optimization step (the first), mean over generations
-    final_d: float  # d there of the embedding sampled with
+    final_d: float  # d there of what was sampled with (the sampled pass's first step, or embedding-opt's own)
     initial_loss: float  # embedding-opt's loss (config.target_unit) of the original prompt there
-    final_loss: float  # ... of the embedding sampled with
-    iterations: int  # embedding-opt AdamW steps (0 otherwise)
+    final_loss: float  # ... of what was sampled with
+    iterations: int  # optimizer steps / search rounds of the method (0 for methods without)
     images: torch.Tensor | None  # (G, 3, H, W) in [0, 1]
     text_noise_norm: torch.Tensor  # (G, S) d per generation and step while sampling
+    unet_rows: float = 0.0  # latents through the UNet for this prompt, the sampling included (unit total / P)
+    seconds: float = 0.0  # wall time of the unit / P
+    info: dict = field(default_factory=dict)  # method-specific fields
 
 
 class _UncondRecorder:
@@ -312,47 +162,49 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
                   decode: bool = True) -> list[MitigatedPrompt]:
     """Mitigate and sample one batch of prompts (seed of position p: ``sampling.seed + p``).
 
-    Fields of `config` left None take the model's defaults (``MitigationConfig.resolved``).
-    embedding-opt optimizes at step ``config.optim_step`` (the latents the original prompt reaches
-    there); every prompt is then sampled from its x_T with the embedding it ends with.
+    Fields of `config` left None take the model's defaults (``MitigationConfig.resolved``). The
+    method (``diffmem.mitigations``) receives the unit (x_T under the seed contract, the encoded
+    prompts, d at the optimization step ``config.optim_step``) and returns a ``Plan``; every prompt
+    is then sampled with the plan's conditioning, starting latents, guidance and UNet edits through
+    the one tracked pass.
     """
     from diffmem.sampling import sample_unit, schedule, unit_inputs
 
-    # 1. Each prompt's x_T under the seed contract; the latents at the optimization step k (x_T for
-    #    k = 0) and the tracked pass's step there, not taken: d and eps_uncond.
-    G, P, k = sampling.num_generations, len(prompts), config.optim_step
-    timesteps = schedule(model, sampling.num_inference_steps)
-    if k >= len(timesteps):
-        raise ValueError(f"--optim-step {k}: the schedule has {len(timesteps)} steps (0-based)")
-    original = model.encode_prompts(prompts)  # P rows
-    x, cond_rows, uncond = unit_inputs(model, positions, sampling, conditioning=original)
-    x_k = tracked_pass(model, x, cond_rows, uncond, timesteps[:k], sampling.guidance(model), eta=sampling.eta,
-                       max_batch=sampling.batch_size) if k else x
-    t = timesteps[k]
-    d0_rows, eps_u = _step_branches(model, x_k, cond_rows, uncond, t, sampling.batch_size)
-    d0 = d0_rows.view(P, G)
-    loss0 = mitigation_loss(d0, config.target_unit)
-    # 2. The conditional embeddings to sample with.
-    modified = list(prompts)
-    iterations = torch.zeros(P, dtype=torch.long)
-    cond, final_d, final_loss = original, d0.mean(1), loss0
+    method = get_mitigation(config.method)
+    params = make_params(config.method, config.params)
     if config.method == "embedding-opt":
         config = config.resolved(model)
-        opt = optimize_prompt_embedding(model, original, x_k.view(P, G, *x.shape[1:]), t, config.target_loss,
-                                        config.lr, config.max_iters, eps_uncond=eps_u, target_unit=config.target_unit,
-                                        epsilon=config.epsilon, alpha=config.alpha)
-        cond, final_d, final_loss, iterations = (original.with_embeddings(opt.embeddings), opt.final_d, opt.final_loss,
-                                                 opt.iterations)
-    elif config.method in AUGMENT_STYLES:
-        modified = [augment_prompt(p, config.method, config.repeat_num, model, random.Random(config.seed + pos))
-                    for p, pos in zip(prompts, positions)]
-        cond = model.encode_prompts(modified)
-        d1 = _step_branches(model, x_k, cond.repeat_interleave(G), uncond, t, sampling.batch_size)[0].view(P, G)
-        final_d, final_loss = d1.mean(1), mitigation_loss(d1, config.target_unit)
-    # 3. Sample every step with them.
-    samples = sample_unit(model, modified, positions, sampling, decode=decode, conditioning=cond)
+    with count_unet_rows(model) as rows, timed() as seconds:
+        # 1. Each prompt's x_T under the seed contract; the latents at the optimization step k (x_T for
+        #    k = 0) and the tracked pass's step there, not taken: d and eps_uncond.
+        G, P, k = sampling.num_generations, len(prompts), config.optim_step
+        timesteps = schedule(model, sampling.num_inference_steps)
+        if k >= len(timesteps):
+            raise ValueError(f"--optim-step {k}: the schedule has {len(timesteps)} steps (0-based)")
+        original = model.encode_prompts(prompts)  # P rows
+        x, cond_rows, uncond = unit_inputs(model, positions, sampling, conditioning=original)
+        x_k = tracked_pass(model, x, cond_rows, uncond, timesteps[:k], sampling.guidance(model), eta=sampling.eta,
+                           max_batch=sampling.batch_size) if k else x
+        d0_rows, eps_u = _step_branches(model, x_k, cond_rows, uncond, timesteps[k], sampling.batch_size)
+        d0 = d0_rows.view(P, G)
+        unit = Unit(list(prompts), list(positions), original, uncond, x, timesteps, sampling,
+                    sampling.guidance(model), config, d0, x_k, eps_u)
+        # 2. The method's plan, then every step with it.
+        plan = method.plan(model, unit, params)
+        modified = plan.prompts or list(prompts)
+        cond = plan.cond if plan.cond is not None else original
+        with plan_context(plan):
+            samples = sample_unit(model, modified, positions, sampling, decode=decode, conditioning=cond,
+                                  x_T=plan.x_T, guidance=plan.guidance)
+    first = torch.stack([s.text_noise_norm[:, 0] for s in samples])  # (P, G) the sampled pass's first step
+    final_d = plan.final_d if plan.final_d is not None else first.mean(1)
+    final_loss = plan.final_loss if plan.final_loss is not None else mitigation_loss(first, config.target_unit)
+    loss0 = mitigation_loss(d0, config.target_unit)
+    iterations = plan.iterations if plan.iterations is not None else torch.zeros(P, dtype=torch.long)
+    info = plan.info or [{} for _ in prompts]
     return [MitigatedPrompt(pos, p, m, cond.embeddings[j].detach().cpu(), float(d0[j].mean()), float(final_d[j]),
-                            float(loss0[j]), float(final_loss[j]), int(iterations[j]), s.images, s.text_noise_norm)
+                            float(loss0[j]), float(final_loss[j]), int(iterations[j]), s.images, s.text_noise_norm,
+                            rows[0] / P, seconds[0] / P, info[j])
             for j, (pos, p, m, s) in enumerate(zip(positions, prompts, modified, samples))]
 
 
@@ -419,5 +271,7 @@ def _result_row(r: MitigatedPrompt, config: MitigationConfig, sampling: Sampling
     return {"position": r.position, "seed": sampling.seed + r.position, "prompt": r.prompt,
             "modified_prompt": r.modified_prompt, "method": config.method, "initial_d": r.initial_d,
             "final_d": r.final_d, "initial_loss": r.initial_loss, "final_loss": r.final_loss,
-            "target_unit": config.target_unit, "iterations": r.iterations, "embedding": f"prompt_{r.position:05d}",
+            "target_unit": config.target_unit, "iterations": r.iterations, "unet_rows": r.unet_rows,
+            "seconds": r.seconds, **({"params": config.params} if config.params else {}), **r.info,
+            "embedding": f"prompt_{r.position:05d}",
             "images": [f"images/{r.position:05d}_{g}.png" for g in range(len(r.images))]}

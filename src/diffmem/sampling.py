@@ -127,7 +127,9 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
     With ``advance_last=False`` the last step is recorded but not taken (early-stopped detection).
     `guidance_scale` is a number, or a schedule ``(index, eps_cond, eps_uncond) -> w`` called at each
     step with its schedule position and both branches (a float, or an (N,) tensor for one w per row):
-    guidance switched on at a step, or switched when d reaches a minimum (delayed guidance).
+    guidance switched on at a step, or switched when d reaches a minimum (delayed guidance); or an
+    object with ``guided(index, t, x_t, eps_cond, eps_uncond) -> eps`` that makes the guided
+    prediction itself (``diffmem.mitigations.Guidance``: prompt re-anchoring, anti-memorization guidance).
     With ``grad`` the UNet calls keep their graph for the recorders. Returns the final latents.
     """
     for k, t in enumerate(timesteps):
@@ -147,10 +149,13 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
         if advance_last or not last:
             with torch.no_grad():
                 e_c, e_u = eps_c.detach(), eps_u.detach()
-                w = guidance_scale(first_index + k, e_c, e_u) if callable(guidance_scale) else guidance_scale
-                if isinstance(w, torch.Tensor):
-                    w = w.to(e_c.dtype).view(-1, *[1] * (e_c.ndim - 1))
-                guided = e_u + w * (e_c - e_u)
+                if hasattr(guidance_scale, "guided"):  # a whole combination of the branches (PRSS, AMG)
+                    guided = guidance_scale.guided(first_index + k, t, latents.detach(), e_c, e_u)
+                else:
+                    w = guidance_scale(first_index + k, e_c, e_u) if callable(guidance_scale) else guidance_scale
+                    if isinstance(w, torch.Tensor):
+                        w = w.to(e_c.dtype).view(-1, *[1] * (e_c.ndim - 1))
+                    guided = e_u + w * (e_c - e_u)
                 nxt = model.scheduler.step(guided, t, latents.detach(), eta=eta, return_dict=False)[0]
         # 3. Recorders see the step.
         step = Step(first_index + k, t, latents, eps_c, eps_u, nxt, cond)
@@ -198,19 +203,27 @@ def unit_inputs(model, positions: list[int], config: SamplingConfig, prompts: li
 
 def sample_unit(model, prompts: list[str], positions: list[int], config: SamplingConfig,
                 decode: bool = False, conditioning: Conditioning | None = None,
-                recorders: Sequence[Recorder] = ()) -> list[PromptSamples]:
+                recorders: Sequence[Recorder] = (), x_T: torch.Tensor | None = None,
+                guidance=None) -> list[PromptSamples]:
     """Tracked sampling of one work unit: the prompts at `positions`, `config.num_generations` each.
 
     `conditioning` (P rows) replaces the encoded prompts (e.g. optimized embeddings); `recorders`
-    see every step beside d (rows: prompt-major, G generations each).
+    see every step beside d (rows: prompt-major, G generations each); `x_T` (P*G, C, H, W) replaces
+    the seed contract's starting latents and `guidance` the config's scale (a mitigation's own, in any
+    form ``tracked_pass`` takes).
     """
     G = config.num_generations
     n_steps = config.steps_to_run
     timesteps = schedule(model, config.num_inference_steps)[:n_steps]
     x, cond, uncond = unit_inputs(model, positions, config, prompts, conditioning)
+    if x_T is not None:
+        if x_T.shape != x.shape:
+            raise ValueError(f"x_T of shape {tuple(x_T.shape)}: expected {tuple(x.shape)} (P*G, C, H, W)")
+        x = x_T.to(x.device, x.dtype)
     norms = NoiseNormRecorder()
     advance = decode or n_steps == config.num_inference_steps
-    latents = tracked_pass(model, x, cond, uncond, timesteps, config.guidance(model), [norms, *recorders],
+    latents = tracked_pass(model, x, cond, uncond, timesteps, config.guidance(model) if guidance is None else guidance,
+                           [norms, *recorders],
                            eta=config.eta, advance_last=advance, max_batch=config.batch_size)
     text = norms.text_noise_norm().float().cpu()
     unc = norms.uncond_noise_norm().float().cpu()

@@ -151,9 +151,10 @@ def open_pairs(path, resolution: int, center_crop=True, random_flip=False) -> to
 
 def memorization_mix(memorized, non_memorized, end: int | None, repeats: int, non_mem_ratio: float):
     """The seed's recipe: pairs [0, end) of `memorized` repeated `repeats` times plus
-    ``non_mem_ratio * that many`` pairs of `non_memorized` (cycled if it is shorter)."""
+    ``non_mem_ratio * that many`` pairs of `non_memorized` (cycled if it is shorter); without
+    memorized pairs (or with ``repeats=0``), every non-memorized pair once."""
     parts = []
-    if memorized is not None and len(memorized):
+    if memorized is not None and len(memorized) and repeats > 0:
         mem = torch.utils.data.Subset(memorized, range(min(end or len(memorized), len(memorized))))
         parts += [mem] * repeats
         n_non = int(round(non_mem_ratio * len(mem) * repeats))

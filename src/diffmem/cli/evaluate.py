@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
-    from diffmem.cli.options import add_sampling_args
+    from diffmem.cli.options import add_param_arg, add_sampling_args
     from diffmem.mitigate import METHODS
     from diffmem.sampling import SamplingConfig
 
@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
                    "alpha * loss + (1 - alpha) * distance is minimized")
     p.add_argument("--alpha", type=float, help="weight of the loss past --epsilon (default 0.5)")
     p.add_argument("--repeat-num", nargs="+", type=int, default=None, help="augmentation sweep (items inserted; default 4)")
+    add_param_arg(p, sweep=True)
     p.add_argument("--lr", type=float, help="embedding-opt: AdamW learning rate (default: the model's; 0.05 on SD, 0.01 on the lab)")
     p.add_argument("--max-iters", type=int, help="embedding-opt: AdamW steps at most (default: the model's; 10 on SD, 50 on the lab)")
     p.add_argument("--calibration-set", default="lab:non-memorized", help="prompts whose first-step d calibrates "
@@ -54,7 +55,7 @@ def config_from_args(args, target_losses=None):
     """The EvaluateConfig of the command line; `target_losses` replaces --target-loss once 'pN' values are calibrated."""
     from dataclasses import replace
 
-    from diffmem.cli.options import given, sampling_from_args
+    from diffmem.cli.options import given, params_from_args, sampling_from_args
     from diffmem.evaluate import EvaluateConfig
 
     base = EvaluateConfig()
@@ -64,6 +65,7 @@ def config_from_args(args, target_losses=None):
                      mitigation=replace(base.mitigation, **given(args, ("lr", "max_iters", "target_unit", "optim_step",
                                                                          "epsilon", "alpha"))),
                      **({"repeat_nums": tuple(lists["repeat_num"])} if lists else {}),
+                     params=params_from_args(args, sweep=True),
                      **given(args, ("sscd", "clip", "copy_threshold", "copy_metric")), save_images=args.save_images)
     if target_losses is not None:
         config = replace(config, target_losses=tuple(target_losses))
@@ -78,6 +80,9 @@ def run(args) -> int:
     from diffmem.evaluate import calibrate_target_loss, run_evaluation
 
     config = config_from_args(args)  # checked before loading anything
+    from diffmem.evaluate import settings_of
+
+    settings_of(config)  # unknown methods or parameters fail here, before the model loads
     sampling = config.sampling
     for v in args.target_loss or []:
         try:

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     b.add_argument("--preset", default="default", choices=tuple(PRESETS),
                    help="default: the shipped model (~80 min on 2 threads); cells-linear: the same with "
                         "DDPM's linear noise schedule, shipped until 2026-11-29 (README); two-tone: the first "
-                        "shipped model (~90 min on one thread); fast: the test-suite variant (a few minutes)")
+                        "shipped model (~90 min on one thread); base: no duplicated pairs, the pretrained model the seed's "
+                        "memorizing fine-tune starts from (~1 h on one thread); fast: the test-suite variant (a few minutes)")
     b.add_argument("--max-train-steps", type=int, default=None, help="override the preset's step count")
     b.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     b.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")

@@ -15,7 +15,7 @@ def config_from_args(args):
 
 def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
-    from diffmem.cli.options import add_mitigation_args, add_sampling_args
+    from diffmem.cli.options import add_mitigation_args, add_param_arg, add_sampling_args
     from diffmem.mitigate import METHODS
     from diffmem.sampling import SamplingConfig
 
@@ -23,14 +23,16 @@ def add_parser(sub) -> None:
                        description="embedding-opt: AdamW on the prompt embedding until the first-step d <= "
                        "--target-loss (Wen et al. 5.1), then sample every step with it. rand_word_add, "
                        "rand_numb_add, rand_word_repeat: insert --repeat-num random tokens / numbers / prompt words "
-                       "(Somepalli et al. 2023). Writes images/, results.jsonl (final d, iterations, modified "
-                       "prompt) and embeddings.safetensors to --out.")
+                       "(Somepalli et al. 2023). The field's other methods take --param NAME=VALUE "
+                       "(docs/mitigation.md). Writes images/, results.jsonl (final d, iterations, UNet rows, "
+                       "seconds, modified prompt) and embeddings.safetensors to --out.")
     common_model_args(p)
     p.add_argument("--prompts", default=None, help="prompt file (.jsonl, .txt, .csv, .parquet) or 'random'; default "
                    "for lab models: the lab's memorized prompts")
     p.add_argument("--prompt-key", default="caption")
     p.add_argument("--method", required=True, choices=METHODS)
     add_mitigation_args(p)
+    add_param_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run already in --out")
     add_sampling_args(p, SamplingConfig())

@@ -51,9 +51,32 @@ def add_mitigation_args(p, prefix: str = "", with_repeat: bool = True) -> None:
         p.add_argument("--repeat-num", type=int, help="augmentations: items inserted per prompt (default 4)")
 
 
+def add_param_arg(p, sweep: bool = False) -> None:
+    """--param NAME=VALUE: a parameter of the field's methods (docs/mitigation.md lists each method's)."""
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter of the method (repeatable), e.g. c1=1.25 for ren-attention or loss_threshold=8.2 "
+                   "for sail; " + ("comma-separated values sweep it (c1=1.1,1.25,1.5); " if sweep else "") +
+                   "see docs/mitigation.md for each method's parameters and defaults")
+
+
+def params_from_args(args, sweep: bool = False) -> dict:
+    """{name: value} of the --param options ({name: (values...)} with `sweep`); a repeated name raises."""
+    from diffmem.mitigations import parse_param, parse_value
+
+    out: dict = {}
+    for text in getattr(args, "param", None) or []:
+        name, value = parse_param(text)
+        if name in out:
+            raise ValueError(f"--param {name}: given twice")
+        if sweep:
+            value = tuple(parse_value(v.strip()) for v in text.split("=", 1)[1].split(","))
+        out[name] = value
+    return out
+
+
 def mitigation_from_args(args, base):
     return replace(base, **given(args, ("target_loss", "target_unit", "lr", "max_iters", "optim_step", "epsilon",
-                                        "alpha", "repeat_num")))
+                                        "alpha", "repeat_num")), params=params_from_args(args))
 
 
 def add_explain_args(p, base) -> None:

@@ -69,6 +69,15 @@ PRESETS = {
     # The first shipped model (until 2026-11-28): a two-tone background, constant lr. Detects well at
     # the first step but reproduces no training image under the copy rule (README "History").
     "two-tone": LabBuildConfig(),
+    # A base model for the seed's training-time experiment: the default preset's data (offensive title
+    # words left out) without duplicated pairs, 7,000 steps at lr 1.5e-3 with a cosine decay, one stage
+    # (about an hour on one thread). The memorized pairs exist in its data and are never trained on:
+    # `diffmem train` fine-tunes it on them (docs/mitigation.md "At training").
+    "base": LabBuildConfig(
+        data=LabDataConfig(num_template=2, template_variants=3, background_cells=4, block_offensive_words=True),
+        model=LabModelConfig(noise_schedule="scaled_linear", default_guidance_scale=1.25),
+        repeats=0, max_train_steps=7000, lr_scheduler="cosine",
+    ),
     # Small enough for the test suite (a few minutes on 2 cores), still copies its memorized pairs.
     "fast": LabBuildConfig(
         data=LabDataConfig(num_memorized=2, num_template=0, num_non_memorized=300, num_novel=32,

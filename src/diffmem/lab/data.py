@@ -12,6 +12,7 @@ duplicated during training: same generator, same template, same vocabulary.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -74,6 +75,9 @@ class LabDataConfig:
     # n > 0: the background is an n x n grid of cells of random background colours (4^(n*n) patterns:
     # a training image's pattern identifies it); 0: the two-tone background of the first lab models
     background_cells: int = 0
+    # leave the words of lab/blocked_words.txt (profanity, sexual terms, slurs, violence) out of the
+    # title vocabulary; False only for the data of models built before the list existed
+    block_offensive_words: bool = False
 
 
 @dataclass
@@ -229,10 +233,20 @@ class LabData:
         return sets[name]
 
 
+@functools.lru_cache(maxsize=1)
+def blocked_words() -> frozenset[str]:
+    """The words no title of a lab built with ``block_offensive_words`` contains (lab/blocked_words.txt)."""
+    text = (Path(__file__).parent / "blocked_words.txt").read_text(encoding="utf-8")
+    return frozenset(w for line in text.splitlines() for w in line.split("#")[0].split())
+
+
 def title_words(config: LabDataConfig, rng: np.random.Generator | None = None) -> list[str]:
     """The lab's title word list: `num_title_words` words of the vocabulary, drawn first from the seed."""
     rng = rng if rng is not None else np.random.default_rng(config.seed)
-    vocab = np.asarray(title_vocabulary())
+    vocab = title_vocabulary()
+    if config.block_offensive_words:
+        vocab = tuple(w for w in vocab if w not in blocked_words())
+    vocab = np.asarray(vocab)
     return vocab[rng.permutation(len(vocab))[: config.num_title_words]].tolist()
 
 

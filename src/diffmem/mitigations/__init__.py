@@ -1,0 +1,210 @@
+"""Inference-time mitigations behind one interface, each in its own file, registered by name.
+
+A mitigation changes how one work unit of prompts is sampled: the prompts or their embeddings, the
+starting noise x_T, how the two branches are combined at each step (guidance), or the UNet itself
+while sampling (attention edits, switched-off neurons). ``diffmem.mitigate.mitigate_unit`` hands it
+the unit (``Unit``: prompts, encoded conditioning, x_T under the seed contract, the schedule) and
+samples with the ``Plan`` it returns, through the one tracked pass; so every method starts from the
+same draw per prompt position, and every method's d, images, UNet rows and time are measured alike.
+
+To add one:
+
+1. write ``diffmem/mitigations/<name>.py`` with a class that has
+
+   - ``name`` (str): the registry key, the ``--method`` value;
+   - ``Params``: a dataclass of the method's parameters, defaults the published ones (``None`` where
+     the value must come from the model: the method derives it, and says how in its docstring);
+   - ``knob`` (str or None): the field of ``Params`` that ``bench mitigate`` sweeps;
+   - ``off`` (dict): the ``Params`` values at which the method leaves sampling unchanged (tests
+     check that it then reproduces unmitigated sampling exactly);
+   - ``plan(model, unit: Unit, params) -> Plan``;
+   - optionally ``sweep(model) -> list`` (the knob values ``bench mitigate`` tries; default: the
+     published value only) and ``check(model)`` (refuse a model it cannot run on, in one line);
+
+2. decorate it with ``@register`` and import the file at the end of this module.
+
+Parameters travel as ``MitigationConfig.params`` (a dict, ``--param NAME=VALUE`` on the command
+line) and are checked against ``Params`` (``make_params``). Wen et al.'s embedding optimization and
+the prompt augmentations keep their own ``MitigationConfig`` fields (the seed's options).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from diffmem.model import Conditioning
+    from diffmem.sampling import SamplingConfig
+
+
+@dataclass
+class Unit:
+    """One work unit as every method receives it. P prompts, G generations each, rows prompt-major."""
+
+    prompts: list[str]
+    positions: list[int]  # input positions (seed of position p: sampling.seed + p)
+    cond: "Conditioning"  # P rows: the encoded prompts
+    uncond: "Conditioning"  # P*G rows: the empty prompt
+    x_T: torch.Tensor  # (P*G, C, H, W) starting latents under the seed contract
+    timesteps: torch.Tensor  # (S,) the whole DDIM schedule, noisiest first
+    sampling: "SamplingConfig"
+    guidance_scale: float  # the resolved w of the run
+    config: object  # the MitigationConfig (seed, and the seed's embedding-opt / augmentation fields)
+    d0: torch.Tensor  # (P, G) d of the prompts at the optimization step (the first, unless --optim-step)
+    x_opt: torch.Tensor  # (P*G, C, H, W) latents there (x_T at the first step)
+    eps_uncond_opt: torch.Tensor  # (P*G, C, H, W) the unconditional branch there
+
+    @property
+    def num_generations(self) -> int:
+        return self.sampling.num_generations
+
+
+class Guidance(Protocol):
+    """A combination of the branches that is more than ``eps_u + w (eps_c - eps_u)`` (PRSS, AMG)."""
+
+    def guided(self, index: int, t, x_t: torch.Tensor, eps_cond: torch.Tensor,
+               eps_uncond: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Plan:
+    """How a unit is sampled under a mitigation; fields left None keep the unmitigated value."""
+
+    prompts: list[str] | None = None  # what was encoded when the method rewrote the prompts
+    cond: "Conditioning | None" = None  # P rows: the conditional branch to sample with
+    x_T: torch.Tensor | None = None  # (P*G, C, H, W) the starting latents to sample from
+    guidance: object = None  # a number, a schedule (index, eps_c, eps_u) -> w, or a Guidance
+    context: Callable[[], ContextManager] | None = None  # entered around the sampling pass (UNet edits)
+    iterations: torch.Tensor | None = None  # (P,) optimizer steps or search rounds taken
+    final_d: torch.Tensor | None = None  # (P,) d the method measured at its own step (embedding-opt)
+    final_loss: torch.Tensor | None = None  # (P,)
+    info: list[dict] = field(default_factory=list)  # per prompt: method-specific fields for the result rows
+
+
+class Mitigation(Protocol):
+    name: str
+    knob: str | None
+    off: dict
+
+    def plan(self, model, unit: Unit, params) -> Plan: ...
+
+
+MITIGATIONS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make `cls` available by ``cls.name`` (``mitigate --method``, ``evaluate``, ``bench``)."""
+    if cls.name in MITIGATIONS and MITIGATIONS[cls.name] is not cls:
+        raise ValueError(f"mitigation {cls.name!r} is registered twice ({MITIGATIONS[cls.name].__module__}, "
+                         f"{cls.__module__})")
+    MITIGATIONS[cls.name] = cls
+    return cls
+
+
+_INSTANCES: dict[str, object] = {}
+
+
+def get_mitigation(name: str):
+    """The registered mitigation `name` (one instance per process: methods may cache what they derive
+    from a model, such as a calibrated threshold); an unknown name raises, listing the known ones."""
+    if name not in MITIGATIONS:
+        raise ValueError(f"unknown mitigation {name!r}: expected one of {', '.join(MITIGATIONS)}")
+    if name not in _INSTANCES:
+        _INSTANCES[name] = MITIGATIONS[name]()
+    return _INSTANCES[name]
+
+
+def param_names(name: str) -> tuple[str, ...]:
+    cls = getattr(get_mitigation(name), "Params", None)
+    return tuple(f.name for f in dataclasses.fields(cls)) if cls is not None else ()
+
+
+def make_params(name: str, params: dict | None):
+    """The method's ``Params`` from a dict of overrides; an unknown or ill-typed name raises, naming it."""
+    method = get_mitigation(name)
+    cls = getattr(method, "Params", None)
+    params = dict(params or {})
+    if cls is None:
+        if params:
+            raise ValueError(f"--method {name} takes no --param (got {', '.join(params)})")
+        return None
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in params.items():
+        if k not in known:
+            raise ValueError(f"--param {k}: {name} has no such parameter (it has {', '.join(known) or 'none'})")
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--method {name}: {e}") from None
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    """'NAME=VALUE' -> (name, value): a number when it reads as one, 'none' -> None, else the text."""
+    if "=" not in text:
+        raise ValueError(f"--param {text!r}: expected NAME=VALUE (e.g. c1=1.25)")
+    k, v = (s.strip() for s in text.split("=", 1))
+    if not k:
+        raise ValueError(f"--param {text!r}: no parameter name before '='")
+    return k.replace("-", "_"), parse_value(v)
+
+
+def parse_value(v: str):
+    low = v.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
+@contextmanager
+def count_unet_rows(model):
+    """Count the latents that go through the model's UNet inside the block: ``with ... as n: ...; n[0]``."""
+    n = [0]
+    original = model.predict_noise
+
+    def counted(x_t, *args, **kwargs):
+        n[0] += len(x_t)
+        return original(x_t, *args, **kwargs)
+
+    model.predict_noise = counted
+    try:
+        yield n
+    finally:
+        del model.predict_noise  # back to the class's method
+
+
+@contextmanager
+def timed():
+    """``with timed() as s: ...; s[0]`` seconds spent in the block."""
+    s = [0.0]
+    start = time.perf_counter()
+    try:
+        yield s
+    finally:
+        s[0] = time.perf_counter() - start
+
+
+def plan_context(plan: Plan) -> ContextManager:
+    return plan.context() if plan.context is not None else nullcontext()
+
+
+def derived_generator(seed: int, position: int, stream: int) -> torch.Generator:
+    """A CPU generator for a method's extra draws of the prompt at `position` (SAIL's re-draws, GNI's
+    noise): seeded from the run's seed, the position and a stream number, never equal to the seed
+    contract's own ``seed + position`` draw."""
+    return torch.Generator("cpu").manual_seed((int(seed) + int(position)) * 1_000_003 + 7919 * (int(stream) + 1))
+
+
+from diffmem.mitigations import augment, embedding_opt, none  # noqa: E402,F401  (registration)

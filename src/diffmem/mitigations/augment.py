@@ -1,0 +1,84 @@
+"""Prompt augmentations (Somepalli et al., NeurIPS 2023, "Understanding and mitigating copying in
+diffusion models"): ``rand_word_add`` (random vocabulary tokens), ``rand_numb_add`` (random integers
+< 100000), ``rand_word_repeat`` (words of the prompt itself), ``repeat_num`` items inserted at random
+word positions (4 at inference; 1 as the training-time baseline of ``diffmem train``). The draws of
+the prompt at position p use ``random.Random(config.seed + p)``."""
+
+from __future__ import annotations
+
+import random
+
+from diffmem.mitigations import Plan, Unit, register
+
+AUGMENT_STYLES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
+CLIP_RANDOM_TOKEN_LIMIT = 49400  # Somepalli et al. draw token ids below this in CLIP's 49,408-token vocabulary
+RANDOM_NUMBER_LIMIT = 100000  # rand_numb_add draws integers below this
+
+
+def random_vocabulary_word(tokenizer, rng: random.Random) -> str:
+    """A uniformly drawn non-special token id below min(vocabulary size, 49400), decoded to one word."""
+    limit = min(len(tokenizer), CLIP_RANDOM_TOKEN_LIMIT)
+    special = set(tokenizer.all_special_ids)
+    for _ in range(1000):
+        i = rng.randrange(limit)
+        word = tokenizer.decode([i]).strip()
+        if i not in special and word and not any(c.isspace() for c in word):
+            return word
+    raise ValueError(f"tokenizer {type(tokenizer).__name__}: no decodable single-word token in 1,000 draws")
+
+
+def insert_word(prompt: str, word: str, rng: random.Random) -> str:
+    """Insert `word` at a uniformly drawn position among the prompt's space-separated words."""
+    words = prompt.split(" ")
+    words.insert(rng.randint(0, len(words)), word)
+    return " ".join(words)
+
+
+def augment_prompt(prompt: str, style: str, repeat_num: int, model, rng: random.Random) -> str:
+    """Insert `repeat_num` items into `prompt` (Somepalli et al. 2023's caption augmentations).
+
+    rand_word_add: random vocabulary tokens; rand_numb_add: random integers < 100000;
+    rand_word_repeat: random words of the prompt itself.
+    """
+    if style not in AUGMENT_STYLES:
+        raise ValueError(f"prompt augmentation {style!r}: expected one of {', '.join(AUGMENT_STYLES)}")
+    if repeat_num < 0:
+        raise ValueError(f"repeat_num {repeat_num}: must be >= 0")
+    words = prompt.split(" ")
+    tokenizer = model.tokenizer if style == "rand_word_add" else None
+    for _ in range(repeat_num):
+        if style == "rand_word_add":
+            item = random_vocabulary_word(tokenizer, rng)
+        elif style == "rand_numb_add":
+            item = str(rng.randrange(RANDOM_NUMBER_LIMIT))
+        else:
+            item = rng.choice(words)
+        prompt = insert_word(prompt, item, rng)
+    return prompt
+
+
+class _Augmentation:
+    knob = "repeat_num"  # a MitigationConfig field (config_knob)
+    config_knob = True
+    off = {"repeat_num": 0}
+
+    def plan(self, model, unit: Unit, params) -> Plan:
+        c = unit.config
+        modified = [augment_prompt(p, self.name, c.repeat_num, model, random.Random(c.seed + pos))
+                    for p, pos in zip(unit.prompts, unit.positions)]
+        return Plan(prompts=modified, cond=model.encode_prompts(modified))
+
+
+@register
+class RandWordAdd(_Augmentation):
+    name = "rand_word_add"
+
+
+@register
+class RandNumbAdd(_Augmentation):
+    name = "rand_numb_add"
+
+
+@register
+class RandWordRepeat(_Augmentation):
+    name = "rand_word_repeat"

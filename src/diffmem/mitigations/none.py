@@ -1,0 +1,15 @@
+"""``none``: unmitigated sampling, the reference every method is compared with."""
+
+from __future__ import annotations
+
+from diffmem.mitigations import Plan, Unit, register
+
+
+@register
+class NoMitigation:
+    name = "none"
+    knob = None
+    off: dict = {}
+
+    def plan(self, model, unit: Unit, params) -> Plan:
+        return Plan()
