@@ -35,7 +35,8 @@ from diffmem.mitigations.augment import (AUGMENT_STYLES, augment_prompt, insert_
 from diffmem.mitigations.embedding_opt import (OptimizedEmbeddings, optimize_prompt_embedding,  # noqa: F401
                                                step_noise_norms, token_distance)
 
-METHODS = tuple(MITIGATIONS)  # every registered method (diffmem.mitigations)
+# every registered method (diffmem.mitigations): the reference and Wen et al.'s first, then the others
+METHODS = ("none", "embedding-opt", *[n for n in MITIGATIONS if n not in ("none", "embedding-opt")])
 
 
 # -- sampling with a mitigation -------------------------------------------------------------------

@@ -18,10 +18,14 @@ To add one:
    - ``off`` (dict): the ``Params`` values at which the method leaves sampling unchanged (tests
      check that it then reproduces unmitigated sampling exactly);
    - ``plan(model, unit: Unit, params) -> Plan``;
-   - optionally ``sweep(model) -> list`` (the knob values ``bench mitigate`` tries; default: the
-     published value only) and ``check(model)`` (refuse a model it cannot run on, in one line);
+   - optionally ``sweep(model, sampling) -> list[dict]``: the settings ``bench mitigate`` tries, each a
+     dict of ``Params`` overrides (of ``MitigationConfig`` fields for methods with ``config_knob =
+     True``), from the mildest; default ``[{}]``, the published setting only. Where the published
+     constants are on Stable Diffusion's scale, derive the values from the model (e.g. percentiles
+     over its own non-memorized prompts, ``diffmem.lab.prompts.own_reference_prompts``) and say how;
+   - optionally ``check(model)`` (refuse a model it cannot run on, in one line);
 
-2. decorate it with ``@register`` and import the file at the end of this module.
+2. decorate it with ``@register``; every module of this package is imported (registered) with it.
 
 Parameters travel as ``MitigationConfig.params`` (a dict, ``--param NAME=VALUE`` on the command
 line) and are checked against ``Params`` (``make_params``). Wen et al.'s embedding optimization and
@@ -207,4 +211,12 @@ def derived_generator(seed: int, position: int, stream: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((int(seed) + int(position)) * 1_000_003 + 7919 * (int(stream) + 1))
 
 
-from diffmem.mitigations import augment, embedding_opt, none  # noqa: E402,F401  (registration)
+def _register_all() -> None:
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_register_all()

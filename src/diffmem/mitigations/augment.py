@@ -62,6 +62,9 @@ class _Augmentation:
     config_knob = True
     off = {"repeat_num": 0}
 
+    def sweep(self, model, sampling) -> list[dict]:
+        return [{"repeat_num": n} for n in (1, 2, 4, 8)]  # Wen et al. sweep 1-8 items
+
     def plan(self, model, unit: Unit, params) -> Plan:
         c = unit.config
         modified = [augment_prompt(p, self.name, c.repeat_num, model, random.Random(c.seed + pos))

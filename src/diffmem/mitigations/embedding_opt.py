@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from diffmem.metrics import mitigation_loss, text_noise_norm
@@ -132,6 +133,18 @@ class EmbeddingOpt:
     knob = "target_loss"  # a MitigationConfig field (config_knob)
     config_knob = True
     off = {"target_loss": float("inf")}  # every prompt is at the target at once: its embedding is unchanged
+
+    def sweep(self, model, sampling) -> list[dict]:
+        """Target losses at the 90th, 50th, 25th and 10th percentile of the first-step loss of the model's
+        own reference prompts (lab: the novel captions), mildest first; elsewhere the model's target."""
+        from diffmem.lab.prompts import own_reference_prompts
+        from diffmem.mitigate import reference_losses
+
+        prompts = own_reference_prompts(model)
+        if not prompts:
+            return [{}]
+        losses = reference_losses(model, prompts, sampling)
+        return [{"target_loss": float(np.percentile(losses, q))} for q in (90, 50, 25, 10)]
 
     def plan(self, model, unit: Unit, params) -> Plan:
         c = unit.config
