@@ -287,3 +287,40 @@ def test_shipped_weights_record_the_default_preset():
     model = load_model("lab")
     assert model.default_guidance_scale == preset.model.default_guidance_scale
     assert model.scheduler.config.beta_schedule == preset.model.noise_schedule
+
+
+def test_title_words_of_new_builds_hold_no_blocked_word():
+    """Labs built with block_offensive_words (the base preset) draw titles from the vocabulary without
+    the blocklist; the list does catch words the raw vocabulary holds (it is not a list of absent words)."""
+    from dataclasses import replace
+
+    from diffmem.lab.build import PRESETS
+    from diffmem.lab.data import blocked_words, make_lab_data, title_vocabulary, title_words
+
+    blocked = blocked_words()
+    assert blocked & set(title_vocabulary())  # the raw tokenizer vocabulary holds some of them
+    config = PRESETS["base"].data
+    assert config.block_offensive_words
+    assert not set(title_words(config)) & blocked
+    data = make_lab_data(replace(config, num_non_memorized=2000))
+    pairs = data.memorized + data.non_memorized + data.novel
+    assert not {w for p in pairs for w in p.title_words} & blocked
+
+
+def test_partial_descriptions_are_true_of_their_image(tmp_path):
+    from diffmem.lab.data import QUADRANTS, LabDataConfig, make_lab_data, partial_descriptions
+    from diffmem.lab.export import export_training_data
+
+    data = make_lab_data(LabDataConfig(num_memorized=2, num_template=1, num_non_memorized=5, num_novel=1,
+                                       num_out_of_style=1, num_title_words=50))
+    for pair in data.non_memorized:
+        texts = partial_descriptions(pair, 3)
+        assert texts[0] == pair.caption and len(set(texts)) == 3
+        for t in texts:
+            assert t.startswith(f"the {pair.title_words[0]} {pair.title_words[1]}: a {pair.spec.colour} {pair.spec.shape}")
+        assert QUADRANTS[pair.spec.quadrant] in texts[1] and pair.spec.second_shape in texts[2]
+    with pytest.raises(ValueError, match="captions-per-image"):
+        partial_descriptions(data.non_memorized[0], 4)
+    export_training_data(data, tmp_path, captions_per_image=2)
+    first = (tmp_path / "non_memorized" / "00000001.txt").read_text().splitlines()
+    assert first == partial_descriptions(data.non_memorized[0], 2)

@@ -150,3 +150,68 @@ def test_train_cli_with_hard_threshold_logs_left_out(tiny_sd_folder, tmp_path):
     rows = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
     assert rows and all(r["skipped"] and r["left_out"] == 1.0 for r in rows)
     assert (out / "unet" / "config.json").is_file()
+
+
+# -- Somepalli et al.'s training strategies ---------------------------------------------------------
+
+def captions_trained(folder, tmp_path, steps=3, data=None, **options) -> list[str]:
+    """The captions the trainer encoded over `steps` steps (batch: all 4 pairs)."""
+    torch.manual_seed(0)
+    model = tiny_model(folder)
+    seen: list[str] = []
+    encode = model.encode_prompts
+    model.encode_prompts = lambda prompts: (seen.extend(prompts), encode(prompts))[1]
+    config = TrainConfig(output_dir=str(tmp_path / f"o{len(list(tmp_path.iterdir()))}"), max_train_steps=steps,
+                         train_batch_size=4, log_every=1, num_threads=1, **options)
+    train(model, data or dataset(), config, save_model=lambda unet, folder: None, progress=False)
+    return [c for c in seen if c]
+
+
+def test_caption_replacement_with_random_tokens(tiny_sd_folder, tmp_path):
+    trained = captions_trained(tiny_sd_folder, tmp_path, prompt_aug_style="rand_word_replace", repeat_num=4)
+    assert trained and all(c not in CAPTIONS for c in trained)
+    assert all(len(c.split(" ")) == 4 for c in trained)  # 4 single-word tokens, nothing of the caption kept
+
+
+def test_augmentation_probability_changes_that_share_of_samples(tiny_sd_folder, tmp_path):
+    """p = 0.1 (Somepalli et al.) leaves most captions as they are; p = 0 none; p = 1 all."""
+    none = captions_trained(tiny_sd_folder, tmp_path, steps=5, prompt_aug_style="rand_word_add", repeat_num=2,
+                            prompt_aug_prob=0.0)
+    assert set(none) <= set(CAPTIONS)
+    some = captions_trained(tiny_sd_folder, tmp_path, steps=25, prompt_aug_style="rand_word_add", repeat_num=2,
+                            prompt_aug_prob=0.1)
+    new = [c for c in set(some) if c not in CAPTIONS]
+    assert new and all(len(c.split(" ")) == len(o.split(" ")) + 2 for c in new
+                       for o in CAPTIONS if set(o.split(" ")) <= set(c.split(" ")))
+    # each of the 100 uses is augmented with probability 0.1: far from all of them
+    assert 0 < sum(c not in CAPTIONS for c in some) < 30
+
+
+def test_one_of_several_captions_is_drawn_per_use(tiny_sd_folder, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    multi = [f"{c}\n{c} again" for c in CAPTIONS]
+    data = ImagePairs(torch.rand(4, 3, 32, 32, generator=g), multi)
+    trained = captions_trained(tiny_sd_folder, tmp_path, steps=6, data=data, caption_per_line=True)
+    options = {line for c in multi for line in c.split("\n")}
+    assert set(trained) <= options and len(set(trained)) > len(CAPTIONS)  # both lines of some image were drawn
+    joined = captions_trained(tiny_sd_folder, tmp_path, steps=1, data=data)
+    assert set(joined) == set(multi)  # without the option the whole text is the caption
+
+
+def test_embedding_noise_is_added_to_the_caption_embeddings(tiny_sd_folder, tmp_path):
+    """The UNet sees the caption embeddings plus std * N(0, 1): the difference from the plain run's
+    embeddings has that std (caption dropout off)."""
+    _, _, plain = run_one_step(tiny_sd_folder, tmp_path / "a", None)
+    _, _, noisy = run_one_step(tiny_sd_folder, tmp_path / "b", None, embedding_noise=0.5)
+    diff = noisy[0][0] - plain[0][0]
+    assert diff.std().item() == pytest.approx(0.5, rel=0.05)
+    assert diff.mean().abs().item() < 0.02
+
+
+def test_bad_training_strategy_values_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--prompt-aug-prob"):
+        TrainConfig(output_dir=str(tmp_path), prompt_aug_prob=1.5)
+    with pytest.raises(ValueError, match="--embedding-noise"):
+        TrainConfig(output_dir=str(tmp_path), embedding_noise=-1)
+    with pytest.raises(ValueError, match="--prompt-aug-style"):
+        TrainConfig(output_dir=str(tmp_path), prompt_aug_style="shuffle")

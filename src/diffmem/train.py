@@ -50,8 +50,11 @@ class TrainConfig:
     # drop samples with d >= this from the loss (Wen et al. 5.2): one number, or one per band of timesteps
     # (K numbers: band k holds t in [k*T/K, (k+1)*T/K), T the scheduler's training timesteps)
     hard_threshold: float | tuple[float, ...] | None = None
-    prompt_aug_style: str | None = None  # e.g. "rand_word_add" (training baseline)
+    prompt_aug_style: str | None = None  # e.g. "rand_word_add" (training baseline); see augment_prompt
     repeat_num: int = 1
+    prompt_aug_prob: float = 1.0  # share of samples augmented (the seed: all; Somepalli et al.: 0.1)
+    embedding_noise: float = 0.0  # Gaussian noise of this std added to the caption embeddings (Somepalli et al.)
+    caption_per_line: bool = False  # a caption text of several lines holds several captions: one drawn per use
     # the seed's (diffusers' train_text_to_image.py) loss options
     snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023); 5.0 is the usual value
     noise_offset: float = 0.0  # offset noise: + noise_offset * N(0, 1) of shape (B, C, 1, 1)
@@ -62,6 +65,17 @@ class TrainConfig:
     validation_inference_steps: int = 50
     log_every: int = 10
     num_threads: int | None = None  # torch threads per process; 1 when several run on one CPU
+
+    def __post_init__(self):
+        from diffmem.mitigations.augment import TRAIN_AUGMENT_STYLES
+
+        if self.prompt_aug_style is not None and self.prompt_aug_style not in TRAIN_AUGMENT_STYLES:
+            raise ValueError(f"--prompt-aug-style {self.prompt_aug_style!r}: expected one of "
+                             f"{', '.join(TRAIN_AUGMENT_STYLES)}")
+        if not 0 <= self.prompt_aug_prob <= 1:
+            raise ValueError(f"--prompt-aug-prob {self.prompt_aug_prob}: must be between 0 and 1")
+        if self.embedding_noise < 0:
+            raise ValueError(f"--embedding-noise {self.embedding_noise}: must be >= 0")
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -366,14 +380,21 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
         images = torch.stack([im for im, _ in items]).to(accelerator.device) * 2 - 1  # (B, 3, H, W) in [-1, 1]
         captions = [c for _, c in items]
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * world + rank)
+        rng = random.Random(config.seed * 1_000_003 + step * world + rank)
+        if config.caption_per_line:  # several captions of one image: one drawn for this use
+            captions = [rng.choice([line for line in c.split("\n") if line.strip()] or [c]) for c in captions]
         if config.prompt_aug_style:
             from diffmem.mitigate import augment_prompt
 
-            rng = random.Random(config.seed * 1_000_003 + step * world + rank)
-            captions = [augment_prompt(c, config.prompt_aug_style, config.repeat_num, model, rng) for c in captions]
+            captions = [augment_prompt(c, config.prompt_aug_style, config.repeat_num, model, rng)
+                        if config.prompt_aug_prob >= 1 or rng.random() < config.prompt_aug_prob else c
+                        for c in captions]
         # 2. Frozen conditioning, with caption dropout for classifier-free guidance.
         with torch.no_grad():
             cond = embed(captions)  # B rows
+            if config.embedding_noise:
+                noise_e = torch.randn(cond.embeddings.shape, generator=gen).to(cond.embeddings.device)
+                cond = cond.with_embeddings(cond.embeddings + config.embedding_noise * noise_e)
             drop = torch.rand(len(captions), generator=gen) < config.caption_dropout
             cond = drop_captions(cond, empty, drop.to(model.device))
             latents = model.encode_images(images.to(model.dtype), generator=gen).float()

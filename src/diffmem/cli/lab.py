@@ -53,6 +53,8 @@ def add_parser(sub) -> None:
     d.add_argument("--out", required=True)
     d.add_argument("--limit", type=int, default=None, help="at most this many non-memorized pairs")
     d.add_argument("--model", default="lab")
+    d.add_argument("--captions-per-image", type=int, default=1, help="descriptions per image, one per line of its "
+                   "caption file (1-3; for diffmem train --caption-per-line)")
     d.set_defaults(run=run_data)
 
 
@@ -109,7 +111,7 @@ def run_prompts(args) -> int:
 def run_data(args) -> int:
     from diffmem.lab.export import export_training_data
 
-    counts = export_training_data(lab_data_of(args.model), Path(args.out), args.limit)
+    counts = export_training_data(lab_data_of(args.model), Path(args.out), args.limit, args.captions_per_image)
     print(f"wrote {counts['memorized']} memorized and {counts['non_memorized']} non-memorized pairs to {args.out}")
     return 0
 

@@ -29,8 +29,13 @@ TRAIN_OPTIONS = (
     ("caption_dropout", float, "train on the empty caption this often"),
     ("hard_threshold", str, "leave samples with d >= this out of the loss (Wen et al. 5.2; 2 on SD); or K "
                             "comma-separated thresholds, one per band of timesteps, low noise first"),
-    ("prompt_aug_style", str, "caption augmentation baseline, e.g. rand_word_add"),
-    ("repeat_num", int, "words or numbers the augmentation inserts"),
+    ("prompt_aug_style", str, "caption augmentation: rand_word_add (the seed's baseline), rand_numb_add, "
+                              "rand_word_repeat, rand_word_replace"),
+    ("repeat_num", int, "words or numbers the augmentation inserts (rand_word_replace: the caption's length)"),
+    ("prompt_aug_prob", float, "share of samples the augmentation changes (1: all, the seed's; 0.1: Somepalli et al.)"),
+    ("embedding_noise", float, "std of Gaussian noise added to the caption embeddings (Somepalli et al.)"),
+    ("caption_per_line", bool, "a caption file of several lines holds several captions of its image: one is drawn "
+                               "at each use (Somepalli et al.'s multiple captions)"),
     ("seed", int, ""),
     ("num_threads", int, "torch threads per process (1 when several run on one CPU)"),
 )

@@ -107,6 +107,17 @@ def caption_for(title: tuple[str, str], colour: str, shape: str) -> str:
     return f"the {title[0]} {title[1]}: a {colour} {shape}"
 
 
+def partial_descriptions(pair: "LabPair", count: int) -> list[str]:
+    """`count` captions of the pair's image (at most 3), each a true partial description under the
+    pair's title: its caption, then the main object with its quadrant, then with the second object."""
+    if not 1 <= count <= 3:
+        raise ValueError(f"--captions-per-image {count}: the lab has 1 to 3 descriptions of an image")
+    spec, (a, b) = pair.spec, pair.title_words
+    options = [pair.caption, f"the {a} {b}: a {spec.colour} {spec.shape} at the {QUADRANTS[spec.quadrant]}",
+               f"the {a} {b}: a {spec.colour} {spec.shape} and a small {spec.second_shape}"]
+    return options[:count]
+
+
 def out_of_style_caption(title: tuple[str, str], colour: str, shape: str) -> str:
     return f"a {colour} {shape} drawn in the style of {title[0]}"
 

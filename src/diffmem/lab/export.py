@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from diffmem.lab.data import LabData, render
+from diffmem.lab.data import LabData, partial_descriptions, render
 
 
-def export_training_data(data: LabData, out: Path, limit: int | None = None) -> dict:
-    """Memorized pairs (each template variant a pair) go to out/memorized, the rest to out/non_memorized."""
+def export_training_data(data: LabData, out: Path, limit: int | None = None, captions_per_image: int = 1) -> dict:
+    """Memorized pairs (each template variant a pair) go to out/memorized, the rest to out/non_memorized.
+    With `captions_per_image` > 1 each caption file holds that many descriptions of its image, one per
+    line (``diffmem train --caption-per-line`` draws one at each use)."""
     from PIL import Image
 
     counts = {}
@@ -24,6 +26,7 @@ def export_training_data(data: LabData, out: Path, limit: int | None = None) -> 
                 n += 1
                 img = (render(spec).transpose(1, 2, 0) * 255).round().astype(np.uint8)
                 Image.fromarray(img).save(folder / f"{n:08d}.png")
-                (folder / f"{n:08d}.txt").write_text(pair.caption + "\n", encoding="utf-8")
+                text = "\n".join(partial_descriptions(pair, captions_per_image))
+                (folder / f"{n:08d}.txt").write_text(text + "\n", encoding="utf-8")
         counts[name] = n
     return counts

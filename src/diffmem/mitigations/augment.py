@@ -11,6 +11,8 @@ import random
 from diffmem.mitigations import Plan, Unit, register
 
 AUGMENT_STYLES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
+# training only: the caption replaced by `repeat_num` random vocabulary tokens (Somepalli et al.'s "randrepl")
+TRAIN_AUGMENT_STYLES = (*AUGMENT_STYLES, "rand_word_replace")
 CLIP_RANDOM_TOKEN_LIMIT = 49400  # Somepalli et al. draw token ids below this in CLIP's 49,408-token vocabulary
 RANDOM_NUMBER_LIMIT = 100000  # rand_numb_add draws integers below this
 
@@ -38,12 +40,15 @@ def augment_prompt(prompt: str, style: str, repeat_num: int, model, rng: random.
     """Insert `repeat_num` items into `prompt` (Somepalli et al. 2023's caption augmentations).
 
     rand_word_add: random vocabulary tokens; rand_numb_add: random integers < 100000;
-    rand_word_repeat: random words of the prompt itself.
+    rand_word_repeat: random words of the prompt itself; rand_word_replace (training only): the
+    prompt replaced by `repeat_num` random vocabulary tokens.
     """
-    if style not in AUGMENT_STYLES:
-        raise ValueError(f"prompt augmentation {style!r}: expected one of {', '.join(AUGMENT_STYLES)}")
+    if style not in TRAIN_AUGMENT_STYLES:
+        raise ValueError(f"prompt augmentation {style!r}: expected one of {', '.join(TRAIN_AUGMENT_STYLES)}")
     if repeat_num < 0:
         raise ValueError(f"repeat_num {repeat_num}: must be >= 0")
+    if style == "rand_word_replace":
+        return " ".join(random_vocabulary_word(model.tokenizer, rng) for _ in range(repeat_num))
     words = prompt.split(" ")
     tokenizer = model.tokenizer if style == "rand_word_add" else None
     for _ in range(repeat_num):
