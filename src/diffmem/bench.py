@@ -1,4 +1,4 @@
-"""Benchmarks that compare methods on the same prompts, seeds and model: ``bench_detect``.
+"""Benchmarks that compare methods on the same prompts, seeds and model: ``bench_detect``, ``bench_mitigate``.
 
 ``bench_detect`` runs every requested detector at the settings it is defined for (the first step
 for those that can take it, the whole trajectory for those that need it; each number of
@@ -6,6 +6,13 @@ generations) through ``run_detection``, one pass per setting and prompt set with
 and reports per detector, setting and control set: AUC, TPR at 1% and 3% FPR with bootstrap 95%
 intervals, and the cost of the detector alone (UNet rows and seconds per prompt, timed on a few
 memorized prompts). Scores are taken in each detector's own direction and never label-flipped.
+
+``bench_mitigate`` runs every requested mitigation over the settings its ``sweep`` names (the
+published one when it has none), and no mitigation once as the reference, on the same prompts and
+seeds through ``diffmem.evaluate.run_evaluation`` (one folder per method, resumable), and reports per
+method and setting: copy rate, similarity to the training images (mean, max and top-3 mean over each
+prompt's generations, averaged over the prompts), alignment (lab) or CLIP score, the UNet rows per
+prompt beyond unmitigated sampling's, and seconds per prompt; with one trade-off figure.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from diffmem.detectors import DETECTORS, get_detector
+from diffmem.files import one_writer
 from diffmem.prompts import PromptSet
 from diffmem.sampling import SamplingConfig
 
@@ -183,3 +191,301 @@ def format_table(rows: list[dict]) -> str:
                      f"{ci(r, 'tpr_at_1fpr')} | {ci(r, 'tpr_at_3fpr')} | {_num(r['unet_rows_per_prompt'], '.0f')} | "
                      f"{_num(r['seconds_per_prompt'], '.3f')} |")
     return "\n".join(lines) + "\n"
+
+
+# -- bench mitigate -------------------------------------------------------------------------------
+
+def _all_mitigations() -> tuple[str, ...]:
+    from diffmem.mitigate import METHODS
+
+    return tuple(METHODS)
+
+
+@dataclass
+class BenchMitigateConfig:
+    methods: tuple[str, ...] = field(default_factory=_all_mitigations)  # 'none' is always run, once, first
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sscd: str | None = None  # SSCD TorchScript checkpoint: similarity, and copies at SSCD > copy_threshold
+    clip: str | None = None  # transformers CLIP folder: the CLIP score (the x axis off the lab)
+    copy_threshold: float | None = None  # default: 0.5 with --sscd (Somepalli et al.); the lab has its own rule
+    copy_metric: str | None = None  # default: sscd when given, else pixel_cosine
+    grid_prompts: int = 12  # prompts shown per grid image in each method's folder
+
+    def __post_init__(self):
+        from diffmem.mitigations import get_mitigation
+
+        if not self.methods:
+            raise ValueError("--methods: name at least one mitigation")
+        for m in self.methods:
+            try:
+                get_mitigation(m)
+            except ValueError as e:
+                raise ValueError(f"--methods {m}: {e}") from None
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"--methods {','.join(self.methods)}: a method is named twice")
+
+    @property
+    def run_order(self) -> tuple[str, ...]:
+        """'none' (the reference) first, then the requested methods in their order."""
+        return ("none", *[m for m in self.methods if m != "none"])
+
+    def evaluate_config(self, **overrides):
+        """The EvaluateConfig of one method's run (the judge and sampling of the benchmark)."""
+        from diffmem.evaluate import EvaluateConfig
+
+        threshold = self.copy_threshold if self.copy_threshold is not None else 0.5 if self.sscd else None
+        return EvaluateConfig(sampling=self.sampling, sscd=self.sscd, clip=self.clip, copy_threshold=threshold,
+                              copy_metric=self.copy_metric, grid_prompts=self.grid_prompts, **overrides)
+
+
+def refusal(method, model) -> str | None:
+    """Why `method` refuses `model` (its ``check`` raising, or returning a reason or False), else None."""
+    check = getattr(method, "check", None)
+    if check is None:
+        return None
+    try:
+        answer = check(model)
+    except Exception as e:  # noqa: BLE001  (any refusal is reported, not raised)
+        return str(e) or type(e).__name__
+    if answer is False:
+        return f"{method.name} cannot run on {model.name}"
+    return answer if isinstance(answer, str) and answer else None
+
+
+def sweep_configs(name: str, sweep: list[dict], bench: BenchMitigateConfig) -> list:
+    """EvaluateConfigs that run exactly the settings of `sweep` (dicts of overrides: ``MitigationConfig``
+    fields for ``config_knob`` methods, ``Params`` otherwise): one config when they form a grid that
+    ``evaluate`` sweeps, else one per setting."""
+    from dataclasses import replace
+
+    from diffmem.evaluate import settings_of
+    from diffmem.mitigations import get_mitigation
+
+    method = get_mitigation(name)
+    sweep = [dict(s) for s in sweep] or [{}]
+    if getattr(method, "config_knob", False):
+        knob = method.knob
+        sweep_field = {"target_loss": "target_losses", "repeat_num": "repeat_nums"}.get(knob)
+        if sweep_field is None:
+            raise ValueError(f"{name}: config_knob {knob!r} is not a field evaluate sweeps (target_loss, repeat_num)")
+        base = bench.evaluate_config().mitigation
+
+        def config(entries):
+            fixed = {k: v for k, v in entries[0].items() if k != knob}
+            default = getattr(base, knob)
+            return bench.evaluate_config(methods=(name,), mitigation=replace(base, **fixed),
+                                         **{sweep_field: tuple(e.get(knob, default) for e in entries)})
+
+        fixed_parts = [{k: v for k, v in e.items() if k != knob} for e in sweep]
+        if all(f == fixed_parts[0] for f in fixed_parts):
+            return [config(sweep)]
+        return [config([e]) for e in sweep]
+
+    def config(params):
+        return bench.evaluate_config(methods=(name,), params=params)
+
+    names = list(dict.fromkeys(k for e in sweep for k in e))
+    grid = {n: tuple(dict.fromkeys(e[n] for e in sweep if n in e)) for n in names}
+    if all(set(e) == set(names) for e in sweep):
+        got = sorted(sorted(s.params.items()) for s in settings_of(config(grid)))
+        if got == sorted(sorted(e.items()) for e in sweep):
+            return [config(grid)]
+    return [config({k: (v,) for k, v in e.items()}) for e in sweep]
+
+
+def _similarity(rows: list[dict]) -> dict:
+    """Per metric, over the prompts: the mean of each prompt's mean, max, min and top-3 mean of its
+    generations' best match to the training images."""
+    out = {}
+    for m in ("sscd", "pixel_cosine", "tiled_l2"):
+        rs = [r[m] for r in rows if m in r]
+        if rs:
+            out[m] = {k: float(np.mean([r[k] for r in rs])) for k in ("mean", "max", "min", "top3_mean") if k in rs[0]}
+    return out
+
+
+def mitigation_rows(method: str, summaries: list[dict], rows: list[dict], reference: dict | None) -> list[dict]:
+    """The benchmark's rows of one method: one per setting, from its evaluation summaries and per-prompt
+    rows; `reference` is no mitigation's row (None for 'none' itself)."""
+    out = []
+    for summary in summaries:
+        for key, s in summary["results"].get(method, {}).items():
+            rs = [r for r in rows if r["method"] == method and r["setting"] == key]
+            rows_pp = s.get("unet_rows_per_prompt")
+            ref_rows = reference["unet_rows_per_prompt"] if reference else rows_pp
+            out.append({"method": method, "setting": key, "value": s["value"], "status": "ok",
+                        "num_prompts": s["num_prompts"], "num_generations": s["num_generations"],
+                        "copy_rate": s["copy_rate"], "similarity": _similarity(rs),
+                        "alignment": s.get("alignment_mean"), "clip_score": s.get("clip_score_mean"),
+                        "final_d_mean": s["final_d_mean"], "iterations_mean": s["iterations_mean"],
+                        "unet_rows_per_prompt": rows_pp,
+                        "extra_unet_rows_per_prompt": None if rows_pp is None or ref_rows is None else rows_pp - ref_rows,
+                        "seconds_per_prompt": s.get("seconds_per_prompt")})
+    return out
+
+
+def primary_metric(rows: list[dict]) -> str | None:
+    """The similarity the table and figure show: SSCD when measured, else pixel cosine."""
+    have = {m for r in rows for m in r.get("similarity", {})}
+    return next((m for m in ("sscd", "pixel_cosine", "tiled_l2") if m in have), None)
+
+
+BENCH_RESUME_KEYS = ("model", "dataset", "prompts", "config")
+
+
+@one_writer(lambda a: a["out"])
+def bench_mitigate(model, eval_set, config: BenchMitigateConfig, out: str | Path, progress: bool = True,
+                   resume: bool = False) -> dict:
+    """Run the mitigation benchmark on `eval_set` (prompts with their training images); write under `out`:
+    one ``run_evaluation`` folder per method (``<method>/``, or ``<method>/<i>/`` per setting when its
+    sweep is no grid), ``plan.json`` (the settings, computed once: a resumed run reuses them),
+    ``table.md``, ``results.json`` and ``tradeoff.png``. ``resume=True`` continues a killed benchmark:
+    finished methods are not run again, the method in flight continues where it stopped. Methods
+    whose ``check`` refuses the model are reported as skipped, with the reason. Under ``accelerate
+    launch`` every method's prompts are spread over the processes; the main process writes the files.
+    Returns the results (``results.json``'s content)."""
+    from accelerate import PartialState
+
+    from diffmem.evaluate import run_evaluation
+    from diffmem.files import check_resume, jsonable, read_json, read_rows, write_json
+    from diffmem.mitigations import get_mitigation
+    from diffmem.provenance import provenance
+
+    state = PartialState()
+    out = Path(out)
+    current = jsonable({"model": model.name, "dataset": eval_set.name, "prompts": [p.caption for p in eval_set.prompts],
+                        "config": asdict(config)})
+    plan_path, finished_path = out / "plan.json", out / "finished.json"
+    # 1. The plan (per method: skipped with its reason, or its sweep and folders), on the main process;
+    #    a resumed benchmark keeps the plan it recorded, so that its settings cannot drift.
+    if state.is_main_process:
+        check_resume(out, plan_path.exists(), resume, read_json(plan_path), current, BENCH_RESUME_KEYS)
+        if not plan_path.exists():
+            methods = []
+            for name in config.run_order:
+                method = get_mitigation(name)
+                reason = refusal(method, model)
+                if reason is not None:
+                    methods.append({"method": name, "status": "skipped", "reason": reason})
+                    continue
+                try:
+                    sweep = method.sweep(model, config.sampling) if hasattr(method, "sweep") else [{}]
+                    configs = sweep_configs(name, sweep, config)
+                except ValueError as e:  # a sweep that cannot be derived on this model is a refusal too
+                    methods.append({"method": name, "status": "skipped", "reason": str(e)})
+                    continue
+                folders = [name] if len(configs) == 1 else [f"{name}/{i:02d}" for i in range(len(configs))]
+                methods.append({"method": name, "status": "run", "sweep": sweep, "folders": folders})
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(plan_path, jsonable({**current, "methods": methods}))
+    state.wait_for_everyone()
+    plan = read_json(plan_path)
+    finished = set(read_json(finished_path).get("folders", []))
+    # 2. Each method's evaluation, folder by folder (every process takes its share of the prompts).
+    summaries: dict[str, list[dict]] = {}
+    for entry in plan["methods"]:
+        if entry["status"] != "run":
+            continue
+        configs = sweep_configs(entry["method"], entry["sweep"], config)
+        for folder, cfg in zip(entry["folders"], configs):
+            if folder in finished:
+                summary = read_json(out / folder / "summary.json")
+            else:
+                summary = run_evaluation(model, eval_set, cfg, out / folder, progress=progress, resume=resume)
+                if state.is_main_process:
+                    finished.add(folder)
+                    write_json(finished_path, {"folders": sorted(finished)})
+            summaries.setdefault(entry["method"], []).append(summary)
+    state.wait_for_everyone()
+    # 3. The table, results and figure (main process).
+    rows: list[dict] = []
+    reference = None
+    for entry in plan["methods"]:
+        name = entry["method"]
+        if entry["status"] != "run":
+            rows.append({"method": name, "status": "skipped", "reason": entry["reason"]})
+            continue
+        per_prompt = [r for folder in entry["folders"] for r in read_rows(out / folder / "per_prompt.jsonl")]
+        got = mitigation_rows(name, summaries[name], per_prompt, reference)
+        if name == "none":
+            reference = got[0]
+        rows += got
+    first = next(iter(summaries.values()))[0] if summaries else {}
+    results = {**provenance(model, dataset=eval_set.name, num_prompts=len(eval_set.prompts),
+                            config=jsonable(asdict(config)), num_processes=state.num_processes),
+               "copy_rule": first.get("copy_rule"), "lab_copy_threshold_rmse": first.get("lab_copy_threshold_rmse"),
+               "x_axis": "alignment" if any(r.get("alignment") is not None for r in rows)
+               else "clip_score" if any(r.get("clip_score") is not None for r in rows) else "final_d_mean",
+               "similarity_metric": primary_metric(rows), "rows": rows}
+    if state.is_main_process:
+        write_json(out / "results.json", results)
+        (out / "table.md").write_text(format_mitigation_table(results))
+        mitigation_tradeoff_figure(results, out / "tradeoff.png")
+    state.wait_for_everyone()
+    return results
+
+
+def format_mitigation_table(results: dict) -> str:
+    """``table.md``: one row per method and setting (skipped methods with their reason)."""
+    rows, metric = results["rows"], results["similarity_metric"] or "similarity"
+    x = results["x_axis"]
+    x_label = {"alignment": "alignment", "clip_score": "CLIP score", "final_d_mean": "final d"}[x]
+    ok = [r for r in rows if r["status"] == "ok"]
+    head = (f"Model `{results.get('model')}`, dataset `{results.get('dataset')}`, {results.get('num_prompts')} prompts x "
+            f"{results['config']['sampling']['num_generations']} generations, "
+            f"{results['config']['sampling']['num_inference_steps']} steps, seed {results['config']['sampling']['seed']}. "
+            f"Copy rule: {results.get('copy_rule') or 'none (give --sscd or --copy-threshold)'}. "
+            f"Similarity: {metric}, each prompt's mean, max and top-3 mean over its generations, averaged over prompts. "
+            "Extra UNet rows: per prompt, beyond unmitigated sampling's.\n\n")
+    lines = [f"| method | setting | copy rate | {metric} mean | {metric} max | {metric} top-3 | {x_label} | "
+             "extra UNet rows / prompt | s / prompt |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in ok:
+        sim = r["similarity"].get(metric, {}) if metric else {}
+        xv = r.get(x)
+        lines.append(f"| {r['method']} | {r['setting']} | {_num(r['copy_rate'], '.3f')} | {_num(sim.get('mean'), '.3f')} | "
+                     f"{_num(sim.get('max'), '.3f')} | {_num(sim.get('top3_mean'), '.3f')} | {_num(xv, '.3f')} | "
+                     f"{_num(r['extra_unet_rows_per_prompt'], '.0f')} | {_num(r['seconds_per_prompt'], '.3f')} |")
+    for r in rows:
+        if r["status"] == "skipped":
+            lines.append(f"| {r['method']} | skipped: {r['reason'].replace('|', '/')} | - | - | - | - | - | - | - |")
+    return head + "\n".join(lines) + "\n"
+
+
+def mitigation_tradeoff_figure(results: dict, out: str | Path) -> Path:
+    """Copy rate (left) and similarity (right) against alignment / CLIP score: one curve per method over
+    its settings (labelled with the swept value), no mitigation as a star."""
+    from diffmem.reports.plots import _pyplot
+
+    plt = _pyplot()
+    rows = [r for r in results["rows"] if r["status"] == "ok"]
+    x, metric = results["x_axis"], results["similarity_metric"]
+    x_label = {"alignment": "alignment (lab content check)", "clip_score": "CLIP score",
+               "final_d_mean": "first-step d of what was sampled"}[x]
+    panels = [("copy rate", lambda r: r["copy_rate"]),
+              (f"{metric} to training image (mean of best match)" if metric else "similarity",
+               lambda r: r["similarity"].get(metric, {}).get("mean") if metric else None)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
+    for ax, (label, y_of) in zip(axes[0], panels):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = [(r["value"] if r["value"] is not None else 0, r[x], y_of(r)) for r in rows if r["method"] == method]
+            pts = sorted((p for p in pts if p[1] is not None and p[2] is not None), key=lambda p: (p[0], p[1]))
+            if not pts:
+                continue
+            if method == "none":
+                ax.plot([p[1] for p in pts], [p[2] for p in pts], "k*", ms=14, label="none (reference)", zorder=5)
+                continue
+            line, = ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=method)
+            for v, xv, yv in pts:
+                ax.annotate(f"{v:.3g}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
+        if not ax.get_lines():
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set(xlabel=x_label, ylabel=label)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle("mitigation trade-off per method over its settings (labels: the swept value)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)

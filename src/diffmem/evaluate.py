@@ -156,7 +156,13 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
     Rows are appended to ``per_prompt.jsonl`` a work unit at a time (the generations a grid shows
     saved beside them as PNG), so a killed run keeps every finished unit; ``resume=True`` continues it
     (same model, set and settings) and ends with the files an uninterrupted run writes.
+
+    Under ``accelerate launch`` the work units (setting x batch of prompts) are striped over the
+    processes, each appending to its own ``per_prompt.jsonl.part<i>``; the main process calibrates the
+    target loss (the others read it from ``run.json``), merges the parts, and alone writes the grids,
+    tables, summary and figure: the same files as one process writes. Every process returns the summary.
     """
+    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from diffmem.faults import fault_point
@@ -164,28 +170,40 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
     from diffmem.judge import Judge  # the judge names its rows by setting_key: imported here, not at the top
     from diffmem.reports.plots import comparison_grid, tradeoff_figure
 
-    # 1. Inputs and output folder: a new run must not overwrite, a resumed one must match.
+    state = PartialState()
+    main = state.is_main_process
+    # 1. Inputs and output folder: a new run must not overwrite, a resumed one must match. The main
+    #    process calibrates (one target for every embedding-opt setting without its own; None when
+    #    nothing needs one) and records it in run.json, which the other processes read it from.
     out = Path(out)
     settings = settings_of(config)
-    # one calibrated target for every embedding-opt setting without its own (None when nothing needs one)
-    target = next((t for t in (calibrated_target_loss(model, m, config.sampling) for m in settings) if t is not None),
-                  None)
-    settings = [m.resolved(model, target) for m in settings]
     prompts = [p.caption for p in eval_set.prompts]
-    run = jsonable({"model": model.name, "dataset": eval_set.name, "prompts": prompts, "config": asdict(config),
-                    "calibrated_target_loss": target})
     rows_path = out / "per_prompt.jsonl"
-    check_resume(out, (out / "run.json").exists() or rows_path.exists(), resume, read_json(out / "run.json"), run, list(run))
-    (out / "grids").mkdir(parents=True, exist_ok=True)
-    write_json(out / "run.json", run)
+    parts = sorted(out.glob(rows_path.name + ".part*"))
+    if main:
+        target = next((t for t in (calibrated_target_loss(model, m, config.sampling) for m in settings)
+                       if t is not None), None)
+        run = jsonable({"model": model.name, "dataset": eval_set.name, "prompts": prompts, "config": asdict(config),
+                        "calibrated_target_loss": target})
+        check_resume(out, (out / "run.json").exists() or rows_path.exists() or bool(parts), resume,
+                     read_json(out / "run.json"), run, list(run))
+        (out / "grids").mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", run)
+    state.wait_for_everyone()
+    if not main:
+        target = read_json(out / "run.json")["calibrated_target_loss"]
+    settings = [m.resolved(model, target) for m in settings]
     judge = Judge(model, eval_set, config)
     names = [f"{m.method}_{setting_key(m)}" for m in settings]
-    done = {(r["method"], r["setting"], r["position"]) for r in read_rows(rows_path, repair=True)}
+    # 2. What is left: whole units not yet in the rows (or in a process's part file), striped over the processes.
+    done = {(r["method"], r["setting"], r["position"]) for p in [rows_path, *parts] for r in read_rows(p, repair=main)}
+    state.wait_for_everyone()
     units = plan_units(list(range(len(prompts))), config.sampling.num_generations, config.sampling.batch_size)
     todo = [(m, name, u) for m, name in zip(settings, names) for u in units
-            if not all((m.method, setting_key(m), p) in done for p in u)]
-    bar = tqdm(total=sum(len(u) for _, _, u in todo), desc="evaluate", unit="prompt", disable=not progress)
-    # 2. Each setting, unit by unit: mitigate and sample, judge each prompt's generations.
+            if not all((m.method, setting_key(m), p) in done for p in u)][state.process_index::state.num_processes]
+    target_rows = rows_path if state.num_processes == 1 else rows_path.with_name(f"{rows_path.name}.part{state.process_index}")
+    bar = tqdm(total=sum(len(u) for _, _, u in todo), desc="evaluate", unit="prompt", disable=not progress or not main)
+    # 3. Each setting, unit by unit: mitigate and sample, judge each prompt's generations.
     for setting, name, unit in todo:
         results = mitigate_unit(model, [prompts[p] for p in unit], unit, setting, config.sampling)
         for r in results:
@@ -193,14 +211,20 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
                 save_generations(out / "grids" / name, r.position, r.images)
             if config.save_images:
                 save_generations(out / "images" / name, r.position, r.images)
-        append_rows(rows_path, [judge.row(eval_set.prompts[r.position], r, setting) for r in results
-                                if (setting.method, setting_key(setting), r.position) not in done])
+        append_rows(target_rows, [judge.row(eval_set.prompts[r.position], r, setting) for r in results
+                                  if (setting.method, setting_key(setting), r.position) not in done])
         bar.update(len(unit))
         fault_point("evaluate.unit")
     bar.close()
-    # 3. Grids, tables, summary and the trade-off figure, from what is on disk.
+    state.wait_for_everyone()
+    if not main:  # the main process writes the rest; the others return its summary
+        state.wait_for_everyone()
+        return json.loads((out / "summary.json").read_text())
+    # 4. Grids, tables, summary and the trade-off figure, from what is on disk (the parts merged in).
     order = {(m.method, setting_key(m)): i for i, m in enumerate(settings)}
-    rows = sorted(read_rows(rows_path), key=lambda r: (order[(r["method"], r["setting"])], r["position"]))
+    parts = sorted(out.glob(rows_path.name + ".part*"))
+    merged = {(r["method"], r["setting"], r["position"]): r for p in [rows_path, *parts] for r in read_rows(p)}
+    rows = sorted(merged.values(), key=lambda r: (order[(r["method"], r["setting"])], r["position"]))
     G = config.sampling.num_generations
     for name in names:
         shown = range(min(config.grid_prompts, len(prompts)))
@@ -208,19 +232,23 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
                         [np.stack([load_png(out / "grids" / name / generation_name(p, g)) for g in range(G)])
                          for p in shown], out / "grids" / f"{name}.png")
     summary = {"provenance": provenance(model, dataset=eval_set.name, num_prompts=len(prompts),
-                                        config=jsonable(asdict(config)), calibrated_target_loss=target),
+                                        config=jsonable(asdict(config)), calibrated_target_loss=target,
+                                        num_processes=state.num_processes),
                "copy_rule": "lab judge (nearest training image is the prompt's own, RMSE under the lab threshold)"
                if judge.lab_train is not None else (f"{judge.copy_metric} beyond {config.copy_threshold}"
                                                     if config.copy_threshold is not None else None),
                "lab_copy_threshold_rmse": judge.lab_threshold,
                "results": summarize(rows)}
     summary["best_at_copy_rate_5pct"] = best_under_copy_rate(summary["results"], 0.05)
-    write_rows(rows_path, rows)  # whole, under a temporary name then renamed
+    write_rows(rows_path, rows)  # whole, under a temporary name then renamed; then the parts go
+    for p in parts:
+        p.unlink()
     _write_csv(out / "per_prompt.csv", rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     x_key = "alignment_mean" if judge.lab_train is not None else "clip_score_mean" if judge.clip else None
     tradeoff_figure(summary["results"], out / "tradeoff.png", x_key=x_key,
                     similarity_metric="sscd" if judge.sscd else "pixel_cosine")
+    state.wait_for_everyone()
     return summary
 
 

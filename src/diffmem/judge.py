@@ -47,7 +47,7 @@ class Judge:
         if len(prompt.training):
             for name, fn in self.metrics.items():
                 r = fn(images, prompt.training)
-                row[name] = r.summary()
+                row[name] = {**r.summary(), "top3_mean": r.top_mean(3)}  # over the prompt's generations
                 best[name] = r
         if self.config.copy_threshold is not None and self.copy_metric in best:
             r = best[self.copy_metric]

@@ -36,6 +36,14 @@ class SimilarityResult:
         """Wen et al.'s per-prompt report: mean, max and min over generations of the best match."""
         return {"mean": float(self.best.mean()), "max": float(self.best.max()), "min": float(self.best.min())}
 
+    def top_mean(self, k: int = 3) -> float:
+        """Mean of the `k` most similar generations' best matches (the largest for a similarity, the
+        smallest for a distance; all of them when there are fewer): MemBench's "top-3 SSCD" per prompt."""
+        if k < 1:
+            raise ValueError(f"top_mean: k {k} must be >= 1")
+        ordered = np.sort(self.best)
+        return float((ordered[-k:] if self.higher_is_better else ordered[:k]).mean())
+
 
 def _result(metric: str, matrix: torch.Tensor, higher_is_better: bool) -> SimilarityResult:
     m = matrix.detach().double().cpu().numpy()

@@ -8,7 +8,7 @@ def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
 
     base = BenchDetectConfig()
-    p = sub.add_parser("bench", help="compare detectors on the same prompts, seeds and model")
+    p = sub.add_parser("bench", help="compare detectors or mitigations on the same prompts, seeds and model")
     kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     d = kinds.add_parser("detect", help="every detector at the settings it is defined for: AUC, TPR@1%%/3%%FPR "
                          "with bootstrap intervals, cost", description="Detect memorized against control prompts "
@@ -35,7 +35,40 @@ def add_parser(sub) -> None:
                    "weights nor reference prompts (SDXL, ...)")
     d.add_argument("--out", required=True)
     d.add_argument("--no-progress", action="store_true")
+    add_mitigate_parser(kinds)
     p.set_defaults(run=run)
+
+
+def add_mitigate_parser(kinds) -> None:
+    from diffmem.cli.main import common_model_args
+    from diffmem.cli.options import add_sampling_args
+    from diffmem.mitigate import METHODS
+    from diffmem.sampling import SamplingConfig
+
+    m = kinds.add_parser("mitigate", help="every mitigation over its settings: copy rate, similarity, alignment / "
+                         "CLIP score, extra UNet rows and seconds per prompt, trade-off plot",
+                         description="Run every requested mitigation over the settings it sweeps (and no mitigation "
+                         "once, the reference) on the same prompts and seeds, judge the generations against the "
+                         "prompts' training images, and write table.md, results.json and tradeoff.png to --out, "
+                         "beside one evaluate folder per method. Default on the lab: its memorized captions.")
+    common_model_args(m)
+    m.add_argument("--dataset", default=None, help="prompts with their training images: a folder of image + caption "
+                   ".txt pairs, a ground-truth .jsonl (caption, index; gt_images/<index>/*.png beside it), or "
+                   "lab:<set>; default for lab models: lab:memorized")
+    m.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    m.add_argument("--methods", default=None, help=f"comma-separated (default: all: {', '.join(METHODS)}); 'none', "
+                   "the reference, is always run")
+    m.add_argument("--sscd", default=None, help="SSCD TorchScript checkpoint: SSCD similarity, and copies at SSCD > "
+                   "0.5 off the lab")
+    m.add_argument("--clip", default=None, help="local transformers CLIP model folder for the CLIP score")
+    m.add_argument("--copy-threshold", type=float, default=None, help="similarity beyond this is a copy (default 0.5 "
+                   "with --sscd); lab models use the lab's copy rule in any case")
+    m.add_argument("--copy-metric", default=None, choices=("sscd", "tiled_l2", "pixel_cosine"))
+    m.add_argument("--out", required=True, help="output folder")
+    m.add_argument("--resume", action="store_true", help="continue the benchmark already in --out (finished methods "
+                   "are not run again)")
+    add_sampling_args(m, SamplingConfig())
+    m.add_argument("--no-progress", action="store_true")
 
 
 def config_from_args(args):
@@ -62,7 +95,43 @@ def config_from_args(args):
     return replace(BenchDetectConfig(), **options)
 
 
+def mitigate_config_from_args(args):
+    from dataclasses import replace
+
+    from diffmem.bench import BenchMitigateConfig
+    from diffmem.cli.options import given, sampling_from_args
+
+    options = given(args, ("sscd", "clip", "copy_threshold", "copy_metric"))
+    if args.methods:
+        options["methods"] = tuple(x.strip() for x in args.methods.split(",") if x.strip())
+    base = BenchMitigateConfig()
+    return replace(base, sampling=sampling_from_args(args, base.sampling), **options)
+
+
+def run_mitigate(args) -> int:
+    from pathlib import Path
+
+    from accelerate import PartialState
+
+    from diffmem.bench import bench_mitigate
+    from diffmem.cli.main import load_model_from_args
+    from diffmem.eval_sets import load_eval_set
+
+    config = mitigate_config_from_args(args)  # checked before loading anything
+    model = load_model_from_args(args)
+    eval_set = load_eval_set(model, args.dataset, args.limit)
+    results = bench_mitigate(model, eval_set, config, args.out, progress=not args.no_progress, resume=args.resume)
+    if PartialState().is_main_process:
+        print((Path(args.out) / "table.md").read_text())
+        skipped = [r["method"] for r in results["rows"] if r["status"] == "skipped"]
+        print(f"wrote {args.out}/table.md, results.json and tradeoff.png ({len(results['rows']) - len(skipped)} "
+              f"settings" + (f"; skipped: {', '.join(skipped)}" if skipped else "") + ")")
+    return 0
+
+
 def run(args) -> int:
+    if args.bench == "mitigate":
+        return run_mitigate(args)
     from diffmem.bench import bench_detect
     from diffmem.cli.main import load_model_from_args
     from diffmem.prompts import PromptSet, read_prompts
