@@ -103,6 +103,10 @@ def run(args) -> int:
         targets.append(calibration[float(v[1:])] if v.startswith("p") else float(v))
     config = config_from_args(args, targets or None)
     summary = run_evaluation(model, eval_set, config, args.out, progress=not args.no_progress, resume=args.resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch: one process reports and writes
+        return 0
     if calibration:
         summary["target_loss_calibration"] = {"set": args.calibration_set, "limit": args.calibration_limit,
                                               "percentiles": calibration}

@@ -1,0 +1,178 @@
+"""Training-time mitigation in the seed's own setting, on the lab: a base model trained without
+duplicated pairs (``diffmem lab build --preset base``), then the seed's memorizing fine-tune on it
+through ``diffmem train`` (memorized pairs repeated, mixed 1:3 with non-memorized pairs), unfiltered
+and with each mitigation. ``benchmarks/lab_finetune_mitigation.sh`` holds every command.
+
+    python benchmarks/lab_finetune_mitigation.py calibrate --base runs/ft/base --out runs/ft
+    python benchmarks/lab_finetune_mitigation.py threshold --out runs/ft --kind one     # for --hard-threshold
+    python benchmarks/lab_finetune_mitigation.py evaluate --out runs/ft --runs plain=runs/ft/plain ...
+    python benchmarks/lab_finetune_mitigation.py report --out runs/ft
+
+``calibrate``: the filter's thresholds as percentiles of the *base* model's d on ordinary
+(non-memorized) training pairs, one timestep and noise draw per pair as the trainer draws them (the
+seed's 2 is on Stable Diffusion's scale): one number for all timesteps (``--percentile`` of all d),
+and one per band of 100 timesteps (the same percentile within each band).
+``evaluate``: per model, the memorized copy rate (lab copy rule), the alignment (lab content check)
+of non-memorized and novel captions, the non-memorized denoising loss (fixed noise and timesteps),
+and the first-step detection AUC (Wen's d, memorized against non-memorized captions).
+``report``: table.md and tradeoff.png from evaluation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def calibrate(args) -> None:
+    import numpy as np
+    import torch
+
+    from diffmem.adapters import load_model
+    from diffmem.lab.build import lab_data_for, lab_training_sets
+    from diffmem.training_stats import calibrate_hard_threshold, training_step_stats
+
+    torch.set_num_threads(args.threads)
+    model = load_model(args.base)
+    mem, non = lab_training_sets(lab_data_for(model))
+    idx = torch.randperm(len(non), generator=torch.Generator().manual_seed(0))[:args.num_pairs]
+    stats = training_step_stats(model, non.images[idx], [non.captions[i] for i in idx], seed=1)
+    reps = max(1, args.num_pairs // len(mem))
+    mem_stats = training_step_stats(model, mem.images.repeat(reps, 1, 1, 1), mem.captions * reps, seed=2)
+    T = model.scheduler.config.num_train_timesteps
+    result = {"base": args.base, "num_pairs": len(idx), "percentiles": {}}
+    for q in args.percentile:
+        one = float(np.percentile(stats["d"], q))
+        bands = calibrate_hard_threshold(stats, args.bands, q, T)
+        result["percentiles"][f"{q:g}"] = {
+            "one": one, "bands": list(bands),
+            "left_out_base": {"non_memorized_one": float((stats["d"] >= one).mean()),
+                              "memorized_one": float((mem_stats["d"] >= one).mean())}}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "calibration.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def threshold(args) -> None:
+    cal = json.loads((Path(args.out) / "calibration.json").read_text())["percentiles"][f"{args.percentile:g}"]
+    print(f"{cal['one']:.6g}" if args.kind == "one" else ",".join(f"{v:.6g}" for v in cal["bands"]))
+
+
+def evaluate(args) -> None:
+    import numpy as np
+    import torch
+
+    from diffmem.adapters import load_model
+    from diffmem.eval_sets import lab_eval_set
+    from diffmem.evaluate import EvaluateConfig, run_evaluation
+    from diffmem.lab.build import lab_data_for, lab_training_sets
+    from diffmem.metrics import roc_metrics
+    from diffmem.sampling import SamplingConfig, window_scores
+    from diffmem.training_stats import training_step_stats
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    path_json = out / "evaluation.json"
+    report = json.loads(path_json.read_text()) if path_json.is_file() else {}
+    sampling = SamplingConfig(num_inference_steps=args.num_inference_steps, num_generations=args.num_generations)
+    config = EvaluateConfig(methods=("none",), sampling=sampling)
+    for spec in args.runs:
+        name, path = spec.split("=", 1)
+        if name in report and report[name]["model"] == path and not args.again:
+            continue
+        torch.manual_seed(0)
+        model = load_model(path)
+        data = lab_data_for(model)
+        row = {"model": path}
+        for set_name, limit in (("memorized", None), ("non-memorized", args.num_prompts), ("novel", args.num_prompts)):
+            folder = out / "evaluation" / name / set_name
+            s = run_evaluation(model, lab_eval_set(data, set_name, limit), config, folder, progress=False,
+                               resume=folder.exists())["results"]["none"]["default"]
+            row[set_name] = {k: s[k] for k in ("copy_rate", "alignment_mean", "num_prompts", "num_generations")}
+        _, non = lab_training_sets(data)
+        idx = torch.randperm(len(non), generator=torch.Generator().manual_seed(0))[:args.num_loss_pairs]
+        row["non_memorized_loss"] = float(np.mean(training_step_stats(model, non.images[idx],
+                                                                      [non.captions[i] for i in idx], seed=3)["loss"]))
+        mem = [p.caption for p in data.memorized]
+        ordinary = [p.caption for p in data.non_memorized[:args.num_prompts]]
+        first = SamplingConfig(num_inference_steps=args.num_inference_steps, num_generations=4)
+        scores = window_scores(model, mem + ordinary, first)
+        roc = roc_metrics(scores[:len(mem)], scores[len(mem):])
+        row["detection_first_step"] = {"auc": roc.auc, "tpr_at_1fpr": roc.tpr_at_1fpr}
+        report[name] = row
+        print(name, json.dumps(row))
+        path_json.write_text(json.dumps(report, indent=2))  # after each model: nothing measured is lost
+
+
+def report(args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    rows = json.loads((out / "evaluation.json").read_text())
+    ref = rows.get(args.reference)
+    lines = ["| run | memorized copy rate | non-memorized alignment | novel alignment | non-memorized loss | "
+             "first-step AUC | TPR@1%FPR |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        def rel(value, base):
+            return f" ({100 * (value / base - 1):+.1f}%)" if ref is not None and name != args.reference and base else ""
+        det = r["detection_first_step"]
+        lines.append(f"| {name} | {r['memorized']['copy_rate']:.3f} | {r['non-memorized']['alignment_mean']:.3f}"
+                     f"{rel(r['non-memorized']['alignment_mean'], ref and ref['non-memorized']['alignment_mean'])} | "
+                     f"{r['novel']['alignment_mean']:.3f}{rel(r['novel']['alignment_mean'], ref and ref['novel']['alignment_mean'])} | "
+                     f"{r['non_memorized_loss']:.4f}{rel(r['non_memorized_loss'], ref and ref['non_memorized_loss'])} | "
+                     f"{det.get('auc', float('nan')):.3f} | {det.get('tpr_at_1fpr', float('nan')):.3f} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, r in rows.items():
+        x, y = r["non-memorized"]["alignment_mean"], r["memorized"]["copy_rate"]
+        ax.scatter([x], [y], s=40)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0.05, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("alignment of non-memorized captions (lab content check)")
+    ax.set_ylabel("memorized copy rate (lab copy rule)")
+    ax.set_title("Fine-tuning a base lab model on duplicated pairs")
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png", dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("calibrate")
+    c.add_argument("--base", required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--percentile", type=float, nargs="+", default=[90.0, 95.0, 99.0])
+    c.add_argument("--bands", type=int, default=10)
+    c.add_argument("--num-pairs", type=int, default=4000)
+    c.add_argument("--threads", type=int, default=1)
+    c.set_defaults(run=calibrate)
+    t = sub.add_parser("threshold")
+    t.add_argument("--out", required=True)
+    t.add_argument("--kind", choices=("one", "bands"), required=True)
+    t.add_argument("--percentile", type=float, default=95.0)
+    t.set_defaults(run=threshold)
+    e = sub.add_parser("evaluate")
+    e.add_argument("--out", required=True)
+    e.add_argument("--runs", nargs="+", required=True, help="NAME=MODEL_FOLDER")
+    e.add_argument("--num-prompts", type=int, default=100)
+    e.add_argument("--num-generations", type=int, default=4)
+    e.add_argument("--num-inference-steps", type=int, default=50)
+    e.add_argument("--num-loss-pairs", type=int, default=2000)
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--again", action="store_true")
+    e.set_defaults(run=evaluate)
+    r = sub.add_parser("report")
+    r.add_argument("--out", required=True)
+    r.add_argument("--reference", default="plain")
+    r.set_defaults(run=report)
+    args = p.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
