@@ -28,8 +28,8 @@ from diffmem.provenance import provenance
 from diffmem.detectors.wen import NoiseNormRecorder
 from diffmem.sampling import SamplingConfig, Step, plan_units, predict_branches, tracked_pass
 
-from diffmem.mitigations import (MITIGATIONS, Plan, Unit, count_unet_rows, get_mitigation, make_params,
-                                 plan_context, timed)
+from diffmem.mitigations import (MITIGATIONS, Plan, Unit, check_model, count_unet_rows, get_mitigation,
+                                 make_params, plan_context, timed)
 from diffmem.mitigations.augment import (AUGMENT_STYLES, augment_prompt, insert_word,  # noqa: F401  (re-exported)
                                          random_vocabulary_word)
 from diffmem.mitigations.embedding_opt import (OptimizedEmbeddings, optimize_prompt_embedding,  # noqa: F401
@@ -172,6 +172,7 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
     from diffmem.sampling import sample_unit, schedule, unit_inputs
 
     method = get_mitigation(config.method)
+    check_model(config.method, model)
     params = make_params(config.method, config.params)
     if config.method == "embedding-opt":
         config = config.resolved(model)
@@ -228,6 +229,7 @@ def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling
     from diffmem.files import append_rows, check_resume, read_json, read_rows, write_json, write_rows
 
     out = Path(out)
+    check_model(config.method, model)  # before anything is written
     config = config.resolved(model, calibrated_target_loss(model, config, sampling))
     meta = provenance(model, mitigation=asdict(config), sampling=asdict(sampling),
                       prompts_sha256_16=hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16])

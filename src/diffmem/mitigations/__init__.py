@@ -124,6 +124,16 @@ def get_mitigation(name: str):
     return _INSTANCES[name]
 
 
+def check_model(name: str, model) -> None:
+    """Refuse, in one line naming the method, a model the method cannot run on (its ``check``)."""
+    fn = getattr(get_mitigation(name), "check", None)
+    if fn is None:
+        return
+    reason = fn(model)
+    if reason is False or isinstance(reason, str):
+        raise ValueError(f"--method {name}: {reason or 'cannot run on this model'}")
+
+
 def param_names(name: str) -> tuple[str, ...]:
     cls = getattr(get_mitigation(name), "Params", None)
     return tuple(f.name for f in dataclasses.fields(cls)) if cls is not None else ()
