@@ -17,17 +17,13 @@ import torch
 from PIL import Image
 
 from diffmem.files import read_rows
+from diffmem.testing import MeanColourDescriptor, make_tiny_clip_folder, run_cli
 
 FAST = ["--num-generations", "2", "--num-inference-steps", "3", "--batch-size", "4", "--no-progress"]
 
 
 def diffmem(*args, kill=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("DIFFMEM_KILL_AT", None)
-    if kill:
-        env["DIFFMEM_KILL_AT"] = kill
-    return subprocess.run([sys.executable, "-m", "diffmem.cli.main", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_cli(*args, kill=kill, timeout=600)
 
 
 @pytest.fixture
@@ -148,36 +144,15 @@ def test_a_sweep_runs_exactly_its_settings(fake_methods):
 
 # -- a tiny SD folder with a pair dataset: SSCD > 0.5 copies, CLIP score, a refused method -----------
 
-class MeanColour(torch.nn.Module):  # an SSCD stand-in: the descriptor is the mean colour
-    def forward(self, x):
-        return x.mean(dim=(2, 3))
-
-
-def tiny_clip_folder(path):
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
-
-    from diffmem.testing import _write_char_clip_tokenizer
-
-    _write_char_clip_tokenizer(path, 32)
-    tok = AutoTokenizer.from_pretrained(path)
-    config = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=tok.bos_token_id,
-                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
-    CLIPModel(config).save_pretrained(path)
-    return path
-
-
 def test_bench_on_a_tiny_sd_folder_with_a_pair_dataset(tiny_sd, pairs, tmp_path, fake_methods):
     from diffmem.bench import BenchMitigateConfig, bench_mitigate
     from diffmem.eval_sets import folder_eval_set
     from diffmem.sampling import SamplingConfig
 
     sscd = tmp_path / "sscd.pt"
-    torch.jit.script(MeanColour()).save(str(sscd))
+    torch.jit.script(MeanColourDescriptor()).save(str(sscd))
     config = BenchMitigateConfig(methods=("refuses-test", "rand_word_add"), sscd=str(sscd),
-                                 clip=str(tiny_clip_folder(tmp_path / "clip")),
+                                 clip=str(make_tiny_clip_folder(tmp_path / "clip")),
                                  sampling=SamplingConfig(num_inference_steps=2, num_generations=2, batch_size=4))
     out = tmp_path / "bench"
     results = bench_mitigate(tiny_sd, folder_eval_set(pairs, 32), config, out, progress=False)

@@ -15,6 +15,7 @@ from diffmem.evaluate import EvaluateConfig, run_evaluation, summarize
 from diffmem.judge import Judge
 from diffmem.mitigate import MitigatedPrompt, MitigationConfig
 from diffmem.sampling import SamplingConfig
+from diffmem.testing import MeanColourDescriptor, make_tiny_clip_folder
 
 
 def save_png(path, rgb, size=32):
@@ -109,31 +110,10 @@ def test_summary_aggregates_per_method_and_setting():
 
 # -- end to end on the tiny Stable Diffusion ------------------------------------------------------
 
-class MeanColour(torch.nn.Module):
-    def forward(self, x):
-        return x.mean(dim=(2, 3))
-
-
-def tiny_clip_folder(path):
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
-
-    from diffmem.testing import _write_char_clip_tokenizer
-
-    _write_char_clip_tokenizer(path, 32)
-    tok = AutoTokenizer.from_pretrained(path)
-    config = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=tok.bos_token_id,
-                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
-    CLIPModel(config).save_pretrained(path)
-    return path
-
-
 def test_run_evaluation_writes_tables_summary_grids_and_plot(tiny_sd, pair_folder, tmp_path):
     sscd = tmp_path / "sscd.pt"
-    torch.jit.script(MeanColour()).save(str(sscd))
-    clip = tiny_clip_folder(tmp_path / "clip")
+    torch.jit.script(MeanColourDescriptor()).save(str(sscd))
+    clip = make_tiny_clip_folder(tmp_path / "clip")
     config = EvaluateConfig(methods=("none", "embedding-opt", "rand_word_add"), target_losses=(1e6, -1.0),
                             repeat_nums=(1, 2), mitigation=MitigationConfig(max_iters=2), sscd=str(sscd), clip=str(clip),
                             copy_threshold=0.5, sampling=SamplingConfig(num_inference_steps=2, num_generations=2))

@@ -3,23 +3,17 @@ files of an uninterrupted run. Training's checkpoint case is in test_train.py; t
 timed, is benchmarks/fault_matrix.py."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from diffmem.testing import run_cli
 
 FAST = ["--num-inference-steps", "3", "--num-generations", "2", "--batch-size", "4", "--no-progress"]
 
 
 def diffmem(*args, kill=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("DIFFMEM_KILL_AT", None)
-    if kill:
-        env["DIFFMEM_KILL_AT"] = kill
-    return subprocess.run([sys.executable, "-m", "diffmem.cli.main", *map(str, args)], env=env, capture_output=True,
-                          text=True)
+    return run_cli(*args, kill=kill)
 
 
 @pytest.fixture()

@@ -14,7 +14,6 @@ embedding optimization, the prompt augmentations and the field's other methods),
 from __future__ import annotations
 
 import hashlib
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,13 +21,12 @@ import numpy as np
 import torch
 
 from diffmem.files import jsonable, one_writer, save_generations
-from diffmem.metrics import TARGET_UNITS, mitigation_loss, text_noise_norm
-from diffmem.model import Conditioning
+from diffmem.metrics import TARGET_UNITS, mitigation_loss
 from diffmem.provenance import provenance
 from diffmem.detectors.wen import NoiseNormRecorder
-from diffmem.sampling import SamplingConfig, Step, plan_units, predict_branches, tracked_pass
+from diffmem.sampling import SamplingConfig, Step, plan_units, tracked_pass
 
-from diffmem.mitigations import (MITIGATIONS, Plan, Unit, check_model, count_unet_rows, get_mitigation,
+from diffmem.mitigations import (MITIGATIONS, Unit, check_model, count_unet_rows, get_mitigation,
                                  make_params, plan_context, timed)
 from diffmem.mitigations.augment import (AUGMENT_STYLES, augment_prompt, insert_word,  # noqa: F401  (re-exported)
                                          random_vocabulary_word)

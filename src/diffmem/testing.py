@@ -137,3 +137,42 @@ def make_tiny_sdxl_folder(path: str | Path, seed: int = 0, sample_size: int = 16
         "scheduler": ["diffusers", "EulerDiscreteScheduler"], "image_encoder": [None, None],
         "feature_extractor": [None, None]}, indent=2))
     return path
+
+
+def make_tiny_clip_folder(path: str | Path) -> Path:
+    """A tiny random transformers CLIP (text and vision towers) with the character-level tokenizer,
+    for CLIP-score code paths in tests."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    path = Path(path)
+    _write_char_clip_tokenizer(path, 32)
+    tok = AutoTokenizer.from_pretrained(path)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=8)
+    CLIPModel(config).save_pretrained(path)
+    return path
+
+
+class MeanColourDescriptor(torch.nn.Module):
+    """An SSCD stand-in for tests: an image's descriptor is its mean colour, (B, 3, H, W) -> (B, 3)."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def run_cli(*args, kill: str | None = None, timeout: float | None = None):
+    """``python -m diffmem.cli.main ARGS`` in a subprocess on one thread (``subprocess.CompletedProcess``,
+    text output); `kill` sets ``DIFFMEM_KILL_AT`` (``diffmem.faults``) to kill it at a fault point."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DIFFMEM_KILL_AT", None)
+    if kill:
+        env["DIFFMEM_KILL_AT"] = kill
+    return subprocess.run([sys.executable, "-m", "diffmem.cli.main", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.files import read_text_lines
 from diffmem.metrics import text_noise_norm
 from diffmem.mitigations import Plan, Unit, register
 from diffmem.model import Conditioning
@@ -99,7 +100,7 @@ def load_paraphrases(path: str | Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise ValueError(f"--param paraphrases={path}: no such file (JSON Lines: prompt -> list of paraphrases)")
     out: dict[str, list[str]] = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_text_lines(path), 1):
         if not line.strip():
             continue
         try:
