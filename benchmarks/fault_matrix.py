@@ -48,6 +48,13 @@ def content(path: Path) -> dict:
                 else [json.loads(p.read_text())]
             out[str(rel)] = [{k: v for k, v in r.items() if k not in TIME_KEYS} if isinstance(r, dict) else r
                              for r in rows]
+        elif p.suffix == ".csv":  # tables: the wall-time column left out
+            import csv
+            import io
+
+            rows = list(csv.reader(io.StringIO(p.read_text())))
+            keep = [i for i, name in enumerate(rows[0] if rows else []) if name not in TIME_KEYS]
+            out[str(rel)] = [[r[i] for i in keep if i < len(r)] for r in rows]
         elif p.suffix == ".safetensors":
             from safetensors.torch import load_file
 
