@@ -6,6 +6,7 @@ and with each mitigation. ``benchmarks/lab_finetune_mitigation.sh`` holds every 
     python benchmarks/lab_finetune_mitigation.py calibrate --base runs/ft/base --out runs/ft
     python benchmarks/lab_finetune_mitigation.py threshold --out runs/ft --kind one     # for --hard-threshold
     python benchmarks/lab_finetune_mitigation.py evaluate --out runs/ft --runs plain=runs/ft/plain ...
+    python benchmarks/lab_finetune_mitigation.py copies --out runs/ft --models runs/ft/plain/checkpoint-500/model ...
     python benchmarks/lab_finetune_mitigation.py report --out runs/ft
 
 ``calibrate``: the filter's thresholds as percentiles of the *base* model's d on ordinary
@@ -105,6 +106,38 @@ def evaluate(args) -> None:
         path_json.write_text(json.dumps(report, indent=2))  # after each model: nothing measured is lost
 
 
+def copies(args) -> None:
+    """Memorized copy rate and alignment of model folders (e.g. a run's checkpoints), appended to
+    OUT/checkpoint_copies.json: how memorization grows over a fine-tune."""
+    import torch
+
+    from diffmem.adapters import load_model
+    from diffmem.eval_sets import lab_eval_set
+    from diffmem.lab.build import lab_data_for
+    from diffmem.lab.judge import TrainingImages, content_correct, copy_threshold, judge_copies
+    from diffmem.sampling import SamplingConfig, sample_prompts
+
+    torch.set_num_threads(args.threads)
+    path_json = Path(args.out) / "checkpoint_copies.json"
+    table = json.loads(path_json.read_text()) if path_json.is_file() else {}
+    for folder in args.models:
+        model = load_model(folder)
+        data = lab_data_for(model)
+        prompts = lab_eval_set(data, "memorized").prompts
+        G = args.num_generations
+        res = sample_prompts(model, [p.caption for p in prompts], SamplingConfig(num_generations=G))
+        images = torch.cat([r.images for r in res]).numpy()
+        train = TrainingImages.of(data)
+        copied = judge_copies(images, [p.caption for p in prompts for _ in range(G)], train,
+                              copy_threshold(data, train)).is_copy
+        aligned = content_correct(images, [p.colour for p in prompts for _ in range(G)],
+                                  [p.shape for p in prompts for _ in range(G)])
+        table[folder] = {"copy_rate": float(copied.mean()), "alignment": float(aligned.mean()),
+                         "num_prompts": len(prompts), "num_generations": G}
+        print(folder, table[folder], flush=True)
+        path_json.write_text(json.dumps(table, indent=2))
+
+
 def report(args) -> None:
     import matplotlib
 
@@ -166,6 +199,12 @@ def main() -> None:
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--again", action="store_true")
     e.set_defaults(run=evaluate)
+    k = sub.add_parser("copies")
+    k.add_argument("--out", required=True)
+    k.add_argument("--models", nargs="+", required=True, help="lab model folders (e.g. RUN/checkpoint-1000/model)")
+    k.add_argument("--num-generations", type=int, default=2)
+    k.add_argument("--threads", type=int, default=1)
+    k.set_defaults(run=copies)
     r = sub.add_parser("report")
     r.add_argument("--out", required=True)
     r.add_argument("--reference", default="plain")

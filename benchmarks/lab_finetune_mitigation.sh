@@ -4,7 +4,7 @@
 # 2-core CPU, each on one thread. OUT defaults to runs/ft.
 set -euo pipefail
 OUT=${OUT:-runs/ft}
-STEPS=${STEPS:-1500}
+STEPS=${STEPS:-2000}
 export OMP_NUM_THREADS=1
 
 # 1. The base model: the default lab data (offensive title words left out), no duplicated pairs.
