@@ -72,3 +72,19 @@ def test_mitigate_command_takes_a_methods_parameters(tiny_sd_folder, tmp_path):
     assert main([*common, "--method", "ren-attention", "--param", "c2=1.5", "--out", str(tmp_path / "b")]) != 0
     assert main([*common, "--method", "ren-attention", "--param", "c1", "--out", str(tmp_path / "c")]) != 0
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_unet_rows_are_counted_in_nested_blocks(tiny_sd):
+    """count_unet_rows (one counter for bench detect's and the mitigations' costs): an inner block counts
+    its own calls, the outer one all of them, and the model's own method is back afterwards."""
+    from diffmem.model import count_unet_rows
+
+    x = torch.zeros(3, *tiny_sd.latent_shape)
+    cond = tiny_sd.encode_prompts(["a"]).expand(3)
+    with count_unet_rows(tiny_sd) as outer:
+        tiny_sd.predict_noise(x, 10, cond)
+        with count_unet_rows(tiny_sd) as inner:
+            tiny_sd.predict_noise(x[:2], 10, cond[:2])
+        tiny_sd.predict_noise(x[:1], 10, cond[:1])
+    assert (outer[0], inner[0]) == (6, 2)
+    assert "predict_noise" not in vars(tiny_sd)

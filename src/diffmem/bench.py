@@ -89,39 +89,21 @@ def detection_metrics(pos, neg, n_bootstrap: int = 1000) -> dict:
     return out
 
 
-class _RowCounter:
-    """Counts the UNet rows (latents through the UNet) of a model while installed."""
-
-    def __init__(self, model):
-        self.model, self.rows = model, 0
-
-    def __enter__(self):
-        self._orig = self.model.predict_noise
-
-        def counted(x, t, cond, unet=None):
-            self.rows += len(x)
-            return self._orig(x, t, cond, unet=unet)
-        self.model.predict_noise = counted
-        return self
-
-    def __exit__(self, *exc):
-        self.model.predict_noise = self._orig
-
-
 def detector_cost(model, method: str, prompts: list[str], sampling: SamplingConfig, **options) -> dict:
     """UNet rows and seconds per prompt of one detector alone (its pass included)."""
     from diffmem.detect import detect_unit
+    from diffmem.model import count_unet_rows
     from diffmem.sampling import plan_units
 
     det = get_detector(method, **options)
     if hasattr(det, "prepare"):
         det.prepare(model, sampling)
-    with _RowCounter(model) as counter:
+    with count_unet_rows(model) as rows:
         t0 = time.perf_counter()
         for unit in plan_units(list(range(len(prompts))), sampling.num_generations, sampling.batch_size):
             detect_unit(model, [det], [prompts[p] for p in unit], unit, sampling)
         seconds = time.perf_counter() - t0
-    return {"unet_rows_per_prompt": counter.rows / len(prompts), "seconds_per_prompt": seconds / len(prompts)}
+    return {"unet_rows_per_prompt": rows[0] / len(prompts), "seconds_per_prompt": seconds / len(prompts)}
 
 
 def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], config: BenchDetectConfig,

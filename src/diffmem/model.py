@@ -18,6 +18,7 @@ Three conventions hold on every model:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -203,3 +204,25 @@ class DiffusionModel(Protocol):
     def identity(self) -> dict:
         """What identifies the weights: name, family, and a hash of the config files and of the weight
         files' names and sizes (not their bytes)."""
+
+
+@contextmanager
+def count_unet_rows(model):
+    """Count the latents that go through the model's UNet (``predict_noise``) inside the block:
+    ``with count_unet_rows(model) as n: ...`` then ``n[0]``. Blocks may nest."""
+    n = [0]
+    had_own = "predict_noise" in vars(model)  # an outer count already wraps it
+    original = model.predict_noise
+
+    def counted(x_t, *args, **kwargs):
+        n[0] += len(x_t)
+        return original(x_t, *args, **kwargs)
+
+    model.predict_noise = counted
+    try:
+        yield n
+    finally:
+        if had_own:
+            model.predict_noise = original
+        else:
+            del model.predict_noise  # back to the class's method

@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
 import torch
 
+from diffmem.model import count_unet_rows  # noqa: F401  (re-exported: the methods count their rows with it)
+
 if TYPE_CHECKING:
     from diffmem.model import Conditioning
     from diffmem.sampling import SamplingConfig
@@ -180,23 +182,6 @@ def parse_value(v: str):
         except ValueError:
             pass
     return v
-
-
-@contextmanager
-def count_unet_rows(model):
-    """Count the latents that go through the model's UNet inside the block: ``with ... as n: ...; n[0]``."""
-    n = [0]
-    original = model.predict_noise
-
-    def counted(x_t, *args, **kwargs):
-        n[0] += len(x_t)
-        return original(x_t, *args, **kwargs)
-
-    model.predict_noise = counted
-    try:
-        yield n
-    finally:
-        del model.predict_noise  # back to the class's method
 
 
 @contextmanager
