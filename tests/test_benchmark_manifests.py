@@ -224,3 +224,19 @@ def test_detector_table_matches_bench_detect():
     spot = {("wen", "first", "1", "non-memorized"), ("jeon-fd", "first", "1", "novel"),
             ("bright-ending", "all", "1", "novel"), ("ren-ae", "all", "4", "novel"), ("carlini", "all", "4", "out-of-style")}
     assert spot <= seen, f"docs/detectors.md's table lacks {sorted(spot - seen)}"
+
+
+def test_readme_mitigation_comparison_figures_are_the_benchmarks():
+    """The README's sentence on the field's mitigations quotes benchmarks/results/lab/mitigations/results.json."""
+    rows = _load(LAB / "mitigations" / "results.json")["rows"]
+
+    def best(method: str) -> dict:  # the setting with the fewest copies, then the best alignment
+        return min((r for r in rows if r["method"] == method and r["status"] == "ok"),
+                   key=lambda r: (r["copy_rate"], -r["alignment"]))
+
+    mild = next(r for r in rows if r["method"] == "embedding-opt" and r["copy_rate"] > 0)
+    assert (f"embedding optimization is the one method that stops copies while keeping most of the alignment "
+            f"({mild['copy_rate']:.3f} copies at alignment {mild['alignment']:.3f})") in README
+    amg, cfg = best("amg"), best("delayed-cfg")
+    assert (f"anti-memorization guidance ({amg['copy_rate']:.3f} copies at alignment {amg['alignment']:.3f}) and "
+            f"delayed guidance ({cfg['copy_rate']:.3f} at {cfg['alignment']:.3f})") in README

@@ -446,7 +446,10 @@ def mitigation_tradeoff_figure(results: dict, out: str | Path) -> Path:
     panels = [("copy rate", lambda r: r["copy_rate"]),
               (f"{metric} to training image (mean of best match)" if metric else "similarity",
                lambda r: r["similarity"].get(metric, {}).get("mean") if metric else None)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), squeeze=False)
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "none"]
+    colours = plt.get_cmap("tab20")  # one colour and marker per method, however many there are
+    style = {m: dict(color=colours(i % 20), marker="osD^v<>ph"[i % 9]) for i, m in enumerate(methods)}
     for ax, (label, y_of) in zip(axes[0], panels):
         for method in dict.fromkeys(r["method"] for r in rows):
             pts = [(r["value"] if r["value"] is not None else 0, r[x], y_of(r)) for r in rows if r["method"] == method]
@@ -456,7 +459,7 @@ def mitigation_tradeoff_figure(results: dict, out: str | Path) -> Path:
             if method == "none":
                 ax.plot([p[1] for p in pts], [p[2] for p in pts], "k*", ms=14, label="none (reference)", zorder=5)
                 continue
-            line, = ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=method)
+            line, = ax.plot([p[1] for p in pts], [p[2] for p in pts], "-", label=method, **style[method])
             for v, xv, yv in pts:
                 ax.annotate(f"{v:.3g}", (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=line.get_color())
@@ -464,10 +467,11 @@ def mitigation_tradeoff_figure(results: dict, out: str | Path) -> Path:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         ax.set(xlabel=x_label, ylabel=label)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:  # one legend beside both panels
+        fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("mitigation trade-off per method over its settings (labels: the swept value)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(out)
