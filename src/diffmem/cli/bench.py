@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
 
 def add_mitigate_parser(kinds) -> None:
     from diffmem.cli.main import common_model_args
-    from diffmem.cli.options import add_sampling_args
+    from diffmem.cli.options import DATASET_HELP, add_sampling_args
     from diffmem.mitigate import METHODS
     from diffmem.sampling import SamplingConfig
 
@@ -52,9 +52,7 @@ def add_mitigate_parser(kinds) -> None:
                          "prompts' training images, and write table.md, results.json and tradeoff.png to --out, "
                          "beside one evaluate folder per method. Default on the lab: its memorized captions.")
     common_model_args(m)
-    m.add_argument("--dataset", default=None, help="prompts with their training images: a folder of image + caption "
-                   ".txt pairs, a ground-truth .jsonl (caption, index; gt_images/<index>/*.png beside it), or "
-                   "lab:<set>; default for lab models: lab:memorized")
+    m.add_argument("--dataset", default=None, help=DATASET_HELP)
     m.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     m.add_argument("--methods", default=None, help=f"comma-separated (default: all: {', '.join(METHODS)}); 'none', "
                    "the reference, is always run")

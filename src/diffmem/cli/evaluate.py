@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
-    from diffmem.cli.options import add_param_arg, add_sampling_args
+    from diffmem.cli.options import DATASET_HELP, add_param_arg, add_sampling_args
     from diffmem.mitigate import METHODS
     from diffmem.sampling import SamplingConfig
 
@@ -16,9 +16,7 @@ def add_parser(sub) -> None:
                        "copy rate, and prompt alignment (lab) or CLIP score (--clip). Writes per_prompt.jsonl/.csv, "
                        "summary.json, grids/ and tradeoff.png to --out.")
     common_model_args(p)
-    p.add_argument("--dataset", default=None, help="a folder of image + caption .txt pairs, a ground-truth .jsonl "
-                   "(caption, index; gt_images/<index>/*.png beside it), or lab:<set>; default for lab models: "
-                   "lab:memorized")
+    p.add_argument("--dataset", default=None, help=DATASET_HELP)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     p.add_argument("--mitigation", nargs="+", choices=METHODS,
                    help="methods to compare (default: none embedding-opt rand_word_add)")

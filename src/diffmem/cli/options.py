@@ -107,3 +107,8 @@ def parse_weights(text: str | None):
     except ValueError:
         raise ValueError(f"--asthana-weights {text!r}: expected two numbers, e.g. 1,2") from None
     return g1, g2
+
+
+DATASET_HELP = ("prompts with their training images: a folder of image + caption .txt pairs, a ground-truth .jsonl "
+                "(caption, index; gt_images/<index>/*.png beside it), or lab:<set>; default for lab models: "
+                "lab:memorized")
