@@ -88,3 +88,29 @@ def test_unet_rows_are_counted_in_nested_blocks(tiny_sd):
         tiny_sd.predict_noise(x[:1], 10, cond[:1])
     assert (outer[0], inner[0]) == (6, 2)
     assert "predict_noise" not in vars(tiny_sd)
+
+
+def test_bench_mitigate_on_tiny_sdxl(families, tmp_path):
+    """bench mitigate (and so evaluate, which it runs per method) on an SDXL folder with a pair dataset."""
+    import json
+
+    from PIL import Image
+
+    from diffmem.cli.main import main
+
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (32, 32), colour).save(data / f"{i:08d}.png")
+        (data / f"{i:08d}.txt").write_text(f"a {colour} square")
+    folder = str(families["sdxl"].folders[0])
+    out = tmp_path / "bench"
+    assert main(["bench", "mitigate", "--model", folder, "--dataset", str(data), "--methods", "none,gni,amg",
+                 "--num-inference-steps", "2", "--num-generations", "1", "--batch-size", "4", "--no-progress",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    ok = {(r["method"], r["setting"]) for r in rows if r["status"] == "ok"}
+    assert ("none", "default") in ok and sum(m == "gni" for m, _ in ok) == 4
+    amg = [r for r in rows if r["method"] == "amg"]
+    assert len(amg) == 1 and amg[0]["status"] == "skipped" and "training set" in json.dumps(amg[0])
+    assert (out / "tradeoff.png").is_file() and (out / "table.md").is_file()
