@@ -10,7 +10,8 @@ LR=${LR:-3e-4}
 export OMP_NUM_THREADS=1
 
 # 1. The base model: the default lab data (offensive title words left out), no duplicated pairs.
-diffmem lab build --preset base --out "$OUT/base" --threads 1
+#    (benchmarks/results/lab/finetune/base holds the one measured here: copy it to $OUT/base to skip this)
+[ -f "$OUT/base/lab_model.json" ] || diffmem lab build --preset base --out "$OUT/base" --threads 1
 # 2. Its training pairs in the seed's folder layout (memorized/ and non_memorized/), once with one
 #    caption per image and once with three partial descriptions per image (multiple captions).
 diffmem lab data --model "$OUT/base" --out "$OUT/data"
