@@ -2,7 +2,8 @@
 # Training-time mitigation in the seed's setting on the lab: every command, in order
 # (docs/mitigation.md "Fine-tuning a base model"). Two trainings run at once on a 2-core CPU, each
 # on one thread. OUT (runs/ft), STEPS (2000) and LR (3e-4) may be set in the environment; the
-# measured runs used STEPS=2000 LR=3e-4 ("plain") and STEPS=2500 LR=1.5e-3 ("plain-hi").
+# measured runs used STEPS=2000 LR=3e-4 ("plain") and STEPS=2500 LR=1.5e-3 ("plain-hi", continued to
+# step 7,000); the fine-tune copies from about step 4,000 at LR=1.5e-3, so the filter needs STEPS >= 7000.
 set -euo pipefail
 OUT=${OUT:-runs/ft}
 STEPS=${STEPS:-2000}
