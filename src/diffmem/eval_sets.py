@@ -6,14 +6,13 @@ lab's carries the lab data so that the judge (``diffmem.judge``) applies the lab
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffmem.files import IMAGE_SUFFIXES, InputFileError, image_caption_pairs, open_rgb_image, read_text_lines
+from diffmem.files import IMAGE_SUFFIXES, image_caption_pairs, json_lines, open_rgb_image
 
 
 @dataclass
@@ -65,13 +64,7 @@ def folder_eval_set(folder: Path, size: int, limit: int | None = None) -> EvalSe
 def ground_truth_eval_set(jsonl: Path, size: int, limit: int | None = None) -> EvalSet:
     """A .jsonl of ``caption`` and ``index`` with training images in ``gt_images/<index>/*.png`` beside it."""
     prompts = []
-    for lineno, line in enumerate(read_text_lines(jsonl), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputFileError(f"{jsonl}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for lineno, row in json_lines(jsonl):
         if "caption" not in row or "index" not in row:
             raise ValueError(f"{jsonl}:{lineno}: need keys 'caption' and 'index', found {', '.join(row)}")
         folder = jsonl.parent / "gt_images" / str(row["index"])

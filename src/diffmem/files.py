@@ -95,6 +95,18 @@ def image_caption_pairs(folder: Path) -> list[tuple[Path, str]]:
     return [(images[stem][0], "\n".join(read_text_lines(captions[stem])).strip()) for stem in sorted(images)]
 
 
+def json_lines(path: Path, error: type[InputFileError] = InputFileError):
+    """(line number, value) of each non-blank line of a user's JSON Lines file, read as
+    ``read_text_lines`` reads text; a line that is not JSON raises `error` naming the file and line."""
+    for lineno, line in enumerate(read_text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
 def read_rows(path: Path, repair: bool = False) -> list[dict]:
     """Complete rows of a JSON Lines file; with `repair`, cut off a trailing partial line."""
     path = Path(path)

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.files import InputFileError, read_text_lines
+from diffmem.files import InputFileError, json_lines, read_text_lines
 
 SUFFIXES = (".jsonl", ".txt", ".csv", ".parquet")
 RANDOM_SET = "random"  # the built-in random control set (the original's `--dataset random`)
@@ -101,13 +101,7 @@ def _select(records: list[PromptRecord], path: Path, start: int, end: int | None
 
 def _read_jsonl(path: Path, key: str) -> list[PromptRecord]:
     records = []
-    for lineno, line in enumerate(read_text_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptFileError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for lineno, row in json_lines(path, PromptFileError):
         if not isinstance(row, dict):
             raise PromptFileError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         if key not in row:

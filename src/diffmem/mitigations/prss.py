@@ -48,7 +48,6 @@ triggers, no SS, plain CFG); l_pr = inf alone is off too when no paraphrases are
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,7 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.files import read_text_lines
+from diffmem.files import json_lines
 from diffmem.metrics import text_noise_norm
 from diffmem.mitigations import Plan, Unit, register
 from diffmem.model import Conditioning
@@ -100,13 +99,7 @@ def load_paraphrases(path: str | Path) -> dict[str, list[str]]:
     if not path.is_file():
         raise ValueError(f"--param paraphrases={path}: no such file (JSON Lines: prompt -> list of paraphrases)")
     out: dict[str, list[str]] = {}
-    for i, line in enumerate(read_text_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--param paraphrases={path}: line {i} is not JSON ({e.msg})") from None
+    for i, row in json_lines(path):
         if isinstance(row, dict) and "prompt" in row and "paraphrases" in row:
             prompt, items = row["prompt"], row["paraphrases"]
         elif isinstance(row, dict) and len(row) == 1:
