@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Training-time mitigation in the seed's setting on the lab: every command, in order
 # (docs/mitigation.md "Fine-tuning a base model"). Two trainings run at once on a 2-core CPU, each
-# on one thread. OUT (runs/ft), STEPS (2000) and LR (3e-4) may be set in the environment; the
-# measured runs used STEPS=2000 LR=3e-4 ("plain") and STEPS=2500 LR=1.5e-3 ("plain-hi", continued to
-# step 7,000); the fine-tune copies from about step 4,000 at LR=1.5e-3, so the filter needs STEPS >= 7000.
+# on one thread. OUT (runs/ft), STEPS (6000), LR (1.5e-3) and ONLY (a subset of run names) may be set
+# in the environment. The unfiltered fine-tune copies from about step 4,000 at LR=1.5e-3 (at
+# LR=3e-4 it copied nothing within 2,000 steps), so every run is 6,000 steps long.
 set -euo pipefail
 OUT=${OUT:-runs/ft}
-STEPS=${STEPS:-2000}
-LR=${LR:-3e-4}
+STEPS=${STEPS:-6000}
+LR=${LR:-1.5e-3}
 export OMP_NUM_THREADS=1
 
 # 1. The base model: the default lab data (offensive title words left out), no duplicated pairs.
@@ -15,10 +15,10 @@ export OMP_NUM_THREADS=1
 [ -f "$OUT/base/lab_model.json" ] || diffmem lab build --preset base --out "$OUT/base" --threads 1
 # 2. Its training pairs in the seed's folder layout (memorized/ and non_memorized/), once with one
 #    caption per image and once with three partial descriptions per image (multiple captions).
-diffmem lab data --model "$OUT/base" --out "$OUT/data"
-diffmem lab data --model "$OUT/base" --out "$OUT/data3" --captions-per-image 3
+[ -d "$OUT/data/memorized" ] || diffmem lab data --model "$OUT/base" --out "$OUT/data"
+[ -d "$OUT/data3/memorized" ] || diffmem lab data --model "$OUT/base" --out "$OUT/data3" --captions-per-image 3
 # 3. The filter's thresholds: percentiles of the base model's d on ordinary training pairs.
-python benchmarks/lab_finetune_mitigation.py calibrate --base "$OUT/base" --out "$OUT"
+[ -f "$OUT/calibration.json" ] || python benchmarks/lab_finetune_mitigation.py calibrate --base "$OUT/base" --out "$OUT"
 ONE=$(python benchmarks/lab_finetune_mitigation.py threshold --out "$OUT" --kind one --percentile 95)
 BANDS=$(python benchmarks/lab_finetune_mitigation.py threshold --out "$OUT" --kind bands --percentile 95)
 
@@ -32,14 +32,30 @@ ft() {  # ft NAME DATA [extra diffmem train options...]
     --use-ema --ema-decay 0.999 --caption-dropout 0.1 --checkpointing-steps 500 --threads 1 "$@" \
     > "$OUT/$name.log" 2>&1
 }
-ft plain "$OUT/data" & ft filter-one "$OUT/data" --hard-threshold "$ONE" & wait
-ft filter-bands "$OUT/data" --hard-threshold "$BANDS" & ft rand-word "$OUT/data" --prompt-aug-style rand_word_add --repeat-num 1 & wait
-# Somepalli et al.'s strategies: p = 0.1 per sample
-ft sp-replace "$OUT/data" --prompt-aug-style rand_word_replace --repeat-num 4 --prompt-aug-prob 0.1 &
-ft sp-add "$OUT/data" --prompt-aug-style rand_word_add --repeat-num 2 --prompt-aug-prob 0.1 & wait
-ft sp-repeat "$OUT/data" --prompt-aug-style rand_word_repeat --repeat-num 2 --prompt-aug-prob 0.1 &
-ft sp-captions "$OUT/data3" --caption-per-line & wait
-ft gni-0.1 "$OUT/data" --embedding-noise 0.1 & ft gni-0.3 "$OUT/data" --embedding-noise 0.3 & wait
+# Two at a time: each run starts when a slot frees (`wait -n`); runs already finished are skipped.
+RUNS_SPEC=(
+  "plain data"
+  "filter-one data --hard-threshold $ONE"
+  "filter-bands data --hard-threshold $BANDS"
+  "rand-word data --prompt-aug-style rand_word_add --repeat-num 1"
+  # Somepalli et al.'s strategies: p = 0.1 per sample, noise on the text embedding, several captions
+  "sp-replace data --prompt-aug-style rand_word_replace --repeat-num 4 --prompt-aug-prob 0.1"
+  "sp-captions data3 --caption-per-line"
+  "gni-0.1 data --embedding-noise 0.1"
+  "sp-add data --prompt-aug-style rand_word_add --repeat-num 2 --prompt-aug-prob 0.1"
+  "sp-repeat data --prompt-aug-style rand_word_repeat --repeat-num 2 --prompt-aug-prob 0.1"
+  "gni-0.3 data --embedding-noise 0.3"
+)
+ONLY=${ONLY:-}  # a space-separated subset of run names, to run only those
+for spec in "${RUNS_SPEC[@]}"; do
+  read -r name data extra <<< "$spec"
+  [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && continue
+  [ -f "$OUT/$name/lab_model.json" ] && continue
+  while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n; done
+  # shellcheck disable=SC2086
+  ft "$name" "$OUT/$data" $extra &
+done
+wait
 
 # 5. The figures.
 RUNS=()

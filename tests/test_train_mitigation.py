@@ -215,3 +215,70 @@ def test_bad_training_strategy_values_are_refused(tmp_path):
         TrainConfig(output_dir=str(tmp_path), embedding_noise=-1)
     with pytest.raises(ValueError, match="--prompt-aug-style"):
         TrainConfig(output_dir=str(tmp_path), prompt_aug_style="shuffle")
+
+
+def test_pair_keys_name_the_pair_beneath_the_repeats():
+    from diffmem.train import memorization_mix, pair_keys
+
+    mem, non = dataset(), ImagePairs(torch.rand(5, 3, 32, 32), [f"caption {i}" for i in range(5)])
+    mix = memorization_mix(mem, non, end=2, repeats=3, non_mem_ratio=1.0)  # pairs 0, 1 x3, then 6 non-memorized
+    keys = pair_keys(mix)
+    assert len(keys) == len(mix) == 12
+    assert keys[:6].tolist() == [0, 1] * 3
+    assert keys[6:].tolist() == [4, 5, 6, 7, 8, 4]  # the non-memorized source after the 4 memorized pairs, cycled
+    for i in range(len(mix)):  # same key <=> same caption here
+        assert (mix[i][1] == mix[0][1]) == (keys[i] == keys[0])
+
+
+def test_pair_filter_leaves_a_pair_out_for_good_once_it_exceeded_in_its_share_of_draws():
+    from diffmem.train import PairFilter
+
+    f = PairFilter(3, share=0.5, min_draws=2)
+    f.update(torch.tensor([0, 1, 2]), torch.tensor([True, True, False]))
+    assert f.is_left_out(torch.tensor([0, 1, 2])).tolist() == [False, False, False]  # one draw < min_draws
+    f.update(torch.tensor([0, 1, 2]), torch.tensor([False, False, False]))  # 1 of 2 exceeded: share 0.5 reached
+    assert f.left_out.tolist() == [True, True, False]
+    f.update(torch.tensor([0, 0, 2]), torch.tensor([False, False, False]))  # sticky: later draws below change nothing
+    assert f.left_out.tolist() == [True, True, False] and f.draws.tolist() == [4, 2, 3]
+    g = PairFilter(3, share=0.5, min_draws=2)
+    g.load_state_dict(f.state_dict())  # travels in checkpoints
+    assert torch.equal(g.draws, f.draws) and torch.equal(g.exceeded, f.exceeded) and torch.equal(g.left_out, f.left_out)
+
+
+def test_pair_level_rule_keeps_a_pair_out_after_its_d_falls_below_the_threshold(tiny_sd_folder, tmp_path):
+    # step 0 of a probe: d per sample; a threshold between the 2nd and 3rd leaves two samples out
+    _, _, calls = run_one_step(tiny_sd_folder, tmp_path / "probe", hard_threshold=float("inf"), steps=2)
+    d0 = text_noise_norm(calls[0][1], calls[1][1])
+    threshold = float(d0.sort().values[1:3].mean())
+    steps, share = 6, 0.5
+    _, rows, calls = run_one_step(tiny_sd_folder, tmp_path / "pairs", hard_threshold=threshold, steps=steps,
+                                  pair_filter_share=share, pair_filter_min_draws=1)
+    # the rule replayed from the run's own UNet calls: 4 pairs, batch 4, so one epoch (one permutation) per step
+    draws, exceeded, out = np.zeros(4), np.zeros(4), set()
+    kept_out_below = 0
+    for step in range(steps):
+        pair_at = torch.randperm(4, generator=torch.Generator().manual_seed(step)).tolist()  # sample j is pair_at[j]
+        over = (text_noise_norm(calls[2 * step][1], calls[2 * step + 1][1]) >= threshold).tolist()
+        kept_out_below += sum(pair_at[j] in out and not over[j] for j in range(4))
+        for j in range(4):
+            draws[pair_at[j]] += 1
+            exceeded[pair_at[j]] += over[j]
+        out |= {p for p in range(4) if exceeded[p] >= share * draws[p]}
+        assert rows[step]["pairs_left_out"] == len(out)
+        assert rows[step]["left_out"] == len(out | {pair_at[j] for j in range(4) if over[j]}) / 4
+    assert rows[0]["left_out"] == 0.5 and 2 <= len(out) < 4
+    assert kept_out_below  # a pair left out earlier stayed out at a draw whose d was under the threshold
+
+
+def test_pair_level_rule_needs_a_threshold(tmp_path):
+    with pytest.raises(ValueError, match="--pair-filter-share needs --hard-threshold"):
+        TrainConfig(output_dir=str(tmp_path), pair_filter_share=0.5)
+    with pytest.raises(ValueError, match="--pair-filter-share 2.0"):
+        TrainConfig(output_dir=str(tmp_path), hard_threshold=1.0, pair_filter_share=2.0)
+    from diffmem.cli.main import build_parser
+    from diffmem.cli.train import config_from_args
+
+    args = build_parser().parse_args(["train", "--output-dir", str(tmp_path), "--hard-threshold", "2.4",
+                                      "--pair-filter-share", "0.3", "--pair-filter-min-draws", "20"])
+    config = config_from_args(args)
+    assert (config.hard_threshold, config.pair_filter_share, config.pair_filter_min_draws) == (2.4, 0.3, 20)

@@ -50,6 +50,10 @@ class TrainConfig:
     # drop samples with d >= this from the loss (Wen et al. 5.2): one number, or one per band of timesteps
     # (K numbers: band k holds t in [k*T/K, (k+1)*T/K), T the scheduler's training timesteps)
     hard_threshold: float | tuple[float, ...] | None = None
+    # the pair-level rule (with hard_threshold): a pair (all repeats of one image-caption pair) is left
+    # out for good once d exceeded the threshold in at least this share of its first >= min_draws draws
+    pair_filter_share: float | None = None
+    pair_filter_min_draws: int = 10
     prompt_aug_style: str | None = None  # e.g. "rand_word_add" (training baseline); see augment_prompt
     repeat_num: int = 1
     prompt_aug_prob: float = 1.0  # share of samples augmented (the seed: all; Somepalli et al.: 0.1)
@@ -76,6 +80,13 @@ class TrainConfig:
             raise ValueError(f"--prompt-aug-prob {self.prompt_aug_prob}: must be between 0 and 1")
         if self.embedding_noise < 0:
             raise ValueError(f"--embedding-noise {self.embedding_noise}: must be >= 0")
+        if self.pair_filter_share is not None:
+            if not 0 < self.pair_filter_share <= 1:
+                raise ValueError(f"--pair-filter-share {self.pair_filter_share}: must be in (0, 1]")
+            if self.hard_threshold is None:
+                raise ValueError("--pair-filter-share needs --hard-threshold (the d that counts as exceeded)")
+        if self.pair_filter_min_draws < 1:
+            raise ValueError(f"--pair-filter-min-draws {self.pair_filter_min_draws}: must be >= 1")
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -180,6 +191,54 @@ def memorization_mix(memorized, non_memorized, end: int | None, repeats: int, no
     if not parts:
         raise ValueError("no training data: give --dataset and/or --non-mem-dataset")
     return torch.utils.data.ConcatDataset(parts)
+
+
+def pair_keys(dataset) -> np.ndarray:
+    """One integer per item of `dataset` (N,) naming the pair beneath its Subset / ConcatDataset
+    wrappers: the R repeats of a memorized pair share one key, pairs of different sources never do."""
+    offsets: dict[int, int] = {}  # id of a source -> its first key; sources numbered in order of appearance
+    size = [0]  # keys given so far
+
+    def keys(ds) -> np.ndarray:
+        if isinstance(ds, torch.utils.data.ConcatDataset):
+            return np.concatenate([keys(d) for d in ds.datasets]) if ds.datasets else np.zeros(0, np.int64)
+        if isinstance(ds, torch.utils.data.Subset):
+            return keys(ds.dataset)[np.asarray(ds.indices, dtype=np.int64)]
+        if id(ds) not in offsets:
+            offsets[id(ds)], size[0] = size[0], size[0] + len(ds)
+        return offsets[id(ds)] + np.arange(len(ds), dtype=np.int64)
+
+    return keys(dataset)
+
+
+class PairFilter:
+    """The pair-level rule: per pair, draws and draws whose d exceeded the threshold; a pair is left
+    out for good once it has at least `min_draws` draws and exceeded in at least `share` of them.
+    Its state travels in training checkpoints."""
+
+    def __init__(self, num_pairs: int, share: float, min_draws: int):
+        self.share, self.min_draws = share, min_draws
+        self.draws = torch.zeros(num_pairs, dtype=torch.long)
+        self.exceeded = torch.zeros(num_pairs, dtype=torch.long)
+        self.left_out = torch.zeros(num_pairs, dtype=torch.bool)
+
+    def update(self, keys: torch.Tensor, over: torch.Tensor) -> None:
+        """Count one draw of each key (B,) int, `over` (B,) bool where its d was at or above the threshold."""
+        keys = keys.long().cpu()
+        self.draws.index_add_(0, keys, torch.ones_like(keys))
+        self.exceeded.index_add_(0, keys, over.long().cpu())
+        newly = (self.draws >= self.min_draws) & (self.exceeded >= self.share * self.draws)
+        self.left_out |= newly
+
+    def is_left_out(self, keys: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the pairs of these keys are left out of the loss."""
+        return self.left_out[keys.long().cpu()]
+
+    def state_dict(self):
+        return {"draws": self.draws, "exceeded": self.exceeded, "left_out": self.left_out}
+
+    def load_state_dict(self, state):
+        self.draws, self.exceeded, self.left_out = (state[k].clone() for k in ("draws", "exceeded", "left_out"))
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -340,6 +399,12 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
     ema = EMA(accelerator.unwrap_model(unet).parameters(), config.ema_decay) if config.use_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
+    keys_of = pairs = None
+    if config.pair_filter_share is not None:
+        keys_of = torch.from_numpy(pair_keys(dataset))
+        pairs = PairFilter(int(keys_of.max()) + 1 if len(keys_of) else 0, config.pair_filter_share,
+                           config.pair_filter_min_draws)
+        accelerator.register_for_checkpointing(pairs)
     embed = EmbeddingCache(model)
     empty = model.empty_conditioning().detach().to(dtype=torch.float32)
 
@@ -423,6 +488,10 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
                 limit = hard_threshold_at(config.hard_threshold, t, noise_scheduler.config.num_train_timesteps)
                 keep = text_noise_norm(model.output_to_noise(pred.detach(), noisy, t),
                                        model.output_to_noise(pred_u, noisy, t)) < limit
+                if pairs is not None:  # every process counts every process's draws, so all agree on the rule
+                    keys = keys_of[idx].to(keep.device)
+                    pairs.update(accelerator.gather(keys), accelerator.gather(~keep))
+                    keep = keep & ~pairs.is_left_out(keys).to(keep.device)
             n_kept = accelerator.reduce(keep.sum().float(), reduction="sum")
             skipped = bool(n_kept.item() == 0)
             if not skipped:
@@ -443,6 +512,8 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
         if accelerator.is_main_process and (done % config.log_every == 0 or skipped or done == config.max_train_steps):
             rec = {"step": done, "loss": float(np.mean(losses)) if losses else None, "lr": lr_sched.get_last_lr()[0],
                    "left_out": left_out, "skipped": skipped, "samples_per_s": len(losses) * global_batch / max(time.time() - t0, 1e-9)}
+            if pairs is not None:
+                rec["pairs_left_out"] = int(pairs.left_out.sum())
             bar.set_postfix(loss=f"{rec['loss']:.4f}" if rec["loss"] is not None else "-", left_out=f"{left_out:.2f}")
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")

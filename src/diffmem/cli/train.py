@@ -29,6 +29,9 @@ TRAIN_OPTIONS = (
     ("caption_dropout", float, "train on the empty caption this often"),
     ("hard_threshold", str, "leave samples with d >= this out of the loss (Wen et al. 5.2; 2 on SD); or K "
                             "comma-separated thresholds, one per band of timesteps, low noise first"),
+    ("pair_filter_share", float, "with --hard-threshold: leave a pair (all its repeats) out for good once d exceeded "
+                                 "the threshold in this share of its draws"),
+    ("pair_filter_min_draws", int, "draws of a pair before the pair-level rule may leave it out"),
     ("prompt_aug_style", str, "caption augmentation: rand_word_add (the seed's baseline), rand_numb_add, "
                               "rand_word_repeat, rand_word_replace"),
     ("repeat_num", int, "words or numbers the augmentation inserts (rand_word_replace: the caption's length)"),
