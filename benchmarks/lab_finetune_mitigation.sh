@@ -38,6 +38,8 @@ RUNS_SPEC=(
   "filter-one data --hard-threshold $ONE"
   "filter-bands data --hard-threshold $BANDS"
   "rand-word data --prompt-aug-style rand_word_add --repeat-num 1"
+  # the pair-level rule: a pair left out for good once its d exceeded the threshold in 20% of its draws
+  "filter-pairs data --hard-threshold $ONE --pair-filter-share 0.2 --pair-filter-min-draws 20"
   # Somepalli et al.'s strategies: p = 0.1 per sample, noise on the text embedding, several captions
   "sp-replace data --prompt-aug-style rand_word_replace --repeat-num 4 --prompt-aug-prob 0.1"
   "sp-captions data3 --caption-per-line"
@@ -59,7 +61,7 @@ wait
 
 # 5. The figures.
 RUNS=()
-for name in plain filter-one filter-bands rand-word sp-replace sp-add sp-repeat sp-captions gni-0.1 gni-0.3; do
+for name in plain filter-one filter-bands rand-word filter-pairs sp-replace sp-add sp-repeat sp-captions gni-0.1 gni-0.3; do
   [ -f "$OUT/$name/lab_model.json" ] && RUNS+=("$name=$OUT/$name")
 done
 python benchmarks/lab_finetune_mitigation.py evaluate --out "$OUT" --runs base="$OUT/base" "${RUNS[@]}"
