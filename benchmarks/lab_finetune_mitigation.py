@@ -101,6 +101,11 @@ def evaluate(args) -> None:
         scores = window_scores(model, mem + ordinary, first)
         roc = roc_metrics(scores[:len(mem)], scores[len(mem):])
         row["detection_first_step"] = {"auc": roc.auc, "tpr_at_1fpr": roc.tpr_at_1fpr}
+        log = Path(path) / "train_log.jsonl"
+        if log.is_file():  # the filter's share of samples left out, over the whole fine-tune
+            recs = [json.loads(line) for line in log.read_text().splitlines()]
+            row["training"] = {"steps": recs[-1]["step"], "left_out_mean": float(np.mean([r["left_out"] for r in recs])),
+                               "pairs_left_out": recs[-1].get("pairs_left_out")}
         report[name] = row
         print(name, json.dumps(row))
         path_json.write_text(json.dumps(report, indent=2))  # after each model: nothing measured is lost
@@ -138,6 +143,14 @@ def copies(args) -> None:
         path_json.write_text(json.dumps(table, indent=2))
 
 
+def left_out(training) -> str:
+    """The table cell of a fine-tune's left-out samples (and pairs, under the pair-level rule)."""
+    if not training or not training["left_out_mean"]:
+        return "-"
+    pairs = training.get("pairs_left_out")
+    return f"{training['left_out_mean']:.3f}" + (f" ({pairs} pairs)" if pairs is not None else "")
+
+
 def report(args) -> None:
     import matplotlib
 
@@ -148,7 +161,7 @@ def report(args) -> None:
     rows = json.loads((out / "evaluation.json").read_text())
     ref = rows.get(args.reference)
     lines = ["| run | memorized copy rate | non-memorized alignment | novel alignment | non-memorized loss | "
-             "first-step AUC | TPR@1%FPR |", "|---|---|---|---|---|---|---|"]
+             "first-step AUC | TPR@1%FPR | samples left out |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         def rel(value, base):
             return f" ({100 * (value / base - 1):+.1f}%)" if ref is not None and name != args.reference and base else ""
@@ -157,7 +170,8 @@ def report(args) -> None:
                      f"{rel(r['non-memorized']['alignment_mean'], ref and ref['non-memorized']['alignment_mean'])} | "
                      f"{r['novel']['alignment_mean']:.3f}{rel(r['novel']['alignment_mean'], ref and ref['novel']['alignment_mean'])} | "
                      f"{r['non_memorized_loss']:.4f}{rel(r['non_memorized_loss'], ref and ref['non_memorized_loss'])} | "
-                     f"{det.get('auc', float('nan')):.3f} | {det.get('tpr_at_1fpr', float('nan')):.3f} |")
+                     f"{det.get('auc', float('nan')):.3f} | {det.get('tpr_at_1fpr', float('nan')):.3f} | "
+                     f"{left_out(r.get('training'))} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, ax = plt.subplots(figsize=(6, 4.2))
