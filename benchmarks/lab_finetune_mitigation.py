@@ -106,9 +106,10 @@ def evaluate(args) -> None:
             recs = [json.loads(line) for line in log.read_text().splitlines()]
             row["training"] = {"steps": recs[-1]["step"], "left_out_mean": float(np.mean([r["left_out"] for r in recs])),
                                "pairs_left_out": recs[-1].get("pairs_left_out")}
-        report[name] = row
+        # merged into the file as it is now (another evaluate may have written since), after each model
+        report = {**(json.loads(path_json.read_text()) if path_json.is_file() else {}), name: row}
         print(name, json.dumps(row))
-        path_json.write_text(json.dumps(report, indent=2))  # after each model: nothing measured is lost
+        path_json.write_text(json.dumps(report, indent=2))
 
 
 def copies(args) -> None:
