@@ -176,10 +176,10 @@ def report(args) -> None:
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for name, r in rows.items():
+    for i, (name, r) in enumerate(rows.items()):
         x, y = r["non-memorized"]["alignment_mean"], r["memorized"]["copy_rate"]
         ax.scatter([x], [y], s=40)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 5 if i % 2 else -12), fontsize=8)
     ax.axhline(0.05, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("alignment of non-memorized captions (lab content check)")
     ax.set_ylabel("memorized copy rate (lab copy rule)")

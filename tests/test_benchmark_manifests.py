@@ -184,12 +184,21 @@ def _training_mitigation(_: dict) -> str:
             f"**{align:+.1%}**)")
 
 
+def _finetune_mitigation(evaluation: dict) -> str:
+    plain, bands = evaluation["plain"], evaluation["filter-bands"]
+    loss = bands["non_memorized_loss"] / plain["non_memorized_loss"] - 1
+    align = bands["non-memorized"]["alignment_mean"] / plain["non-memorized"]["alignment_mean"] - 1
+    return (f"takes memorized copies from {plain['memorized']['copy_rate']:.3f} to "
+            f"{bands['memorized']['copy_rate']:.3f} with non-memorized loss **{loss:+.1%}** and alignment **{align:+.1%}**")
+
+
 README_FIGURES = [  # (what, the file the README cites, the README's text computed from that file)
     ("detection AUC and TPR", LAB / "report.json", _detection),
     ("copy rates", LAB / "report.json", _copies),
     ("explanation percentages", LAB / "explain_lab.json", _explanation),
     ("inference mitigation", LAB / "mitigation" / "summary.json", _inference_mitigation),
     ("training mitigation", LAB / "train_mitigation" / "band_diagnostics.json", _training_mitigation),
+    ("fine-tune mitigation", LAB / "finetune" / "evaluation.json", _finetune_mitigation),
 ]
 
 
