@@ -176,10 +176,10 @@ def report(args) -> None:
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for i, (name, r) in enumerate(rows.items()):
+    for i, (name, r) in enumerate(rows.items()):  # a legend, not labels: the mitigated runs sit close together
         x, y = r["non-memorized"]["alignment_mean"], r["memorized"]["copy_rate"]
-        ax.scatter([x], [y], s=40)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 5 if i % 2 else -12), fontsize=8)
+        ax.scatter([x], [y], s=45, marker="osD^v<>ph*"[i % 10], label=name)
+    ax.legend(fontsize=7, loc="upper left")
     ax.axhline(0.05, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("alignment of non-memorized captions (lab content check)")
     ax.set_ylabel("memorized copy rate (lab copy rule)")
