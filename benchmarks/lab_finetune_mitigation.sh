@@ -61,7 +61,8 @@ wait
 
 # 5. The figures.
 RUNS=()
-for name in plain filter-one filter-bands rand-word filter-pairs sp-replace sp-add sp-repeat sp-captions gni-0.1 gni-0.3; do
+for spec in "${RUNS_SPEC[@]}"; do
+  name=${spec%% *}
   [ -f "$OUT/$name/lab_model.json" ] && RUNS+=("$name=$OUT/$name")
 done
 python benchmarks/lab_finetune_mitigation.py evaluate --out "$OUT" --runs base="$OUT/base" "${RUNS[@]}"
