@@ -8,7 +8,6 @@ text-conditional noise norm d is at or above ``hard_threshold`` are left out of 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
