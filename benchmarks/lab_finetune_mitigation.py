@@ -152,6 +152,24 @@ def left_out(training) -> str:
     return f"{training['left_out_mean']:.3f}" + (f" ({pairs} pairs)" if pairs is not None else "")
 
 
+def table_lines(rows: dict, reference: str = "plain") -> list[str]:
+    """The markdown table of evaluation.json's rows, with percentages against the ``reference`` run."""
+    ref = rows.get(reference)
+    lines = ["| run | memorized copy rate | non-memorized alignment | novel alignment | non-memorized loss | "
+             "first-step AUC | TPR@1%FPR | samples left out |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        def rel(value, base):
+            return f" ({100 * (value / base - 1):+.1f}%)" if ref is not None and name != reference and base else ""
+        det = r["detection_first_step"]
+        lines.append(f"| {name} | {r['memorized']['copy_rate']:.3f} | {r['non-memorized']['alignment_mean']:.3f}"
+                     f"{rel(r['non-memorized']['alignment_mean'], ref and ref['non-memorized']['alignment_mean'])} | "
+                     f"{r['novel']['alignment_mean']:.3f}{rel(r['novel']['alignment_mean'], ref and ref['novel']['alignment_mean'])} | "
+                     f"{r['non_memorized_loss']:.4f}{rel(r['non_memorized_loss'], ref and ref['non_memorized_loss'])} | "
+                     f"{det.get('auc', float('nan')):.3f} | {det.get('tpr_at_1fpr', float('nan')):.3f} | "
+                     f"{left_out(r.get('training'))} |")
+    return lines
+
+
 def report(args) -> None:
     import matplotlib
 
@@ -160,26 +178,15 @@ def report(args) -> None:
 
     out = Path(args.out)
     rows = json.loads((out / "evaluation.json").read_text())
-    ref = rows.get(args.reference)
-    lines = ["| run | memorized copy rate | non-memorized alignment | novel alignment | non-memorized loss | "
-             "first-step AUC | TPR@1%FPR | samples left out |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        def rel(value, base):
-            return f" ({100 * (value / base - 1):+.1f}%)" if ref is not None and name != args.reference and base else ""
-        det = r["detection_first_step"]
-        lines.append(f"| {name} | {r['memorized']['copy_rate']:.3f} | {r['non-memorized']['alignment_mean']:.3f}"
-                     f"{rel(r['non-memorized']['alignment_mean'], ref and ref['non-memorized']['alignment_mean'])} | "
-                     f"{r['novel']['alignment_mean']:.3f}{rel(r['novel']['alignment_mean'], ref and ref['novel']['alignment_mean'])} | "
-                     f"{r['non_memorized_loss']:.4f}{rel(r['non_memorized_loss'], ref and ref['non_memorized_loss'])} | "
-                     f"{det.get('auc', float('nan')):.3f} | {det.get('tpr_at_1fpr', float('nan')):.3f} | "
-                     f"{left_out(r.get('training'))} |")
+    lines = table_lines(rows, args.reference)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for i, (name, r) in enumerate(rows.items()):  # a legend, not labels: the mitigated runs sit close together
         x, y = r["non-memorized"]["alignment_mean"], r["memorized"]["copy_rate"]
-        ax.scatter([x], [y], s=45, marker="osD^v<>ph*"[i % 10], label=name)
-    ax.legend(fontsize=7, loc="upper left")
+        # 10 colours and 11 markers cycle together: no two of the first 110 runs look alike
+        ax.scatter([x], [y], s=45, color=f"C{i % 10}", marker="osD^v<>ph*X"[i % 11], label=name)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.axhline(0.05, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("alignment of non-memorized captions (lab content check)")
     ax.set_ylabel("memorized copy rate (lab copy rule)")

@@ -210,6 +210,22 @@ def test_readme_figures_match_their_result_files(what, source, compute):
     assert expected in section, f"README's {what} differ from {source.relative_to(ROOT)}: expected {expected!r}"
 
 
+def test_finetune_table_in_docs_is_the_evaluation():
+    """docs/mitigation.md's fine-tune table is the benchmark's table of benchmarks/results/lab/finetune/evaluation.json."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lab_finetune_mitigation", ROOT / "benchmarks" / "lab_finetune_mitigation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    evaluation = _load(LAB / "finetune" / "evaluation.json")
+    lines = bench.table_lines(evaluation)
+    assert len(lines) == 2 + len(evaluation)
+    doc = (ROOT / "docs" / "mitigation.md").read_text(encoding="utf-8").split("### Fine-tuning a base model", 1)[1]
+    quoted = [line for line in doc.splitlines() if line.startswith("|")]
+    assert quoted[: len(lines)] == lines, "docs/mitigation.md's fine-tune table differs from finetune/evaluation.json"
+    assert (LAB / "finetune" / "table.md").read_text(encoding="utf-8").splitlines() == lines
+
+
 def test_detector_table_matches_bench_detect():
     table = _load(LAB / "bench_detect" / "table.json")  # read fresh: a newer run may replace it
     rows = {(r["method"], r["steps"], str(r["generations"]), r["control"]): r for r in table["rows"]}
