@@ -47,6 +47,10 @@ RUNS_SPEC=(
   "sp-add data --prompt-aug-style rand_word_add --repeat-num 2 --prompt-aug-prob 0.1"
   "sp-repeat data --prompt-aug-style rand_word_repeat --repeat-num 2 --prompt-aug-prob 0.1"
   "gni-0.3 data --embedding-noise 0.3"
+  "gni-0.5 data --embedding-noise 0.5"
+  "gni-1.0 data --embedding-noise 1.0"
+  # the unfiltered fine-tune again with another seed (data order, noise, timesteps): how much one seed moves the figures
+  "plain-seed1 data --seed 1"
 )
 ONLY=${ONLY:-}  # a space-separated subset of run names, to run only those
 for spec in "${RUNS_SPEC[@]}"; do
