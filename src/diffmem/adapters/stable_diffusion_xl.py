@@ -166,7 +166,7 @@ class StableDiffusionXLModel(AdapterBase):
         return self._empty
 
     def tokens(self, prompt: str) -> list[Token]:
-        return clip_tokens(self.tokenizer, self._input_ids([prompt])[0].tolist())
+        return clip_tokens(self.tokenizer, prompt, self.max_tokens)
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt).input_ids)
