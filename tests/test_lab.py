@@ -283,8 +283,7 @@ def test_shipped_weights_record_the_default_preset():
     meta = json.loads((WEIGHTS_DIR / "lab_model.json").read_text())
     preset = PRESETS["default"]
     as_json = lambda d: json.loads(json.dumps(d))  # tuples -> lists
-    # stored before the title blocklist existed: its data are those of block_offensive_words=False
-    assert {"block_offensive_words": False, **meta["data"]} == as_json(asdict(preset.data))
+    assert meta["data"] == as_json(asdict(preset.data))
     assert meta["config"] == as_json(asdict(preset.model))
     assert meta["build"] == as_json(_build_meta(preset))
     model = load_model("lab")
@@ -293,21 +292,44 @@ def test_shipped_weights_record_the_default_preset():
 
 
 def test_title_words_of_new_builds_hold_no_blocked_word():
-    """Labs built with block_offensive_words (the base preset) draw titles from the vocabulary without
-    the blocklist; the list does catch words the raw vocabulary holds (it is not a list of absent words)."""
+    """Labs built with block_offensive_words=N draw titles from the vocabulary without lists 1..N of the
+    blocklist; each list catches words the raw vocabulary holds (it is not a list of absent words), and
+    a later list keeps the earlier ones, so the data of a lab built with an earlier list do not change."""
     from dataclasses import replace
 
     from diffmem.lab.build import PRESETS
-    from diffmem.lab.data import blocked_words, make_lab_data, title_vocabulary, title_words
+    from diffmem.lab.data import BLOCKLIST_VERSION, blocked_words, make_lab_data, title_vocabulary, title_words
 
+    vocabulary = set(title_vocabulary())
+    lists = [blocked_words(v) for v in range(1, BLOCKLIST_VERSION + 1)]
+    for earlier, later in zip(lists, lists[1:]):
+        assert earlier < later and (later - earlier) & vocabulary
+    assert lists[0] & vocabulary
+    for preset, version in (("base", 1), ("default", BLOCKLIST_VERSION)):
+        config = PRESETS[preset].data
+        assert config.block_offensive_words == version
+        assert not set(title_words(config)) & blocked_words(version)
+        data = make_lab_data(replace(config, num_non_memorized=2000))
+        pairs = data.memorized + data.non_memorized + data.novel + data.out_of_style
+        assert not {w for p in pairs for w in p.title_words} & blocked_words(version)
+    with pytest.raises(ValueError, match="block_offensive_words=9"):
+        blocked_words(9)
+
+
+def test_shipped_lab_shows_no_blocked_word():
+    """No caption of the shipped lab model, in any set a user sees (memorized and non-memorized, which
+    `lab data` exports; novel and out-of-style), holds a word of the newest blocklist."""
+    import re
+
+    from diffmem.adapters import load_model
+    from diffmem.lab.data import blocked_words
+
+    data = load_model("lab").training_data()
     blocked = blocked_words()
-    assert blocked & set(title_vocabulary())  # the raw tokenizer vocabulary holds some of them
-    config = PRESETS["base"].data
-    assert config.block_offensive_words
-    assert not set(title_words(config)) & blocked
-    data = make_lab_data(replace(config, num_non_memorized=2000))
-    pairs = data.memorized + data.non_memorized + data.novel
-    assert not {w for p in pairs for w in p.title_words} & blocked
+    for name in ("memorized", "non-memorized", "novel", "out-of-style"):
+        captions = [p.caption for p in data.prompt_set(name)]
+        seen = {w for c in captions for w in re.findall(r"[a-z]+", c.lower())} & blocked
+        assert not seen, f"the shipped lab's {name} captions hold blocked words: {sorted(seen)}"
 
 
 def test_partial_descriptions_are_true_of_their_image(tmp_path):

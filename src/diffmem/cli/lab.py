@@ -14,8 +14,9 @@ def add_parser(sub) -> None:
     b = lab.add_parser("build", help="generate the lab data and train the lab model from scratch")
     b.add_argument("--out", required=True, help="output lab model folder (checkpoints inside)")
     b.add_argument("--preset", default="default", choices=tuple(PRESETS),
-                   help="default: the shipped model (~80 min on 2 threads); cells-linear: the same with "
-                        "DDPM's linear noise schedule, shipped until 2026-11-29 (README); two-tone: the first "
+                   help="default: the shipped model (~80 min on 2 threads); cells-unblocked: the same with "
+                        "titles drawn before the word blocklist existed, shipped until 2026-12-06; cells-linear: "
+                        "the same with DDPM's linear noise schedule, shipped until 2026-11-29 (docs/history.md); two-tone: the first "
                         "shipped model (~90 min on one thread); base: no duplicated pairs, the pretrained model the seed's "
                         "memorizing fine-tune starts from (~1 h on one thread); fast: the test-suite variant (a few minutes)")
     b.add_argument("--max-train-steps", type=int, default=None, help="override the preset's step count")

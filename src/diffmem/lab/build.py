@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from diffmem.adapters.lab import LabModel, LabModelConfig, lab_scheduler_config, new_lab_unet
-from diffmem.lab.data import LabData, LabDataConfig, make_lab_data, render_all
+from diffmem.lab.data import BLOCKLIST_VERSION, LabData, LabDataConfig, make_lab_data, render_all
 from diffmem.train import ImagePairs, TrainConfig, complete_checkpoints, memorization_mix, train
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped default lab model
@@ -46,11 +46,13 @@ class LabBuildConfig:
     repeat_num: int = 1
 
 
-def _cells_recipe(noise_schedule: str, guidance_scale: float) -> LabBuildConfig:
+def _cells_recipe(noise_schedule: str, guidance_scale: float, block_offensive_words: int = 0) -> LabBuildConfig:
     """The cell-background lab's recipe (README "Build") under one of the lab's noise schedules;
-    `guidance_scale` is the model's default (it does not change training)."""
+    `guidance_scale` is the model's default (it does not change training); `block_offensive_words`:
+    the version of the title blocklist (0: none, as for the models built before it)."""
     return LabBuildConfig(
-        data=LabDataConfig(num_template=2, template_variants=3, background_cells=4),
+        data=LabDataConfig(num_template=2, template_variants=3, background_cells=4,
+                           block_offensive_words=block_offensive_words),
         model=LabModelConfig(noise_schedule=noise_schedule, default_guidance_scale=guidance_scale),
         repeats=385, max_train_steps=8000, lr_scheduler="cosine",
         anneal=(AnnealStage(2000, 5e-4), AnnealStage(3000, 3e-4)),
@@ -61,20 +63,24 @@ PRESETS = {
     # The shipped model: a 4x4-cell background (a pattern identifies its image), 22 memorized captions
     # (20 exact, 2 templates x 3 images) repeated 385 times, 8,000 steps with lr 1.5e-3 decayed by a
     # cosine, then 2,000 steps from 5e-4 and 3,000 from 3e-4, Stable Diffusion's scaled-linear betas,
-    # sampled at guidance 1.25 (README "Build" and "Choosing the default guidance").
-    "default": _cells_recipe("scaled_linear", 1.25),
+    # sampled at guidance 1.25 (README "Build" and "Choosing the default guidance"); title words of
+    # the blocklist's newest version left out.
+    "default": _cells_recipe("scaled_linear", 1.25, BLOCKLIST_VERSION),
+    # The shipped model until 2026-12-06: the same recipe, its titles drawn before the blocklist
+    # existed (docs/history.md).
+    "cells-unblocked": _cells_recipe("scaled_linear", 1.25),
     # The shipped model until 2026-11-29: the same recipe with DDPM's linear betas, guidance 2.0.
     # Its first-step detection misses the bar (TPR@1%FPR 0.68-0.77; README "History").
     "cells-linear": _cells_recipe("linear", 2.0),
     # The first shipped model (until 2026-11-28): a two-tone background, constant lr. Detects well at
     # the first step but reproduces no training image under the copy rule (README "History").
     "two-tone": LabBuildConfig(),
-    # A base model for the seed's training-time experiment: the default preset's data (offensive title
-    # words left out) without duplicated pairs, 7,000 steps at lr 1.5e-3 with a cosine decay, one stage
+    # A base model for the seed's training-time experiment: the cell-background data with the first
+    # title blocklist (its build predates the second), without duplicated pairs, 7,000 steps at lr 1.5e-3 with a cosine decay, one stage
     # (about an hour on one thread). The memorized pairs exist in its data and are never trained on:
     # `diffmem train` fine-tunes it on them (docs/mitigation.md "At training").
     "base": LabBuildConfig(
-        data=LabDataConfig(num_template=2, template_variants=3, background_cells=4, block_offensive_words=True),
+        data=LabDataConfig(num_template=2, template_variants=3, background_cells=4, block_offensive_words=1),
         model=LabModelConfig(noise_schedule="scaled_linear", default_guidance_scale=1.25),
         repeats=0, max_train_steps=7000, lr_scheduler="cosine",
     ),

@@ -76,8 +76,9 @@ class LabDataConfig:
     # a training image's pattern identifies it); 0: the two-tone background of the first lab models
     background_cells: int = 0
     # leave the words of lab/blocked_words.txt (profanity, sexual terms, slurs, violence) out of the
-    # title vocabulary; False only for the data of models built before the list existed
-    block_offensive_words: bool = False
+    # title vocabulary: N > 0 (or True, list 1) uses lists 1..N of the file; 0 (False) only for the
+    # data of models built before the list existed
+    block_offensive_words: int = 0
 
 
 @dataclass
@@ -244,11 +245,24 @@ class LabData:
         return sets[name]
 
 
-@functools.lru_cache(maxsize=1)
-def blocked_words() -> frozenset[str]:
-    """The words no title of a lab built with ``block_offensive_words`` contains (lab/blocked_words.txt)."""
+BLOCKLIST_VERSION = 2  # the newest list of lab/blocked_words.txt; new lab builds use it
+
+
+@functools.lru_cache(maxsize=None)
+def blocked_words(version: int = BLOCKLIST_VERSION) -> frozenset[str]:
+    """The words no title of a lab built with ``block_offensive_words=version`` contains: those of
+    lists 1..version of lab/blocked_words.txt."""
+    if not 1 <= version <= BLOCKLIST_VERSION:
+        raise ValueError(f"block_offensive_words={version}: the blocklist has lists 1..{BLOCKLIST_VERSION}")
     text = (Path(__file__).parent / "blocked_words.txt").read_text(encoding="utf-8")
-    return frozenset(w for line in text.splitlines() for w in line.split("#")[0].split())
+    words, current = set(), 0
+    for line in text.splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("[list "):
+            current = int(line[len("[list "):-1])
+        elif current <= version:
+            words.update(line.split())
+    return frozenset(words)
 
 
 def title_words(config: LabDataConfig, rng: np.random.Generator | None = None) -> list[str]:
@@ -256,7 +270,8 @@ def title_words(config: LabDataConfig, rng: np.random.Generator | None = None) -
     rng = rng if rng is not None else np.random.default_rng(config.seed)
     vocab = title_vocabulary()
     if config.block_offensive_words:
-        vocab = tuple(w for w in vocab if w not in blocked_words())
+        blocked = blocked_words(int(config.block_offensive_words))
+        vocab = tuple(w for w in vocab if w not in blocked)
     vocab = np.asarray(vocab)
     return vocab[rng.permutation(len(vocab))[: config.num_title_words]].tolist()
 
