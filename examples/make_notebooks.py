@@ -137,7 +137,7 @@ def explain_cells():
 Wen et al. (sec. 4) score each token by how much the detection metric changes when its embedding
 changes: `s_j = ||d score / d e_j||_2`, the gradient of the first-step `d` with respect to the
 j-th token embedding. On the lab, each memorized caption is a unique two-word *title* plus a
-description (`the forcing blinked: a blue square`); the title words are what makes the caption
+description (`the solve magazines: a yellow square`); the title words are what makes the caption
 unique, so they are the ground-truth trigger words.
 '''),
         code(LAB_SETUP),

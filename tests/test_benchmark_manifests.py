@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # Result roots: a root's MANIFEST.json is either one record for the whole root (one result folder) or
 # maps each file directly in it to its record, every folder in it then having a MANIFEST.json of its own.
-ROOTS = ("lab", "history/lab_cells", "history/lab_cells_linear", "history/lab_scaled", "history/lab_mitigation_ckpt4000")
+ROOTS = ("lab", "history/lab_cells_unblocked", "history/lab_cells", "history/lab_cells_linear", "history/lab_scaled", "history/lab_mitigation_ckpt4000")
 HISTORY = RESULTS / "history"  # results of retired lab models; its MANIFEST.json maps its loose files
 COMMAND_STARTS = ("diffmem", "python", "OMP_NUM_THREADS=1 python", "benchmarks/")
 NOT_SHIPPED = re.compile(r"not shipped \(retired model; rebuild with `diffmem lab build --preset [a-z-]+`\)")
@@ -84,7 +84,7 @@ def test_manifest_fields(name, path, record):
 
 def test_shipped_lab_results_name_the_shipped_model(shipped_hash):
     shipped = [(name, rec) for name, _, rec in RECORDS if not rec["retired"] and rec["model"] == "lab"]
-    assert len(shipped) >= 8
+    assert len(shipped) >= 5
     for name, rec in shipped:
         assert rec["weights_sha256_16"] == shipped_hash, name
     for name, path, rec in RECORDS:  # a file that records the model's identity agrees with its manifest
@@ -125,6 +125,7 @@ def test_manifest_agrees_with_the_files_provenance(name, path, record):
 # -- the README's figures against the files it cites ------------------------------------------------------------
 
 LAB = RESULTS / "lab"
+UNBLOCKED = HISTORY / "lab_cells_unblocked"  # the lab model shipped until 2026-12-06
 
 
 def _gen(report: dict, name: str) -> dict:
@@ -150,9 +151,10 @@ def _explanation(explain: dict) -> str:
     sets = {s["name"]: s for s in first["sets"]}
     mem, ordinary = sets["memorized"], [sets["non-memorized"], sets["novel"]]
     top = round(mem["top1_word_is_title"] * mem["n"])
-    none = "none" if all(s["top1_word_is_title"] == 0 for s in ordinary) else "some"
+    titles = round(sum(s["top1_word_is_title"] * s["n"] for s in ordinary))
     return (f"at the first step a trigger word ranks first for {top} of {mem['n']} memorized captions "
-            f"({mem['top1_word_is_title']:.0%}) and for {none} of {sum(s['n'] for s in ordinary)} ordinary ones; "
+            f"({mem['top1_word_is_title']:.0%}) and a title word for {titles or 'none'} of "
+            f"{sum(s['n'] for s in ordinary)} ordinary ones; "
             f"deleting it brings {mem['flagged_cleared_by_deletion']:.0%} of them under the 1%-FPR threshold, "
             f"replacing it {mem['flagged_cleared_by_replacement']:.0%}.")
 
@@ -161,21 +163,22 @@ def _inference_mitigation(summary: dict) -> str:
     res = summary["results"]
     by_pct = {float(p): v for p, v in summary["target_loss_calibration"]["percentiles"].items()}
     opt = {p: next(r for r in res["embedding-opt"].values() if r["value"] == v) for p, v in by_pct.items()}
-    low = [opt[p] for p in (5.0, 25.0, 50.0, 75.0)]
-    copies = {f"{r['copy_rate']:.3f}" for r in low}
-    assert len(copies) == 1, copies
-    align = [r["alignment_mean"] for r in low]
+    none_left = [p for p in sorted(opt) if opt[p]["copy_rate"] == 0]  # the targets that leave no copy
+    assert none_left == sorted(opt)[: len(none_left)] and none_left, "no copy at the lowest targets"
+    align = [opt[p]["alignment_mean"] for p in none_left]
+    rest = "; ".join(f"{opt[p]['copy_rate']:.3f} copies at alignment {opt[p]['alignment_mean']:.3f} at p{p:.0f}"
+                     for p in sorted(opt) if p not in none_left)
     words = min(res["rand_word_add"].values(), key=lambda r: r["copy_rate"])
     return (f"takes the copy rate of memorized prompts from {res['none']['default']['copy_rate']:.3f} to "
-            f"**{copies.pop()}** at every target from the 5th to the 75th percentile of non-memorized prompts' "
-            f"first-step d (alignment {min(align):.3f}-{max(align):.3f}; {opt[95.0]['copy_rate']:.3f} copies at "
-            f"alignment {opt[95.0]['alignment_mean']:.3f} at p95), while adding random words gets no lower than "
-            f"{words['copy_rate']:.3f} ({words['value']} words, alignment {words['alignment_mean']:.3f})")
+            f"**0.000** at every target from the {none_left[0]:.0f}th to the {none_left[-1]:.0f}th percentile of "
+            f"non-memorized prompts' first-step d (alignment {min(align):.3f}-{max(align):.3f}; {rest}), while adding "
+            f"random words gets no lower than {words['copy_rate']:.3f} ({words['value']} words, alignment "
+            f"{words['alignment_mean']:.3f})")
 
 
 def _training_mitigation(_: dict) -> str:
-    p85 = _load(LAB / "train_mitigation" / "p85" / "evaluation.json")
-    p80 = _load(LAB / "train_mitigation" / "p80_unfiltered_t0-99" / "evaluation.json")
+    p85 = _load(UNBLOCKED / "train_mitigation" / "p85" / "evaluation.json")
+    p80 = _load(UNBLOCKED / "train_mitigation" / "p80_unfiltered_t0-99" / "evaluation.json")
     loss = p85["filtered"]["non_memorized_loss"] / p85["unfiltered"]["non_memorized_loss"] - 1
     align = p80["filtered"]["non-memorized"]["alignment_mean"] / p80["unfiltered"]["non-memorized"]["alignment_mean"] - 1
     return (f"takes memorized copies from {p85['unfiltered']['memorized']['copy_rate']:.3f} to "
@@ -203,7 +206,7 @@ README_FIGURES = [  # (what, the file the README cites, the README's text comput
     ("copy rates", LAB / "report.json", _copies),
     ("explanation percentages", LAB / "explain_lab.json", _explanation),
     ("inference mitigation", LAB / "mitigation" / "summary.json", _inference_mitigation),
-    ("training mitigation", LAB / "train_mitigation" / "band_diagnostics.json", _training_mitigation),
+    ("training mitigation", UNBLOCKED / "train_mitigation" / "band_diagnostics.json", _training_mitigation),
     ("fine-tune mitigation", LAB / "finetune" / "evaluation.json", _finetune_mitigation),
 ]
 
@@ -258,8 +261,8 @@ def test_detector_table_matches_bench_detect():
 
 
 def test_readme_mitigation_comparison_figures_are_the_benchmarks():
-    """The README's sentence on the field's mitigations quotes benchmarks/results/lab/mitigations/results.json."""
-    rows = _load(LAB / "mitigations" / "results.json")["rows"]
+    """The README's sentence on the field's mitigations quotes the results.json of the lab model it names."""
+    rows = _load(UNBLOCKED / "mitigations" / "results.json")["rows"]
 
     def best(method: str) -> dict:  # the setting with the fewest copies, then the best alignment
         return min((r for r in rows if r["method"] == method and r["status"] == "ok"),

@@ -62,6 +62,6 @@ def test_readme_python_example_runs():
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr
     memorized, novel, word = run.stdout.split()
-    threshold = 0.382  # the lab's threshold at 1% FPR, quoted in the example's comment
+    threshold = 0.438  # the lab's threshold at 1% FPR, quoted in the example's comment
     assert float(memorized) > threshold > float(novel)
-    assert word == "blinked"  # a trigger word of that memorized caption
+    assert word == "magazines"  # a trigger word of that memorized caption
