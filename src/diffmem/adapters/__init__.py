@@ -29,7 +29,7 @@ def resolve_model_path(model: str) -> tuple[str, Path]:
     A diffusers folder whose model_index.json ``_class_name`` contains "XL" is "stable-diffusion-xl";
     any other non-lab folder is "stable-diffusion"."""
     if model == DEFAULT_MODEL:
-        from diffmem.lab.build import WEIGHTS_DIR
+        from diffmem.lab import WEIGHTS_DIR
 
         if not (WEIGHTS_DIR / "lab_model.json").is_file():
             raise FileNotFoundError(f"the built-in lab model is not installed at {WEIGHTS_DIR}; "

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.attention import CrossAttentionRecorder, down_cross_attention_blocks
-from diffmem.detectors import register
+from diffmem.detectors.registry import register
 from diffmem.detectors.common import PerGeneration, end_positions
 
 

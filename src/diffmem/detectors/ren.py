@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from diffmem.attention import CrossAttentionRecorder, down_cross_attention_blocks
-from diffmem.detectors import register
+from diffmem.detectors.registry import register
 from diffmem.detectors.common import PerGeneration, end_positions, entropy
 
 
