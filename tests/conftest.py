@@ -27,6 +27,15 @@ def tiny_v_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_pixart_folder(tmp_path_factory):
+    """A random-weight PixArt-alpha folder: a two-layer transformer with a learned variance, a tiny T5
+    with the ByT5 tokenizer (no vocabulary file), PixArt's DPM-Solver config."""
+    from diffmem.testing import make_tiny_pixart_folder
+
+    return make_tiny_pixart_folder(tmp_path_factory.mktemp("tiny_pixart") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tiny_sd_folder):
     from diffmem.adapters import load_model
 

@@ -90,8 +90,10 @@ class AdapterBase:
 
     def use_null(self, conditioning: Conditioning, name: str) -> None:
         """Measure and sample against `conditioning` (one row, shaped like an encoded prompt's), recorded
-        under `name` in the model's identity."""
+        under `name` in the model's identity. A mask of ones is dropped on a family without token masks."""
         like = self.null.conditioning
+        if like.mask is None and conditioning.mask is not None and bool((conditioning.mask != 0).all()):
+            conditioning = Conditioning(conditioning.embeddings, dict(conditioning.extra))
         if conditioning.embeddings.shape[1:] != like.embeddings.shape[1:]:
             raise ValueError(f"null conditioning {name!r}: embeddings of shape {tuple(conditioning.embeddings.shape[1:])}, "
                              f"{self.name} encodes prompts as {tuple(like.embeddings.shape[1:])}")

@@ -363,6 +363,13 @@ class Nemo:
             self._cache[k] = float(np.percentile(scores, params.percentile))
         return self._cache[k]
 
+    def check(self, model) -> str | None:
+        """Refuse, in one line, a denoiser without NeMo's layers (a UNet's down and mid cross-attention)."""
+        if not value_layers(model):
+            return (f"cannot run on {model.family} ({model.name}): it prunes the value neurons of a UNet's "
+                    "down and mid cross-attention layers, and this denoiser has none")
+        return None
+
     # -- the search --------------------------------------------------------------------------------------
     def plan(self, model, unit: Unit, params) -> Plan:
         P, G, S = len(unit.prompts), unit.num_generations, params.num_seeds
@@ -371,7 +378,7 @@ class Nemo:
         t = check_timestep(model, params.check_timestep)
         layers = value_layers(model)
         if not layers:
-            raise ValueError(f"model {model.name}: no cross-attention in its down or mid blocks (nemo's layers)")
+            raise ValueError(f"--method nemo: {self.check(model)}")
         key, ref = self.reference_prompts(model, params, unit.prompts)
         stats = self.statistics(model, layers, key, ref)
         thr = self.threshold(model, params, key, ref, t, unit.config.seed, unit.sampling.batch_size)
