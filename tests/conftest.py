@@ -36,6 +36,23 @@ def tiny_pixart_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd2_folder(tmp_path_factory):
+    """SD 2.x's conventions on the same layout: velocity prediction, and a tokenizer that pads with
+    "!", so that the pad id is also the id of a "!" in a prompt."""
+    from diffmem.testing import make_tiny_sd_folder
+
+    return make_tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd2") / "model", seed=2, prediction_type="v_prediction",
+                               pad_token="!")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tiny_sd2_folder):
+    from diffmem.adapters import load_model
+
+    return load_model(str(tiny_sd2_folder))
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tiny_sd_folder):
     from diffmem.adapters import load_model
 

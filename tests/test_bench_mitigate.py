@@ -142,6 +142,23 @@ def test_a_sweep_runs_exactly_its_settings(fake_methods):
         BenchMitigateConfig(methods=("none", "nope"))
 
 
+def test_param_fixes_a_parameter_in_every_setting_and_the_table_names_it(tiny_sd_folder, pairs, tmp_path):
+    from diffmem.bench import BenchMitigateConfig
+    from diffmem.cli.main import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "mitigate", "--model", str(tiny_sd_folder), "--dataset", str(pairs), "--methods", "gni",
+                 "--param", "protocol=per-prompt", "--num-generations", "1", "--num-inference-steps", "2",
+                 "--batch-size", "4", "--no-progress", "--out", str(out)]) == 0
+    settings = [f"scale={s:g},protocol=per-prompt" for s in (0.05, 0.1, 0.25, 0.5)]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["setting"] for r in rows if r["method"] == "gni"] == settings
+    assert {p["protocol"] for p in read_rows(out / "gni" / "per_prompt.jsonl")} == {"per-prompt"}
+    assert "| gni | scale=0.1,protocol=per-prompt |" in (out / "table.md").read_text()
+    with pytest.raises(ValueError, match="--param protocol"):
+        BenchMitigateConfig(methods=("rand_word_add",), params={"protocol": "per-prompt"})
+
+
 # -- a tiny SD folder with a pair dataset: SSCD > 0.5 copies, CLIP score, a refused method -----------
 
 def test_bench_on_a_tiny_sd_folder_with_a_pair_dataset(tiny_sd, pairs, tmp_path, fake_methods):

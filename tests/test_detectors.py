@@ -1,6 +1,7 @@
 """The detector interface: a detector is one file plus its registration; detect runs every requested
 detector in the same pass, one field per method; roc reads any of them in the detector's direction."""
 
+import itertools
 import json
 
 import numpy as np
@@ -204,38 +205,66 @@ def test_layer_roles_on_an_sd1_layout():
     assert [n.split(".transformer")[0] for n in groups[0]] == ["down_blocks.0.attentions.0", "down_blocks.0.attentions.1"]
 
 
-def test_ren_le_and_ae(tiny_sd, all_fields):
+def _ren_expected(model, prompt, position, end):
+    """(LE, AE) of the prompt under CFG from its own recorded pass, the end token at `end`."""
     from diffmem.detectors.ren import le_layer
 
+    rec, _, _ = _trajectory(model, prompt, position)
+    a0 = rec.maps[0][le_layer(model)].double().mean(2).mean(1)  # (G, T): queries, then heads
+    le = -(a0 * a0.log()).sum(-1)
+    avg = {k: torch.stack([m.double().mean(2).mean(1) for m in rec.maps[k].values()]).mean(0) for k in rec.maps}
+    ent = lambda a: -(a * a.log()).sum(-1)
+    last = [1, 2, 3]  # fewer than 10 steps: all but the first
+    e = torch.stack([ent(avg[k]) for k in last]).mean(0)
+    e_end = torch.stack([ent(avg[k][:, end:]) for k in last]).mean(0) - ent(avg[0][:, end:])
+    return float(le.mean()), float((e + e_end).mean())
+
+
+def _bright_ending_expected(model, prompt, position, end):
+    """Bright Ending of the prompt under CFG from its own recorded pass, the end token at `end`."""
+    from diffmem.attention import down_cross_attention_blocks
+
+    layers = down_cross_attention_blocks(model)[0]
+    rec, delta, _ = _trajectory(model, prompt, position, layers)
+    probs = torch.stack([rec.maps[3][l].double().mean(1) for l in layers]).mean(0)  # (G, HW, T)
+    side = int(probs.shape[1] ** 0.5)
+    mask = probs[:, :, end].view(-1, 1, side, side)
+    mask = torch.nn.functional.interpolate(mask, size=delta[0].shape[-2:], mode="nearest")
+    be = torch.stack([(d * mask).flatten(1).norm(dim=1) / mask.flatten(1).mean(1) for d in delta]).mean(0)
+    return float(be.mean())
+
+
+def test_ren_le_and_ae(tiny_sd, all_fields):
     together, _ = all_fields
     for j, prompt in enumerate(THREE):
-        rec, _, _ = _trajectory(tiny_sd, prompt, j)
-        a0 = rec.maps[0][le_layer(tiny_sd)].double().mean(2).mean(1)  # (G, T): queries, then heads
-        le = -(a0 * a0.log()).sum(-1)
-        assert together["ren-le"][j]["ren-le"] == pytest.approx(float(le.mean()), rel=1e-6)
-        avg = {k: torch.stack([m.double().mean(2).mean(1) for m in rec.maps[k].values()]).mean(0) for k in rec.maps}
-        end = _end_index(tiny_sd, prompt)
-        ent = lambda a: -(a * a.log()).sum(-1)
-        last = [1, 2, 3]  # fewer than 10 steps: all but the first
-        e = torch.stack([ent(avg[k]) for k in last]).mean(0)
-        e_end = torch.stack([ent(avg[k][:, end:]) for k in last]).mean(0) - ent(avg[0][:, end:])
-        assert together["ren-ae"][j]["ren-ae"] == pytest.approx(float((e + e_end).mean()), rel=1e-6)
+        le, ae = _ren_expected(tiny_sd, prompt, j, _end_index(tiny_sd, prompt))
+        assert together["ren-le"][j]["ren-le"] == pytest.approx(le, rel=1e-6)
+        assert together["ren-ae"][j]["ren-ae"] == pytest.approx(ae, rel=1e-6)
 
 
 def test_bright_ending(tiny_sd, all_fields):
-    from diffmem.attention import down_cross_attention_blocks
-
     together, _ = all_fields
-    layers = down_cross_attention_blocks(tiny_sd)[0]
     for j, prompt in enumerate(THREE):
-        rec, delta, _ = _trajectory(tiny_sd, prompt, j, layers)
-        end = _end_index(tiny_sd, prompt)
-        probs = torch.stack([rec.maps[3][l].double().mean(1) for l in layers]).mean(0)  # (G, HW, T)
-        side = int(probs.shape[1] ** 0.5)
-        mask = probs[:, :, end].view(-1, 1, side, side)
-        mask = torch.nn.functional.interpolate(mask, size=delta[0].shape[-2:], mode="nearest")
-        be = torch.stack([(d * mask).flatten(1).norm(dim=1) / mask.flatten(1).mean(1) for d in delta]).mean(0)
-        assert together["bright-ending"][j]["bright-ending"] == pytest.approx(float(be.mean()), rel=1e-6)
+        be = _bright_ending_expected(tiny_sd, prompt, j, _end_index(tiny_sd, prompt))
+        assert together["bright-ending"][j]["bright-ending"] == pytest.approx(be, rel=1e-6)
+
+
+def test_end_token_by_position_when_the_pad_is_a_prompt_token(tiny_sd2):
+    """SD 2.x pads with "!": a "!" of the prompt has the pad's id, yet the end token is where the
+    prompt's tokens end (the official ``len(tokenizer.encode(p)) - 1``), for the token list, the
+    end-token lookup, Ren's AE and Bright Ending's mask."""
+    from diffmem.detectors.common import end_token_index
+
+    tok, prompt = tiny_sd2.tokenizer, "wow! a red cat!"
+    ids = tok(prompt).input_ids
+    assert tok.pad_token_id == tok.convert_tokens_to_ids("!") and tok.pad_token_id in ids[1:-1]  # the case at stake
+    end = len(tok(prompt, truncation=True, max_length=tiny_sd2.max_tokens).input_ids) - 1
+    assert [j for j, t in enumerate(tiny_sd2.tokens(prompt)) if t.special] == [0, *range(end, tiny_sd2.max_tokens)]
+    assert end_token_index(tiny_sd2, prompt) == end
+    ae, be = detect_unit(tiny_sd2, [detectors.get_detector("ren-ae"), detectors.get_detector("bright-ending")],
+                         [prompt], [0], CFG)[1][0]
+    assert ae["ren-ae"] == pytest.approx(_ren_expected(tiny_sd2, prompt, 0, end)[1], rel=1e-6)
+    assert be["bright-ending"] == pytest.approx(_bright_ending_expected(tiny_sd2, prompt, 0, end), rel=1e-6)
 
 
 def test_membench_and_jeon_fd(tiny_sd, all_fields):
@@ -395,6 +424,75 @@ def test_ssim_and_ms_ssim_equal_torchmetrics():
         ms_ssim(c, d)
 
 
+def _ms_ssim_as_torchmetrics_1_3(a, b, betas=(0.33, 0.33, 0.33), sigma=1.5):
+    """MS-SSIM as torchmetrics 1.3.2 (the version NeMo's requirements.txt pins) computes it, written
+    in numpy from its definition: per scale, reflect padding by the window's half side, a separable
+    Gaussian filter (window int(3.5 sigma + 0.5) * 2 + 1), k1 = 0.01, k2 = 0.03 on the batch's data
+    range, variances clipped at 0, both the SSIM and the CS map averaged without the padded border;
+    CS of every scale but the last, SSIM of the last, each clipped at 0, raised to its beta and
+    multiplied; 2x2 average pooling between scales."""
+    a, b = a.double().numpy(), b.double().numpy()
+    k = int(3.5 * sigma + 0.5) * 2 + 1
+    pad = k // 2
+    g = np.exp(-((np.arange(k) - pad) ** 2) / (2 * sigma ** 2))
+    g /= g.sum()
+
+    def blur(img):
+        H, W = img.shape[-2:]
+        padded = np.pad(img, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
+        rows = sum(g[i] * padded[..., i:i + H, :] for i in range(k))
+        return sum(g[j] * rows[..., :, j:j + W] for j in range(k))
+
+    def inner_mean(m):
+        return np.maximum(m[..., pad:-pad, pad:-pad].reshape(len(m), -1).mean(1), 0)
+
+    terms = []
+    for _ in betas:
+        data_range = max(np.ptp(a), np.ptp(b))
+        c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+        mu_a, mu_b = blur(a), blur(b)
+        var_a, var_b = np.maximum(blur(a * a) - mu_a ** 2, 0), np.maximum(blur(b * b) - mu_b ** 2, 0)
+        cov = blur(a * b) - mu_a * mu_b
+        cs = (2 * cov + c2) / (var_a + var_b + c2)
+        sim = (2 * mu_a * mu_b + c1) / (mu_a ** 2 + mu_b ** 2 + c1) * cs
+        terms.append(inner_mean(cs))
+        last = inner_mean(sim)
+        N, C, H, W = a.shape
+        a = a.reshape(N, C, H // 2, 2, W // 2, 2).mean((3, 5))
+        b = b.reshape(N, C, H // 2, 2, W // 2, 2).mean((3, 5))
+    terms[-1] = last
+    return np.prod([t ** beta for t, beta in zip(terms, betas)], axis=0)
+
+
+def test_nemo_ssim_uses_the_ms_ssim_of_nemos_torchmetrics_by_default():
+    """NeMo's 0.428 was set under torchmetrics 1.3.2, which averaged the last scale's SSIM map without
+    its border; torchmetrics >= 1.5 averages the whole map. nemo-ssim follows 1.3.2 unless told."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as tm_ms_ssim
+
+    from diffmem.detectors.nemo import max_pairwise_similarity, paired_similarity
+    from diffmem.similarity import ms_ssim
+
+    g = torch.Generator().manual_seed(1)
+    smooth = lambda n: torch.nn.functional.avg_pool2d(torch.rand(n, 4, 72, 72, generator=g, dtype=torch.float64),
+                                                      9, stride=1)  # (n, 4, 64, 64), correlated like z
+    a = smooth(5)
+    b = (a + 0.5 * smooth(5)) / 1.5
+    expected = _ms_ssim_as_torchmetrics_1_3(a, b)
+    np.testing.assert_allclose(ms_ssim(a, b, crop_ssim_map=True).numpy(), expected, rtol=1e-9)
+    np.testing.assert_allclose(paired_similarity(a, b).numpy(), expected, rtol=1e-9)  # the default: NeMo's
+    current = tm_ms_ssim(a, b, reduction="none", kernel_size=11, betas=(0.33, 0.33, 0.33))
+    torch.testing.assert_close(paired_similarity(a, b, "torchmetrics"), current, rtol=1e-7, atol=1e-7)
+    assert (paired_similarity(a, b) - current).abs().max() > 1e-3  # the two conventions differ here
+    z = torch.cat([a[:3], b[:1]])
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    assert max_pairwise_similarity(z) == pytest.approx(
+        float(_ms_ssim_as_torchmetrics_1_3(z[[i for i, _ in pairs]], z[[j for _, j in pairs]]).max()), rel=1e-9)
+    assert detectors.get_detector("nemo-ssim").ssim_convention == "nemo"
+    assert detectors.get_detector("nemo-ssim", ssim_convention="torchmetrics").ssim_convention == "torchmetrics"
+    with pytest.raises(ValueError, match="ssim_convention"):
+        detectors.get_detector("nemo-ssim", ssim_convention="skimage")
+
+
 def test_nemo_ssim_is_the_largest_pairwise_similarity_of_scaled_predictions(tiny_sd):
     from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
 
@@ -425,3 +523,90 @@ def test_every_detector_on_a_v_prediction_model(tiny_v_folder, tmp_path):
     for row in read_rows(out):
         assert all(math.isfinite(row[n]) for n in detectors.DETECTORS)
         assert row["asthana_weights"] == [1.0, 0.1]  # SD 2.x's published weights
+
+
+def _channel_cosines_by_hand(u, w):
+    """(G,) the cosine of u and w over the channels at each pixel, averaged over the pixels, by a loop."""
+    G, C, H, W = u.shape
+    out = []
+    for g in range(G):
+        total = 0.0
+        for i in range(H):
+            for j in range(W):
+                a, b = u[g, :, i, j].tolist(), w[g, :, i, j].tolist()
+                dot = sum(p * q for p, q in zip(a, b))
+                total += dot / (sum(p * p for p in a) ** 0.5 * sum(q * q for q in b) ** 0.5)
+        out.append(total / (H * W))
+    return np.array(out)
+
+
+def test_asthana_on_v_prediction_takes_the_official_velocity_space(tiny_sd2, tmp_path, tiny_sd2_folder):
+    """On a v-prediction model, as the official SD 2 code (``pipe.py``, ``sd_ver == 2``): the cosine on
+    the second call's raw velocities, cos(v_u, v_c - v_u), and the norm sqrt(a) ||v_c - v_u|| / sigma^2
+    at t_1; with ``asthana_space="noise"`` both on the noise eps = sqrt(a) v + sigma x."""
+    cfg = SamplingConfig(num_inference_steps=5, num_generations=2, batch_size=8, track_steps=1, seed=4)
+    model, prompt = tiny_sd2, "a red cat"
+    ts = schedule(model, 5)
+    x = initial_noise(model, 2, 4)
+    cond = model.encode_prompts([prompt]).embeddings.expand(2, -1, -1)
+    unc = model.empty_conditioning().embeddings.expand(2, -1, -1)
+    # the raw UNet outputs of one CFG call (x_T twice, unconditional rows first), float32, as theirs
+    cfg_call = lambda t: model.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([unc, cond])).sample.chunk(2)
+    a1, a2 = (float(model.scheduler.alphas_cumprod[int(t)]) for t in (ts[0], ts[-3]))
+    with torch.no_grad():
+        v_u1, v_c1 = cfg_call(ts[0])
+        dv1 = (v_c1 - v_u1).double()
+        v_u, v_c = cfg_call(ts[-3])
+    norm = (a1 ** 0.5 * dv1 / (1 - a1)).flatten(1).norm(dim=1).numpy()  # official: (beta v - x) / beta_prod**2
+    cos = _channel_cosines_by_hand(v_u.double(), (v_c - v_u).double())
+    (f,) = detect_unit(model, [detectors.get_detector("asthana")], [prompt], [0], cfg)[1][0]
+    assert f["asthana_weights"] == [1.0, 0.1] and f["asthana_space"] == "official"
+    np.testing.assert_allclose(f["asthana_norm"], norm, rtol=1e-5)
+    np.testing.assert_allclose(f["asthana_cos"], cos, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(f["asthana_per_generation"], norm + 0.1 * cos, rtol=1e-5)
+    # the noise-space choice: the same two terms on eps = sqrt(a) v + sigma x
+    eps = lambda out, a: a ** 0.5 * out + (1 - a) ** 0.5 * x
+    noise_norm = (a1 ** 0.5 * dv1).flatten(1).norm(dim=1).numpy()
+    noise_cos = _channel_cosines_by_hand(eps(v_u, a2).double(), (eps(v_c, a2) - eps(v_u, a2)).double())
+    (g,) = detect_unit(model, [detectors.get_detector("asthana", asthana_space="noise")], [prompt], [0], cfg)[1][0]
+    assert g["asthana_space"] == "noise"
+    np.testing.assert_allclose(g["asthana_norm"], noise_norm, rtol=1e-5)
+    np.testing.assert_allclose(g["asthana_cos"], noise_cos, rtol=1e-5, atol=1e-6)  # float32 conversion rounding
+    assert not np.allclose(noise_cos, cos, rtol=1e-3)  # the two spaces do differ here
+    # and from the command line, recorded in the run's settings
+    (tmp_path / "p.txt").write_text(prompt + "\n")
+    out = tmp_path / "n.jsonl"
+    assert main(["detect", "--model", str(tiny_sd2_folder), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),
+                 "--method", "asthana", "--asthana-space", "noise", "--num-inference-steps", "5",
+                 "--num-generations", "2", "--seed", "4", "--track-steps", "1", "--no-progress"]) == 0
+    (row,) = read_rows(out)
+    np.testing.assert_allclose(row["asthana_cos"], g["asthana_cos"], rtol=1e-6)
+    assert json.loads((tmp_path / "n.meta.json").read_text())["settings"]["asthana_space"] == "noise"
+    with pytest.raises(ValueError, match="--asthana-space 'velocity': expected one of official, noise"):
+        detectors.get_detector("asthana", asthana_space="velocity")
+
+
+# -- detectors combine in any order ---------------------------------------------------------------
+
+NAMES = sorted(detectors.DETECTORS)
+# 3 steps: asthana's second call is at timesteps[-3]; G = 3 on one prompt: an odd number of pass rows,
+# as in `detect --method bright-ending,nemo-ssim --num-generations 3`
+PAIR_CFG = SamplingConfig(num_inference_steps=3, num_generations=3, batch_size=16, seed=1)
+
+
+def _pair_fields(model, names):
+    return detect_unit(model, [detectors.get_detector(n) for n in names], ["a red cat"], [0], PAIR_CFG)[1][0]
+
+
+@pytest.fixture(scope="module")
+def fields_alone(tiny_sd):
+    return {n: _pair_fields(tiny_sd, [n])[0] for n in NAMES}
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(NAMES, 2)), ids="+".join)
+def test_detectors_combine_in_any_order(tiny_sd, fields_alone, pair):
+    """Each detector of a pair, in either order, gives exactly what it gives alone: the attention
+    recorders capture only the pass's own UNet calls, never those other detectors make at a step."""
+    for order in (pair, pair[::-1]):
+        for name, got in zip(order, _pair_fields(tiny_sd, order)):
+            assert got == fields_alone[name], f"{name} in --method {','.join(order)}"

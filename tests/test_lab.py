@@ -155,6 +155,8 @@ def test_lab_model_runs_through_the_interface(untrained_lab_folder):
     toks = m.tokens("the velvet harbor: a red circle")
     assert toks[0].text == "[CLS]" and toks[0].special and toks[1].text == "the" and not toks[1].special
     assert len(toks) == m.max_tokens
+    # special by position: an unknown word's [UNK] (a special id) is an ordinary token; [SEP] ends the prompt
+    assert [t.special for t in m.tokens("a ☃ cat")[:6]] == [True, False, False, False, True, True]
     res = sample_prompts(m, ["the velvet harbor: a red circle"], SamplingConfig(num_inference_steps=3, num_generations=2))
     assert res[0].images.shape == (2, 3, 16, 16)
     assert m.default_guidance_scale == 2.0

@@ -3,9 +3,12 @@ deactivation (``nemo``), on the tiny random SD and the fast lab."""
 
 from __future__ import annotations
 
+import copy
 import math
+import weakref
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +18,7 @@ from diffmem.detectors.common import end_token_index
 from diffmem.detectors.nemo import max_pairwise_similarity, scaled_noise_difference
 from diffmem.mitigate import MitigationConfig, mitigate_unit
 from diffmem.mitigations import get_mitigation, make_params
-from diffmem.mitigations.nemo import ValueChannelMask, layer_masks, value_layers
+from diffmem.mitigations.nemo import ValueChannelMask, check_noise, layer_masks, ordinary_captions, value_layers
 from diffmem.sampling import SamplingConfig, initial_noise, sample_unit
 
 SHORT, LONG = "a cat", "the red barn at dawn on a hill"  # different token lengths on both tokenizers
@@ -164,11 +167,15 @@ def test_nemo_blocks_per_prompt_in_batch_on_tiny_sd(tiny_sd, tmp_path):
     stats = tmp_path / "ordinary.txt"
     stats.write_text("a photo of a dog\nblue sky over the sea\ntwo chairs\na bowl of fruit on a table\nrain\n")
     cfg = SamplingConfig(num_inference_steps=3, num_generations=2, seed=7, batch_size=4)
-    config = MitigationConfig(method="nemo", params={"threshold": -1.0, "num_seeds": 3, "check": "original",
-                                                    "prune_checks": 4, "stats_prompts": str(stats)})
+    config = MitigationConfig(method="nemo", params={"threshold": -1.0, "num_seeds": 3, "prune_checks": 4,
+                                                    "stats_prompts": str(stats)})
     both = mitigate_unit(tiny_sd, [SHORT, LONG], [0, 1], config, cfg)
     none = mitigate_unit(tiny_sd, [SHORT, LONG], [0, 1], MitigationConfig(method="none"), cfg)
-    assert all(r.iterations == 17 for r in both)  # theta 5 -> 1 by 0.25, never under a threshold of -1
+    # never under a threshold of -1: the official loop stops when k reaches the widest layer (8 channels
+    # here; 1280 on SD), after theta 5 -> 3.25 with k 0 -> 7
+    assert all(r.iterations == 8 for r in both)
+    assert all(r.info["nemo_search"][-1][:2] == [3.25, 7] for r in both)
+    assert all(r.info["nemo_statistics"] == f"file {stats}, 5 prompts" for r in both)
     assert all(r.info["nemo_neurons"] == sum(map(len, r.info["nemo_blocked"].values())) > 0 for r in both)
     for j, p in enumerate((SHORT, LONG)):
         alone = mitigate_unit(tiny_sd, [p], [j], config, cfg)[0]
@@ -178,9 +185,192 @@ def test_nemo_blocks_per_prompt_in_batch_on_tiny_sd(tiny_sd, tmp_path):
 
 
 def test_nemo_refuses_bad_parameters():
-    for bad in ({"num_seeds": 1}, {"check": "ssim"}, {"rows": "uncond"}, {"max_neurons": -1}):
+    for bad in ({"num_seeds": 1}, {"check": "original"}, {"rows": "uncond"}, {"max_neurons": -1},
+                {"theta_min": 0.5}, {"ssim_convention": "skimage"}, {"search_threshold": "high"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             MitigationConfig(method="nemo", params=bad)
+
+
+def test_nemo_selection_does_not_depend_on_the_prompts_beside_it(tiny_sd):
+    """The z-score statistics come from diffmem's own ordinary captions, never from the unit: a prompt
+    gets the same neurons alone (a unit of one prompt works) and beside any other prompts."""
+    params = {"threshold": 0.02, "num_seeds": 4}  # every prompt memorized on tiny_sd: search and refinement run
+    cfg = SamplingConfig(num_inference_steps=2, num_generations=1, seed=3, batch_size=4)
+
+    def run(prompts, positions):
+        out = mitigate_unit(tiny_sd, prompts, positions, MitigationConfig(method="nemo", params=params), cfg,
+                            decode=False)
+        return {r.position: r.info for r in out}
+
+    alone = run([LONG], [5])[5]
+    assert alone["nemo_neurons"] > 0
+    assert alone["nemo_statistics"] == "diffmem's ordinary_captions.txt, 200 prompts"
+    for prompts, positions in (([LONG, SHORT], [5, 6]), (["two chairs", LONG, "rain on a roof"], [7, 5, 8])):
+        beside = run(prompts, positions)[5]
+        assert beside["nemo_blocked"] == alone["nemo_blocked"]
+        np.testing.assert_allclose(beside["nemo_search"], alone["nemo_search"], rtol=0, atol=1e-6)
+
+
+# -- a replica of the official selection (3_detect_memorized_neurons.py, utils/activation_detection.py) --
+
+_STATISTICS = weakref.WeakKeyDictionary()
+
+
+def _official_statistics(model):
+    """``1_compute_activations_statistics.py`` on diffmem's ordinary captions: each prompt alone, the mean
+    over its tokens of |to_v(text embedding)| per layer; then per channel the mean and unbiased std."""
+    if model not in _STATISTICS:
+        layers = [model.unet.get_submodule(n) for n in value_layers(model)]
+        collected = [[] for _ in layers]
+        with torch.no_grad():
+            for p in ordinary_captions():
+                emb = model.encode_prompts([p]).embeddings
+                for l, attn in enumerate(layers):
+                    collected[l].append(attn.to_v(emb)[0].abs().mean(dim=0))
+        _STATISTICS[model] = ([torch.stack(c).mean(dim=0) for c in collected],
+                                  [torch.stack(c).std(dim=0) for c in collected])
+    return _STATISTICS[model]
+
+
+def _official_nemo(model, prompt, position, seed, S, t, threshold, search_threshold, theta_min):
+    """NeMo's localization of one prompt written out as the official code does it, step for step:
+    the statistics of ``_official_statistics``, the prompt's activations collected by hooks on ``to_v``
+    during a UNet call (``collect_activations``), blocking by hooks that multiply the chosen outputs
+    by 0 (``RescaleLinearActivations``), noise differences min-max scaled per channel
+    (``compute_noise_diff``), the seeds looked at from the per-seed largest pairwise SSIM
+    (``calculate_max_pairwise_ssim``), the ``while ssim > threshold`` loop with its theta / k updates
+    and its ``if theta == 1 or k >= 1280`` stop, and ``neuron_refinement`` (whole layers, then each
+    listed neuron, each kept off unless the check stays strictly under the threshold; every check
+    recomputed). Differences from the official, as diffmem documents them: the check noises come
+    from ``check_noise`` (the official: one seed for all prompts), single-scale SSIM with sigma 1
+    (latents of 16 pixels), and k's limit is the widest layer's width (1280 on SD)."""
+    from diffmem.similarity import ssim
+
+    layers = [model.unet.get_submodule(n) for n in value_layers(model)]
+    width = max(a.to_v.out_features for a in layers)
+    mean_list, std_list = _official_statistics(model)
+    cond = model.encode_prompts([prompt])
+    x = check_noise(model, seed, position, S)
+
+    def noise_diff(blocked_indices=None, activations=None):
+        hooks = []
+        for l, attn in enumerate(layers):
+            def hook(mod, args, out, l=l):
+                if activations is not None:
+                    activations[l] = out
+                if blocked_indices:
+                    out = out.clone()
+                    out[:, :, blocked_indices[l]] *= 0.0
+                return out
+            hooks.append(attn.to_v.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                eps = model.predict_noise(model.scheduler.scale_model_input(x, t), t, cond.repeat_interleave(S))
+        finally:
+            for h in hooks:
+                h.remove()
+        diff = (eps - x).double()
+        lo, hi = diff.amin(dim=[2, 3], keepdim=True), diff.amax(dim=[2, 3], keepdim=True)
+        return (diff - lo) / (hi - lo)
+
+    outputs = [None] * len(layers)
+    unblocked = noise_diff(activations=outputs)
+    activations_list = [o[0].abs().mean(dim=0) for o in outputs]  # the prompt's first sample, as the official
+    pairs = torch.combinations(torch.arange(S), r=2)
+    pairwise = ssim(unblocked[pairs[:, 0]], unblocked[pairs[:, 1]], sigma=1.0)
+    max_ssims = torch.stack([pairwise[(pairs == i).any(-1)].max() for i in range(S)])
+    look = max_ssims > threshold
+    unblocked = unblocked[look]
+    assert look.any(), "the test wants a memorized prompt"
+
+    def check(blocked_indices):
+        return float(ssim(unblocked, noise_diff(blocked_indices)[look], sigma=1.0).max())
+
+    ssim_value, theta, k, rounds = 1.0, 5.0, 0, 0
+    refinement_threshold = search_threshold
+    while ssim_value > search_threshold:
+        blocking_indices = []
+        for l in range(len(layers)):
+            diff = (activations_list[l] - mean_list[l]).abs() / std_list[l]
+            indices = (diff > theta).nonzero().flatten().tolist()
+            indices += activations_list[l].abs().topk(k=min(k, len(mean_list[l]))).indices.tolist()
+            blocking_indices.append(indices)
+        ssim_value = check(blocking_indices)
+        rounds += 1
+        last_theta = theta
+        if ssim_value > search_threshold:
+            if theta > theta_min:
+                theta -= 0.25
+            k += 1
+        if theta == 1 or k >= width:
+            refinement_threshold = ssim_value
+            break
+    blocking = copy.deepcopy(blocking_indices)
+    for l in reversed(range(len(blocking))):
+        if blocking[l]:
+            current = copy.deepcopy(blocking)
+            current[l] = []
+            if check(current) < refinement_threshold:
+                blocking[l] = []
+    for l in reversed(range(len(blocking))):
+        for neuron in copy.deepcopy(blocking[l]):
+            current = copy.deepcopy(blocking)
+            current[l].remove(neuron)
+            if check(current) < refinement_threshold:
+                blocking[l].remove(neuron)
+    return [sorted(set(b)) for b in blocking], rounds, last_theta
+
+
+@pytest.fixture(scope="module")
+def wide_sd(tmp_path_factory):
+    """tiny SD with 24 value channels per layer (k stays under the width until theta reaches 1)."""
+    from diffmem.adapters import load_model
+    from diffmem.testing import make_tiny_sd_folder
+
+    return load_model(str(make_tiny_sd_folder(tmp_path_factory.mktemp("wide_sd") / "model", unet_channels=(4, 24))))
+
+
+@pytest.mark.parametrize("theta_min", [1.0, 4.0])
+def test_nemo_selects_the_neurons_of_a_replica_of_the_official_code(wide_sd, theta_min):
+    from diffmem.detectors.nemo import scaled_noise_difference
+    from diffmem.mitigations.nemo import per_seed_max_similarity
+
+    torch.set_num_threads(1)
+    model, S, seed = wide_sd, 4, 3
+    prompts, positions = [LONG, SHORT], [0, 1]
+    cfg = SamplingConfig(num_inference_steps=2, num_generations=1, seed=seed, batch_size=S)  # one prompt a call
+    t = torch.tensor(961)  # NeMo's check timestep: tiny SD has SD 1.x's noise schedule
+    # a seed threshold under which some seeds are looked at and others not
+    cond = model.encode_prompts(prompts)
+    with torch.no_grad():
+        per_seed = []
+        for j, pos in enumerate(positions):
+            x = check_noise(model, seed, pos, S)
+            eps = model.predict_noise(model.scheduler.scale_model_input(x, t), t, cond[[j] * S])
+            per_seed.append(per_seed_max_similarity(scaled_noise_difference(eps, x)))
+    threshold = float(min(s.median() for s in per_seed)) - 1e-6
+
+    def compare(search_threshold):
+        params = {"threshold": threshold, "search_threshold": search_threshold, "num_seeds": S, "theta_min": theta_min}
+        got = mitigate_unit(model, prompts, positions, MitigationConfig(method="nemo", seed=seed, params=params), cfg,
+                            decode=False)
+        for r, p, pos in zip(got, prompts, positions):
+            blocked, rounds, theta = _official_nemo(model, p, pos, seed, S, t, threshold, search_threshold, theta_min)
+            assert r.info["nemo_timestep"] == 961
+            assert (r.iterations, r.info["nemo_theta"]) == (rounds, theta)
+            assert [r.info["nemo_blocked"].get(n, []) for n in value_layers(model)] == blocked
+        assert any(r.info["nemo_seeds_flagged"] < S for r in got)
+        return got
+
+    # never passed: theta 5 -> 1.25 with k 0 -> 15 (theta = 1 is never checked); with a floor of 4 theta
+    # stays there and k grows to the widest layer's 24
+    never = compare(-1.0)
+    assert all(r.iterations == (16 if theta_min == 1.0 else 24) for r in never)
+    # passed in the middle of the search by some prompt: its refinement is held to the threshold itself
+    checks = sorted(v for r in never for *_, v in r.info["nemo_search"][1:])
+    middle = checks[len(checks) // 2]
+    got = compare(middle)
+    assert any(r.info["nemo_refinement_threshold"] == middle and r.iterations < 16 for r in got)
 
 
 def _nemo_ssim(model, prompt, x, t, masks=None):
@@ -203,7 +393,8 @@ def test_nemo_localizes_neurons_of_a_memorized_lab_prompt_and_lowers_its_nemo_ss
     assert 650 <= mem["nemo_timestep"] <= 750  # SD's signal level at t = 961, on the lab's linear schedule
     assert mem["nemo_ssim_initial"] > mem["nemo_threshold"] >= nov["nemo_ssim_initial"]
     assert mem["nemo_neurons"] > 0 and res[0].iterations >= 1
-    assert mem["nemo_check_final"] < mem["nemo_ssim_initial"]
+    assert mem["nemo_check_final"] <= mem["nemo_refinement_threshold"]  # blocked z moved away from the unblocked
+    assert mem["nemo_statistics"].startswith("the lab's reference prompts")
     assert nov["nemo_neurons"] == 0 and res[1].iterations == 0  # not memorized: nothing blocked
     assert all(r.unet_rows > n.unet_rows for r, n in zip(res, none))  # the localization's checks
     # independently: the seed contract's own x_T, the blocked channels off -> lower NeMo-SSIM

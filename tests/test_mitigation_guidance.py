@@ -273,8 +273,42 @@ def test_prss_rejects_bad_parameters(tiny_sd, tmp_path):
 
 # -- GNI ------------------------------------------------------------------------------------------
 
-def test_gni_perturbation_equals_an_independent_draw(tiny_sd):
-    cfg = MitigationConfig(method="gni", params={"scale": 0.25}, seed=11)
+def test_gni_official_protocol_equals_a_hand_written_loop_with_per_image_noise_on_both_branches(tiny_sd):
+    cfg = MitigationConfig(method="gni", params={"scale": 0.25}, seed=11)  # the default protocol: official
+    res = mitigate_unit(tiny_sd, PROMPTS, [4, 5, 6], cfg, SAMPLING)
+    G = SAMPLING.num_generations
+    clean, empty = tiny_sd.encode_prompts(PROMPTS).embeddings, tiny_sd.empty_conditioning().embeddings[0]
+    # the official pipeline, one image at a time: a fresh draw on the (uncond, cond) pair of every image
+    c_rows, u_rows = [], []
+    for j, p in enumerate([4, 5, 6]):
+        gen = derived_generator(11, p, 1)
+        for _ in range(G):
+            u_rows.append(empty + 0.25 * torch.randn(empty.shape, generator=gen))
+            c_rows.append(clean[j] + 0.25 * torch.randn(clean.shape[1:], generator=gen))
+    c, u = Conditioning(torch.stack(c_rows)), Conditioning(torch.stack(u_rows))
+    x = torch.cat([initial_noise(tiny_sd, G, SAMPLING.seed + p) for p in [4, 5, 6]])
+
+    def loop(u):
+        y = x
+        with torch.no_grad():
+            for t in schedule(tiny_sd, SAMPLING.num_inference_steps):
+                y_in = tiny_sd.scheduler.scale_model_input(y, t)
+                e_u, e_c = tiny_sd.predict_noise(torch.cat([y_in, y_in]), t, Conditioning.cat([u, c])).chunk(2)
+                y = tiny_sd.scheduler.step(e_u + 7.5 * (e_c - e_u), t, y, return_dict=False)[0]
+            return tiny_sd.decode(y)
+
+    torch.testing.assert_close(images(res), loop(u), atol=1e-5, rtol=1e-5)
+    for j, r in enumerate(res):
+        torch.testing.assert_close(r.embedding, c.embeddings[j * G:(j + 1) * G])  # (G, T, D): one per image
+        assert not torch.equal(r.embedding[0], r.embedding[1])  # a fresh draw per image
+        assert r.info["protocol"] == "official" and r.info["sigma"] == 0.25
+    # the unconditional branch is perturbed too: with it clean the images differ
+    assert not torch.allclose(images(res), loop(tiny_sd.empty_conditioning().expand(len(x))), atol=1e-3)
+    assert run(tiny_sd, "none")[0].unet_rows == run(tiny_sd, "gni")[0].unet_rows
+
+
+def test_gni_per_prompt_protocol_keeps_one_draw_on_the_conditional_branch(tiny_sd):
+    cfg = MitigationConfig(method="gni", params={"scale": 0.25, "protocol": "per-prompt"}, seed=11)
     res = mitigate_unit(tiny_sd, PROMPTS, [4, 5, 6], cfg, SAMPLING)
     clean = tiny_sd.encode_prompts(PROMPTS).embeddings
     for j, (r, p) in enumerate(zip(res, [4, 5, 6])):
@@ -285,12 +319,14 @@ def test_gni_perturbation_equals_an_independent_draw(tiny_sd):
                          conditioning=Conditioning(torch.stack([r.embedding for r in res])))
     for r, s in zip(res, direct):
         torch.testing.assert_close(r.images, s.images)
-    assert run(tiny_sd, "none")[0].unet_rows == run(tiny_sd, "gni")[0].unet_rows
+        assert r.info["protocol"] == "per-prompt"
+    assert run(tiny_sd, "none")[0].unet_rows == run(tiny_sd, "gni", {"protocol": "per-prompt"})[0].unet_rows
 
 
-def test_gni_noise_depends_on_the_position_not_the_batch(tiny_sd):
-    a = run(tiny_sd, "gni", {"scale": 0.5}, prompts=[PROMPTS[0], PROMPTS[0]], positions=[0, 1])
-    b = run(tiny_sd, "gni", {"scale": 0.5}, prompts=[PROMPTS[1], PROMPTS[0]], positions=[3, 1])
+@pytest.mark.parametrize("protocol", ["official", "per-prompt"])
+def test_gni_noise_depends_on_the_position_not_the_batch(tiny_sd, protocol):
+    a = run(tiny_sd, "gni", {"scale": 0.5, "protocol": protocol}, prompts=[PROMPTS[0], PROMPTS[0]], positions=[0, 1])
+    b = run(tiny_sd, "gni", {"scale": 0.5, "protocol": protocol}, prompts=[PROMPTS[1], PROMPTS[0]], positions=[3, 1])
     assert not torch.equal(a[0].embedding, a[1].embedding)  # same prompt, two positions: two draws
     assert torch.equal(a[1].embedding, b[1].embedding)  # same prompt and position in another unit: the same draw
     assert torch.equal(a[1].images, b[1].images)
@@ -298,9 +334,30 @@ def test_gni_noise_depends_on_the_position_not_the_batch(tiny_sd):
 
 def test_gni_off_is_unmitigated_sampling(tiny_sd):
     assert_off_is_unmitigated(tiny_sd, "gni", get_mitigation("gni").off)
-    assert [s["scale"] for s in get_mitigation("gni").sweep(tiny_sd, SAMPLING)] == [0.05, 0.1, 0.25, 0.5]
+    assert_off_is_unmitigated(tiny_sd, "gni", {**get_mitigation("gni").off, "protocol": "per-prompt"})
+    sweep = get_mitigation("gni").sweep(tiny_sd, SAMPLING)
+    assert [s["scale"] for s in sweep] == [0.05, 0.1, 0.25, 0.5]
+    assert {s["protocol"] for s in sweep} == {"official"}  # named, so that the benchmark's table says which ran
     with pytest.raises(ValueError, match="scale"):
         MitigationConfig(method="gni", params={"scale": -1})
+    with pytest.raises(ValueError, match="protocol"):
+        MitigationConfig(method="gni", params={"protocol": "per-image"})
+
+
+def test_gni_records_sigma_against_the_embedding_std_and_warns_when_far_off(tiny_sd, capsys):
+    from diffmem.mitigations.gni import GaussianNoiseInjection
+
+    std = float(tiny_sd.encode_prompts(PROMPTS).embeddings.double().std())
+    res = run(tiny_sd, "gni", {"scale": 0.25})
+    assert all(r.info["sigma_to_std"] == pytest.approx(0.25 / std) for r in res)
+    assert "warning" not in capsys.readouterr().err
+    method = GaussianNoiseInjection()
+    emb = tiny_sd.encode_prompts(PROMPTS).embeddings
+    for sigma, word in ((50 * std, "huge"), (std / 500, "tiny")):
+        assert method.check_scale(tiny_sd, sigma, emb) == pytest.approx(sigma / std)
+        method.check_scale(tiny_sd, sigma, emb)  # once per model and sigma
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("warning: gni") and word in err[0]
 
 
 def test_gni_scale_is_relative_to_the_embedding_std_off_clip(tiny_sd, monkeypatch):

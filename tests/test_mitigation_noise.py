@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffmem.mitigate import MitigationConfig, mitigate_unit
-from diffmem.mitigations import Unit, count_unet_rows, get_mitigation, make_params
+from diffmem.mitigations import Unit, count_unet_rows, derived_generator, get_mitigation, make_params
 from diffmem.mitigations.han_noise import EarlyGuidance, default_rho
 from diffmem.mitigations.sail import (KAPPA, LAB_PERCENTILE, SD1_SWEEP, optimize_initial_noise, published_constants,
                                       reference_terms, sail_loss, sail_terms)
@@ -117,19 +117,128 @@ def test_sail_optimisation_lowers_the_loss_and_reports_it(tiny_sd):
 
 
 def test_sail_keeps_accepted_x_T_bit_for_bit_and_replaces_the_others(tiny_sd):
+    """Frozen at acceptance, an x_T that passes at once is sampled bit for bit; under the official rule it
+    keeps moving until the round ends, unless the round ends at once (both x_T pass)."""
     x, t, cond, _ = first_step(tiny_sd, PROMPTS[:1])
     probe = optimize_initial_noise(tiny_sd, x, t, cond, [0], seed=0, alpha=0.2, threshold=math.inf, max_steps=0)
     lo, hi = probe.initial_loss[0].tolist()
     low_g = 0 if lo < hi else 1
     thr = min(lo, hi) + 1e-4  # only one of the two x_T passes at once
-    r = optimize_initial_noise(tiny_sd, x, t, cond, [0], seed=0, alpha=0.2, threshold=thr, max_steps=3,
-                               num_candidates=8, max_rounds=2)
+    kw = dict(seed=0, alpha=0.2, threshold=thr, max_steps=3, num_candidates=8, max_rounds=2)
+    r = optimize_initial_noise(tiny_sd, x, t, cond, [0], acceptance="at_acceptance", **kw)
     assert torch.equal(r.x_T[0, low_g], x[0, low_g])
     assert bool(r.kept[0, low_g]) and bool(r.accepted[0, low_g])
     other = 1 - low_g
     assert not torch.equal(r.x_T[0, other], x[0, other])
     if r.accepted[0, other]:
         assert float(r.loss[0, other]) <= float(r.threshold[0])
+    official = optimize_initial_noise(tiny_sd, x, t, cond, [0], **kw)
+    assert bool(official.kept[0, low_g]) and bool(official.accepted[0, low_g])
+    if official.steps[0] > 0:  # the round went on after x_T[low_g] passed: it moved with it
+        assert not torch.equal(official.x_T[0, low_g], x[0, low_g])
+    both = optimize_initial_noise(tiny_sd, x, t, cond, [0], **{**kw, "threshold": max(lo, hi) + 1e-4})
+    assert torch.equal(both.x_T, x) and both.steps[0] == 0
+
+
+def official_sail(model, x_T, t, cond, position, seed, *, alpha, threshold, max_steps, num_candidates, max_rounds,
+                  lr=0.05, threshold_step=0.1, max_batch=None):
+    """SAIL's search for one prompt written as the official loop (``local_model/pipe.py``, mitigation
+    block): per round one (B, C, H, W) latent tensor under Adam; at each check the indices newly at
+    or under the threshold are appended as ``lat[i].detach()``, views that Adam's in-place steps keep
+    moving, until G are found (then the round stops before any step); else the summed loss of all B,
+    accepted ones included, is back-propagated and Adam steps; every 3 failed rounds the threshold
+    grows. With diffmem's documented choices: round 0's first G candidates are x_T (G, C, H, W), each
+    round draws new candidates from ``derived_generator``, one more check after the last step, and
+    generation g takes its own x_T's descendant when it was accepted. Returns the (G, C, H, W) latents
+    (None when G were not found), whether an accepted latent moved after its acceptance, and the
+    rounds run."""
+    G, B = len(x_T), max(num_candidates, len(x_T))
+    empty = model.empty_conditioning()
+    found, moved, failed = [], False, 0
+    for r in range(max_rounds):
+        draw = torch.randn((B if r else B - G, *x_T.shape[1:]), generator=derived_generator(seed, position, r))
+        lat = torch.cat(([x_T.float()] if r == 0 else []) + [draw]).requires_grad_(True)
+        optimizer = torch.optim.Adam([lat], lr=lr)
+        indice_record = []
+        for step in range(max_steps + 1):
+            loss = sail_loss(model, lat, t, cond[[0] * B], empty.expand(B), alpha, max_batch)
+            new = [i for i in torch.where(loss <= threshold)[0].tolist() if i not in indice_record]
+            found += [(r, i, lat[i].detach()) for i in new]
+            indice_record += new
+            if len(found) >= G or step == max_steps:
+                break
+            moved = moved or bool(indice_record)
+            optimizer.zero_grad()
+            loss.sum().backward()
+            optimizer.step()
+        if len(found) >= G:
+            break
+        failed += 1
+        if failed % 3 == 0:
+            threshold += threshold_step
+    if len(found) < G:
+        return None, moved, r + 1
+    slots, others = [None] * G, []
+    for r, i, latent in found:
+        if r == 0 and i < G and slots[i] is None:
+            slots[i] = latent
+        else:
+            others.append(latent)
+    return torch.stack([s if s is not None else others.pop(0) for s in slots]), moved, r + 1
+
+
+@pytest.mark.parametrize("max_steps, rounds", [(6, 1), (2, 3)])
+def test_sail_accepted_latents_are_their_state_at_the_round_end_as_in_the_official_loop(tiny_sd, max_steps, rounds):
+    """At the first threshold where an accepted candidate goes on moving (within one round), or where
+    the search takes several rounds (acceptances accumulate, the threshold grows after 3 failures)."""
+    torch.set_num_threads(1)
+    x, t, cond, _ = first_step(tiny_sd, PROMPTS[:1])
+    kw = dict(alpha=0.2, max_steps=max_steps, num_candidates=4, max_rounds=4, max_batch=16)
+    for thr in np.linspace(5.4, 7.4, 21):
+        expected, moved, ran = official_sail(tiny_sd, x[0], t, cond, 0, 0, threshold=float(thr), **kw)
+        if expected is not None and ran >= rounds and (moved or rounds > 1):
+            break
+    else:
+        pytest.fail("no threshold where an accepted candidate is optimised further")
+    assert ran >= rounds
+    got = optimize_initial_noise(tiny_sd, x, t, cond, [0], seed=0, threshold=float(thr), **kw)
+    assert got.accepted.all()
+    torch.testing.assert_close(got.x_T[0], expected, rtol=0, atol=1e-6)
+    assert got.rounds[0] == ran
+    if moved:  # frozen at acceptance, the latents differ
+        frozen = optimize_initial_noise(tiny_sd, x, t, cond, [0], seed=0, threshold=float(thr),
+                                        acceptance="at_acceptance", **kw)
+        assert (frozen.x_T[0] - expected).abs().max() > 1e-4
+    with torch.no_grad():  # the recorded loss is the returned latents'
+        again = sail_loss(tiny_sd, got.x_T[0], t, cond[[0, 0]], tiny_sd.empty_conditioning().expand(2), 0.2)
+    torch.testing.assert_close(again.double(), got.loss[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sail_records_and_bench_report_accepted_versus_fallback_prompts(tiny_sd):
+    from diffmem.bench import format_mitigation_table, mitigation_rows
+
+    params = {"loss_threshold": -1.0, "alpha": 0.2, "max_steps": 1, "max_rounds": 1, "num_candidates": 2}
+    fell = run(tiny_sd, "sail", params)
+    assert [(r.info["sail_accepted"], r.info["sail_fallback"]) for r in fell] == [(0, 2), (0, 2)]
+    passed = run(tiny_sd, "sail", {**params, "loss_threshold": 1e6})
+    assert [(r.info["sail_accepted"], r.info["sail_fallback"]) for r in passed] == [(2, 0), (2, 0)]
+    rows = [{"method": "sail", "setting": key, "sail_fallback": r.info["sail_fallback"]}
+            for key, res in (("loss_threshold=-1.0", fell), ("loss_threshold=1000000.0", passed)) for r in res]
+    rows.append({"method": "sail", "setting": "loss_threshold=8.2", "sail_fallback": 0})
+    rows.append({"method": "sail", "setting": "loss_threshold=8.2", "sail_fallback": 1})
+    setting = dict(value=0.0, num_prompts=2, num_generations=4, copy_rate=None, final_d_mean=0.0, iterations_mean=0.0)
+    summary = {"results": {"sail": {k: setting for k in ("loss_threshold=-1.0", "loss_threshold=1000000.0",
+                                                         "loss_threshold=8.2")}}}
+    table_rows = mitigation_rows("sail", [summary], rows, None)
+    assert [(r["prompts_accepted"], r["prompts_fell_back"]) for r in table_rows] == [(0, 2), (2, 0), (1, 1)]
+    results = {"rows": table_rows, "similarity_metric": None, "x_axis": "final_d_mean", "model": "m", "dataset": "d",
+               "num_prompts": 2, "config": {"sampling": {"num_generations": 2, "num_inference_steps": 3, "seed": 0}}}
+    table = format_mitigation_table(results)
+    assert "- sail loss_threshold=-1.0: 0 accepted, 2 fell back" in table
+    assert "- sail loss_threshold=8.2: 1 accepted, 1 fell back" in table
+    none = mitigation_rows("none", [{"results": {"none": {"default": setting}}}],
+                           [{"method": "none", "setting": "default"}], None)
+    assert "prompts_fell_back" not in none[0] and "fell back" not in format_mitigation_table({**results, "rows": none})
 
 
 def test_sail_batched_equals_one_prompt_at_a_time(tiny_sd):
@@ -163,8 +272,8 @@ def test_sail_through_mitigate_unit_is_deterministic_and_records_its_search(tiny
         assert r.info == r0.info and r.iterations == r0.iterations == r.info["sail_steps"]
         assert 1 <= r.info["sail_rounds"] <= 2 and len(r.info["sail_loss"]) == 2
         assert r.info["sail_initial_loss"] == pytest.approx(initial[r.position].tolist(), rel=1e-5)
-        if r.info["sail_fallback"] == 0:
-            assert max(r.info["sail_loss"]) <= r.info["sail_threshold"] + 1e-9
+        assert r.info["sail_acceptance"] == "round_end"
+        assert r.info["sail_accepted"] + r.info["sail_fallback"] == 2
 
 
 def test_sail_defaults_and_sweep_on_an_sd_like_model(tiny_sd):
@@ -246,10 +355,12 @@ def test_han_default_rho_keeps_sd_relative_size():
 
 
 def test_han_first_steps_are_unconditional_then_guided(tiny_sd):
-    unit = make_unit(tiny_sd)
+    sampling = replace(SAMPLING, num_inference_steps=50)
+    unit = make_unit(tiny_sd, sampling=sampling)
     plan = get_mitigation("han-noise").plan(tiny_sd, unit, make_params("han-noise", {}))
     w = unit.guidance_scale
-    assert [plan.guidance(k, None, None) for k in range(7)] == [0.0] * 5 + [w, w]
+    assert [plan.guidance(k, None, None) for k in range(7)] == [0.0] * 5 + [w, w]  # 50 steps: the official's 0-4
+    assert plan.info[0]["han_cfg_step"] == 5
     cond, uncond = unit.cond.repeat_interleave(2), unit.uncond
     ts = unit.timesteps
     sched = tiny_sd.scheduler
@@ -259,7 +370,7 @@ def test_han_first_steps_are_unconditional_then_guided(tiny_sd):
             for k, t in enumerate(ts):
                 x_in = sched.scale_model_input(x, t)
                 e_c, e_u = tiny_sd.predict_noise(x_in, t, cond), tiny_sd.predict_noise(x_in, t, uncond)
-                ww = early_w if k < 5 else w
+                ww = early_w if t > 900 else w  # the official's window: t = 981 ... 901
                 x = sched.step(e_u + ww * (e_c - e_u), t, x, return_dict=False)[0]
                 if k == 4:
                     after5 = x
@@ -268,10 +379,24 @@ def test_han_first_steps_are_unconditional_then_guided(tiny_sd):
     after5, final = hand(plan.x_T, 0.0)
     got5 = tracked_pass(tiny_sd, plan.x_T, cond, uncond, ts[:5], plan.guidance)
     torch.testing.assert_close(got5, after5, rtol=1e-5, atol=1e-5)
-    got = sample_unit(tiny_sd, PROMPTS, [0, 1], SAMPLING, conditioning=unit.cond, x_T=plan.x_T, guidance=plan.guidance)
-    torch.testing.assert_close(torch.cat([s.latents for s in got]), final, rtol=1e-4, atol=1e-5)
+    got = sample_unit(tiny_sd, PROMPTS, [0, 1], sampling, conditioning=unit.cond, x_T=plan.x_T, guidance=plan.guidance)
+    torch.testing.assert_close(torch.cat([s.latents for s in got]), final, rtol=1e-4, atol=1e-4)
     conditional5, _ = hand(plan.x_T, 1.0)  # the conditional-only reading of "no CFG" is another trajectory
     assert not torch.allclose(got5, conditional5, atol=1e-4)
+
+
+@pytest.mark.parametrize("steps, unguided", [(50, 5), (25, 2), (10, 1), (5, 0)])
+def test_han_unguided_window_is_a_range_of_timesteps_not_a_count_of_steps(tiny_sd, steps, unguided):
+    unit = make_unit(tiny_sd, sampling=replace(SAMPLING, num_inference_steps=steps))
+    plan = get_mitigation("han-noise").plan(tiny_sd, unit, make_params("han-noise", {"gamma": 0}))
+    ts = unit.timesteps.tolist()
+    assert sum(t > 900 for t in ts) == unguided  # DDIM "leading": 50 steps 981 ... 901; 25: 961, 921; 10: 901
+    w = unit.guidance_scale
+    got = [plan.guidance(k, None, None) for k in range(len(ts))] if plan.guidance is not None else [w] * len(ts)
+    assert got == [0.0 if t > 900 else w for t in ts]
+    assert plan.info[0]["han_cfg_step"] == unguided
+    half = get_mitigation("han-noise").plan(tiny_sd, unit, make_params("han-noise", {"gamma": 0, "cfg_from_t": 500}))
+    assert half.guidance(0, None, None) == 0.0 and half.info[0]["han_cfg_step"] == sum(t > 500 for t in ts)
 
 
 def test_han_costs_8G_rows_per_prompt(tiny_sd):

@@ -144,6 +144,52 @@ def test_detect_cli_matches_reference_implementation(tiny_sd, tiny_sd_folder, tm
         assert r["score"] == pytest.approx(got.mean())
 
 
+class _FirstLatents:
+    def on_step(self, step):
+        if step.index == 0:
+            self.x_T = step.x_t.clone()
+
+
+@pytest.mark.parametrize("same_noise", [True, False])
+def test_same_noise_gives_every_prompt_the_one_x_T_per_generation(tiny_sd, same_noise):
+    config = SamplingConfig(num_inference_steps=2, num_generations=2, seed=5, same_noise=same_noise, track_steps=1)
+    first = _FirstLatents()
+    res = sample_unit(tiny_sd, PROMPTS[:2], [0, 3], config, recorders=[first])  # two prompts, rows prompt-major
+    x_a, x_b = first.x_T[:2], first.x_T[2:]
+    assert torch.equal(x_a, x_b) == same_noise  # generation g of both prompts: one x_T, or two
+    assert not torch.equal(x_a[0], x_a[1])  # the generations of a prompt differ either way
+    assert torch.equal(x_a, initial_noise(tiny_sd, 2, 5))  # position 0: seed + 0 in both
+    assert [r.seed for r in res] == ([5, 5] if same_noise else [5, 8])
+
+
+def test_same_noise_on_the_command_line_of_every_sampling_verb(tiny_sd, tiny_sd_folder, tmp_path):
+    import json
+
+    from diffmem.cli.main import build_parser, main
+    from diffmem.detect import meta_path
+    from diffmem.files import read_rows
+
+    for verb in (["detect"], ["mitigate", "--method", "gni", "--out", "o"], ["evaluate", "--out", "o"],
+                 ["bench", "mitigate", "--out", "o"], ["bench", "detect", "--out", "o"]):
+        module = __import__(f"diffmem.cli.{verb[0]}", fromlist=["x"])
+        read = module.mitigate_config_from_args if verb[:2] == ["bench", "mitigate"] else module.config_from_args
+        for flag in ([], ["--same-noise"]):
+            config = read(build_parser().parse_args(verb + flag))
+            config = config[1] if isinstance(config, tuple) else getattr(config, "sampling", config)
+            assert config.same_noise == bool(flag), verb
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "r.jsonl"
+    assert main(["detect", "--model", str(tiny_sd_folder), "--prompts", str(prompts), "--out", str(out), "--same-noise",
+                 "--num-inference-steps", "4", "--num-generations", "2", "--seed", "5", "--no-progress"]) == 0
+    rows = read_rows(out)
+    assert [r["seed"] for r in rows] == [5, 5, 5]
+    assert json.loads(meta_path(out).read_text())["settings"]["same_noise"] is True
+    for r in rows:  # every prompt from position 0's draw
+        ref = _reference_detection(tiny_sd, r["prompt"], 0, 4, 2, 5, 7.5, 4)
+        np.testing.assert_allclose(np.asarray(r["text_noise_norm"]), ref, rtol=1e-4)
+
+
 def test_a_guidance_schedule_equals_a_hand_written_loop(tiny_sd):
     """guidance_scale as a schedule (index, eps_c, eps_u) -> w: no guidance (w = 1) before step 2,
     7.5 from there (static delayed guidance), against the DDIM loop written out with the switch."""

@@ -344,8 +344,10 @@ class CrossAttentionRecorder:
     dtype, device: where kept maps go (default: float32, where computed). detach: drop the autograd
       graph (default; with a ``grad=True`` pass, False keeps it).
 
-    Steps are known from ``before_step``, which ``tracked_pass`` calls; UNet calls made while no step
-    has been announced are captured and kept or dropped at the next ``on_step``.
+    Steps are known from ``before_step``, which ``tracked_pass`` calls; only it switches the capture on
+    (for a wanted step), ``after_branches`` switches it off, so the UNet calls other recorders make in
+    their ``on_step`` are never captured, whatever the recorders' order. Before the first step is
+    announced, UNet calls are captured and kept or dropped at the next ``on_step``.
     """
 
     def __init__(self, model, layers: LayerSelection = None, steps: Iterable[int] | None = None, *,
@@ -414,7 +416,9 @@ class CrossAttentionRecorder:
     def on_step(self, step) -> None:
         captured = self._step_maps if self._step_maps is not None else self.take()
         self._step_maps = None
-        self.active = True
+        # stay off: the recorders after this one may make UNet calls of their own in their on_step
+        # (asthana, membench, jeon, nemo-ssim); only the next before_step re-arms the capture
+        self.active = False
         if not captured or not self.wants(step.index):
             return
         for layer, maps in captured.items():

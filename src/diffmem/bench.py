@@ -39,6 +39,7 @@ class BenchDetectConfig:
     steps: tuple[str, ...] = STEP_SETTINGS  # "first": the first step; "all": the whole trajectory
     num_inference_steps: int = 50
     seed: int = 0
+    same_noise: bool = False  # every prompt from `seed` itself (SamplingConfig.same_noise)
     batch_size: int = 64
     bootstrap: int = 1000  # resamples for the 95% intervals
     timing_prompts: int = 8  # memorized prompts each detector is timed alone on (0: no cost columns)
@@ -124,8 +125,8 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
             if not methods:
                 continue
             sampling = SamplingConfig(num_inference_steps=config.num_inference_steps, num_generations=G,
-                                      seed=config.seed, track_steps=1 if steps == "first" else None,
-                                      batch_size=config.batch_size)
+                                      seed=config.seed, same_noise=config.same_noise,
+                                      track_steps=1 if steps == "first" else None, batch_size=config.batch_size)
             # 1. One pass per prompt set with every detector of this setting.
             scored = {}
             for name, prompts in {"memorized": memorized, **controls}.items():
@@ -192,9 +193,10 @@ class BenchMitigateConfig:
     copy_threshold: float | None = None  # default: 0.5 with --sscd (Somepalli et al.); the lab has its own rule
     copy_metric: str | None = None  # default: sscd when given, else pixel_cosine
     grid_prompts: int = 12  # prompts shown per grid image in each method's folder
+    params: dict = field(default_factory=dict)  # --param: fixed in every setting of the methods that take it
 
     def __post_init__(self):
-        from diffmem.mitigations import get_mitigation
+        from diffmem.mitigations import get_mitigation, param_names
 
         if not self.methods:
             raise ValueError("--methods: name at least one mitigation")
@@ -205,6 +207,16 @@ class BenchMitigateConfig:
                 raise ValueError(f"--methods {m}: {e}") from None
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"--methods {','.join(self.methods)}: a method is named twice")
+        unused = set(self.params) - {n for m in self.run_order for n in param_names(m)}
+        if unused:
+            raise ValueError(f"--param {', '.join(sorted(unused))}: none of the methods {', '.join(self.run_order)} "
+                             "takes it")
+
+    def fixed_params(self, name: str) -> dict:
+        """The --param values that method `name` takes (added to every setting of its sweep)."""
+        from diffmem.mitigations import param_names
+
+        return {k: v for k, v in self.params.items() if k in param_names(name)}
 
     @property
     def run_order(self) -> tuple[str, ...]:
@@ -286,6 +298,16 @@ def _similarity(rows: list[dict]) -> dict:
     return out
 
 
+def acceptance_counts(rows: list[dict]) -> dict | None:
+    """SAIL's prompts whose every generation took an accepted latent, and those where at least one took
+    the lowest-loss fallback after ``max_rounds`` (from the per-prompt rows' ``sail_fallback``); None
+    when the rows do not carry it."""
+    if not rows or any("sail_fallback" not in r for r in rows):
+        return None
+    fell_back = sum(r["sail_fallback"] > 0 for r in rows)
+    return {"accepted": len(rows) - fell_back, "fell_back": fell_back}
+
+
 def mitigation_rows(method: str, summaries: list[dict], rows: list[dict], reference: dict | None) -> list[dict]:
     """The benchmark's rows of one method: one per setting, from its evaluation summaries and per-prompt
     rows; `reference` is no mitigation's row (None for 'none' itself)."""
@@ -303,6 +325,9 @@ def mitigation_rows(method: str, summaries: list[dict], rows: list[dict], refere
                         "unet_rows_per_prompt": rows_pp,
                         "extra_unet_rows_per_prompt": None if rows_pp is None or ref_rows is None else rows_pp - ref_rows,
                         "seconds_per_prompt": s.get("seconds_per_prompt")})
+            counts = acceptance_counts(rs)
+            if counts is not None:
+                out[-1]["prompts_accepted"], out[-1]["prompts_fell_back"] = counts["accepted"], counts["fell_back"]
     return out
 
 
@@ -352,6 +377,7 @@ def bench_mitigate(model, eval_set, config: BenchMitigateConfig, out: str | Path
                     continue
                 try:
                     sweep = method.sweep(model, config.sampling) if hasattr(method, "sweep") else [{}]
+                    sweep = [{**e, **config.fixed_params(name)} for e in sweep]
                     configs = sweep_configs(name, sweep, config)
                 except ValueError as e:  # a sweep that cannot be derived on this model is a refusal too
                     methods.append({"method": name, "status": "skipped", "reason": str(e)})
@@ -415,7 +441,8 @@ def format_mitigation_table(results: dict) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     head = (f"Model `{results.get('model')}`, dataset `{results.get('dataset')}`, {results.get('num_prompts')} prompts x "
             f"{results['config']['sampling']['num_generations']} generations, "
-            f"{results['config']['sampling']['num_inference_steps']} steps, seed {results['config']['sampling']['seed']}. "
+            f"{results['config']['sampling']['num_inference_steps']} steps, seed {results['config']['sampling']['seed']}"
+            f"{' (one x_T for every prompt)' if results['config']['sampling'].get('same_noise') else ''}. "
             f"Copy rule: {results.get('copy_rule') or 'none (give --sscd or --copy-threshold)'}. "
             f"Similarity: {metric}, each prompt's mean, max and top-3 mean over its generations, averaged over prompts. "
             "Extra UNet rows: per prompt, beyond unmitigated sampling's.\n\n")
@@ -430,6 +457,12 @@ def format_mitigation_table(results: dict) -> str:
     for r in rows:
         if r["status"] == "skipped":
             lines.append(f"| {r['method']} | skipped: {r['reason'].replace('|', '/')} | - | - | - | - | - | - | - |")
+    accepted = [r for r in ok if "prompts_fell_back" in r]
+    if accepted:  # SAIL: did its acceptance rule act, or the fallback?
+        lines.append("\nPrompts whose generations all started from accepted latents, and prompts where at least "
+                     "one took the lowest-loss fallback after max_rounds:\n")
+        lines += [f"- {r['method']} {r['setting']}: {r['prompts_accepted']} accepted, {r['prompts_fell_back']} fell back"
+                  for r in accepted]
     return head + "\n".join(lines) + "\n"
 
 

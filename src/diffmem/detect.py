@@ -87,10 +87,11 @@ def detect_unit(model, detectors: list[Detector], prompts: list[str], positions:
 def run_detection(model, records: list[PromptRecord], out: str | Path, config: SamplingConfig = SamplingConfig(),
                   resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
                   unet: str | None = None, progress: bool = True, methods=None, format: str = "diffmem",
-                  norm_order: float = 2.0, asthana_weights: tuple[float, float] | None = None) -> Path:
+                  norm_order: float = 2.0, asthana_weights: tuple[float, float] | None = None,
+                  asthana_space: str = "official") -> Path:
     """Detect memorization for `records` with the detectors named in `methods` (default: wen); write
     rows to `out` (JSON Lines). Returns `out`. `norm_order` is the p of Wen et al.'s norm (2; the
-    original's ``lp``).
+    original's ``lp``); `asthana_weights` and `asthana_space` go to the asthana detector.
 
     ``format="official"``: `out` holds only the seed's fields (``uncond_noise_norm``,
     ``text_noise_norm``, ``prompt``), so the seed's analysis notebooks read it unchanged; the full
@@ -109,14 +110,16 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         raise ValueError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     if format == "official" and "wen" not in methods:
         raise ValueError("--format official writes Wen et al.'s arrays: --method must include wen")
-    detectors = [get_detector(m, norm_order=norm_order, asthana_weights=asthana_weights) for m in methods]
+    detectors = [get_detector(m, norm_order=norm_order, asthana_weights=asthana_weights, asthana_space=asthana_space)
+                 for m in methods]
     check_settings(detectors, config)
     for d in detectors:
         if hasattr(d, "prepare"):
             d.prepare(model, config)
     rows_path = out if format == "diffmem" else full_rows_path(out)
     settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods), "format": format,
-                **({"norm_order": norm_order} if norm_order != 2 else {})}
+                **({"norm_order": norm_order} if norm_order != 2 else {}),
+                **({"asthana_space": asthana_space} if asthana_space != "official" and "asthana" in methods else {})}
     truncated = {r.position for r in records if model.count_tokens(r.prompt) > model.max_tokens}
     meta = provenance(model, unet=unet, settings=settings, prompts=prompts_info or {}, num_prompts=len(records),
                       num_truncated=len(truncated), max_tokens=model.max_tokens, num_processes=state.num_processes)
@@ -128,6 +131,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         if isinstance(old.get("settings"), dict):  # outputs written before these settings existed
             old["settings"].setdefault("methods", ["wen"])
             old["settings"].setdefault("format", "diffmem")
+            old["settings"].setdefault("same_noise", False)
         check_resume(out, bool(out.exists() or rows_path.exists() or parts), resume, old, meta, RESUME_KEYS)
         out.parent.mkdir(parents=True, exist_ok=True)
         if not meta_path(out).exists() or not resume:

@@ -145,7 +145,7 @@ class MitigatedPrompt:
     position: int
     prompt: str  # the original prompt
     modified_prompt: str  # what was encoded (= prompt unless the method rewrites prompts)
-    embedding: torch.Tensor  # (T, D) the conditional embedding sampled with
+    embedding: torch.Tensor  # (T, D) the conditional embedding sampled with; (G, T, D) when each generation had its own
     initial_d: float  # d of the original prompt at the optimization step (the first), mean over generations
     final_d: float  # d there of what was sampled with (the sampled pass's first step, or embedding-opt's own)
     initial_loss: float  # embedding-opt's loss (config.target_unit) of the original prompt there
@@ -172,7 +172,7 @@ def _step_branches(model, x, cond, uncond, t, batch_size):
 
 def mitigate_unit(model, prompts: list[str], positions: list[int], config: MitigationConfig, sampling: SamplingConfig,
                   decode: bool = True) -> list[MitigatedPrompt]:
-    """Mitigate and sample one batch of prompts (seed of position p: ``sampling.seed + p``).
+    """Mitigate and sample one batch of prompts (x_T of position p from ``sampling.seed_of(p)``).
 
     Fields of `config` left None take the model's defaults (``MitigationConfig.resolved``). The
     method (``diffmem.mitigations``) receives the unit (x_T under the seed contract, the encoded
@@ -208,14 +208,16 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
         cond = plan.cond if plan.cond is not None else original
         with plan_context(plan):
             samples = sample_unit(model, modified, positions, sampling, decode=decode, conditioning=cond,
-                                  x_T=plan.x_T, guidance=plan.guidance)
+                                  x_T=plan.x_T, guidance=plan.guidance, uncond=plan.uncond)
     first = torch.stack([s.text_noise_norm[:, 0] for s in samples])  # (P, G) the sampled pass's first step
     final_d = plan.final_d if plan.final_d is not None else first.mean(1)
     final_loss = plan.final_loss if plan.final_loss is not None else mitigation_loss(first, config.target_unit)
     loss0 = mitigation_loss(d0, config.target_unit)
     iterations = plan.iterations if plan.iterations is not None else torch.zeros(P, dtype=torch.long)
     info = plan.info or [{} for _ in prompts]
-    return [MitigatedPrompt(pos, p, m, cond.embeddings[j].detach().cpu(), float(d0[j].mean()), float(final_d[j]),
+    per_row = len(cond) == P * G and G > 1  # one conditional row per generation (gni's official protocol)
+    embedding = lambda j: cond.embeddings[j * G:(j + 1) * G] if per_row else cond.embeddings[j]
+    return [MitigatedPrompt(pos, p, m, embedding(j).detach().cpu(), float(d0[j].mean()), float(final_d[j]),
                             float(loss0[j]), float(final_loss[j]), int(iterations[j]), s.images, s.text_noise_norm,
                             rows[0] / P, seconds[0] / P, info[j])
             for j, (pos, p, m, s) in enumerate(zip(positions, prompts, modified, samples))]
@@ -282,7 +284,7 @@ def run_mitigation(model, prompts: list[str], config: MitigationConfig, sampling
 
 
 def _result_row(r: MitigatedPrompt, config: MitigationConfig, sampling: SamplingConfig) -> dict:
-    return {"position": r.position, "seed": sampling.seed + r.position, "prompt": r.prompt,
+    return {"position": r.position, "seed": sampling.seed_of(r.position), "prompt": r.prompt,
             "modified_prompt": r.modified_prompt, "method": config.method, "initial_d": r.initial_d,
             "final_d": r.final_d, "initial_loss": r.initial_loss, "final_loss": r.final_loss,
             "target_unit": config.target_unit, "iterations": r.iterations, "unet_rows": r.unet_rows,

@@ -36,6 +36,7 @@ class SamplingConfig:
     guidance_scale: float | None = None  # None: the model's default (7.5 for SD, the lab's own)
     num_generations: int = 4  # images per prompt (the paper's 4)
     seed: int = 0  # prompt at input position i uses seed + i
+    same_noise: bool = False  # every prompt from `seed` itself: one x_T for all (Jeon, Asthana, NeMo, MemBench)
     track_steps: int | None = None  # stop after this many steps (1 = first-step detection); None = all
     batch_size: int = 16  # UNet samples per call (conditional and unconditional rows both count)
     eta: float = 0.0  # DDIM eta; 0 = deterministic, as in the paper
@@ -51,6 +52,11 @@ class SamplingConfig:
         if self.track_steps is not None and not 1 <= self.track_steps <= self.num_inference_steps:
             raise ValueError(f"--track-steps {self.track_steps}: must be between 1 and --num-inference-steps "
                              f"({self.num_inference_steps})")
+
+    def seed_of(self, position: int) -> int:
+        """The seed x_T of the prompt at input `position` is drawn from: seed + position, or the seed
+        itself for every prompt with ``same_noise``."""
+        return self.seed if self.same_noise else self.seed + position
 
     @property
     def steps_to_run(self) -> int:
@@ -220,7 +226,7 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
 class PromptSamples:
     """Tracked sampling of one prompt."""
 
-    position: int  # 0-based position in the input (its seed is config.seed + position)
+    position: int  # 0-based position in the input (x_T from config.seed_of(position))
     seed: int
     text_noise_norm: torch.Tensor  # (G, S) d per generation and tracked step
     uncond_noise_norm: torch.Tensor  # (G, S)
@@ -239,22 +245,34 @@ def plan_units(positions: list[int], num_generations: int, batch_size: int) -> l
 
 
 def unit_inputs(model, positions: list[int], config: SamplingConfig, prompts: list[str] | None = None,
-                conditioning: Conditioning | None = None):
+                conditioning: Conditioning | None = None, uncond: Conditioning | None = None):
     """x_T (P*G, C, H, W) under the seed contract, and the conditional and unconditional branches
-    (P*G rows each) of one unit; `conditioning` (P rows) replaces the encoded `prompts`."""
-    G = config.num_generations
+    (P*G rows each) of one unit. `conditioning` replaces the encoded `prompts`: P rows (one per
+    prompt, shared by its generations) or P*G rows (one per generation); `uncond` (P*G rows) replaces
+    the empty prompt's."""
+    G, P = config.num_generations, len(positions)
     cond = model.encode_prompts(prompts) if conditioning is None else conditioning.to(model.device, model.dtype)
-    x = torch.cat([initial_noise(model, G, config.seed + p) for p in positions])
-    return x, cond.repeat_interleave(G), model.empty_conditioning().expand(len(x))
+    if len(cond) not in (P, P * G):
+        raise ValueError(f"conditioning of {len(cond)} rows: expected {P} (one per prompt) or {P * G} "
+                         "(one per generation)")
+    x = torch.cat([initial_noise(model, G, config.seed_of(p)) for p in positions])
+    if uncond is None:
+        uncond = model.empty_conditioning().expand(len(x))
+    elif len(uncond) != len(x):
+        raise ValueError(f"unconditional branch of {len(uncond)} rows: expected {len(x)} (one per generation)")
+    else:
+        uncond = uncond.to(model.device, model.dtype)
+    return x, cond if len(cond) == len(x) else cond.repeat_interleave(G), uncond
 
 
 def sample_unit(model, prompts: list[str], positions: list[int], config: SamplingConfig,
                 decode: bool = False, conditioning: Conditioning | None = None,
                 recorders: Sequence[Recorder] = (), x_T: torch.Tensor | None = None,
-                guidance=None) -> list[PromptSamples]:
+                guidance=None, uncond: Conditioning | None = None) -> list[PromptSamples]:
     """Tracked sampling of one work unit: the prompts at `positions`, `config.num_generations` each.
 
-    `conditioning` (P rows) replaces the encoded prompts (e.g. optimized embeddings); `recorders`
+    `conditioning` (P rows, or P*G: one per generation) replaces the encoded prompts (e.g. optimized
+    embeddings) and `uncond` (P*G rows) the empty prompt's branch; `recorders`
     see every step beside d (rows: prompt-major, G generations each); `x_T` (P*G, C, H, W) replaces
     the seed contract's starting latents and `guidance` the config's scale (a mitigation's own, in any
     form ``tracked_pass`` takes).
@@ -262,7 +280,7 @@ def sample_unit(model, prompts: list[str], positions: list[int], config: Samplin
     G = config.num_generations
     n_steps = config.steps_to_run
     timesteps = schedule(model, config.num_inference_steps)[:n_steps]
-    x, cond, uncond = unit_inputs(model, positions, config, prompts, conditioning)
+    x, cond, uncond = unit_inputs(model, positions, config, prompts, conditioning, uncond)
     if x_T is not None:
         if x_T.shape != x.shape:
             raise ValueError(f"x_T of shape {tuple(x_T.shape)}: expected {tuple(x.shape)} (P*G, C, H, W)")
@@ -278,7 +296,7 @@ def sample_unit(model, prompts: list[str], positions: list[int], config: Samplin
     if decode:
         per_call = max(config.batch_size // 2, 1)
         images = torch.cat([model.decode(latents[i:i + per_call]) for i in range(0, len(latents), per_call)]).cpu()
-    return [PromptSamples(p, config.seed + p, text[j * G:(j + 1) * G], unc[j * G:(j + 1) * G],
+    return [PromptSamples(p, config.seed_of(p), text[j * G:(j + 1) * G], unc[j * G:(j + 1) * G],
                           latents[j * G:(j + 1) * G], None if images is None else images[j * G:(j + 1) * G])
             for j, p in enumerate(positions)]
 

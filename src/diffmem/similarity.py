@@ -104,10 +104,18 @@ def _gaussian_window(sigma: float, dtype, device) -> torch.Tensor:
     return g[:, None] * g[None, :]
 
 
-def _ssim_terms(x: torch.Tensor, y: torch.Tensor, sigma: float, data_range: float | None):
+def _inner(m: torch.Tensor, pad: int) -> torch.Tensor:
+    """The map without its `pad`-pixel border (the part computed from unpadded pixels only)."""
+    return m[..., pad:-pad, pad:-pad] if pad else m
+
+
+def _ssim_terms(x: torch.Tensor, y: torch.Tensor, sigma: float, data_range: float | None,
+                crop_ssim_map: bool = False):
     """(SSIM, contrast-structure) per image of (B, C, H, W) pairs, as torchmetrics computes them:
-    reflect padding by the window's half side, SSIM averaged over the whole map, CS over the map
-    without the padded border, data range from the batch when not given, k1 = 0.01, k2 = 0.03."""
+    reflect padding by the window's half side, CS averaged over the map without the padded border,
+    data range from the batch when not given, k1 = 0.01, k2 = 0.03. The SSIM map is averaged over
+    the whole map (torchmetrics >= 1.5), or without the border with `crop_ssim_map` (torchmetrics
+    before 1.5, e.g. 1.3.2, the version NeMo's code pins)."""
     x, y = x.double(), y.double()
     if data_range is None:
         data_range = max(float(x.max() - x.min()), float(y.max() - y.min()))
@@ -123,26 +131,34 @@ def _ssim_terms(x: torch.Tensor, y: torch.Tensor, sigma: float, data_range: floa
     cov = xy - mu_x * mu_y
     cs_map = (2 * cov + c2) / (var_x + var_y + c2)
     ssim_map = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1) * cs_map
-    return ssim_map.flatten(1).mean(1), cs_map[..., pad:-pad, pad:-pad].flatten(1).mean(1)
+    if crop_ssim_map:
+        ssim_map = _inner(ssim_map, pad)
+    return ssim_map.flatten(1).mean(1), _inner(cs_map, pad).flatten(1).mean(1)
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5, data_range: float | None = None) -> torch.Tensor:
-    """Structural similarity of (B, C, H, W) image pairs (Gaussian window): (B,)."""
-    return _ssim_terms(x, y, sigma, data_range)[0]
+def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5, data_range: float | None = None,
+         crop_ssim_map: bool = False) -> torch.Tensor:
+    """Structural similarity of (B, C, H, W) image pairs (Gaussian window): (B,). The map is averaged
+    whole (torchmetrics >= 1.5) or, with `crop_ssim_map`, without the window's half-side border
+    (torchmetrics before 1.5)."""
+    return _ssim_terms(x, y, sigma, data_range, crop_ssim_map)[0]
 
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor, betas=(0.33, 0.33, 0.33), sigma: float = 1.5,
-            data_range: float | None = None) -> torch.Tensor:
+            data_range: float | None = None, crop_ssim_map: bool = False) -> torch.Tensor:
     """Multi-scale SSIM of (B, C, H, W) pairs over len(betas) scales (2x average pooling between
     them), negative terms clipped to 0 (torchmetrics' default): (B,). Needs sides over
-    (window - 1) * (len(betas) - 1) ** 2 pixels (over 40 for three scales)."""
+    (window - 1) * (len(betas) - 1) ** 2 pixels (over 40 for three scales). The last scale's SSIM
+    map is averaged whole (torchmetrics >= 1.5) or, with `crop_ssim_map`, without the window's
+    half-side border (torchmetrics before 1.5; NeMo's pinned 1.3.2, under which its 0.428
+    threshold was set). The other scales' CS terms are cropped in both."""
     need = (int(3.5 * sigma + 0.5) * 2) * max(1, len(betas) - 1) ** 2
     if min(x.shape[-2:]) <= need:
         raise ValueError(f"ms_ssim with {len(betas)} scales needs image sides over {need} pixels, got "
                          f"{tuple(x.shape[-2:])}; use ssim")
     terms = []
     for i in range(len(betas)):
-        sim, cs = _ssim_terms(x, y, sigma, data_range)
+        sim, cs = _ssim_terms(x, y, sigma, data_range, crop_ssim_map)
         terms.append(cs.clamp_min(0))
         x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
     terms[-1] = sim.clamp_min(0)

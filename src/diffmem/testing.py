@@ -35,9 +35,10 @@ def _write_char_clip_tokenizer(folder: Path, model_max_length: int, pad_token: s
 
 def make_tiny_sd_folder(path: str | Path, seed: int = 0, sample_size: int = 16, model_max_length: int = 77,
                         unet_channels: tuple[int, int] = (4, 8), cross_attention_dim: int = 32,
-                        prediction_type: str = "epsilon") -> Path:
+                        prediction_type: str = "epsilon", pad_token: str = "<|endoftext|>") -> Path:
     """Write a random-weight SD 1.x-layout folder (``save_pretrained`` of each component) to `path`;
-    ``prediction_type="v_prediction"`` makes it an SD 2.x-style velocity model."""
+    ``prediction_type="v_prediction"`` makes it an SD 2.x-style velocity model, ``pad_token="!"`` pads
+    as SD 2.x's tokenizer does (with a token that prompts also contain)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
@@ -52,7 +53,7 @@ def make_tiny_sd_folder(path: str | Path, seed: int = 0, sample_size: int = 16, 
     vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                         latent_channels=4, norm_num_groups=2, sample_size=sample_size * 2)
-    _write_char_clip_tokenizer(path / "tokenizer", model_max_length)
+    _write_char_clip_tokenizer(path / "tokenizer", model_max_length, pad_token=pad_token)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(

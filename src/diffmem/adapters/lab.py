@@ -129,9 +129,9 @@ class LabModel(AdapterBase):
     def tokens(self, prompt: str) -> list[Token]:
         ids, mask = self.text_encoder.input_ids([prompt])
         tok = self.text_encoder.tokenizer
-        special = set(tok.all_special_ids)
-        return [Token(tok.decode([i]).strip() if m else tok.pad_token, int(i), bool(i in special or not m))
-                for i, m in zip(ids[0].tolist(), mask[0].tolist())]
+        end = int(mask[0].sum()) - 1  # [SEP], by position: an [UNK] of the prompt is an ordinary token
+        return [Token(tok.decode([i]).strip() if m else tok.pad_token, int(i), j == 0 or j >= end)
+                for j, (i, m) in enumerate(zip(ids[0].tolist(), mask[0].tolist()))]
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.text_encoder.tokenizer(prompt).input_ids)

@@ -126,10 +126,12 @@ class PixArtModel(AdapterBase):
 
     def tokens(self, prompt: str) -> list[Token]:
         enc = self._inputs([prompt])
-        special = set(self.tokenizer.all_special_ids)
+        # special by position, as clip_tokens: T5 has no start token, its </s> sits at the mask's count - 1
+        # (an <unk> of the prompt is an ordinary token); padding follows it
+        end = int(enc.attention_mask[0].sum()) - 1
         text = lambda i: self.tokenizer.decode([i]).strip() or self.tokenizer.decode([i])  # a space stays a space
-        return [Token(text(i) if m else self.tokenizer.pad_token, int(i), bool(i in special or not m))
-                for i, m in zip(enc.input_ids[0].tolist(), enc.attention_mask[0].tolist())]
+        return [Token(text(i) if m else self.tokenizer.pad_token, int(i), j >= end)
+                for j, (i, m) in enumerate(zip(enc.input_ids[0].tolist(), enc.attention_mask[0].tolist()))]
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt.lower().strip()).input_ids)

@@ -35,14 +35,18 @@ def check_sd_folder(path: Path) -> None:
     check_folder(path, SD_COMPONENTS, "Stable Diffusion")
 
 
-def clip_tokens(tokenizer, ids: list[int]) -> list[Token]:
-    """Tokens of padded CLIP input ids: decoded, the start token and everything from the end token on special."""
-    special_ids = set(tokenizer.all_special_ids)
-    out, ended = [], False
-    for i in ids:
-        out.append(Token(tokenizer.decode([i]).strip(), int(i), ended or i in special_ids))
-        ended = ended or i == tokenizer.eos_token_id
-    return out
+def clip_tokens(tokenizer, prompt: str, max_tokens: int) -> list[Token]:
+    """The prompt's CLIP tokens, padded to `max_tokens` as the encoder sees them: decoded, the start
+    token and everything from the end token on special.
+
+    Special tokens are found by position, not by id: the tokenizer's attention mask counts the
+    prompt's own tokens (start and end included), so the end token sits at that count - 1 (the
+    official ``len(tokenizer.encode(p)) - 1``, 76 when truncated). Ids cannot tell: SD 2.x pads
+    with "!" (id 0), and a "!" of the prompt is the same id.
+    """
+    enc = tokenizer(prompt, padding="max_length", max_length=max_tokens, truncation=True)
+    end = sum(enc.attention_mask) - 1
+    return [Token(tokenizer.decode([i]).strip(), int(i), j == 0 or j >= end) for j, i in enumerate(enc.input_ids)]
 
 
 class StableDiffusionModel(AdapterBase):
@@ -82,7 +86,7 @@ class StableDiffusionModel(AdapterBase):
         return Conditioning(self.text_encoder(enc.input_ids.to(self.device), attention_mask=mask)[0])
 
     def tokens(self, prompt: str) -> list[Token]:
-        return clip_tokens(self.tokenizer, self._input_ids([prompt]).input_ids[0].tolist())
+        return clip_tokens(self.tokenizer, prompt, self.max_tokens)
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt).input_ids)

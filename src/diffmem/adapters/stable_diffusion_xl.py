@@ -165,7 +165,7 @@ class StableDiffusionXLModel(AdapterBase):
             {"text_embeds": zeros(1, self.text_encoder_2.config.projection_dim), "time_ids": self.time_ids(1)}))
 
     def tokens(self, prompt: str) -> list[Token]:
-        return clip_tokens(self.tokenizer, self._input_ids([prompt])[0].tolist())
+        return clip_tokens(self.tokenizer, prompt, self.max_tokens)
 
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenizer(prompt).input_ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     from diffmem.bench import BenchDetectConfig
     from diffmem.cli.main import common_model_args
+    from diffmem.cli.options import add_same_noise_arg
 
     base = BenchDetectConfig()
     p = sub.add_parser("bench", help="compare detectors or mitigations on the same prompts, seeds and model")
@@ -27,6 +28,7 @@ def add_parser(sub) -> None:
     d.add_argument("--generations", default=None, help="comma-separated (default 1,4)")
     d.add_argument("--num-inference-steps", type=int, default=None, help=f"default {base.num_inference_steps}")
     d.add_argument("--seed", type=int, default=None, help="the prompt at position i starts from seed + i (default 0)")
+    add_same_noise_arg(d)
     d.add_argument("--batch-size", type=int, default=None, help=f"UNet samples per call (default {base.batch_size})")
     d.add_argument("--bootstrap", type=int, default=None, help=f"resamples for the 95%% intervals (default {base.bootstrap})")
     d.add_argument("--timing-prompts", type=int, default=None, help="memorized prompts each detector is timed alone on "
@@ -62,10 +64,13 @@ def add_mitigate_parser(kinds) -> None:
     m.add_argument("--copy-threshold", type=float, default=None, help="similarity beyond this is a copy (default 0.5 "
                    "with --sscd); lab models use the lab's copy rule in any case")
     m.add_argument("--copy-metric", default=None, choices=("sscd", "tiled_l2", "pixel_cosine"))
+    m.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="fix a parameter in every setting of the methods that take it (repeatable), e.g. "
+                   "protocol=per-prompt for gni; the table's setting column names it")
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--resume", action="store_true", help="continue the benchmark already in --out (finished methods "
                    "are not run again)")
-    add_sampling_args(m, SamplingConfig())
+    add_sampling_args(m, SamplingConfig(), same_noise=True)
     m.add_argument("--no-progress", action="store_true")
 
 
@@ -76,7 +81,7 @@ def config_from_args(args):
     from diffmem.cli.options import given
 
     split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())
-    options = given(args, ("num_inference_steps", "seed", "batch_size", "bootstrap", "timing_prompts"))
+    options = given(args, ("num_inference_steps", "seed", "same_noise", "batch_size", "bootstrap", "timing_prompts"))
     if args.methods:
         options["methods"] = split(args.methods)
     if args.steps:
@@ -97,9 +102,10 @@ def mitigate_config_from_args(args):
     from dataclasses import replace
 
     from diffmem.bench import BenchMitigateConfig
-    from diffmem.cli.options import given, sampling_from_args
+    from diffmem.cli.options import given, params_from_args, sampling_from_args
 
     options = given(args, ("sscd", "clip", "copy_threshold", "copy_metric"))
+    options["params"] = params_from_args(args)
     if args.methods:
         options["methods"] = tuple(x.strip() for x in args.methods.split(",") if x.strip())
     base = BenchMitigateConfig()

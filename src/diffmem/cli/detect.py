@@ -29,10 +29,14 @@ def add_parser(sub) -> None:
                    "paper's; the original's --lp)")
     p.add_argument("--asthana-weights", default=None, help="g1,g2 of the asthana detector where the model has no "
                    "published weights and no reference prompts (SDXL, ...)")
+    p.add_argument("--asthana-space", choices=("official", "noise"), default="official",
+                   help="where asthana takes its norm and cosine on v-prediction models (SD 2.x): official (default): "
+                   "in the UNet's velocity space, as the official code, on which the published weights were "
+                   "tuned; noise: on the noise, as on epsilon models")
     p.add_argument("--format", choices=("diffmem", "official"), default="diffmem",
                    help="official: --out holds only the seed's fields (uncond_noise_norm, text_noise_norm, "
                    "prompt) for its analysis notebooks; the full rows go to <out>.rows.jsonl beside it")
-    add_sampling_args(p, SamplingConfig(), track_steps=True)
+    add_sampling_args(p, SamplingConfig(), track_steps=True, same_noise=True)
     p.add_argument("--save-images", default=None, metavar="DIR", help="also decode and save the generations")
     p.add_argument("--resume", action="store_true", help="continue the run already in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -72,7 +76,8 @@ def run(args) -> int:
         records = read_prompts(args.prompts, args.prompt_key, args.start, args.end, model=model, seed=config.seed)
     out = run_detection(model, records, args.out, config, resume=args.resume, images_dir=args.save_images,
                         prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods,
-                        format=args.format, norm_order=args.norm_order, asthana_weights=parse_weights(args.asthana_weights))
+                        format=args.format, norm_order=args.norm_order, asthana_weights=parse_weights(args.asthana_weights),
+                        asthana_space=args.asthana_space)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     add_param_arg(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run already in --out")
-    add_sampling_args(p, SamplingConfig())
+    add_sampling_args(p, SamplingConfig(), same_noise=True)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 

@@ -14,9 +14,9 @@ def given(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def add_sampling_args(p, base, track_steps: bool = False) -> None:
+def add_sampling_args(p, base, track_steps: bool = False, same_noise: bool = False) -> None:
     """--num-generations, --num-inference-steps, --guidance-scale, --seed, --batch-size (and
-    --track-steps) over `base`, a SamplingConfig whose values the help shows as defaults."""
+    --track-steps, --same-noise) over `base`, a SamplingConfig whose values the help shows as defaults."""
     g = p.add_argument_group("sampling")
     g.add_argument("--num-generations", type=int, help=f"images per prompt, d is averaged over them (default {base.num_generations})")
     g.add_argument("--num-inference-steps", type=int, help=f"DDIM steps of the schedule (default {base.num_inference_steps})")
@@ -24,11 +24,19 @@ def add_sampling_args(p, base, track_steps: bool = False) -> None:
         g.add_argument("--track-steps", type=int, help="stop after K steps (1: first-step detection; default: all)")
     g.add_argument("--guidance-scale", type=float, help="default: the model's (7.5 for SD, the lab's own)")
     g.add_argument("--seed", type=int, help=f"prompt at position i starts from seed + i (default {base.seed})")
+    if same_noise:
+        add_same_noise_arg(g)
     g.add_argument("--batch-size", type=int, help=f"UNet samples per call, cond + uncond rows (default {base.batch_size})")
 
 
+def add_same_noise_arg(p) -> None:
+    p.add_argument("--same-noise", action="store_true", default=None,
+                   help="every prompt starts from the one x_T of --seed (generation g the same for all prompts), "
+                   "the protocol of Jeon et al., Asthana et al., NeMo and MemBench; default: seed + position")
+
+
 def sampling_from_args(args, base):
-    return replace(base, **given(args, SAMPLING_OPTIONS + ("track_steps",)))
+    return replace(base, **given(args, SAMPLING_OPTIONS + ("track_steps", "same_noise")))
 
 
 def add_mitigation_args(p, prefix: str = "", with_repeat: bool = True) -> None:

@@ -22,7 +22,7 @@ def parse_steps(text: str | None) -> slice | None:
 def add_parser(sub) -> None:
     p = sub.add_parser("roc", help="ROC metrics of memorized vs non-memorized detection outputs",
                        description="Recompute prompt scores from stored per-step arrays and report AUC, "
-                       "accuracy and TPR@1%%FPR as the official notebook defines them.")
+                       "accuracy and TPR@1%FPR as the official notebook defines them.")
     p.add_argument("--memorized", required=True, help="detection output (.jsonl) of memorized prompts")
     p.add_argument("--non-memorized", required=True, help="detection output (.jsonl) of normal prompts")
     p.add_argument("--method", default="wen", help="which detector's score to evaluate (a field of the rows; "

@@ -1,11 +1,17 @@
-"""jeon-fd, diffmem's own detector (not a published method): the finite-difference sharpness of
-Jeon et al.'s SAIL loss, used as a score.
+"""jeon-fd, diffmem's own detector (not a published method): a finite-difference sharpness along
+the unit direction of the text-conditional noise, used as a score.
 
-At the first step, with delta(x) = eps(x, c) - eps(x, empty) and v = delta(x_T) / ||delta(x_T)||
-(a unit vector per generation), the score is ||delta(x_T + v) - delta(x_T)||_2, the mean over
-generations: how fast the text-conditional noise changes along its own direction, the quantity
-Jeon et al.'s Hessian score measures with a Jacobian-vector product, here by one extra guided
-UNet call per generation and no autograd. Higher means memorized.
+At the first step, with delta(x) = eps(x, c) - eps(x, empty), d = ||delta(x_T)|| (Wen et al.'s
+first-step d) and v = delta(x_T) / d (a unit vector per generation), the score is
+||delta(x_T + v) - delta(x_T)||_2, the mean over generations, by one extra guided UNet call per
+generation and no autograd. To first order it is ||J v||, J the Jacobian of delta at x_T, while
+Jeon et al.'s Hessian score (``jeon``) is ||J delta|| / sigma_t^2 = d ||J v|| / sigma_t^2; so
+
+    jeon-fd ≈ jeon · sigma_t^2 / d:
+
+not the same sharpness by another method, but Jeon's score with Wen's d, its strongest memorization
+signal, divided out (the sharpness along a unit step, whatever the size of delta). Nor is it SAIL's
+loss, ||delta(x + v)|| without the subtraction. Higher means memorized.
 """
 
 from __future__ import annotations

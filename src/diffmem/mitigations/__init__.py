@@ -54,7 +54,7 @@ class Unit:
     """One work unit as every method receives it. P prompts, G generations each, rows prompt-major."""
 
     prompts: list[str]
-    positions: list[int]  # input positions (seed of position p: sampling.seed + p)
+    positions: list[int]  # input positions (x_T of position p from sampling.seed_of(p): seed + p)
     cond: "Conditioning"  # P rows: the encoded prompts
     uncond: "Conditioning"  # P*G rows: the empty prompt
     x_T: torch.Tensor  # (P*G, C, H, W) starting latents under the seed contract
@@ -83,7 +83,8 @@ class Plan:
     """How a unit is sampled under a mitigation; fields left None keep the unmitigated value."""
 
     prompts: list[str] | None = None  # what was encoded when the method rewrote the prompts
-    cond: "Conditioning | None" = None  # P rows: the conditional branch to sample with
+    cond: "Conditioning | None" = None  # P rows (or P*G: one per generation): the conditional branch to sample with
+    uncond: "Conditioning | None" = None  # P*G rows: the unconditional branch, when the method changes it (gni)
     x_T: torch.Tensor | None = None  # (P*G, C, H, W) the starting latents to sample from
     guidance: object = None  # a number, a schedule (index, eps_c, eps_u) -> w, or a Guidance
     context: Callable[[], ContextManager] | None = None  # entered around the sampling pass (UNet edits)

@@ -21,11 +21,15 @@ scale: 7.5 on Stable Diffusion). Each step's prediction is ``eps_u + w_k (eps_c 
 Constants on other models: ``switch_t`` is on a 1,000-step scale and is rescaled to the model's
 ``num_train_timesteps`` (the lab uses 1,000 too, so unchanged); guidance scales are the model's
 own (``early_scale`` 0, 1 and -2 are scale-free: none, conditional only, reversed). Off: the
-switch at the first step (``switch_t`` = inf), i.e. full guidance everywhere. Not reproduced: after
-a static switch at a timestep that is exactly on the schedule, the official script re-samples the
-rest of the trajectory on a 200-step DPM-Solver schedule (it never triggers on SD's 50-step
-schedules, whose timesteps 1 + 20 j miss 500 and 650); diffmem keeps the run's DDIM schedule.
-Adds no UNet rows.
+switch at the first step (``switch_t`` = inf), i.e. full guidance everywhere. Not reproduced: the
+official script samples with DPM-Solver (diffmem with the run's DDIM schedule), and when the switch
+timestep is exactly on its schedule it re-samples the rest of the trajectory on a 200-step DPM-Solver
+schedule. On DDIM's 50-step schedule (timesteps 1 + 20 j) neither 500 nor 650 occurs, but DPM-Solver's
+default "linspace" spacing, used when the checkpoint's scheduler config names none, gives
+round(linspace(0, 999, 51)) = ..., 519, 500, 480, ...: with the published static switch at 500 the
+official continues the second half of the trajectory on the finer 200-step sampler (not at 650, and
+not under a saved "leading" spacing). The guidance logic is the same; image quality after the switch
+may differ from the official's. Adds no UNet rows.
 """
 
 from __future__ import annotations

@@ -25,9 +25,9 @@ eps(.) the noise prediction at the current x_t, d = ||eps(e) - eps(∅)|| per ge
    reduces to ε̂ = eps(∅) + (1 + s - s_pr)(eps(e') - eps(∅)): classifier-free guidance whose scale
    falls from s at mag = l_pr to 1 (the conditional prediction alone) at mag >= M. PR alone is then
    a magnitude-adaptive guidance reduction, not a move away from the prompt; diffmem computes no
-   extra row for such generations (the row would equal the conditional branch). In the official code
-   PR runs only after SS (or embedding optimization) has triggered; here it runs on triggered
-   prompts with or without paraphrases.
+   extra row for such generations (the row would equal the conditional branch). As in the official
+   code, PR runs on every triggered prompt, with or without paraphrases (there a prompt with an
+   empty caption list still triggers, keeps the original and is re-anchored).
 
 Per generation: d, mag and the PR gate are per generation (row), as in the published runs
 (``--num_images_per_prompt 1``); the trigger and SS choose one e' per prompt (the plan has one

@@ -12,9 +12,17 @@ For a candidate x_T (unscaled latents, as the tracked pass starts from them), at
 ``||lat||`` of the standard-normal draw). Gradients flow through both UNet calls (v̂ included). B
 candidates per prompt are optimised at once with Adam (lr 0.05, at most ``max_steps`` = 10 steps); the
 loss is checked before each step and after the last, and a candidate is accepted the first time its
-loss is <= ℓ_thres. The prompt is done once it has G accepted candidates. A round that ends without
-them is failed: a new round starts from B fresh draws, and after every 3 failed rounds ℓ_thres grows
-by ``threshold_step`` (0.1).
+loss is <= ℓ_thres. The prompt's round ends at the check where it has G accepted candidates (no step
+after it), or at the last check. A round that ends without them is failed: a new round starts from
+B fresh draws, and after every 3 failed rounds ℓ_thres grows by ``threshold_step`` (0.1).
+
+Acceptance (``acceptance``). ``"round_end"`` (default, the official code's behaviour): an accepted
+candidate stays in the batch, its loss in the summed loss, and keeps being optimised until its
+prompt's round ends; the latent used is its state then (the official appends views
+``lat[i].detach()`` of the optimised tensor to its list, and Adam's in-place step moves them). Its
+loss then is what ``sail_loss`` records, and may be above ℓ_thres. ``"at_acceptance"``: the latent is
+frozen at the check that accepted it (the paper's Algorithm 2 read literally); accepted candidates
+are not evaluated again.
 
 Published constants (SD v1.4, 512 px, 4x64x64 latents): B = 8, α = 0.05, ℓ_thres = 8.2 (swept
 7.6-9), lr 0.05, 10 steps; SD 2 (v-prediction, 4x96x96): α = 0.01, ℓ_thres swept 4-6.
@@ -40,6 +48,15 @@ What the official code does, and what this module does differently (documented c
 - Δε is the noise prediction's (``model.predict_noise``: ε, also on v-prediction models, where the
   official converts v with its own formula; the magnitude agrees at t = 981 up to 0.2 %, the
   direction of v̂ is flipped there).
+- Checks: the official checks the loss before each of its 10 steps only; here once more after the
+  last step (a candidate accepted there ends the round in its state after 10 steps).
+
+What is the official's, exactly: the loss (sharpness at x + v̂ plus α ||x||) and its gradient through
+both UNet calls, B, α, ℓ_thres, lr, the steps per round, acceptance in candidate order at each check,
+the G-th acceptance ending the round before any further step, accepted candidates kept in the summed
+loss until the round ends (``acceptance="round_end"``), acceptances accumulating over rounds, and the
+threshold's growth every 3 failed rounds. The result rows say per prompt how many generations took
+an accepted latent (``sail_accepted``) and how many the lowest-loss fallback (``sail_fallback``).
 
 Constants on other models. On SD 1.x α ||x_T|| ≈ 0.05 · √16384 = 6.4 of the 8.2 threshold, so at the
 threshold the sharpness term is 1.8 and the Gaussianity term is κ = 6.4 / 1.8 ≈ 3.56 times it.
@@ -133,7 +150,7 @@ def sail_loss(model, x: torch.Tensor, t, cond: Conditioning, uncond: Conditionin
 @dataclass
 class SailResult:
     x_T: torch.Tensor  # (P, G, C, H, W) the starting latents to sample from (model dtype)
-    loss: torch.Tensor  # (P, G) SAIL loss of each returned latent (when accepted, or its best)
+    loss: torch.Tensor  # (P, G) SAIL loss of each returned latent (at the check whose state it is)
     initial_loss: torch.Tensor  # (P, G) SAIL loss of the input x_T
     accepted: torch.Tensor  # (P, G) bool: the latent passed the threshold (else: lowest-loss fallback)
     kept: torch.Tensor  # (P, G) bool: generation g starts from its own x_T[g], optimised or not
@@ -142,28 +159,36 @@ class SailResult:
     threshold: torch.Tensor  # (P,) ℓ_thres at the end (raised after failed rounds)
 
 
+ACCEPTANCE = ("round_end", "at_acceptance")  # which state of an accepted candidate is used
+
+
 @dataclass
 class _Found:
     key: tuple  # (round, step, candidate): acceptance order
     latent: torch.Tensor  # (C, H, W) the master copy's dtype
-    loss: float
+    loss: float  # the loss of `latent`
     accepted: bool = False
+    at: tuple = (0, 0)  # (round, step) of the check whose state `latent` is
 
 
 def optimize_initial_noise(model, x_T: torch.Tensor, t, cond: Conditioning, positions: list[int], seed: int, *,
                            alpha: float, threshold: float, lr: float = 0.05, max_steps: int = 10,
                            num_candidates: int = 8, max_rounds: int = 6, threshold_step: float = THRESHOLD_STEP,
-                           max_batch: int | None = None) -> SailResult:
+                           acceptance: str = "round_end", max_batch: int | None = None) -> SailResult:
     """SAIL's search for starting latents (Algorithm 2), all prompts of a unit at once.
 
     x_T (P, G, C, H, W) the seed contract's starting latents (unscaled, ``initial_noise``); t the
     first timestep; cond P rows; positions the prompts' input positions (extra draws come from
     ``derived_generator(seed, position, round)``). B = max(num_candidates, G) candidates per prompt;
-    round 0's first G are x_T. Each step evaluates the loss of every candidate not yet accepted of
-    the prompts not yet done (4 UNet rows each, ``max_batch`` rows per call) and, unless it is the
-    last check, takes one Adam step on them; candidates at or below the prompt's threshold are
-    accepted then. See the module docstring for the generations' assignment and the fallback.
+    round 0's first G are x_T. Each check evaluates the loss of the candidates of the prompts still
+    in the round (4 UNet rows each, ``max_batch`` rows per call; with ``acceptance="at_acceptance"``
+    only those not yet accepted) and, unless it is the last check, takes one Adam step on them;
+    candidates at or below the prompt's threshold are accepted then. With ``"round_end"`` an accepted
+    latent is its candidate's state when the prompt's round ends, else its state when accepted. See
+    the module docstring for the generations' assignment and the fallback.
     """
+    if acceptance not in ACCEPTANCE:
+        raise ValueError(f"acceptance {acceptance!r}: expected one of {', '.join(ACCEPTANCE)}")
     if x_T.ndim != 5 or len(cond) != len(x_T) or len(positions) != len(x_T):
         raise ValueError(f"expected x_T (P, G, C, H, W), cond and positions for the same P; got {tuple(x_T.shape)}, "
                          f"{len(cond)} and {len(positions)}")
@@ -194,10 +219,15 @@ def optimize_initial_noise(model, x_T: torch.Tensor, t, cond: Conditioning, posi
         lat = torch.stack(start).requires_grad_(True)
         rounds[active] += 1
         optimizer = torch.optim.Adam([lat], lr=lr)
-        open_ = torch.ones(len(active), B, dtype=torch.bool)  # candidate not yet accepted, prompt not done
+        running = torch.ones(len(active), dtype=torch.bool)  # the prompt's round goes on
+        taken: dict[tuple[int, int], _Found] = {}  # (a, b) -> this round's accepted candidate
         for s in range(max_steps + 1):
-            # 2. Loss of every open candidate (and its gradient, unless this is the last check).
-            idx = open_.nonzero()
+            # 2. Loss of the candidates still optimised (and its gradient, unless this is the last check).
+            evaluated = running[:, None].expand(len(active), B).clone()
+            if acceptance == "at_acceptance":
+                for a, b in taken:
+                    evaluated[a, b] = False
+            idx = evaluated.nonzero()
             if not len(idx):
                 break
             take_step = s < max_steps
@@ -213,27 +243,33 @@ def optimize_initial_noise(model, x_T: torch.Tensor, t, cond: Conditioning, posi
                         loss.sum().backward()  # a sum: each candidate's gradient is its own
                 losses.append(loss.detach().double().cpu())
             losses = torch.cat(losses)
-            # 3. Acceptance, in candidate order; a prompt with G accepted is done.
+            # 3. Acceptance, in candidate order; a prompt with G accepted ends its round here. An
+            #    accepted candidate evaluated again ("round_end") takes its current state: the last
+            #    such update of a round is the state the round ends in.
             for (a, b), value in zip(idx.tolist(), losses.tolist()):
                 p = active[a]
                 if r == 0 and s == 0 and b < G:
                     initial[p, b] = value
-                item = _Found((r, s, b), lat[a, b].detach().clone(), value)
+                state = lat[a, b].detach().clone()
+                if (a, b) in taken:
+                    taken[a, b].latent, taken[a, b].loss, taken[a, b].at = state, value, (r, s)
+                    continue
+                item = _Found((r, s, b), state, value, at=(r, s))
                 if value <= float(thr[p]):
                     item.accepted = True
                     found[p].append(item)
+                    taken[a, b] = item
                     best[p].pop((r, b), None)
-                    open_[a, b] = False
                 elif (r, b) not in best[p] or value < best[p][(r, b)].loss:
                     best[p][(r, b)] = item
             for a, p in enumerate(active):
                 if len(found[p]) >= G:
-                    open_[a] = False
-            if not take_step or not open_.any():
+                    running[a] = False
+            if not take_step or not running.any():
                 break
-            # 4. One Adam step (elementwise: closed candidates move too, but are never read again).
+            # 4. One Adam step (elementwise: rows not evaluated move too, but are never read again).
             optimizer.step()
-            steps[[active[a] for a in range(len(active)) if open_[a].any()]] += 1
+            steps[[active[a] for a in range(len(active)) if running[a]]] += 1
         # 5. Prompts without G accepted candidates failed this round.
         still = [p for p in active if len(found[p]) < G]
         for p in still:
@@ -264,7 +300,7 @@ def optimize_initial_noise(model, x_T: torch.Tensor, t, cond: Conditioning, posi
             kept[p, g] = same
             accepted[p, g] = f.accepted
             # an untouched x_T candidate is returned bit for bit
-            out[p, g] = x_T[p, g] if same and f.key[1] == 0 else f.latent.to(x_T.dtype)
+            out[p, g] = x_T[p, g] if same and f.at == (0, 0) else f.latent.to(x_T.dtype)
             loss_out[p, g] = f.loss
     return SailResult(out, loss_out, initial, accepted, kept, rounds, steps, thr)
 
@@ -332,6 +368,7 @@ class Sail:
         num_candidates: int = 8  # B: candidates optimised at once per prompt (at least G are used)
         max_rounds: int = 6  # rounds at most (the official has no limit); then the lowest-loss fallback
         threshold_step: float | None = None  # ℓ_thres += this every 3 failed rounds; None: 0.1 (lab: rescaled)
+        acceptance: str = "round_end"  # an accepted latent's state: at its round's end (official), or "at_acceptance"
 
         def __post_init__(self):
             if self.loss_threshold is not None and math.isnan(self.loss_threshold):
@@ -348,6 +385,8 @@ class Sail:
                 raise ValueError(f"max_rounds {self.max_rounds}: must be >= 1")
             if self.threshold_step is not None and not self.threshold_step >= 0:
                 raise ValueError(f"threshold_step {self.threshold_step}: must be >= 0")
+            if self.acceptance not in ACCEPTANCE:
+                raise ValueError(f"acceptance {self.acceptance!r}: expected one of {', '.join(ACCEPTANCE)}")
 
     def __init__(self):
         self._calibrations = weakref.WeakKeyDictionary()  # model -> {(seed, G, steps): Calibration}
@@ -398,9 +437,10 @@ class Sail:
                                      unit.positions, unit.config.seed, alpha=alpha, threshold=threshold, lr=params.lr,
                                      max_steps=params.max_steps, num_candidates=params.num_candidates,
                                      max_rounds=params.max_rounds, threshold_step=step,
-                                     max_batch=unit.sampling.batch_size)
+                                     acceptance=params.acceptance, max_batch=unit.sampling.batch_size)
         info = [{"sail_rounds": int(res.rounds[j]), "sail_steps": int(res.steps[j]), "sail_alpha": alpha,
                  "sail_threshold": float(res.threshold[j]), "sail_loss": res.loss[j].tolist(),
                  "sail_initial_loss": res.initial_loss[j].tolist(), "sail_kept": int(res.kept[j].sum()),
+                 "sail_acceptance": params.acceptance, "sail_accepted": int(res.accepted[j].sum()),
                  "sail_fallback": int((~res.accepted[j]).sum())} for j in range(P)]
         return Plan(x_T=res.x_T.flatten(0, 1), iterations=res.steps.clone(), info=info)
