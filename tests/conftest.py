@@ -27,6 +27,15 @@ def tiny_v_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_pixart_folder(tmp_path_factory):
+    """A random-weight PixArt-alpha folder: a two-layer transformer with a learned variance, a tiny T5
+    with the ByT5 tokenizer (no vocabulary file), PixArt's DPM-Solver config."""
+    from diffmem.testing import make_tiny_pixart_folder
+
+    return make_tiny_pixart_folder(tmp_path_factory.mktemp("tiny_pixart") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd2_folder(tmp_path_factory):
     """SD 2.x's conventions on the same layout: velocity prediction, and a tokenizer that pads with
     "!", so that the pad id is also the id of a "!" in a prompt."""

@@ -76,7 +76,7 @@ def test_a_finished_prompt_stops_changing_while_others_continue(tiny_sd):
 
 def test_prompt_that_ignores_the_text_has_d_zero_and_needs_no_iterations(tiny_sd):
     fake = SimpleNamespace(scheduler=tiny_sd.scheduler, empty_conditioning=tiny_sd.empty_conditioning,
-                           predict_noise=lambda x, t, cond: 0.5 * x + 0 * cond.embeddings.sum(),
+                           predict=lambda x, t, cond: 0.5 * x + 0 * cond.embeddings.sum(),
                            frozen_token_positions=(0,), defaults=tiny_sd.defaults)
     cond, x, t = first_step(tiny_sd, PROMPTS[:2])
     r = optimize_prompt_embedding(fake, cond, x, t, target_loss=0.0)

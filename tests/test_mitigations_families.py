@@ -1,6 +1,7 @@
 """Every registered mitigation runs in batch through mitigate_unit on each model family the tests
-can build offline (tiny Stable Diffusion, tiny v-prediction SD, tiny SDXL), and through the
-``mitigate`` command; methods that need a training set refuse the others in one line."""
+can build offline (tiny Stable Diffusion, tiny v-prediction SD, tiny SDXL, tiny PixArt), and through
+the ``mitigate`` command; methods that need a training set refuse the others in one line, and those
+that need a UNet's layout refuse a transformer."""
 
 from __future__ import annotations
 
@@ -23,23 +24,32 @@ CHEAP = {
     "rand_word_repeat": dict(repeat_num=1),
 }
 NEEDS_TRAINING_SET = {"amg"}
+REFUSED = {"pixart": {"nemo": "down and mid cross-attention"}}  # family -> {method: what its one line names}
 
 
 @pytest.fixture(scope="module")
-def families(tiny_sd, tiny_v_folder, tmp_path_factory):
+def families(tiny_sd, tiny_v_folder, tiny_pixart_folder, tmp_path_factory):
     from diffmem.adapters import load_model
     from diffmem.testing import make_tiny_sdxl_folder
 
     sdxl = make_tiny_sdxl_folder(tmp_path_factory.mktemp("tiny_sdxl") / "model")
-    return {"sd": tiny_sd, "v-prediction": load_model(str(tiny_v_folder)), "sdxl": load_model(str(sdxl))}
+    return {"sd": tiny_sd, "v-prediction": load_model(str(tiny_v_folder)), "sdxl": load_model(str(sdxl)),
+            "pixart": load_model(str(tiny_pixart_folder))}
 
 
-@pytest.mark.parametrize("family", ["sd", "v-prediction", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "v-prediction", "sdxl", "pixart"])
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in NEEDS_TRAINING_SET])
 def test_every_method_runs_in_batch_on_every_family(families, family, method):
     torch.set_num_threads(1)
     model = families[family]
     config = MitigationConfig(method=method, seed=SAMPLING.seed, **CHEAP.get(method, {}))
+    if method in REFUSED.get(family, {}):  # refused in one line naming the family, before any sampling
+        from diffmem.model import count_unet_rows
+
+        with count_unet_rows(model) as rows, pytest.raises(ValueError, match=f"cannot run on {model.family}") as e:
+            mitigate_unit(model, PROMPTS, [0, 1], config, SAMPLING)
+        assert REFUSED[family][method] in str(e.value) and "\n" not in str(e.value) and rows[0] == 0
+        return
     out = mitigate_unit(model, PROMPTS, [0, 1], config, SAMPLING)
     assert [r.position for r in out] == [0, 1]
     for r in out:
@@ -87,7 +97,7 @@ def test_unet_rows_are_counted_in_nested_blocks(tiny_sd):
             tiny_sd.predict_noise(x[:2], 10, cond[:2])
         tiny_sd.predict_noise(x[:1], 10, cond[:1])
     assert (outer[0], inner[0]) == (6, 2)
-    assert "predict_noise" not in vars(tiny_sd)
+    assert "model_output" not in vars(tiny_sd)
 
 
 def test_bench_mitigate_on_tiny_sdxl(families, tmp_path):

@@ -60,13 +60,15 @@ def test_track_steps_is_a_prefix_of_the_full_run(tiny_sd):
 class PromptBlindDenoiser:
     """An analytic fake: eps(x_t, t, e) = 0.5 x_t whatever the prompt, so d must be exactly 0."""
 
+    sampler_prediction = "epsilon"
+
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.latent_shape = (4, 8, 8)
         self.default_guidance_scale = 7.5
 
-    def predict_noise(self, x_t, t, cond):
+    def predict(self, x_t, t, cond):
         return 0.5 * x_t
 
     def encode_prompts(self, prompts):

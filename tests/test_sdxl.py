@@ -180,9 +180,9 @@ def test_embedding_opt_moves_only_the_token_embeddings(sdxl):
     seen = []
     real = type(sdxl).model_output
 
-    def spy(x_t, t, cond, unet=None):
+    def spy(x_t, t, cond, denoiser=None):
         seen.append(cond.detach())
-        return real(sdxl, x_t, t, cond, unet)
+        return real(sdxl, x_t, t, cond, denoiser)
 
     sdxl.model_output = spy
     try:

@@ -88,6 +88,16 @@ def down_cross_attention_blocks(model) -> list[list[str]]:
     return [groups[b] for b in sorted(groups, key=lambda b: int(b.split(".")[1]))]
 
 
+def require_down_cross_attention(model, method: str) -> list[list[str]]:
+    """``down_cross_attention_blocks(model)``, refused in one line naming `method` and the model's family
+    when there are none (a diffusion transformer has no down blocks)."""
+    groups = down_cross_attention_blocks(model)
+    if not groups:
+        raise ValueError(f"{method} cannot run on {model.family} ({model.name}): it reads the cross-attention of "
+                         "a UNet's down blocks, and this denoiser has none")
+    return groups
+
+
 def block_of(name: str) -> str:
     """The UNet block a layer sits in: "down_blocks.1", "mid_block", "up_blocks.0"."""
     head = name.split(".attentions.")[0]

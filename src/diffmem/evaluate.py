@@ -17,9 +17,10 @@ import numpy as np
 
 from diffmem.eval_sets import EvalSet
 from diffmem.files import generation_name, jsonable, one_writer, save_generations
-from diffmem.mitigate import (AUGMENT_STYLES, METHODS, MitigationConfig, calibrated_target_loss,
-                              mitigate_unit, reference_losses)
-from diffmem.mitigations import get_mitigation, param_names
+from diffmem.judge import Judge
+from diffmem.mitigate import (AUGMENT_STYLES, METHODS, MitigationConfig, calibrated_target_loss,  # noqa: F401
+                              mitigate_unit, reference_losses, setting_key, setting_value)
+from diffmem.mitigations import param_names
 from diffmem.provenance import provenance
 from diffmem.sampling import SamplingConfig, plan_units
 
@@ -67,29 +68,6 @@ def settings_of(config: EvaluateConfig) -> list[MitigationConfig]:
             out += [replace(base, method=method, params=dict(zip(names, values)))
                     for values in itertools.product(*grids)]
     return out
-
-
-def setting_key(m: MitigationConfig) -> str:
-    if m.method == "embedding-opt":
-        extra = (f",step={m.optim_step}" if m.optim_step else "") + \
-            (f",epsilon={m.epsilon:g},alpha={m.alpha:g}" if m.epsilon is not None else "")
-        return f"target_loss={m.target_loss:g}" + extra
-    if m.method in AUGMENT_STYLES:
-        return f"repeat_num={m.repeat_num}"
-    if m.params:
-        return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.params.items())
-    return "default"
-
-
-def setting_value(m: MitigationConfig) -> float | None:
-    """The value of the method's main knob in this setting (None: the method's default)."""
-    if m.method == "embedding-opt":
-        return m.target_loss
-    if m.method in AUGMENT_STYLES:
-        return m.repeat_num
-    knob = getattr(get_mitigation(m.method), "knob", None)
-    v = m.params.get(knob) if knob else None
-    return v if isinstance(v, (int, float)) else None
 
 
 def calibrate_target_loss(model, reference_prompts: list[str], sampling: SamplingConfig,
@@ -167,7 +145,6 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
 
     from diffmem.faults import fault_point
     from diffmem.files import append_rows, check_resume, load_png, read_json, read_rows, write_json, write_rows
-    from diffmem.judge import Judge  # the judge names its rows by setting_key: imported here, not at the top
     from diffmem.reports.plots import comparison_grid, tradeoff_figure
 
     state = PartialState()

@@ -7,15 +7,19 @@ and the similarity metrics of ``diffmem.similarity``, to every generation of a m
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from diffmem.eval_sets import EvalPrompt, EvalSet
-from diffmem.evaluate import EvaluateConfig, setting_key, setting_value
-from diffmem.mitigate import MitigatedPrompt, MitigationConfig
+from diffmem.mitigate import MitigatedPrompt, MitigationConfig, setting_key, setting_value
+
+if TYPE_CHECKING:
+    from diffmem.evaluate import EvaluateConfig
 
 
 class Judge:
     """All per-generation measurements of one evaluation set, set up once."""
 
-    def __init__(self, model, eval_set: EvalSet, config: EvaluateConfig):
+    def __init__(self, model, eval_set: EvalSet, config: "EvaluateConfig"):
         from diffmem import similarity
 
         self.config, self.eval_set = config, eval_set

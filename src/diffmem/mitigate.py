@@ -23,15 +23,14 @@ import torch
 from diffmem.files import jsonable, one_writer, save_generations
 from diffmem.metrics import TARGET_UNITS, mitigation_loss
 from diffmem.provenance import provenance
-from diffmem.detectors.wen import NoiseNormRecorder
-from diffmem.sampling import SamplingConfig, Step, plan_units, tracked_pass
+from diffmem.sampling import NoiseNormRecorder, SamplingConfig, Step, plan_units, tracked_pass
 
 from diffmem.mitigations import (MITIGATIONS, Unit, check_model, count_unet_rows, get_mitigation,
                                  make_params, plan_context, timed)
 from diffmem.mitigations.augment import (AUGMENT_STYLES, augment_prompt, insert_word,  # noqa: F401  (re-exported)
                                          random_vocabulary_word)
 from diffmem.mitigations.embedding_opt import (OptimizedEmbeddings, optimize_prompt_embedding,  # noqa: F401
-                                               step_noise_norms, token_distance)
+                                               reference_losses, step_noise_norms, token_distance)
 
 # every registered method (diffmem.mitigations): the reference and Wen et al.'s first, then the others
 METHODS = ("none", "embedding-opt", *[n for n in MITIGATIONS if n not in ("none", "embedding-opt")])
@@ -88,6 +87,30 @@ class MitigationConfig:
                        max_iters=self.max_iters if self.max_iters is not None else d.mitigation_max_iters)
 
 
+def setting_key(m: MitigationConfig) -> str:
+    """The name of a setting in an evaluation's rows and summary (e.g. ``target_loss=3``)."""
+    if m.method == "embedding-opt":
+        extra = (f",step={m.optim_step}" if m.optim_step else "") + \
+            (f",epsilon={m.epsilon:g},alpha={m.alpha:g}" if m.epsilon is not None else "")
+        return f"target_loss={m.target_loss:g}" + extra
+    if m.method in AUGMENT_STYLES:
+        return f"repeat_num={m.repeat_num}"
+    if m.params:
+        return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.params.items())
+    return "default"
+
+
+def setting_value(m: MitigationConfig) -> float | None:
+    """The value of the method's main knob in this setting (None: the method's default)."""
+    if m.method == "embedding-opt":
+        return m.target_loss
+    if m.method in AUGMENT_STYLES:
+        return m.repeat_num
+    knob = getattr(get_mitigation(m.method), "knob", None)
+    v = m.params.get(knob) if knob else None
+    return v if isinstance(v, (int, float)) else None
+
+
 def default_target_loss(normal_losses: list[float], threshold: float | None = None,
                         unit: str = "batch", num_generations: int = 1) -> float:
     """embedding-opt's calibrated target: the median first-step loss of prompts known to be normal (a
@@ -98,16 +121,6 @@ def default_target_loss(normal_losses: list[float], threshold: float | None = No
     if threshold is None:
         raise ValueError("no normal prompts' scores and no threshold to derive a target loss from")
     return 0.5 * float(threshold) * (num_generations ** 0.5 if unit == "batch" else 1.0)
-
-
-def reference_losses(model, prompts: list[str], sampling: SamplingConfig, unit: str = "batch") -> np.ndarray:
-    """First-step embedding-opt loss (``mitigation_loss`` in `unit`) of each prompt, prompt j from seed + j: (P,)."""
-    from dataclasses import replace
-
-    from diffmem.sampling import sample_prompts
-
-    res = sample_prompts(model, prompts, replace(sampling, track_steps=1), decode=False)
-    return np.array([float(mitigation_loss(r.text_noise_norm[:, 0].double(), unit)) for r in res])
 
 
 def calibrated_target_loss(model, config: MitigationConfig, sampling: SamplingConfig,

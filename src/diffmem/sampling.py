@@ -1,18 +1,19 @@
-"""The one tracked pass: batched DDIM + classifier-free guidance that hands every step to recorders.
+"""The one tracked pass: batched sampling with classifier-free guidance that hands every step to recorders.
 
 Every verb that needs a per-step quantity (detection's d, explanation's gradient, mitigation's
 starting d, evaluation, the audit, the lab report) runs this pass, so the same prompt, seed and
 settings give the same numbers everywhere. Tracking does not change sampling: latents equal those
-of diffusers' ``StableDiffusionPipeline`` with ``DDIMScheduler`` for the same seed (the seed
-contract in ``initial_noise``).
+of the family's diffusers pipeline (``StableDiffusionPipeline`` with ``DDIMScheduler``, ...) for the
+same seed (the seed contract in ``initial_noise``). The pass speaks of a denoiser: it combines and
+steps on ``model.predict`` (the noise on the epsilon-sampled families, the velocity on flow models).
 
 A *recorder* is any object with ``on_step(step: Step)`` and, optionally, ``before_step(index, t)``,
-called before that step's UNet calls, and ``after_branches(index)``, called right after them (the
+called before that step's denoiser calls, and ``after_branches(index)``, called right after them (the
 cross-attention recorder of ``diffmem.attention`` uses both to capture exactly the pass's calls of
 the steps asked for, not the extra calls other recorders make in their ``on_step``). Every pass keeps Wen et al.'s d
-(``diffmem.detectors.wen.NoiseNormRecorder``, in ``PromptSamples``); the detectors of
-``diffmem.detectors`` hand the pass their own recorders.
-With ``grad=True`` the UNet calls keep their autograd graph (token significance, embedding
+(``NoiseNormRecorder``, in ``PromptSamples``); the detectors of ``diffmem.detectors`` hand the pass
+their own recorders.
+With ``grad=True`` the denoiser calls keep their autograd graph (token significance, embedding
 optimization, Jacobian-vector scores differentiate through the recorded tensors); the latent
 update is always taken without gradients, so no graph spans two steps.
 """
@@ -25,7 +26,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from diffmem.detectors.wen import NoiseNormRecorder
+from diffmem.metrics import noise_norm, text_noise_norm
 from diffmem.model import Conditioning
 
 
@@ -83,36 +84,81 @@ def schedule(model, num_inference_steps: int) -> torch.Tensor:
 
 @dataclass
 class Step:
-    """What one step of the pass hands to recorders; N rows, unconditional rows not included."""
+    """What one step of the pass hands to recorders; N rows, unconditional rows not included.
+
+    The predictions are what guidance combined (``model.sampler_prediction``): the noise on the
+    epsilon-sampled families, read as ``eps_cond``/``eps_uncond``; a flow model's velocity has no
+    noise form at sigma = 1, so those names refuse it there.
+    """
 
     index: int  # position k in the schedule (0 = the first, noisiest step)
     t: torch.Tensor  # the timestep
     x_t: torch.Tensor  # (N, C, H, W) latents entering the step
-    eps_cond: torch.Tensor  # (N, C, H, W) noise predicted with the prompt
-    eps_uncond: torch.Tensor  # (N, C, H, W) noise predicted with the empty prompt
+    pred_cond: torch.Tensor  # (N, C, H, W) the prediction with the prompt
+    pred_uncond: torch.Tensor  # (N, C, H, W) the prediction with the null conditioning
     next_latents: torch.Tensor | None  # (N, C, H, W) after the guided update; None on a step not advanced
     cond: Conditioning  # (N rows) the conditioning of the conditional branch
+    prediction: str = "epsilon"  # what pred_* are: "epsilon" (the noise) or "flow" (the velocity)
+
+    def _noise(self, pred: torch.Tensor) -> torch.Tensor:
+        if self.prediction != "epsilon":
+            raise ValueError(f"this pass predicts {self.prediction!r}, not the noise: a noise difference of a flow "
+                             "model is identically 0 at sigma = 1; use pred_cond/pred_uncond")
+        return pred
+
+    @property
+    def eps_cond(self) -> torch.Tensor:
+        """(N, C, H, W) the noise predicted with the prompt."""
+        return self._noise(self.pred_cond)
+
+    @property
+    def eps_uncond(self) -> torch.Tensor:
+        """(N, C, H, W) the noise predicted with the null conditioning."""
+        return self._noise(self.pred_uncond)
 
 
 class Recorder(Protocol):
     def on_step(self, step: Step) -> None: ...
 
 
+class NoiseNormRecorder:
+    """Wen et al.'s d (ICLR 2024, eq. 3) and the unconditional noise norm, per pass row and step; `p`
+    is the norm order (2, the paper's; the original's ``lp`` option). Every pass keeps one."""
+
+    def __init__(self, p: float = 2.0):
+        self.p = p
+        self.text: list[torch.Tensor] = []
+        self.uncond: list[torch.Tensor] = []
+
+    def on_step(self, step: Step) -> None:
+        self.text.append(text_noise_norm(step.eps_cond, step.eps_uncond, self.p))
+        self.uncond.append(noise_norm(step.eps_uncond, self.p))
+
+    def text_noise_norm(self) -> torch.Tensor:
+        """(N, S) d per row and recorded step (differentiable when the pass ran with grad)."""
+        return torch.stack(self.text, 1)
+
+    def uncond_noise_norm(self) -> torch.Tensor:
+        """(N, S) ||eps_u|| per row and recorded step."""
+        return torch.stack(self.uncond, 1)
+
+
 def predict_branches(model, x_t: torch.Tensor, t, cond: Conditioning, uncond: Conditioning | None,
                      eps_uncond: torch.Tensor | None = None, max_batch: int | None = None):
-    """(eps_cond, eps_uncond) at x_t: one UNet call per `max_batch` rows, unconditional rows first
-    (as diffusers orders them). Given `eps_uncond`, only the conditional rows are computed.
+    """(pred_cond, pred_uncond) at x_t (``model.predict``: the noise on the epsilon-sampled families):
+    one denoiser call per `max_batch` rows, unconditional rows first (as diffusers orders them). Given
+    `eps_uncond`, only the conditional rows are computed.
 
     x_t (N, C, H, W) unscaled; cond and uncond N rows.
     """
     x_in = model.scheduler.scale_model_input(x_t, t)
     if eps_uncond is not None:
-        return model.predict_noise(x_in, t, cond), eps_uncond
+        return model.predict(x_in, t, cond), eps_uncond
     per_call = max((max_batch or 2 * len(x_t)) // 2, 1)
     outs_c, outs_u = [], []
     for i in range(0, len(x_t), per_call):
         xi = x_in[i:i + per_call]
-        eps = model.predict_noise(torch.cat([xi, xi]), t, Conditioning.cat([uncond[i:i + per_call], cond[i:i + per_call]]))
+        eps = model.predict(torch.cat([xi, xi]), t, Conditioning.cat([uncond[i:i + per_call], cond[i:i + per_call]]))
         e_u, e_c = eps.chunk(2)
         outs_u.append(e_u)
         outs_c.append(e_c)
@@ -126,31 +172,32 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
                  guidance_scale: "float | GuidanceSchedule", recorders: Sequence[Recorder] = (), *, first_index: int = 0,
                  eta: float = 0.0, advance_last: bool = True, max_batch: int | None = None,
                  grad: bool = False) -> torch.Tensor:
-    """DDIM with classifier-free guidance over `timesteps`, each step handed to `recorders`.
+    """The sampler (DDIM on the epsilon-sampled families) with classifier-free guidance over `timesteps`,
+    each step handed to `recorders`.
 
     latents (N, C, H, W) at the first of `timesteps` (step `first_index` of the schedule); cond,
-    uncond N rows; `max_batch` UNet samples per call (conditional and unconditional rows count).
+    uncond N rows; `max_batch` denoiser samples per call (conditional and unconditional rows count).
     With ``advance_last=False`` the last step is recorded but not taken (early-stopped detection).
     `guidance_scale` is a number, or a schedule ``(index, eps_cond, eps_uncond) -> w`` called at each
     step with its schedule position and both branches (a float, or an (N,) tensor for one w per row):
     guidance switched on at a step, or switched when d reaches a minimum (delayed guidance); or an
     object with ``guided(index, t, x_t, eps_cond, eps_uncond) -> eps`` that makes the guided
     prediction itself (``diffmem.mitigations.Guidance``: prompt re-anchoring, anti-memorization guidance).
-    With ``grad`` the UNet calls keep their graph for the recorders. Returns the final latents.
+    With ``grad`` the denoiser calls keep their graph for the recorders. Returns the final latents.
     """
     for k, t in enumerate(timesteps):
         last = k == len(timesteps) - 1
-        # 0. Optional hook: a recorder that acts inside the UNet calls (diffmem.attention) learns the step first.
+        # 0. Optional hook: a recorder that acts inside the denoiser calls (diffmem.attention) learns the step first.
         for r in recorders:
             if hasattr(r, "before_step"):
                 r.before_step(first_index + k, t)
         # 1. Both branches at x_t (in one call per max_batch rows).
         with torch.set_grad_enabled(grad):
             eps_c, eps_u = predict_branches(model, latents, t, cond, uncond, max_batch=max_batch)
-        for r in recorders:  # the step's own UNet calls are done (recorders may make more in on_step)
+        for r in recorders:  # the step's own denoiser calls are done (recorders may make more in on_step)
             if hasattr(r, "after_branches"):
                 r.after_branches(first_index + k)
-        # 2. Guidance and the DDIM update, without gradients.
+        # 2. Guidance and the scheduler's update, without gradients.
         nxt = None
         if advance_last or not last:
             with torch.no_grad():
@@ -164,7 +211,7 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
                     guided = e_u + w * (e_c - e_u)
                 nxt = model.scheduler.step(guided, t, latents.detach(), eta=eta, return_dict=False)[0]
         # 3. Recorders see the step.
-        step = Step(first_index + k, t, latents, eps_c, eps_u, nxt, cond)
+        step = Step(first_index + k, t, latents, eps_c, eps_u, nxt, cond, model.sampler_prediction)
         for r in recorders:
             r.on_step(step)
         if nxt is None:

@@ -1,7 +1,9 @@
-"""Tiny random Stable Diffusion (1.x/2.x and XL) folders built offline, for tests, benchmarks and the SD notebook.
+"""Tiny random Stable Diffusion (1.x/2.x and XL) and PixArt folders built offline, for tests,
+benchmarks and the SD notebook.
 
-The components follow diffusers' own ``get_dummy_components()`` sizes; the tokenizer is a
-character-level CLIP BPE tokenizer written here, so nothing is downloaded.
+The components follow diffusers' own ``get_dummy_components()`` sizes; the CLIP tokenizer is a
+character-level BPE tokenizer written here and PixArt's T5 tokenizer is ByT5's (bytes, no vocabulary
+file), so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -137,6 +139,50 @@ def make_tiny_sdxl_folder(path: str | Path, seed: int = 0, sample_size: int = 16
         "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "EulerDiscreteScheduler"], "image_encoder": [None, None],
         "feature_extractor": [None, None]}, indent=2))
+    return path
+
+
+def make_tiny_pixart_folder(path: str | Path, seed: int = 0, sample_size: int = 8, pipeline: str = "PixArtAlphaPipeline",
+                            learned_sigma: bool = True) -> Path:
+    """Write a random-weight PixArt-alpha (or, with ``pipeline="PixArtSigmaPipeline"``, -Sigma) folder, offline.
+
+    Sizes follow diffusers' PixArt ``get_dummy_components()``: a two-layer ``PixArtTransformer2DModel``
+    (patch 2, 3 heads of 8) whose output has the learned-variance half (8 channels for 4 latent
+    ones); a two-layer T5 encoder of width 32 with the ByT5 tokenizer (384 ids: every byte); the VAE
+    of the tiny SD folders; and PixArt's DPM-Solver++ scheduler config (linear betas 0.0001..0.02).
+    """
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8 if learned_sigma else 4,
+        attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=2, sample_size=sample_size * 2)
+    tokenizer = ByT5Tokenizer()
+    torch.manual_seed(seed + 2)
+    text_encoder = T5EncoderModel(T5Config(
+        d_model=32, d_kv=4, d_ff=16, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, vocab_size=len(tokenizer), feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                            prediction_type="epsilon", timestep_spacing="linspace", steps_offset=0)
+    transformer.save_pretrained(path / "transformer")
+    vae.save_pretrained(path / "vae")
+    text_encoder.save_pretrained(path / "text_encoder")
+    tokenizer.save_pretrained(path / "tokenizer")
+    scheduler.save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": pipeline, "_diffusers_version": "0.30.0",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "ByT5Tokenizer"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}, indent=2))
     return path
 
 

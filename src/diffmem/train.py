@@ -286,16 +286,6 @@ class EmbeddingCache:
         return Conditioning.cat([self.store[c] for c in captions]).to(self.model.device, torch.float32)
 
 
-def drop_captions(cond: Conditioning, empty: Conditioning, drop: torch.Tensor) -> Conditioning:
-    """Rows of `cond` where `drop` (B,) bool is set replaced by the one-row `empty` (caption dropout)."""
-    def pick(x, e):
-        mask = drop.view(-1, *([1] * (x.ndim - 1)))
-        return torch.where(mask, e.to(x.device, x.dtype).expand_as(x), x)
-
-    return Conditioning(pick(cond.embeddings, empty.embeddings),
-                        {k: pick(v, empty.extra[k]) for k, v in cond.extra.items()})
-
-
 def timestep_band(t, num_bands: int, num_train_timesteps: int):
     """Band k of timestep t when [0, T) is cut into `num_bands` equal bands: t in [k*T/K, (k+1)*T/K).
     Integer t (a tensor or an array) in, the same kind out."""
@@ -368,194 +358,264 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+@dataclass
+class Batch:
+    """One step's share of the data on this process, and the draws that go with it."""
+
+    index: torch.Tensor  # (B,) positions in the dataset
+    images: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    captions: list[str]  # after caption choice and augmentation
+    gen: torch.Generator  # this step's tensor draws (embedding noise, dropout, noise, timesteps), seeded by step and rank
+
+
+@dataclass
+class StepResult:
+    loss: float | None  # the mean loss over the kept samples; None when the filter kept none (skipped)
+    keep: torch.Tensor  # (B,) bool: the samples the loss was taken over
+
+
+class TrainingRun:
+    """The state of one ``train`` run: the accelerator, the denoiser being trained and its optimizer,
+    EMA and the pair filter, the data order, and the log. ``train`` calls its steps in order."""
+
+    def __init__(self, model, dataset, config: TrainConfig, save_model=None):
+        from accelerate import Accelerator
+        from diffusers.optimization import get_scheduler
+
+        self.model, self.dataset, self.config = model, dataset, config
+        self.out = Path(config.output_dir)
+        self.accelerator = acc = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                                             mixed_precision=config.mixed_precision, cpu=model.device.type == "cpu")
+        self.save_model = save_model or (lambda denoiser, folder: model.save(folder, denoiser=denoiser))
+        self.noise_scheduler = model.training_scheduler()
+        denoiser = model.denoiser
+        denoiser.train().requires_grad_(True)
+        if config.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.learning_rate,
+                                      weight_decay=config.adam_weight_decay, betas=(0.9, config.adam_beta2))
+        lr_sched = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=config.max_train_steps)
+        self.denoiser, self.optimizer, self.lr_sched = acc.prepare(denoiser, optimizer, lr_sched)
+        self.ema = EMA(acc.unwrap_model(self.denoiser).parameters(), config.ema_decay) if config.use_ema else None
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        self.keys_of = self.pairs = None
+        if config.pair_filter_share is not None:
+            self.keys_of = torch.from_numpy(pair_keys(dataset))
+            self.pairs = PairFilter(int(self.keys_of.max()) + 1 if len(self.keys_of) else 0, config.pair_filter_share,
+                                    config.pair_filter_min_draws)
+            acc.register_for_checkpointing(self.pairs)
+        self.embed = EmbeddingCache(model)
+        self.null = model.empty_conditioning().detach().to(dtype=torch.float32)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.global_batch = config.train_batch_size * self.world
+        self.steps_per_epoch = max(len(dataset) // self.global_batch, 1)
+        self._perm, self._perm_epoch = None, -1
+        self._t0, self._losses = time.time(), []
+
+    # 1. Resume: accelerate's state of a complete checkpoint, when asked for.
+    def resume(self) -> int:
+        """The step to start from (0, or the resumed checkpoint's)."""
+        config, out, acc = self.config, self.out, self.accelerator
+        if not config.resume_from_checkpoint:
+            return 0
+        ckpt = _latest_checkpoint(out) if config.resume_from_checkpoint == "latest" else Path(config.resume_from_checkpoint)
+        partial = list(out.glob("checkpoint-*.partial"))
+        if ckpt is None and partial:  # killed while writing its first checkpoint: nothing complete to go on from
+            acc.print(f"no complete checkpoint in {out} (only {partial[0].name}): training starts from step 0")
+            return 0
+        if ckpt is None or not ckpt.is_dir():
+            raise FileNotFoundError(f"no checkpoint to resume from at {config.resume_from_checkpoint} (output {out})")
+        if not (ckpt / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {STATE_FILE})")
+        acc.load_state(str(ckpt))
+        step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
+        acc.print(f"resumed from {ckpt} at step {step}")
+        return step
+
+    def write_config(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            (self.out / "train_config.json").write_text(json.dumps(asdict(self.config), indent=2))
+
+    # 2. The batch: a per-epoch permutation seeded by the epoch, so resume is exact.
+    def batch(self, step: int) -> Batch:
+        config = self.config
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(config.seed + epoch))
+            self._perm_epoch = epoch
+        idx = self._perm[k * self.global_batch + self.rank * config.train_batch_size:][: config.train_batch_size]
+        items = [self.dataset[int(i)] for i in idx]
+        images = torch.stack([im for im, _ in items]).to(self.accelerator.device) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+        captions = [c for _, c in items]
+        seed = config.seed * 1_000_003 + step * self.world + self.rank
+        rng = random.Random(seed)
+        if config.caption_per_line:  # several captions of one image: one drawn for this use
+            captions = [rng.choice([line for line in c.split("\n") if line.strip()] or [c]) for c in captions]
+        if config.prompt_aug_style:
+            from diffmem.mitigations.augment import augment_prompt
+
+            captions = [augment_prompt(c, config.prompt_aug_style, config.repeat_num, self.model, rng)
+                        if config.prompt_aug_prob >= 1 or rng.random() < config.prompt_aug_prob else c
+                        for c in captions]
+        return Batch(idx, images, captions, torch.Generator().manual_seed(seed))
+
+    # 3. Frozen conditioning with caption dropout, and the forward process at uniform timesteps.
+    @torch.no_grad()
+    def conditioning(self, batch: Batch) -> Conditioning:
+        """The captions' conditioning (embedding noise added), the null's in the dropped rows (CFG)."""
+        cond = self.embed(batch.captions)  # B rows
+        if self.config.embedding_noise:
+            noise_e = torch.randn(cond.embeddings.shape, generator=batch.gen).to(cond.embeddings.device)
+            cond = cond.with_embeddings(cond.embeddings + self.config.embedding_noise * noise_e)
+        drop = torch.rand(len(batch.captions), generator=batch.gen) < self.config.caption_dropout
+        return cond.where(drop.to(self.model.device), self.null)
+
+    def noised(self, batch: Batch):
+        """(x_t, t, target) of the batch's latents: noise (offset, perturbed) at uniformly drawn timesteps."""
+        config, gen, model = self.config, batch.gen, self.model
+        with torch.no_grad():
+            latents = model.encode_images(batch.images.to(model.dtype), generator=gen).float()
+        noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+        if config.noise_offset:  # one offset per sample and channel
+            noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(noise.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen).to(latents.device)
+        noise_in = noise
+        if config.input_perturbation:  # perturbed noise into x_t, the plain noise as the target
+            noise_in = noise + config.input_perturbation * torch.randn(latents.shape, generator=gen).to(noise.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise_in, t)
+        return noisy, t, model.training_target(latents, noise, t)  # the noise, or the velocity on v-prediction models
+
+    # 4. The loss, the training-time filter (Wen et al. 5.2) and one optimizer update.
+    def kept(self, batch: Batch, noisy, t, cond: Conditioning, pred: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the samples whose d (a noise difference on the same x_t and t) is under the
+        threshold, and whose pair the pair-level rule has not left out."""
+        model, acc = self.model, self.accelerator
+        with torch.no_grad(), acc.autocast():
+            pred_u = model.model_output(noisy, t, self.null.expand(len(cond)), denoiser=self.denoiser).float()
+        limit = hard_threshold_at(self.config.hard_threshold, t, self.noise_scheduler.config.num_train_timesteps)
+        keep = text_noise_norm(model.output_to_noise(pred.detach(), noisy, t), model.output_to_noise(pred_u, noisy, t)) < limit
+        if self.pairs is not None:  # every process counts every process's draws, so all agree on the rule
+            keys = self.keys_of[batch.index].to(keep.device)
+            self.pairs.update(acc.gather(keys), acc.gather(~keep))
+            keep = keep & ~self.pairs.is_left_out(keys).to(keep.device)
+        return keep
+
+    def learn(self, batch: Batch) -> StepResult:
+        config, acc = self.config, self.accelerator
+        cond = self.conditioning(batch)
+        noisy, t, target = self.noised(batch)
+        loss_value = None
+        with acc.accumulate(self.denoiser):
+            with acc.autocast():
+                pred = self.model.model_output(noisy, t, cond, denoiser=self.denoiser).float()
+            per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)  # (B,)
+            if config.snr_gamma is not None:  # per sample, so the filter keeps each kept sample's own weight
+                per_sample = per_sample * min_snr_weights(snr(self.noise_scheduler.alphas_cumprod, t), config.snr_gamma,
+                                                          self.model.prediction_type)
+            keep = torch.ones_like(per_sample, dtype=torch.bool)
+            if config.hard_threshold is not None:
+                keep = self.kept(batch, noisy, t, cond, pred)
+            if acc.reduce(keep.sum().float(), reduction="sum").item() != 0:
+                loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
+                acc.backward(loss)
+                if acc.sync_gradients and config.max_grad_norm:
+                    acc.clip_grad_norm_(self.denoiser.parameters(), config.max_grad_norm)
+                self.optimizer.step()
+                self.lr_sched.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_value = float(loss.detach())
+                self._losses.append(loss_value)
+        if self.ema is not None and acc.sync_gradients:  # also on steps the filter left empty, as the seed does
+            self.ema.update()
+        return StepResult(loss_value, keep)
+
+    # 5. The log, validation images and checkpoints after a step.
+    def report(self, done: int, result: StepResult, bar) -> None:
+        config, acc = self.config, self.accelerator
+        skipped = result.loss is None
+        left_out = 1.0 - float(result.keep.float().mean())
+        if acc.is_main_process and (done % config.log_every == 0 or skipped or done == config.max_train_steps):
+            losses = self._losses
+            rec = {"step": done, "loss": float(np.mean(losses)) if losses else None, "lr": self.lr_sched.get_last_lr()[0],
+                   "left_out": left_out, "skipped": skipped,
+                   "samples_per_s": len(losses) * self.global_batch / max(time.time() - self._t0, 1e-9)}
+            if self.pairs is not None:
+                rec["pairs_left_out"] = int(self.pairs.left_out.sum())
+            bar.set_postfix(loss=f"{rec['loss']:.4f}" if rec["loss"] is not None else "-", left_out=f"{left_out:.2f}")
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            self._losses, self._t0 = [], time.time()
+        if (config.validation_prompts and acc.is_main_process
+                and done % (self.steps_per_epoch * config.validation_epochs) == 0):
+            _validation_images(self.model, acc.unwrap_model(self.denoiser), config, self.out / "validation" / f"step-{done}")
+        if config.checkpointing_steps and done % config.checkpointing_steps == 0 and done < config.max_train_steps:
+            _checkpoint(acc, self.denoiser, self.ema, self.out / f"checkpoint-{done}", done, self.save_model, config)
+
+    # 6. The final model: the EMA weights (the raw ones beside them), then the denoiser back to inference.
+    def finish(self) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final = acc.unwrap_model(self.denoiser)
+            if self.ema is not None:  # the raw weights beside the EMA ones (the seed evaluates checkpoint-N/unet, the raw)
+                self.save_model(final.eval(), self.out / RAW_FOLDER)
+                self.ema.copy_to(final.parameters())
+            self.save_model(final.eval(), self.out)
+        self.denoiser.eval().requires_grad_(False)
+        return self.out
+
+
 @one_writer(lambda a: a["config"].output_dir)
 def train(model, dataset, config: TrainConfig, save_model=None, progress: bool = True) -> Path:
-    """Fine-tune ``model.unet`` on ``dataset`` (pairs of (3, H, W) images in [0, 1] and captions).
+    """Fine-tune ``model.denoiser`` on ``dataset`` (pairs of (3, H, W) images in [0, 1] and captions).
 
-    `save_model(unet, folder)` writes a loadable model (defaults to ``model.save``). Returns the
+    `save_model(denoiser, folder)` writes a loadable model (defaults to ``model.save``). Returns the
     output folder. Runs under ``accelerate launch`` for several processes.
     """
-    from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    out = Path(config.output_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              mixed_precision=config.mixed_precision, cpu=model.device.type == "cpu")
-    save_model = save_model or (lambda unet, folder: model.save(folder, unet=unet))
-    noise_scheduler = model.training_scheduler()
-    unet = model.unet
-    unet.train().requires_grad_(True)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.adam_weight_decay,
-                                  betas=(0.9, config.adam_beta2))
-    lr_sched = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                             num_training_steps=config.max_train_steps)
-    unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
-    ema = EMA(accelerator.unwrap_model(unet).parameters(), config.ema_decay) if config.use_ema else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    keys_of = pairs = None
-    if config.pair_filter_share is not None:
-        keys_of = torch.from_numpy(pair_keys(dataset))
-        pairs = PairFilter(int(keys_of.max()) + 1 if len(keys_of) else 0, config.pair_filter_share,
-                           config.pair_filter_min_draws)
-        accelerator.register_for_checkpointing(pairs)
-    embed = EmbeddingCache(model)
-    empty = model.empty_conditioning().detach().to(dtype=torch.float32)
-
-    start_step = 0
-    if config.resume_from_checkpoint:
-        ckpt = _latest_checkpoint(out) if config.resume_from_checkpoint == "latest" else Path(config.resume_from_checkpoint)
-        partial = list(out.glob("checkpoint-*.partial"))
-        if ckpt is None and partial:  # killed while writing its first checkpoint: nothing complete to go on from
-            accelerator.print(f"no complete checkpoint in {out} (only {partial[0].name}): training starts from step 0")
-        elif ckpt is None or not ckpt.is_dir():
-            raise FileNotFoundError(f"no checkpoint to resume from at {config.resume_from_checkpoint} (output {out})")
-        else:
-            if not (ckpt / STATE_FILE).is_file():
-                raise FileNotFoundError(f"{ckpt}: not a complete checkpoint (no {STATE_FILE})")
-            accelerator.load_state(str(ckpt))
-            start_step = int(json.loads((ckpt / STATE_FILE).read_text())["step"])
-            accelerator.print(f"resumed from {ckpt} at step {start_step}")
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = config.train_batch_size * world
-    steps_per_epoch = max(len(dataset) // global_batch, 1)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_log.jsonl"
-    if accelerator.is_main_process:
-        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
-    bar = tqdm(total=config.max_train_steps, initial=start_step, disable=not (progress and accelerator.is_main_process),
-               desc="train", unit="step")
-    perm, perm_epoch = None, -1
-    t0, losses = time.time(), []
-    for step in range(start_step, config.max_train_steps):
-        # 1. This step's batch: a per-epoch permutation seeded by the epoch, so resume is exact.
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed + epoch))
-            perm_epoch = epoch
-        idx = perm[k * global_batch + rank * config.train_batch_size:][: config.train_batch_size]
-        items = [dataset[int(i)] for i in idx]
-        images = torch.stack([im for im, _ in items]).to(accelerator.device) * 2 - 1  # (B, 3, H, W) in [-1, 1]
-        captions = [c for _, c in items]
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * world + rank)
-        rng = random.Random(config.seed * 1_000_003 + step * world + rank)
-        if config.caption_per_line:  # several captions of one image: one drawn for this use
-            captions = [rng.choice([line for line in c.split("\n") if line.strip()] or [c]) for c in captions]
-        if config.prompt_aug_style:
-            from diffmem.mitigate import augment_prompt
-
-            captions = [augment_prompt(c, config.prompt_aug_style, config.repeat_num, model, rng)
-                        if config.prompt_aug_prob >= 1 or rng.random() < config.prompt_aug_prob else c
-                        for c in captions]
-        # 2. Frozen conditioning, with caption dropout for classifier-free guidance.
-        with torch.no_grad():
-            cond = embed(captions)  # B rows
-            if config.embedding_noise:
-                noise_e = torch.randn(cond.embeddings.shape, generator=gen).to(cond.embeddings.device)
-                cond = cond.with_embeddings(cond.embeddings + config.embedding_noise * noise_e)
-            drop = torch.rand(len(captions), generator=gen) < config.caption_dropout
-            cond = drop_captions(cond, empty, drop.to(model.device))
-            latents = model.encode_images(images.to(model.dtype), generator=gen).float()
-        # 3. DDPM forward process at a uniformly drawn timestep.
-        noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-        if config.noise_offset:  # one offset per sample and channel
-            noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(noise.device)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen).to(latents.device)
-        noise_in = noise
-        if config.input_perturbation:  # perturbed noise into x_t, the plain noise as the target
-            noise_in = noise + config.input_perturbation * torch.randn(latents.shape, generator=gen).to(noise.device)
-        noisy = noise_scheduler.add_noise(latents, noise_in, t)
-        target = model.training_target(latents, noise, t)  # the noise, or the velocity on v-prediction models
-        with accelerator.accumulate(unet):
-            with accelerator.autocast():
-                pred = model.model_output(noisy, t, cond, unet=unet).float()
-            per_sample = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)  # (B,)
-            if config.snr_gamma is not None:  # per sample, so the filter below keeps each kept sample's own weight
-                per_sample = per_sample * min_snr_weights(snr(noise_scheduler.alphas_cumprod, t), config.snr_gamma,
-                                                          model.prediction_type)
-            keep = torch.ones_like(per_sample, dtype=torch.bool)
-            if config.hard_threshold is not None:
-                # 4. Training-time mitigation: d (a noise difference) on the same noisy input and timestep, no gradient.
-                with torch.no_grad(), accelerator.autocast():
-                    pred_u = model.model_output(noisy, t, empty.expand(len(cond)), unet=unet).float()
-                limit = hard_threshold_at(config.hard_threshold, t, noise_scheduler.config.num_train_timesteps)
-                keep = text_noise_norm(model.output_to_noise(pred.detach(), noisy, t),
-                                       model.output_to_noise(pred_u, noisy, t)) < limit
-                if pairs is not None:  # every process counts every process's draws, so all agree on the rule
-                    keys = keys_of[idx].to(keep.device)
-                    pairs.update(accelerator.gather(keys), accelerator.gather(~keep))
-                    keep = keep & ~pairs.is_left_out(keys).to(keep.device)
-            n_kept = accelerator.reduce(keep.sum().float(), reduction="sum")
-            skipped = bool(n_kept.item() == 0)
-            if not skipped:
-                loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(unet.parameters(), config.max_grad_norm)
-                optimizer.step()
-                lr_sched.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-        if ema is not None and accelerator.sync_gradients:  # also on steps the filter left empty, as the seed does
-            ema.update()
+    run = TrainingRun(model, dataset, config, save_model)  # accelerator, optimizer, EMA, filters
+    start = run.resume()
+    run.write_config()
+    bar = tqdm(total=config.max_train_steps, initial=start, desc="train", unit="step",
+               disable=not (progress and run.accelerator.is_main_process))
+    for step in range(start, config.max_train_steps):
+        batch = run.batch(step)
+        result = run.learn(batch)
         fault_point("train.step")
         bar.update(1)
-        done = step + 1
-        left_out = 1.0 - float(keep.float().mean())
-        if accelerator.is_main_process and (done % config.log_every == 0 or skipped or done == config.max_train_steps):
-            rec = {"step": done, "loss": float(np.mean(losses)) if losses else None, "lr": lr_sched.get_last_lr()[0],
-                   "left_out": left_out, "skipped": skipped, "samples_per_s": len(losses) * global_batch / max(time.time() - t0, 1e-9)}
-            if pairs is not None:
-                rec["pairs_left_out"] = int(pairs.left_out.sum())
-            bar.set_postfix(loss=f"{rec['loss']:.4f}" if rec["loss"] is not None else "-", left_out=f"{left_out:.2f}")
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            losses, t0 = [], time.time()
-        if config.validation_prompts and accelerator.is_main_process and done % (steps_per_epoch * config.validation_epochs) == 0:
-            _validation_images(model, accelerator.unwrap_model(unet), config, out / "validation" / f"step-{done}")
-        # 5. Checkpoints: accelerate state (resume) and a loadable model (evaluation).
-        if config.checkpointing_steps and done % config.checkpointing_steps == 0 and done < config.max_train_steps:
-            _checkpoint(accelerator, unet, ema, out / f"checkpoint-{done}", done, save_model, config)
+        run.report(step + 1, result, bar)
     bar.close()
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = accelerator.unwrap_model(unet)
-        if ema is not None:  # the raw weights beside the EMA ones (the seed evaluates checkpoint-N/unet, the raw)
-            save_model(final.eval(), out / RAW_FOLDER)
-            ema.copy_to(final.parameters())
-        save_model(final.eval(), out)
-    unet.eval().requires_grad_(False)
-    return out
+    return run.finish()
 
 
 RAW_FOLDER = "raw"  # with EMA: the raw (non-EMA) weights, a loadable model in OUTPUT/raw
 
 
-def _validation_images(model, unet, config: TrainConfig, folder: Path) -> None:
+def _validation_images(model, denoiser, config: TrainConfig, folder: Path) -> None:
     """One image per validation prompt from the weights being trained, prompt i from seed + i, as PNG."""
     from diffmem.files import save_png
     from diffmem.sampling import SamplingConfig, sample_prompts
 
-    was_training = unet.training
-    unet.eval()
+    was_training = denoiser.training
+    denoiser.eval()
     with torch.no_grad():
         res = sample_prompts(model, list(config.validation_prompts),
                              SamplingConfig(num_inference_steps=config.validation_inference_steps, num_generations=1,
                                             seed=config.seed))
-    unet.train(was_training)
+    denoiser.train(was_training)
     folder.mkdir(parents=True, exist_ok=True)
     for i, r in enumerate(res):
         save_png(r.images[0], folder / f"{i:03d}.png")
     (folder / "prompts.txt").write_text("".join(p + "\n" for p in config.validation_prompts))
 
 
-def _checkpoint(accelerator, unet, ema, folder: Path, step: int, save_model, config: TrainConfig):
+def _checkpoint(accelerator, denoiser, ema, folder: Path, step: int, save_model, config: TrainConfig):
     """Accelerate's state (resume) and a loadable model (evaluation) in `folder`, written whole under
     a temporary name (``folder.partial``), the state file last, then renamed: a run killed while
     writing leaves only the partial folder, which resume ignores."""
@@ -571,7 +631,7 @@ def _checkpoint(accelerator, unet, ema, folder: Path, step: int, save_model, con
     fault_point("train.checkpoint")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        snap = copy.deepcopy(accelerator.unwrap_model(unet))
+        snap = copy.deepcopy(accelerator.unwrap_model(denoiser))
         if ema is not None:
             save_model(snap.eval(), partial / "model" / RAW_FOLDER)
             ema.copy_to(snap.parameters())

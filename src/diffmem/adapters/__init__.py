@@ -24,12 +24,12 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.
 
 
 def resolve_model_path(model: str) -> tuple[str, Path]:
-    """(family, folder) for a --model value: 'lab', a lab, SD or SDXL folder, or a cached hub id.
+    """(family, folder) for a --model value: 'lab', a lab, SD, SDXL or PixArt folder, or a cached hub id.
 
-    A diffusers folder whose model_index.json ``_class_name`` contains "XL" is "stable-diffusion-xl";
-    any other non-lab folder is "stable-diffusion"."""
+    A diffusers folder's family comes from its model_index.json ``_class_name``: a PixArt pipeline is
+    "pixart", a class name containing "XL" "stable-diffusion-xl", anything else "stable-diffusion"."""
     if model == DEFAULT_MODEL:
-        from diffmem.lab.build import WEIGHTS_DIR
+        from diffmem.lab import WEIGHTS_DIR
 
         if not (WEIGHTS_DIR / "lab_model.json").is_file():
             raise FileNotFoundError(f"the built-in lab model is not installed at {WEIGHTS_DIR}; "
@@ -47,9 +47,12 @@ def resolve_model_path(model: str) -> tuple[str, Path]:
 
 
 def _diffusers_family(path: Path) -> str:
-    from diffmem.adapters.stable_diffusion_xl import FAMILY, is_sdxl_folder
+    from diffmem.adapters.pixart import is_pixart_folder
+    from diffmem.adapters.stable_diffusion_xl import is_sdxl_folder
 
-    return FAMILY if is_sdxl_folder(path) else "stable-diffusion"
+    if is_pixart_folder(path):
+        return "pixart"
+    return "stable-diffusion-xl" if is_sdxl_folder(path) else "stable-diffusion"
 
 
 def _cached_hub_snapshot(repo_id: str) -> Path:
@@ -84,16 +87,50 @@ def load_model(model: str = DEFAULT_MODEL, unet: str | None = None, device: str 
                          "diffmem reads safetensors, and pickled .bin weights only as plain tensors") from None
 
 
+NULL_KEYS = ("y_embedding", "y_embedder.y_embedding", "embeddings")  # PixArt's learned null caption, or any
+
+
+def read_null(path: str | Path):
+    """(conditioning, name) of a null embedding file (``--null-embedding``): a safetensors file with
+    one of ``NULL_KEYS`` (T, D) and optionally ``mask`` (T,) (default: every token attended to).
+    Named "y_embedding" for PixArt's key, else ``file:<stem>``."""
+    from safetensors.torch import load_file
+
+    from diffmem.model import Conditioning
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--null-embedding {path}: no such file")
+    tensors = load_file(str(path))
+    key = next((k for k in NULL_KEYS if k in tensors), None)
+    if key is None:
+        raise ValueError(f"--null-embedding {path}: expected a tensor named one of {', '.join(NULL_KEYS)}, "
+                         f"found {', '.join(sorted(tensors)) or 'none'}")
+    emb = tensors[key]
+    emb = emb[None] if emb.ndim == 2 else emb
+    if emb.ndim != 3 or len(emb) != 1:
+        raise ValueError(f"--null-embedding {path}: {key} of shape {tuple(tensors[key].shape)}, expected (T, D)")
+    mask = tensors.get("mask", torch.ones(emb.shape[1], dtype=torch.long)).long().reshape(1, -1)
+    name = "y_embedding" if key != "embeddings" else f"file:{path.stem}"
+    return Conditioning(emb, mask=mask), name
+
+
+# family -> "module:loader"; a loader takes (folder, denoiser folder or None, device=, dtype=). Adding a
+# family is its adapter file, a line here and its recognition in _diffusers_family.
+LOADERS = {
+    "stable-diffusion": "diffmem.adapters.stable_diffusion:load_stable_diffusion",
+    "stable-diffusion-xl": "diffmem.adapters.stable_diffusion_xl:load_stable_diffusion_xl",
+    "pixart": "diffmem.adapters.pixart:load_pixart",
+}
+
+
 def _load_family(family: str, path, model: str, unet, device, torch_dtype):
+    import importlib
+
     if family == "lab":
         from diffmem.adapters.lab import load_lab_model
 
         return load_lab_model(path, unet, device=device, dtype=torch_dtype,
                               name=DEFAULT_MODEL if model == DEFAULT_MODEL else None)
-    if family == "stable-diffusion-xl":
-        from diffmem.adapters.stable_diffusion_xl import load_stable_diffusion_xl
-
-        return load_stable_diffusion_xl(path, unet, device=device, dtype=torch_dtype)
-    from diffmem.adapters.stable_diffusion import load_stable_diffusion
-
-    return load_stable_diffusion(path, unet, device=device, dtype=torch_dtype)
+    module, loader = LOADERS[family].split(":")
+    return getattr(importlib.import_module(module), loader)(path, unet, device=device, dtype=torch_dtype)

@@ -1,5 +1,5 @@
-"""What every adapter shares: the noise/velocity conversion, the training target, the cached
-unconditional branch and the model's identity. Family files add prompts, images and saving."""
+"""What every adapter shares: the noise/velocity conversion, the training target, the named null
+conditioning and the model's identity. Family files add prompts, images and saving."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from diffmem.model import (PREDICTION_TYPES, Conditioning, ModelDefaults, noise_from_model_output,
-                           training_target)
+from diffmem.model import (PREDICTION_TYPES, Conditioning, ModelDefaults, NullConditioning,
+                           noise_from_model_output, sampler_prediction, training_target)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 
 
 def sampling_scheduler(scheduler):
-    """(a DDIM scheduler in epsilon mode for sampling, the UNet's prediction type) from a model's scheduler.
+    """(a DDIM scheduler in epsilon mode for sampling, the denoiser's prediction type) from a model's scheduler.
 
     predict_noise always hands the sampler noise, so the sampler's DDIM runs on epsilon; its update
     equals DDIM on the raw output in the native mode.
@@ -23,9 +23,9 @@ def sampling_scheduler(scheduler):
     from diffusers import DDIMScheduler
 
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
+    if prediction_type not in PREDICTION_TYPES or prediction_type == "flow":
         raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported: expected one of "
-                         f"{', '.join(PREDICTION_TYPES)}")
+                         f"{', '.join(PREDICTION_TYPES[:2])} (DDIM)")
     return DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon"), prediction_type
 
 
@@ -40,39 +40,77 @@ def load_unet(folder: Path, unet_path: str | Path | None, dtype: torch.dtype):
 
 
 class AdapterBase:
-    """Shared members of the adapters; subclasses set name, family, device, dtype, unet, scheduler,
-    prediction_type, defaults and folders, and implement ``encode_prompts``."""
+    """Shared members of the adapters; subclasses set name, family, device, dtype, denoiser, scheduler,
+    prediction_type, defaults and folders, and implement ``encode_prompts`` (and ``default_null``
+    where the family's unconditional branch is not the encoded empty prompt)."""
 
     name: str
     family: str
     device: torch.device
     dtype: torch.dtype
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     scheduler: object
     prediction_type: str
     defaults: ModelDefaults
     folders: tuple[Path, ...] = ()  # where the weights came from (identity)
     frozen_token_positions: tuple[int, ...] = (0,)  # the start token: its embedding is the same for every prompt
-    _empty: Conditioning | None = None
+    _null: NullConditioning | None = None
     _alphas: torch.Tensor | None = None
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser, under the name the UNet families' code (attention maps, NeMo) knows it by."""
+        return self.denoiser
+
+    @unet.setter
+    def unet(self, module: torch.nn.Module) -> None:
+        self.denoiser = module
 
     @property
     def default_guidance_scale(self) -> float:
         return self.defaults.guidance_scale
 
+    @property
+    def sampler_prediction(self) -> str:
+        return sampler_prediction(self.prediction_type)
+
     def encode_prompts(self, prompts: list[str]) -> Conditioning:  # pragma: no cover - per family
         raise NotImplementedError
 
-    def empty_conditioning(self) -> Conditioning:
-        if self._empty is None:
-            self._empty = self.encode_prompts([""])
-        return self._empty
+    # -- the unconditional branch ------------------------------------------------------------
+    def default_null(self) -> NullConditioning:
+        """The family pipeline's unconditional branch with no negative prompt: the encoded ``""``."""
+        return NullConditioning("empty-prompt", self.encode_prompts([""]))
 
-    # -- the UNet ----------------------------------------------------------------------------
-    def model_output(self, x_t, t, cond: Conditioning, unet=None) -> torch.Tensor:
+    @property
+    def null(self) -> NullConditioning:
+        if self._null is None:
+            self._null = self.default_null()
+        return self._null
+
+    def use_null(self, conditioning: Conditioning, name: str) -> None:
+        """Measure and sample against `conditioning` (one row, shaped like an encoded prompt's), recorded
+        under `name` in the model's identity. A mask of ones is dropped on a family without token masks."""
+        like = self.null.conditioning
+        if like.mask is None and conditioning.mask is not None and bool((conditioning.mask != 0).all()):
+            conditioning = Conditioning(conditioning.embeddings, dict(conditioning.extra))
+        if conditioning.embeddings.shape[1:] != like.embeddings.shape[1:]:
+            raise ValueError(f"null conditioning {name!r}: embeddings of shape {tuple(conditioning.embeddings.shape[1:])}, "
+                             f"{self.name} encodes prompts as {tuple(like.embeddings.shape[1:])}")
+        if set(conditioning.extra) != set(like.extra) or (conditioning.mask is None) != (like.mask is None):
+            raise ValueError(f"null conditioning {name!r}: it has extras {sorted(conditioning.extra)} and "
+                             f"{'a' if conditioning.mask is not None else 'no'} token mask; {self.name}'s conditioning "
+                             f"has {sorted(like.extra)} and {'a' if like.mask is not None else 'no'} token mask")
+        self._null = NullConditioning(name, conditioning.to(self.device, self.dtype))
+
+    def empty_conditioning(self) -> Conditioning:
+        return self.null.conditioning
+
+    # -- the denoiser ------------------------------------------------------------------------
+    def model_output(self, x_t, t, cond: Conditioning, denoiser=None) -> torch.Tensor:
         extra = cond.extra or None
-        return (unet or self.unet)(x_t, t, encoder_hidden_states=cond.embeddings, added_cond_kwargs=extra,
-                                   return_dict=False)[0]
+        return (denoiser or self.denoiser)(x_t, t, encoder_hidden_states=cond.embeddings, added_cond_kwargs=extra,
+                                           return_dict=False)[0]
 
     def alpha_bar(self, t) -> torch.Tensor:
         """alpha_bar_t of the training noise schedule, for an int / (B,) int timestep tensor."""
@@ -85,8 +123,12 @@ class AdapterBase:
             return output
         return noise_from_model_output(output, x_t, self.alpha_bar(t), self.prediction_type).to(output.dtype)
 
-    def predict_noise(self, x_t, t, cond: Conditioning, unet=None) -> torch.Tensor:
-        return self.output_to_noise(self.model_output(x_t, t, cond, unet), x_t, t)
+    def predict_noise(self, x_t, t, cond: Conditioning, denoiser=None) -> torch.Tensor:
+        return self.output_to_noise(self.model_output(x_t, t, cond, denoiser), x_t, t)
+
+    def predict(self, x_t, t, cond: Conditioning, denoiser=None) -> torch.Tensor:
+        """The noise: every adapter here samples with DDIM in epsilon mode (``sampling_scheduler``)."""
+        return self.predict_noise(x_t, t, cond, denoiser)
 
     def training_target(self, x0, noise, t) -> torch.Tensor:
         return training_target(x0, noise, self.alpha_bar(t), self.prediction_type).to(noise.dtype)
@@ -96,9 +138,10 @@ class AdapterBase:
 
         return DDPMScheduler.from_config(self.scheduler.config, prediction_type=self.prediction_type)
 
-    def save(self, path: str | Path, unet=None) -> None:
+    def save(self, path: str | Path, denoiser=None) -> None:
         """Write the (fine-tuned) UNet as ``path/unet``, loadable with ``--unet path/unet``."""
-        (unet if unet is not None else self.unet).save_pretrained(Path(path) / "unet", safe_serialization=True)
+        (denoiser if denoiser is not None else self.denoiser).save_pretrained(Path(path) / "unet",
+                                                                              safe_serialization=True)
 
     # -- data and identity -------------------------------------------------------------------
     def training_data(self):
@@ -116,4 +159,4 @@ class AdapterBase:
                 elif p.suffix in WEIGHT_SUFFIXES:
                     h.update(f"{rel}\t{p.stat().st_size}\n".encode())
         return {"name": self.name, "family": self.family, "prediction_type": self.prediction_type,
-                "sha256_16": h.hexdigest()[:16] if self.folders else None}
+                "null_conditioning": self.null.name, "sha256_16": h.hexdigest()[:16] if self.folders else None}

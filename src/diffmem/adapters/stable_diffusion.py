@@ -62,12 +62,12 @@ class StableDiffusionModel(AdapterBase):
         self.device = torch.device(device)
         self.dtype = dtype
         place = lambda m: (m.to(self.device) if m.dtype == dtype else m.to(self.device, dtype)).eval().requires_grad_(False)
-        self.unet, self.vae, self.text_encoder = place(unet), place(vae), place(text_encoder)
+        self.denoiser, self.vae, self.text_encoder = place(unet), place(vae), place(text_encoder)
         self.tokenizer = tokenizer
         self.scheduler, self.prediction_type = sampling_scheduler(scheduler)
         vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        size = self.unet.config.sample_size
-        self.latent_shape = (self.unet.config.in_channels, size, size)
+        size = self.denoiser.config.sample_size
+        self.latent_shape = (self.denoiser.config.in_channels, size, size)
         self.image_size = size * vae_scale_factor
         self.max_tokens = tokenizer.model_max_length
         self.defaults = ModelDefaults()  # the paper's values are Stable Diffusion's

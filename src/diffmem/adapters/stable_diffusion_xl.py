@@ -41,7 +41,7 @@ import torch
 
 from diffmem.adapters.base import AdapterBase, load_unet, sampling_scheduler
 from diffmem.adapters.stable_diffusion import check_folder, clip_tokens
-from diffmem.model import Conditioning, ModelDefaults, Token
+from diffmem.model import Conditioning, ModelDefaults, NullConditioning, Token
 
 FAMILY = "stable-diffusion-xl"
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -92,7 +92,7 @@ class StableDiffusionXLModel(AdapterBase):
             m = m.to(self.device) if m.dtype == to_dtype else m.to(self.device, to_dtype)
             return m.eval().requires_grad_(False)
 
-        self.unet, self.text_encoder, self.text_encoder_2 = place(unet), place(text_encoder), place(text_encoder_2)
+        self.denoiser, self.text_encoder, self.text_encoder_2 = place(unet), place(text_encoder), place(text_encoder_2)
         # SDXL's VAE overflows in float16 (its config sets force_upcast): keep it in float32 then, as the
         # pipeline does when it decodes.
         upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
@@ -108,14 +108,14 @@ class StableDiffusionXLModel(AdapterBase):
                              f"{tokenizer_2.model_max_length}); SDXL concatenates the two encoders token by token")
         self._check_dims()
         vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        size = self.unet.config.sample_size
-        self.latent_shape = (self.unet.config.in_channels, size, size)
+        size = self.denoiser.config.sample_size
+        self.latent_shape = (self.denoiser.config.in_channels, size, size)
         self.image_size = size * vae_scale_factor
         self.defaults = ModelDefaults(guidance_scale=SDXL_DEFAULT_GUIDANCE)  # lr, iterations, target: SD's
 
     def _check_dims(self) -> None:
         """The encoders' widths must be what the UNet reads (the pipeline checks the added-embedding width)."""
-        cfg = self.unet.config
+        cfg = self.denoiser.config
         width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
         if cfg.cross_attention_dim != width:
             raise ValueError(f"{self.name}: the UNet's cross_attention_dim is {cfg.cross_attention_dim} but the text "
@@ -124,7 +124,7 @@ class StableDiffusionXLModel(AdapterBase):
             raise ValueError(f"{self.name}: the UNet's addition_embed_type is {cfg.addition_embed_type!r}; "
                              "an SDXL UNet has 'text_time'")
         passed = cfg.addition_time_embed_dim * 6 + self.text_encoder_2.config.projection_dim
-        expected = self.unet.add_embedding.linear_1.in_features
+        expected = self.denoiser.add_embedding.linear_1.in_features
         if passed != expected:
             raise ValueError(f"{self.name}: the UNet expects an added embedding of width {expected}, but 6 time ids "
                              f"and text_encoder_2's projection give {passed}")
@@ -154,16 +154,15 @@ class StableDiffusionXLModel(AdapterBase):
         embeddings, pooled = self._encode(prompts)
         return Conditioning(embeddings, {"text_embeds": pooled, "time_ids": self.time_ids(len(prompts))})
 
-    def empty_conditioning(self) -> Conditioning:
-        if self._empty is None:
-            if self.force_zeros_for_empty_prompt:
-                zeros = lambda *shape: torch.zeros(shape, dtype=self.dtype, device=self.device)
-                self._empty = Conditioning(zeros(1, self.max_tokens, self.unet.config.cross_attention_dim),
-                                           {"text_embeds": zeros(1, self.text_encoder_2.config.projection_dim),
-                                            "time_ids": self.time_ids(1)})
-            else:
-                self._empty = self.encode_prompts([""])
-        return self._empty
+    def default_null(self) -> NullConditioning:
+        """The pipeline's null with no negative prompt: zeros (token and pooled embeddings) under
+        ``force_zeros_for_empty_prompt``, else the encoded ``""``; the time ids are the prompt's."""
+        if not self.force_zeros_for_empty_prompt:
+            return super().default_null()
+        zeros = lambda *shape: torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return NullConditioning("zeros", Conditioning(
+            zeros(1, self.max_tokens, self.denoiser.config.cross_attention_dim),
+            {"text_embeds": zeros(1, self.text_encoder_2.config.projection_dim), "time_ids": self.time_ids(1)}))
 
     def tokens(self, prompt: str) -> list[Token]:
         return clip_tokens(self.tokenizer, prompt, self.max_tokens)

@@ -12,8 +12,14 @@ VERBS = ("detect", "roc", "lab", "train", "mitigate", "evaluate", "explain", "se
 def common_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="lab", help="'lab' (built-in lab model, default), a diffusers Stable "
-                   "Diffusion 1.x/2.x or SDXL folder, a lab model folder, or a hub id in the local Hugging Face cache")
-    g.add_argument("--unet", default=None, help="a fine-tuned UNet folder to use instead of the model's")
+                   "Diffusion 1.x/2.x, SDXL or PixArt folder, a lab model folder, or a hub id in the local Hugging "
+                   "Face cache")
+    g.add_argument("--unet", default=None, help="a fine-tuned denoiser folder (a UNet; PixArt: a transformer) to use "
+                   "instead of the model's")
+    g.add_argument("--null-embedding", default=None, metavar="FILE",
+                   help="a safetensors file holding the unconditional branch to measure and sample against instead "
+                   "of the family's (e.g. PixArt's trained y_embedding): 'y_embedding' or 'embeddings' (T, D), "
+                   "optionally 'mask' (T,); recorded with the model's identity")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: accelerate's device for this process)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
 
@@ -30,7 +36,12 @@ def load_model_from_args(args):
     device = str(state.device) if args.device == "auto" else args.device
     if state.num_processes > 1 and device == "cpu":
         torch.set_num_threads(max(1, (torch.get_num_threads()) // state.num_processes))
-    return load_model(args.model, unet=args.unet, device=device, dtype=args.dtype)
+    model = load_model(args.model, unet=args.unet, device=device, dtype=args.dtype)
+    if getattr(args, "null_embedding", None):
+        from diffmem.adapters import read_null
+
+        model.use_null(*read_null(args.null_embedding))
+    return model
 
 
 def build_parser() -> argparse.ArgumentParser:

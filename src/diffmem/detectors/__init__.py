@@ -23,77 +23,11 @@ fields of a detection row. To add one:
    ``prepare(model, config)`` (called once before any sampling, to refuse a model or settings early),
    ``needs_images = True`` (the generations are decoded for it), ``min_generations`` (G it needs);
 
-2. decorate it with ``@register`` and import the file at the end of this module.
+2. decorate it with ``@register`` (from ``diffmem.detectors.registry``) and import the file below.
 
 ``detectors/wen.py`` (Wen et al.'s d) is such a file.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from diffmem.sampling import Recorder, SamplingConfig
-
-
-class Detector(Protocol):
-    name: str
-    higher_is_memorized: bool
-
-    def recorder(self, model, config: "SamplingConfig", prompts: list[str]) -> "Recorder": ...
-
-    def fields(self, recorder: "Recorder", rows: slice) -> dict: ...
-
-    def score_of(self, row: dict, steps: slice | None = None, generations: int | None = None) -> float: ...
-
-
-DETECTORS: dict[str, type] = {}
-DEFAULT_METHOD = "wen"
-
-
-def register(cls: type) -> type:
-    """Class decorator: make `cls` available by ``cls.name`` (to ``detect --method`` and ``roc``)."""
-    if cls.name in DETECTORS and DETECTORS[cls.name] is not cls:
-        raise ValueError(f"detector {cls.name!r} is registered twice ({DETECTORS[cls.name].__module__}, {cls.__module__})")
-    DETECTORS[cls.name] = cls
-    return cls
-
-
-def get_detector(name: str, **options) -> Detector:
-    """A fresh detector by name, given those of `options` its constructor takes (e.g. ``norm_order``
-    for wen); an unknown name raises, listing the known ones."""
-    import inspect
-
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detection method {name!r}: expected one of {', '.join(sorted(DETECTORS))}")
-    cls = DETECTORS[name]
-    takes = inspect.signature(cls).parameters
-    return cls(**{k: v for k, v in options.items() if k in takes})
-
-
-def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """'wen,other' or a list -> the method names, checked, in order, without repeats (default: wen)."""
-    if text is None:
-        return (DEFAULT_METHOD,)
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text)]
-    names = list(dict.fromkeys(n for n in names if n))
-    if not names:
-        raise ValueError("--method: no method named")
-    for n in names:
-        get_detector(n)
-    return tuple(names)
-
-
-def check_settings(detectors, config: "SamplingConfig") -> None:
-    """Refuse settings a requested detector cannot run under, naming it (before any sampling)."""
-    for d in detectors:
-        if getattr(d, "all_steps", False) and config.steps_to_run < config.num_inference_steps:
-            raise ValueError(f"--method {d.name} needs the whole trajectory: drop --track-steps "
-                             f"({config.track_steps} of {config.num_inference_steps} steps)")
-        need = getattr(d, "min_generations", 1)
-        if config.num_generations < need:
-            raise ValueError(f"--method {d.name} needs at least {need} generations per prompt "
-                             f"(--num-generations {config.num_generations})")
-
-
-from diffmem.detectors import asthana, bright_ending, carlini, jeon, jeon_fd, membench, nemo, ren, wen  # noqa: E402,F401  (registration)
+from diffmem.detectors.registry import (DEFAULT_METHOD, DETECTORS, Detector, check_settings,  # noqa: F401
+                                       get_detector, parse_methods, register)
+from diffmem.detectors import asthana, bright_ending, carlini, jeon, jeon_fd, membench, nemo, ren, wen  # noqa: F401  (registration)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffmem.detectors import register
+from diffmem.detectors.registry import register
 from diffmem.detectors.common import FirstStepRecorder, PerGeneration, guided_branches
 from diffmem.model import Conditioning
 
@@ -100,17 +100,16 @@ class Asthana(PerGeneration):
         if cache not in _derived:
             from dataclasses import replace
 
-            from diffmem.detect import detect_unit
-            from diffmem.sampling import plan_units
+            from diffmem.sampling import plan_units, sample_unit
 
             cfg = replace(config, track_steps=1)
+            t2 = second_timestep(model, cfg.num_inference_steps)
             norms, coss = [], []
             for unit in plan_units(list(range(len(reference))), cfg.num_generations, cfg.batch_size):
-                probe = Asthana(asthana_weights=(1.0, 0.0), asthana_space=self.space)
-                fields = detect_unit(model, [probe], [reference[p] for p in unit], unit, cfg)[1]
-                for (f,) in fields:
-                    norms += f["asthana_norm"]
-                    coss += f["asthana_cos"]
+                probe = FirstStepRecorder(lambda step: norm_and_cosine(model, step, t2, self.space))
+                sample_unit(model, [reference[p] for p in unit], unit, cfg, recorders=[probe])
+                norms += probe.value[0].tolist()
+                coss += probe.value[1].tolist()
             spread = lambda v: float(torch.tensor(v, dtype=torch.float64).std())
             _derived[cache] = (1.0, spread(norms) / max(spread(coss), 1e-12))
         return _derived[cache]

@@ -14,16 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffmem.attention import CrossAttentionRecorder, down_cross_attention_blocks
-from diffmem.detectors import register
+from diffmem.attention import CrossAttentionRecorder, require_down_cross_attention
+from diffmem.detectors.registry import register
 from diffmem.detectors.common import PerGeneration, end_positions
 
 
 class _BERecorder(CrossAttentionRecorder):
     def __init__(self, model, config, prompts):
-        groups = down_cross_attention_blocks(model)
-        if not groups:
-            raise ValueError(f"model {model.name}: its UNet has no cross-attention in its down blocks")
+        groups = require_down_cross_attention(model, "bright-ending")
         self.last = config.num_inference_steps - 1
         super().__init__(model, groups[0], steps=[self.last], reduce=lambda p: p.mean(1))  # (n, HW, T)
         self.ends = end_positions(model, prompts, config.num_generations)
@@ -50,6 +48,9 @@ class BrightEnding(PerGeneration):
     name = "bright-ending"
     per_generation_key = "bright_ending_per_generation"
     all_steps = True
+
+    def prepare(self, model, config) -> None:
+        require_down_cross_attention(model, self.name)  # refused before any sampling
 
     def recorder(self, model, config, prompts):
         return _BERecorder(model, config, prompts)

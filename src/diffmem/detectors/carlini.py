@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from diffmem.detectors import register
+from diffmem.detectors.registry import register
 
 
 class _ImagesRecorder:

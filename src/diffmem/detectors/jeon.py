@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from diffmem.detectors import register
+from diffmem.detectors.registry import register
 from diffmem.detectors.common import FirstStepRecorder, PerGeneration
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from diffmem.detectors import register
+from diffmem.detectors.registry import register
 from diffmem.detectors.common import FirstStepRecorder, PerGeneration, guided_branches
 
 

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from diffmem.attention import CrossAttentionRecorder, down_cross_attention_blocks
-from diffmem.detectors import register
+from diffmem.attention import CrossAttentionRecorder, require_down_cross_attention
+from diffmem.detectors.registry import register
 from diffmem.detectors.common import PerGeneration, end_positions, entropy
 
 
 def le_layer(model) -> str:
-    groups = down_cross_attention_blocks(model)
-    if not groups:
-        raise ValueError(f"model {model.name}: its UNet has no cross-attention in its down blocks")
+    groups = require_down_cross_attention(model, "ren-le")
     return (groups[1] if len(groups) > 1 else groups[0])[-1]
 
 
@@ -40,6 +38,9 @@ class RenLE(PerGeneration):
     name = "ren-le"
     per_generation_key = "ren_le_per_generation"
     first_step_only = True
+
+    def prepare(self, model, config) -> None:
+        le_layer(model)  # refused before any sampling on a denoiser without down blocks
 
     def recorder(self, model, config, prompts):
         return _LERecorder(model)

@@ -9,35 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
-from diffmem.detectors import register
-from diffmem.metrics import noise_norm, prompt_score, text_noise_norm
+from diffmem.detectors.registry import register
+from diffmem.metrics import prompt_score
+from diffmem.sampling import NoiseNormRecorder  # noqa: F401  (the pass keeps d: re-exported under its detector)
 
 if TYPE_CHECKING:
-    from diffmem.sampling import SamplingConfig, Step
-
-
-class NoiseNormRecorder:
-    """d (paper eq. 3) and the unconditional noise norm, per pass row and step; `p` is the norm order
-    (2, the paper's; the original's ``lp`` option)."""
-
-    def __init__(self, p: float = 2.0):
-        self.p = p
-        self.text: list[torch.Tensor] = []
-        self.uncond: list[torch.Tensor] = []
-
-    def on_step(self, step: "Step") -> None:
-        self.text.append(text_noise_norm(step.eps_cond, step.eps_uncond, self.p))
-        self.uncond.append(noise_norm(step.eps_uncond, self.p))
-
-    def text_noise_norm(self) -> torch.Tensor:
-        """(N, S) d per row and recorded step (differentiable when the pass ran with grad)."""
-        return torch.stack(self.text, 1)
-
-    def uncond_noise_norm(self) -> torch.Tensor:
-        """(N, S) ||eps_u|| per row and recorded step."""
-        return torch.stack(self.uncond, 1)
+    from diffmem.sampling import SamplingConfig
 
 
 @register

@@ -10,9 +10,8 @@ import torch
 
 from diffmem.adapters.lab import LabModel, LabModelConfig, lab_scheduler_config, new_lab_unet
 from diffmem.lab.data import BLOCKLIST_VERSION, LabData, LabDataConfig, make_lab_data, render_all
+from diffmem.lab import WEIGHTS_DIR  # noqa: F401  (re-exported: the shipped default lab model)
 from diffmem.train import ImagePairs, TrainConfig, complete_checkpoints, memorization_mix, train
-
-WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped default lab model
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ class LabPair:
 @functools.lru_cache(maxsize=1)
 def title_vocabulary() -> tuple[str, ...]:
     """Single-WordPiece lowercase words of the lab text encoder's vocabulary (sorted)."""
-    from diffmem.adapters.lab import text_encoder_path
+    from diffmem.lab import text_encoder_path
 
     words = []
     with open(text_encoder_path() / "vocab.txt", encoding="utf-8") as f:

@@ -15,7 +15,7 @@ REFERENCE_FRACTION = 0.6  # the first 60% of the novel captions are the lab's re
 def default_lab_data() -> LabData:
     """The data of the shipped lab model."""
     from diffmem.adapters.lab import load_lab_meta
-    from diffmem.lab.build import WEIGHTS_DIR
+    from diffmem.lab import WEIGHTS_DIR
     from diffmem.lab.data import lab_data_from_config
 
     return lab_data_from_config(load_lab_meta(WEIGHTS_DIR)["data"])

@@ -14,7 +14,7 @@ import torch
 from diffmem.metrics import mitigation_loss, text_noise_norm
 from diffmem.mitigations import Plan, Unit, register
 from diffmem.model import Conditioning
-from diffmem.sampling import predict_branches
+from diffmem.sampling import SamplingConfig, predict_branches, sample_prompts
 
 
 def step_noise_norms(model, cond: Conditioning, x_t: torch.Tensor, t, eps_uncond: torch.Tensor) -> torch.Tensor:
@@ -127,6 +127,14 @@ def optimize_prompt_embedding(model, cond: Conditioning, x_t: torch.Tensor, t, t
     return OptimizedEmbeddings(emb.detach().to(dtype), final_loss, initial[0], final_d, initial[1], iterations)
 
 
+def reference_losses(model, prompts: list[str], sampling: SamplingConfig, unit: str = "batch") -> np.ndarray:
+    """First-step embedding-opt loss (``mitigation_loss`` in `unit`) of each prompt, prompt j from seed + j: (P,)."""
+    from dataclasses import replace
+
+    res = sample_prompts(model, prompts, replace(sampling, track_steps=1), decode=False)
+    return np.array([float(mitigation_loss(r.text_noise_norm[:, 0].double(), unit)) for r in res])
+
+
 @register
 class EmbeddingOpt:
     name = "embedding-opt"
@@ -138,7 +146,6 @@ class EmbeddingOpt:
         """Target losses at the 90th, 50th, 25th and 10th percentile of the first-step loss of the model's
         own reference prompts (lab: the novel captions), mildest first; elsewhere the model's target."""
         from diffmem.lab.prompts import own_reference_prompts
-        from diffmem.mitigate import reference_losses
 
         prompts = own_reference_prompts(model)
         if not prompts:

@@ -393,6 +393,13 @@ class Nemo:
         key = ("threshold", _digest(prompts), params.num_seeds, params.percentile, params.ssim_convention, int(t), seed)
         return self._cached(model, key, compute)
 
+    def check(self, model) -> str | None:
+        """Refuse, in one line, a denoiser without NeMo's layers (a UNet's down and mid cross-attention)."""
+        if not value_layers(model):
+            return (f"cannot run on {model.family} ({model.name}): it prunes the value neurons of a UNet's "
+                    "down and mid cross-attention layers, and this denoiser has none")
+        return None
+
     # -- the search ------------------------------------------------------------------------------------
     def plan(self, model, unit: Unit, params) -> Plan:
         P, G, S = len(unit.prompts), unit.num_generations, params.num_seeds
@@ -401,14 +408,14 @@ class Nemo:
         t = check_timestep(model, params.check_timestep)
         layers = value_layers(model)
         if not layers:
-            raise ValueError(f"model {model.name}: no cross-attention in its down or mid blocks (nemo's layers)")
+            raise ValueError(f"--method nemo: {self.check(model)}")
         source, ref = self.reference_prompts(model, params)
         stats = self.statistics(model, layers, ref)
         thr = self.threshold(model, params, ref, t, unit.config.seed, unit.sampling.batch_size)
         search_thr = thr if params.search_threshold is None else float(params.search_threshold)
         acts = value_activations(model, layers, unit.cond.embeddings)  # per layer (P, C)
         z = z_scores(acts, stats)
-        width = max(model.unet.get_submodule(n).to_v.out_features for n in layers)  # SD: 1280, the official's k limit
+        width = max(model.denoiser.get_submodule(n).to_v.out_features for n in layers)  # SD: 1280, the official's k limit
         x = torch.cat([check_noise(model, unit.config.seed, pos, S) for pos in unit.positions])  # (P*S, ...)
         cond = unit.cond.repeat_interleave(S)
         batch, conv = unit.sampling.batch_size, params.ssim_convention
