@@ -11,6 +11,7 @@ import torch
 
 from diffmem.mitigate import (AUGMENT_STYLES, MitigationConfig, augment_prompt, default_target_loss, mitigate_unit,
                               optimize_prompt_embedding)
+from diffmem.mitigations.augment import random_vocabulary_word
 from diffmem.model import Conditioning
 from diffmem.sampling import SamplingConfig, initial_noise, sample_unit
 
@@ -265,6 +266,20 @@ def test_rand_word_add_draws_vocabulary_tokens(lab_tokenizer_model):
     for seed in range(10):
         for item in inserted(prompt, augment_prompt(prompt, "rand_word_add", 3, lab_tokenizer_model, random.Random(seed))):
             assert item in tok.get_vocab() and item not in tok.all_special_tokens
+
+
+def test_random_words_never_show_a_blocked_word(lab_tokenizer_model):
+    """The lab's vocabulary holds blocklisted words (about 2% of its ids): unfiltered, 2,000 draws
+    would show dozens; the baseline redraws them, so none appears."""
+    from diffmem.lab.data import blocked_words
+
+    tok, blocked = lab_tokenizer_model.tokenizer, blocked_words()
+    rng = random.Random(0)
+    unfiltered = [tok.decode([rng.randrange(len(tok))]).strip().lower() for _ in range(2000)]
+    assert sum(w in blocked for w in unfiltered) > 10
+    rng = random.Random(0)
+    drawn = [random_vocabulary_word(tok, rng).lower() for _ in range(2000)]
+    assert not blocked.intersection(drawn)
 
 
 def test_augmentation_is_seeded_and_checked(tiny_sd):

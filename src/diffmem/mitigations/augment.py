@@ -2,7 +2,9 @@
 diffusion models"): ``rand_word_add`` (random vocabulary tokens), ``rand_numb_add`` (random integers
 < 100000), ``rand_word_repeat`` (words of the prompt itself), ``repeat_num`` items inserted at random
 word positions (4 at inference; 1 as the training-time baseline of ``diffmem train``). The draws of
-the prompt at position p use ``random.Random(config.seed + p)``."""
+the prompt at position p use ``random.Random(config.seed + p)``. A drawn token that is a word of
+diffmem's blocklist (``diffmem.lab.data.blocked_words``: obscenities, slurs, violence) is drawn again,
+so no baseline shows a user such a word."""
 
 from __future__ import annotations
 
@@ -18,13 +20,17 @@ RANDOM_NUMBER_LIMIT = 100000  # rand_numb_add draws integers below this
 
 
 def random_vocabulary_word(tokenizer, rng: random.Random) -> str:
-    """A uniformly drawn non-special token id below min(vocabulary size, 49400), decoded to one word."""
+    """A uniformly drawn non-special token id below min(vocabulary size, 49400), decoded to one word
+    that is not on the blocklist (a blocked draw is redrawn)."""
+    from diffmem.lab.data import blocked_words
+
     limit = min(len(tokenizer), CLIP_RANDOM_TOKEN_LIMIT)
     special = set(tokenizer.all_special_ids)
+    blocked = blocked_words()
     for _ in range(1000):
         i = rng.randrange(limit)
         word = tokenizer.decode([i]).strip()
-        if i not in special and word and not any(c.isspace() for c in word):
+        if i not in special and word and not any(c.isspace() for c in word) and word.lower() not in blocked:
             return word
     raise ValueError(f"tokenizer {type(tokenizer).__name__}: no decodable single-word token in 1,000 draws")
 
