@@ -584,6 +584,15 @@ def test_asthana_on_v_prediction_takes_the_official_velocity_space(tiny_sd2, tmp
     assert json.loads((tmp_path / "n.meta.json").read_text())["settings"]["asthana_space"] == "noise"
     with pytest.raises(ValueError, match="--asthana-space 'velocity': expected one of official, noise"):
         detectors.get_detector("asthana", asthana_space="velocity")
+    # and in bench detect, whose memorized prompt 0 starts from --seed
+    (tmp_path / "n.txt").write_text("a green bird\n")
+    assert main(["bench", "detect", "--model", str(tiny_sd2_folder), "--memorized", str(tmp_path / "p.txt"),
+                 "--non-memorized", str(tmp_path / "n.txt"), "--methods", "asthana", "--asthana-space", "noise",
+                 "--generations", "2", "--steps", "first", "--num-inference-steps", "5", "--seed", "4",
+                 "--bootstrap", "2", "--timing-prompts", "0", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    (bench_row,) = read_rows(tmp_path / "b" / "runs" / "g2-first" / "memorized.jsonl")
+    assert bench_row["asthana_space"] == "noise"
+    np.testing.assert_allclose(bench_row["asthana_cos"], g["asthana_cos"], rtol=1e-6)
 
 
 # -- detectors combine in any order ---------------------------------------------------------------

@@ -44,10 +44,11 @@ class BenchDetectConfig:
     bootstrap: int = 1000  # resamples for the 95% intervals
     timing_prompts: int = 8  # memorized prompts each detector is timed alone on (0: no cost columns)
     asthana_weights: tuple[float, float] | None = None  # where the model has neither published weights nor references
+    asthana_space: str = "official"  # asthana on v-prediction models: "official" (raw output) or "noise"
 
     def __post_init__(self):
         for m in self.methods:
-            get_detector(m)
+            get_detector(m, asthana_space=self.asthana_space)
         bad = [s for s in self.steps if s not in STEP_SETTINGS]
         if bad:
             raise ValueError(f"--steps {','.join(bad)}: expected first and/or all")
@@ -133,7 +134,7 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
                 path = out / "runs" / f"g{G}-{steps}" / f"{name}.jsonl"
                 run_detection(model, prompts.records, path, sampling, resume=True, methods=methods,
                               progress=progress, prompts_info={"set": name, "source": prompts.source},
-                              asthana_weights=config.asthana_weights)
+                              asthana_weights=config.asthana_weights, asthana_space=config.asthana_space)
                 scored[name] = read_rows(path)
             # 2. Per detector and control set: the metrics, in the detector's own direction.
             for m in methods:
@@ -141,7 +142,8 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
                 sign = 1.0 if det.higher_is_memorized else -1.0
                 pos = [sign * r[m] for r in scored["memorized"]]
                 timing = [r.prompt for r in memorized.records[:config.timing_prompts]]
-                cost = detector_cost(model, m, timing, sampling, asthana_weights=config.asthana_weights) if timing \
+                cost = detector_cost(model, m, timing, sampling, asthana_weights=config.asthana_weights,
+                                     asthana_space=config.asthana_space) if timing \
                     else {"unet_rows_per_prompt": None, "seconds_per_prompt": None}
                 for name in controls:
                     neg = [sign * r[m] for r in scored[name]]

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
                    f"for its cost (default {base.timing_prompts}; 0: no cost columns, faster on large models)")
     d.add_argument("--asthana-weights", default=None, help="g1,g2 of asthana where the model has neither published "
                    "weights nor reference prompts (SDXL, ...)")
+    d.add_argument("--asthana-space", choices=("official", "noise"), default=None,
+                   help="where asthana takes its norm and cosine on v-prediction models (SD 2.x): official (default): "
+                   "the UNet's raw output, as the official code; noise: the converted noise")
     d.add_argument("--out", required=True)
     d.add_argument("--no-progress", action="store_true")
     add_mitigate_parser(kinds)
@@ -95,6 +98,8 @@ def config_from_args(args):
         from diffmem.cli.options import parse_weights
 
         options["asthana_weights"] = parse_weights(args.asthana_weights)
+    if args.asthana_space:
+        options["asthana_space"] = args.asthana_space
     return replace(BenchDetectConfig(), **options)
 
 
