@@ -286,6 +286,13 @@ class EmbeddingCache:
         return Conditioning.cat([self.store[c] for c in captions]).to(self.model.device, torch.float32)
 
 
+def flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow forward process x_sigma = (1 - sigma) x0 + sigma eps (Liu et al. 2023; SD3's
+    ``FlowMatchEulerDiscreteScheduler.scale_noise``), for (B, C, H, W) x0 and noise, sigma (B,)."""
+    s = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1 - s) * x0 + s * noise
+
+
 def timestep_band(t, num_bands: int, num_train_timesteps: int):
     """Band k of timestep t when [0, T) is cut into `num_bands` equal bands: t in [k*T/K, (k+1)*T/K).
     Integer t (a tensor or an array) in, the same kind out."""
@@ -387,6 +394,9 @@ class TrainingRun:
         self.accelerator = acc = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
                                              mixed_precision=config.mixed_precision, cpu=model.device.type == "cpu")
         self.save_model = save_model or (lambda denoiser, folder: model.save(folder, denoiser=denoiser))
+        if config.snr_gamma is not None and model.prediction_type == "flow":
+            raise ValueError(f"--snr-gamma: min-SNR weighting is defined on a DDPM noise schedule; {model.name} "
+                             "is a flow-matching model")
         self.noise_scheduler = model.training_scheduler()
         denoiser = model.denoiser
         denoiser.train().requires_grad_(True)
@@ -481,12 +491,21 @@ class TrainingRun:
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
         if config.noise_offset:  # one offset per sample and channel
             noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(noise.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), generator=gen).to(latents.device)
+        num_t = self.noise_scheduler.config.num_train_timesteps
+        if model.prediction_type == "flow":  # sigma uniform in (0, 1], the transformer's timestep 1000 sigma
+            sigma = 1 - torch.rand(len(latents), generator=gen).to(latents.device)
+            t = sigma * num_t
+        else:
+            t = torch.randint(0, num_t, (len(latents),), generator=gen).to(latents.device)
         noise_in = noise
         if config.input_perturbation:  # perturbed noise into x_t, the plain noise as the target
             noise_in = noise + config.input_perturbation * torch.randn(latents.shape, generator=gen).to(noise.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise_in, t)
-        return noisy, t, model.training_target(latents, noise, t)  # the noise, or the velocity on v-prediction models
+        if model.prediction_type == "flow":
+            noisy = flow_noised(latents, noise_in, sigma)
+        else:
+            noisy = self.noise_scheduler.add_noise(latents, noise_in, t)
+        # the noise, the velocity on v-prediction models, eps - x0 on flow models
+        return noisy, t, model.training_target(latents, noise, t)
 
     # 4. The loss, the training-time filter (Wen et al. 5.2) and one optimizer update.
     def kept(self, batch: Batch, noisy, t, cond: Conditioning, pred: torch.Tensor) -> torch.Tensor:
@@ -496,7 +515,10 @@ class TrainingRun:
         with torch.no_grad(), acc.autocast():
             pred_u = model.model_output(noisy, t, self.null.expand(len(cond)), denoiser=self.denoiser).float()
         limit = hard_threshold_at(self.config.hard_threshold, t, self.noise_scheduler.config.num_train_timesteps)
-        keep = text_noise_norm(model.output_to_noise(pred.detach(), noisy, t), model.output_to_noise(pred_u, noisy, t)) < limit
+        if model.prediction_type == "flow":  # d on the velocity, as detection measures it on flow models
+            keep = text_noise_norm(pred.detach(), pred_u) < limit
+        else:
+            keep = text_noise_norm(model.output_to_noise(pred.detach(), noisy, t), model.output_to_noise(pred_u, noisy, t)) < limit
         if self.pairs is not None:  # every process counts every process's draws, so all agree on the rule
             keys = self.keys_of[batch.index].to(keep.device)
             self.pairs.update(acc.gather(keys), acc.gather(~keep))

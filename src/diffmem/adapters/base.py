@@ -131,7 +131,8 @@ class AdapterBase:
         return self.predict_noise(x_t, t, cond, denoiser)
 
     def training_target(self, x0, noise, t) -> torch.Tensor:
-        return training_target(x0, noise, self.alpha_bar(t), self.prediction_type).to(noise.dtype)
+        alpha_bar = None if self.prediction_type == "flow" else self.alpha_bar(t)  # a flow target needs no schedule
+        return training_target(x0, noise, alpha_bar, self.prediction_type).to(noise.dtype)
 
     def training_scheduler(self):
         from diffusers import DDPMScheduler

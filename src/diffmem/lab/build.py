@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from diffmem.adapters.lab import LabModel, LabModelConfig, lab_scheduler_config, new_lab_unet
+from diffmem.adapters.lab import (DENOISERS, FLOW_SCHEDULE, LabModel, LabModelConfig, lab_scheduler_config,
+                                  load_lab_denoiser, new_lab_unet)
 from diffmem.lab.data import BLOCKLIST_VERSION, LabData, LabDataConfig, make_lab_data, render_all
 from diffmem.lab import WEIGHTS_DIR  # noqa: F401  (re-exported: the shipped default lab model)
 from diffmem.train import ImagePairs, TrainConfig, complete_checkpoints, memorization_mix, train
@@ -45,14 +46,15 @@ class LabBuildConfig:
     repeat_num: int = 1
 
 
-def _cells_recipe(noise_schedule: str, guidance_scale: float, block_offensive_words: int = 0) -> LabBuildConfig:
+def _cells_recipe(noise_schedule: str, guidance_scale: float, block_offensive_words: int = 0,
+                  denoiser: str = "unet") -> LabBuildConfig:
     """The cell-background lab's recipe (README "Build") under one of the lab's noise schedules;
     `guidance_scale` is the model's default (it does not change training); `block_offensive_words`:
     the version of the title blocklist (0: none, as for the models built before it)."""
     return LabBuildConfig(
         data=LabDataConfig(num_template=2, template_variants=3, background_cells=4,
                            block_offensive_words=block_offensive_words),
-        model=LabModelConfig(noise_schedule=noise_schedule, default_guidance_scale=guidance_scale),
+        model=LabModelConfig(noise_schedule=noise_schedule, default_guidance_scale=guidance_scale, denoiser=denoiser),
         repeats=385, max_train_steps=8000, lr_scheduler="cosine",
         anneal=(AnnealStage(2000, 5e-4), AnnealStage(3000, 3e-4)),
     )
@@ -83,6 +85,10 @@ PRESETS = {
         model=LabModelConfig(noise_schedule="scaled_linear", default_guidance_scale=1.25),
         repeats=0, max_train_steps=7000, lr_scheduler="cosine",
     ),
+    # The flow lab: the shipped recipe and data (blocklist included) with an MMDiT (diffusers'
+    # SD3Transformer2DModel, 6 joint blocks of width 128) trained on the rectified-flow objective,
+    # sampled with FlowMatchEuler (docs/flow-models.md).
+    "flow": _cells_recipe(FLOW_SCHEDULE, 1.25, BLOCKLIST_VERSION, denoiser="sd3-transformer"),
     # Small enough for the test suite (a few minutes on 2 cores), still copies its memorized pairs.
     "fast": LabBuildConfig(
         data=LabDataConfig(num_memorized=2, num_template=0, num_non_memorized=300, num_novel=32,
@@ -119,8 +125,6 @@ def build_lab(out: str | Path, config: LabBuildConfig = PRESETS["default"], resu
     if not config.anneal:
         return _train_lab(out, config, resume, num_threads, progress, init_from, resume_from)
     import shutil
-    from dataclasses import replace
-
     out = Path(out)
     stages = [config] + [replace(config, max_train_steps=a.max_train_steps, learning_rate=a.learning_rate,
                                  lr_scheduler="cosine", lr_warmup_steps=a.lr_warmup_steps) for a in config.anneal]
@@ -131,7 +135,7 @@ def build_lab(out: str | Path, config: LabBuildConfig = PRESETS["default"], resu
             _train_lab(folder, replace(stage, anneal=()), resume or i > 0, num_threads, progress, previous,
                        resume_from if i == 0 else None)
         previous = folder
-    for part in ("unet", "scheduler"):
+    for part in (DENOISERS[config.model.denoiser][1], "scheduler"):
         if (out / part).is_dir():
             shutil.rmtree(out / part)
         shutil.copytree(Path(previous) / part, out / part)
@@ -146,7 +150,7 @@ def _build_meta(config: LabBuildConfig) -> dict:
 
 
 def _train_lab(out, config: LabBuildConfig, resume: bool, num_threads, progress: bool, init_from, resume_from) -> Path:
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -156,10 +160,9 @@ def _train_lab(out, config: LabBuildConfig, resume: bool, num_threads, progress:
     dataset = memorization_mix(mem, non_mem, end=None, repeats=config.repeats, non_mem_ratio=config.non_mem_ratio)
     unet = new_lab_unet(config.model)
     if init_from is not None:
-        from diffusers import UNet2DConditionModel
-
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(init_from) / "unet").float().state_dict())
-    model = LabModel(unet, DDIMScheduler(**lab_scheduler_config(config.model.noise_schedule)), config.model)
+        unet.load_state_dict(load_lab_denoiser(Path(init_from) / DENOISERS[config.model.denoiser][1]).float().state_dict())
+    scheduler_cls = FlowMatchEulerDiscreteScheduler if config.model.noise_schedule == FLOW_SCHEDULE else DDIMScheduler
+    model = LabModel(unet, scheduler_cls(**lab_scheduler_config(config.model.noise_schedule)), config.model)
     model.extra_meta = {"data": asdict(config.data), "build": _build_meta(config)}
     train_config = TrainConfig(
         output_dir=str(out), max_train_steps=config.max_train_steps, train_batch_size=config.train_batch_size,
