@@ -223,3 +223,32 @@ def run_cli(*args, kill: str | None = None, timeout: float | None = None):
         env["DIFFMEM_KILL_AT"] = kill
     return subprocess.run([sys.executable, "-m", "diffmem.cli.main", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def make_tiny_lora_file(denoiser, path: str | Path, rank: int = 2, seed: int = 0, layout: str = "diffusers",
+                        prefix: str = "unet", targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+                        alpha: float | None = None) -> Path:
+    """Write a random LoRA for `denoiser`'s attention projections `targets` (A: (rank, in), B: (out, rank),
+    both non-zero) as a safetensors file: ``layout="diffusers"`` (``unet.<module>.lora_A.weight``, as
+    ``save_lora_weights`` writes) or ``"kohya"`` (``lora_unet_<module with _>.lora_down.weight`` and
+    ``.alpha``, `alpha` defaulting to the rank). Returns the path."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not any(name.endswith("." + t) for t in targets):
+            continue
+        a = torch.randn(rank, module.in_features, generator=gen) * 0.3
+        b = torch.randn(module.out_features, rank, generator=gen) * 0.3
+        if layout == "diffusers":
+            tensors[f"{prefix}.{name}.lora_A.weight"], tensors[f"{prefix}.{name}.lora_B.weight"] = a, b
+        elif layout == "kohya":
+            key = f"lora_{prefix}_" + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = a, b
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+        else:
+            raise ValueError(f"LoRA layout {layout!r}: expected diffusers or kohya")
+    path = Path(path)
+    save_file(tensors, str(path))
+    return path

@@ -39,6 +39,8 @@ TRAIN_OPTIONS = (
     ("embedding_noise", float, "std of Gaussian noise added to the caption embeddings (Somepalli et al.)"),
     ("caption_per_line", bool, "a caption file of several lines holds several captions of its image: one is drawn "
                                "at each use (Somepalli et al.'s multiple captions)"),
+    ("lora_rank", int, "fine-tune a LoRA adapter of this rank on the denoiser's attention projections instead of "
+                       "the whole denoiser; writes OUTPUT/pytorch_lora_weights.safetensors, read by --lora"),
     ("seed", int, ""),
     ("num_threads", int, "torch threads per process (1 when several run on one CPU)"),
 )
@@ -102,5 +104,10 @@ def run(args) -> int:
     non = open_pairs(args.non_mem_dataset, res, args.center_crop, args.random_flip) if args.non_mem_dataset else None
     dataset = memorization_mix(mem, non, args.end, args.repeats, args.non_mem_ratio)
     out = train(model, dataset, config)
-    print(f"trained model written to {out}")
+    if config.lora_rank:
+        from diffmem.adapters.lora import LORA_FILE
+
+        print(f"LoRA adapter written to {out / LORA_FILE} (use it with --model {args.model} --lora {out / LORA_FILE})")
+    else:
+        print(f"trained model written to {out}")
     return 0
