@@ -110,3 +110,28 @@ def test_train_lora_rank_writes_an_adapter_that_diffusers_and_lora_read(tiny_sd_
     assert not torch.allclose(_outputs(adapted), _outputs(fresh), atol=1e-6)
     with pytest.raises(ValueError, match="--lora-rank 0: must be >= 1"):
         TrainConfig(output_dir="x", lora_rank=0)
+
+
+def test_lora_scale_mitigation_goes_from_the_adapter_to_the_base_model(tiny_sd_folder, tmp_path):
+    """lora-scale at 1 samples exactly as the adapter loaded (the method off); at 0 exactly as the base
+    model without any adapter; it refuses a model without --lora, and restores the scale after sampling."""
+    from diffmem.mitigate import MitigationConfig, mitigate_unit
+    from diffmem.sampling import SamplingConfig
+
+    sampling = SamplingConfig(num_inference_steps=3, num_generations=2, batch_size=8, seed=5)
+    prompts = ["a red cat", "two dogs"]
+    base = load_model(str(tiny_sd_folder))
+    adapted = load_model(str(tiny_sd_folder))
+    apply_loras(adapted, [parse_lora(str(make_tiny_lora_file(base.denoiser, tmp_path / "s.safetensors", seed=3)))])
+
+    def images(model, method="none", **params):
+        config = MitigationConfig(method=method, seed=sampling.seed, params=params)
+        return torch.stack([r.images for r in mitigate_unit(model, prompts, [0, 1], config, sampling)])
+
+    as_loaded, without = images(adapted), images(base)
+    assert not torch.allclose(as_loaded, without, atol=1e-4)
+    torch.testing.assert_close(images(adapted, "lora-scale", scale=1.0), as_loaded)
+    torch.testing.assert_close(images(adapted, "lora-scale", scale=0.0), without, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(images(adapted), as_loaded)  # the scale is back after the unit
+    with pytest.raises(ValueError, match="lora-scale: .* has no LoRA adapter"):
+        images(base, "lora-scale", scale=0.5)
