@@ -24,7 +24,8 @@ CHEAP = {
     "rand_word_repeat": dict(repeat_num=1),
 }
 NEEDS_TRAINING_SET = {"amg"}
-REFUSED = {"pixart": {"nemo": "down and mid cross-attention"}}  # family -> {method: what its one line names}
+REFUSED = {"pixart": {"nemo": "down and mid cross-attention", "clip-pad": "T5 encoder"},
+           "sdxl": {"clip-pad": "two text encoders"}}  # family -> {method: what its one line names}
 
 
 @pytest.fixture(scope="module")
