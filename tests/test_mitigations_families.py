@@ -25,7 +25,8 @@ CHEAP = {
 }
 NEEDS_TRAINING_SET = {"amg"}
 NEEDS_LORA = {"lora-scale"}  # tests/test_lora.py
-REFUSED = {"pixart": {"nemo": "down and mid cross-attention"}}  # family -> {method: what its one line names}
+REFUSED = {"pixart": {"nemo": "down and mid cross-attention", "clip-pad": "T5 encoder"},
+           "sdxl": {"clip-pad": "two text encoders"}}  # family -> {method: what its one line names}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="compare detectors or mitigations on the same prompts, seeds and model")
     kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     d = kinds.add_parser("detect", help="every detector at the settings it is defined for: AUC, TPR@1%%/3%%FPR "
-                         "with bootstrap intervals, cost", description="Detect memorized against control prompts "
+                         "(and TPR@1%%FPR by the closest-point rule) with bootstrap intervals, cost", description="Detect memorized against control prompts "
                          "with every requested detector and write table.md, table.json and ROC figures to --out. "
                          "Default on the lab: its memorized captions against non-memorized, novel and out-of-style "
                          "ones.")

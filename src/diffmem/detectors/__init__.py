@@ -30,4 +30,5 @@ fields of a detection row. To add one:
 
 from diffmem.detectors.registry import (DEFAULT_METHOD, DETECTORS, Detector, check_settings,  # noqa: F401
                                        get_detector, parse_methods, register)
-from diffmem.detectors import asthana, bright_ending, carlini, jeon, jeon_fd, membench, nemo, ren, wen  # noqa: F401  (registration)
+from diffmem.detectors import (asthana, bright_ending, carlini, condition_jacobian, early_detection, jeon, jeon_fd,  # noqa: F401
+                               membench, nemo, ren, wen)  # (registration)
