@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from diffmem.detectors import Detector, check_settings, get_detector, parse_methods
+from diffmem.detectors import Detector, check_model, check_settings, get_detector, parse_methods
 from diffmem.faults import fault_point
 from diffmem.files import append_rows, check_resume, one_writer, read_json, read_rows, save_generations
 from diffmem.prompts import PromptRecord
-from diffmem.sampling import PromptSamples, SamplingConfig, plan_units, sample_unit
+from diffmem.sampling import PromptSamples, SamplingConfig, noise_levels, plan_units, sample_unit
 
 RESUME_KEYS = ("model", "unet", "settings", "prompts")  # metadata that must match to resume
 FORMATS = ("diffmem", "official")
@@ -48,8 +48,10 @@ def write_official(rows_path: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool, fields: list[dict]) -> dict:
-    """One prompt's row; `fields` are its detectors' fields, the first detector's score is ``score``."""
+def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool, fields: list[dict],
+               levels: dict | None = None) -> dict:
+    """One prompt's row; `fields` are its detectors' fields, the first detector's score is ``score``;
+    `levels` the noise level of every tracked step (``sampling.noise_levels``: sigmas or timesteps)."""
     scores = {k: v for f in fields for k, v in f.items()}
     return {
         "prompt": record.prompt,
@@ -57,6 +59,7 @@ def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool, fi
         "seed": samples.seed,
         "score": next(iter(fields[0].values())),
         **scores,
+        **(levels or {}),
         "truncated": truncated,
         **({"source": record.source} if record.source else {}),
     }
@@ -112,6 +115,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         raise ValueError("--format official writes Wen et al.'s arrays: --method must include wen")
     detectors = [get_detector(m, norm_order=norm_order, asthana_weights=asthana_weights, asthana_space=asthana_space)
                  for m in methods]
+    check_model(detectors, model)
     check_settings(detectors, config)
     for d in detectors:
         if hasattr(d, "prepare"):
@@ -150,6 +154,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     target = rows_path if state.num_processes == 1 else rows_path.with_name(f"{rows_path.name}.part{state.process_index}")
 
     # 3. Sample unit by unit, appending each unit's rows in one write.
+    levels = noise_levels(model, config.num_inference_steps, config.steps_to_run)
     bar = tqdm(total=sum(map(len, todo)), desc="detect", unit="prompt", disable=not progress or not state.is_main_process)
     for unit in todo:
         results, fields = detect_unit(model, detectors, [by_pos[p].prompt for p in unit], unit, config,
@@ -158,7 +163,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
             for s in results:
                 save_generations(Path(images_dir), s.position, s.images)
         # A unit is redone whole (same batch, same numbers) but rows already written are not repeated.
-        append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated, f)
+        append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated, f, levels)
                              for s, f in zip(results, fields) if s.position not in done])
         bar.update(len(unit))
         fault_point("detect.unit")

@@ -80,6 +80,15 @@ def schedule(model, num_inference_steps: int) -> torch.Tensor:
     return model.scheduler.timesteps
 
 
+def noise_levels(model, num_inference_steps: int, steps: int | None = None) -> dict:
+    """Where the first `steps` steps (default all) of a schedule sit, for records: ``{"sigmas": [...]}``
+    on a flow model (the scheduler's sigma of each step; 1.0 first), else ``{"timesteps": [...]}``."""
+    timesteps = schedule(model, num_inference_steps)[:steps]
+    if model.sampler_prediction == "flow":
+        return {"sigmas": [float(s) for s in model.scheduler.sigmas[:len(timesteps)]]}
+    return {"timesteps": [int(t) for t in timesteps]}
+
+
 # -- the pass -------------------------------------------------------------------------------------
 
 @dataclass
@@ -123,7 +132,12 @@ class Recorder(Protocol):
 
 class NoiseNormRecorder:
     """Wen et al.'s d (ICLR 2024, eq. 3) and the unconditional noise norm, per pass row and step; `p`
-    is the norm order (2, the paper's; the original's ``lp`` option). Every pass keeps one."""
+    is the norm order (2, the paper's; the original's ``lp`` option). Every pass keeps one.
+
+    d is taken on what guidance combines (``Step.pred_cond``/``pred_uncond``): the noise on the
+    epsilon-sampled families, d = ||eps_c - eps_u||; the velocity on flow models, d = ||v_c - v_u||
+    (whose noise form (1 - sigma) ||v_c - v_u|| is 0 at sigma = 1; docs/model-families.md).
+    """
 
     def __init__(self, p: float = 2.0):
         self.p = p
@@ -131,8 +145,8 @@ class NoiseNormRecorder:
         self.uncond: list[torch.Tensor] = []
 
     def on_step(self, step: Step) -> None:
-        self.text.append(text_noise_norm(step.eps_cond, step.eps_uncond, self.p))
-        self.uncond.append(noise_norm(step.eps_uncond, self.p))
+        self.text.append(text_noise_norm(step.pred_cond, step.pred_uncond, self.p))
+        self.uncond.append(noise_norm(step.pred_uncond, self.p))
 
     def text_noise_norm(self) -> torch.Tensor:
         """(N, S) d per row and recorded step (differentiable when the pass ran with grad)."""

@@ -1,5 +1,8 @@
 """Wen et al. (ICLR 2024, sec. 3): d = ||eps(x_t, e_prompt) - eps(x_t, e_empty)||_2 per step.
 
+On flow-matching models (SD3) d is taken on the velocity, ||v(x_t, e_prompt) - v(x_t, e_empty)||_2,
+the difference that guidance amplifies there: the noise form is (1 - sigma) times it, 0 at sigma = 1.
+
 The score of a prompt is the mean of d over the tracked steps and its generations (the first step
 alone: first-step detection). Rows keep the per-generation, per-step arrays under the official
 ``det_outputs`` names, so ``roc`` can re-score any step window and number of generations later.
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
 class Wen:
     name = "wen"
     higher_is_memorized = True
+    flow_refusal = None  # on a flow model d is the velocity difference ||v_c - v_u|| (NoiseNormRecorder)
 
     def __init__(self, norm_order: float = 2.0):
         if not norm_order >= 1:
