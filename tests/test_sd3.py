@@ -246,3 +246,52 @@ def test_mitigations_whose_definition_does_not_carry_over_refuse_sd3(sd3):
         except ValueError as e:
             assert str(e).startswith(f"--method {name}: cannot run on stable-diffusion-3") and "\n" not in str(e)
     assert set(runs) == {"none", "embedding-opt", "rand_word_add", "rand_numb_add", "rand_word_repeat"}
+
+
+def test_detection_at_a_noise_level_scores_the_step_of_the_nearest_sigma(sd3, tiny_sd3_folder, tmp_path):
+    """--at-sigma S: the score is d at the step whose sigma is nearest S; the steps up to it are tracked
+    and recorded with their sigmas; a DDIM-sampled model refuses it."""
+    import types
+
+    from diffmem.cli.main import main
+    from diffmem.sampling import step_at_sigma
+
+    schedule(sd3, 4)
+    sigmas = sd3.scheduler.sigmas[:4].tolist()  # 1, 0.858, ...
+    assert step_at_sigma(sd3, 4, 0.9) == 1 and step_at_sigma(sd3, 4, 1.0) == 0
+    out = tmp_path / "d.jsonl"
+    assert main(["detect", "--model", str(tiny_sd3_folder), "--prompts", _write_prompts(tmp_path), "--out", str(out),
+                 "--num-inference-steps", "4", "--num-generations", "2", "--at-sigma", "0.9", "--no-progress"]) == 0
+    for line in out.read_text().splitlines():
+        row = json.loads(line)
+        assert row["sigmas"] == pytest.approx(sigmas[:2], abs=1e-7)
+        assert row["score"] == pytest.approx(sum(g[1] for g in row["text_noise_norm"]) / 2, rel=1e-6)
+        assert row["score"] != pytest.approx(sum(g[0] for g in row["text_noise_norm"]) / 2, rel=1e-3)
+    settings = json.loads((tmp_path / "d.meta.json").read_text())["settings"]
+    assert settings["at_sigma"] == 0.9 and settings["at_step"] == 1 and settings["track_steps"] == 2
+    ddim = types.SimpleNamespace(sampler_prediction="epsilon", family="stable-diffusion", name="sd")
+    with pytest.raises(ValueError, match="not a flow-matching model"):
+        step_at_sigma(ddim, 50, 0.93)
+
+
+def test_embedding_optimization_lowers_the_velocity_difference_on_sd3(sd3, tiny_sd3_folder, tmp_path):
+    """Wen's mitigation on SD3: AdamW on the joint token embeddings lowers first-step d (on the velocity),
+    whose starting value is the detection score of the same prompt and seed; the CLIP start token stays."""
+    from safetensors.torch import load_file
+
+    from diffmem.cli.main import main
+
+    prompts = _write_prompts(tmp_path)
+    out = tmp_path / "mit"
+    assert main(["mitigate", "--model", str(tiny_sd3_folder), "--prompts", prompts, "--method", "embedding-opt",
+                 "--out", str(out), "--num-inference-steps", "2", "--num-generations", "1", "--target-loss", "0.1",
+                 "--max-iters", "3", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    cfg = SamplingConfig(num_inference_steps=2, num_generations=1, seed=0, track_steps=1)
+    first = [float(s.text_noise_norm[0, 0]) for s in sample_prompts(sd3, PROMPTS, cfg, decode=False)]
+    for row, d0 in zip(rows, first):
+        assert row["initial_d"] == pytest.approx(d0, rel=1e-5) and row["final_d"] < row["initial_d"]
+    saved = load_file(str(out / "embeddings.safetensors"))
+    original = sd3.encode_prompts(PROMPTS[:1]).embeddings[0]
+    emb = next(v for k, v in saved.items() if k.endswith("00000"))
+    assert emb.shape == original.shape and torch.equal(emb[0], original[0]) and not torch.allclose(emb, original)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from diffmem.detectors import Detector, check_model, check_settings, get_detecto
 from diffmem.faults import fault_point
 from diffmem.files import append_rows, check_resume, one_writer, read_json, read_rows, save_generations
 from diffmem.prompts import PromptRecord
-from diffmem.sampling import PromptSamples, SamplingConfig, noise_levels, plan_units, sample_unit
+from diffmem.sampling import PromptSamples, SamplingConfig, noise_levels, plan_units, sample_unit, step_at_sigma
 
 RESUME_KEYS = ("model", "unet", "settings", "prompts")  # metadata that must match to resume
 FORMATS = ("diffmem", "official")
@@ -91,10 +91,14 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
                   resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
                   unet: str | None = None, progress: bool = True, methods=None, format: str = "diffmem",
                   norm_order: float = 2.0, asthana_weights: tuple[float, float] | None = None,
-                  asthana_space: str = "official") -> Path:
+                  asthana_space: str = "official", at_sigma: float | None = None) -> Path:
     """Detect memorization for `records` with the detectors named in `methods` (default: wen); write
     rows to `out` (JSON Lines). Returns `out`. `norm_order` is the p of Wen et al.'s norm (2; the
     original's ``lp``); `asthana_weights` and `asthana_space` go to the asthana detector.
+
+    ``at_sigma`` (flow models): the score is d at the step whose sigma is nearest (``sampling.step_at_sigma``),
+    the steps before it sampled and recorded; it replaces ``config.track_steps``, and the run's settings
+    record the step (``at_step``).
 
     ``format="official"``: `out` holds only the seed's fields (``uncond_noise_norm``,
     ``text_noise_norm``, ``prompt``), so the seed's analysis notebooks read it unchanged; the full
@@ -113,8 +117,14 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         raise ValueError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     if format == "official" and "wen" not in methods:
         raise ValueError("--format official writes Wen et al.'s arrays: --method must include wen")
-    detectors = [get_detector(m, norm_order=norm_order, asthana_weights=asthana_weights, asthana_space=asthana_space)
-                 for m in methods]
+    window = None
+    if at_sigma is not None:
+        if config.track_steps is not None:
+            raise ValueError("--at-sigma picks the tracked steps itself: drop --track-steps")
+        k = step_at_sigma(model, config.num_inference_steps, at_sigma)
+        config, window = replace(config, track_steps=k + 1), (k, k + 1)
+    detectors = [get_detector(m, norm_order=norm_order, asthana_weights=asthana_weights, asthana_space=asthana_space,
+                              score_window=window) for m in methods]
     check_model(detectors, model)
     check_settings(detectors, config)
     for d in detectors:
@@ -123,6 +133,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     rows_path = out if format == "diffmem" else full_rows_path(out)
     settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods), "format": format,
                 **({"norm_order": norm_order} if norm_order != 2 else {}),
+                **({"at_sigma": at_sigma, "at_step": window[0]} if window else {}),
                 **({"asthana_space": asthana_space} if asthana_space != "official" and "asthana" in methods else {})}
     truncated = {r.position for r in records if model.count_tokens(r.prompt) > model.max_tokens}
     meta = provenance(model, unet=unet, settings=settings, prompts=prompts_info or {}, num_prompts=len(records),

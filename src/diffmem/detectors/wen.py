@@ -26,17 +26,19 @@ class Wen:
     higher_is_memorized = True
     flow_refusal = None  # on a flow model d is the velocity difference ||v_c - v_u|| (NoiseNormRecorder)
 
-    def __init__(self, norm_order: float = 2.0):
+    def __init__(self, norm_order: float = 2.0, score_window: tuple[int, int] | None = None):
+        """`score_window` [start, end) of the tracked steps the score averages (default: all of them)."""
         if not norm_order >= 1:
             raise ValueError(f"--norm-order {norm_order}: must be >= 1 (2 is the paper's)")
         self.norm_order = norm_order
+        self.score_window = None if score_window is None else slice(*score_window)
 
     def recorder(self, model, config: "SamplingConfig", prompts: list[str]) -> NoiseNormRecorder:
         return NoiseNormRecorder(self.norm_order)
 
     def fields(self, recorder: NoiseNormRecorder, rows: slice) -> dict:
         text = recorder.text_noise_norm()[rows].detach().float().cpu().tolist()
-        return {self.name: prompt_score(text), "text_noise_norm": text,
+        return {self.name: prompt_score(text, self.score_window), "text_noise_norm": text,
                 "uncond_noise_norm": recorder.uncond_noise_norm()[rows].detach().float().cpu().tolist()}
 
     def score_of(self, row: dict, steps: slice | None = None, generations: int | None = None) -> float:
