@@ -2,6 +2,8 @@
 code's own steps where code exists (Early Detection's ``src/detect_all_metrics.py``), a float64
 finite difference where it does not (the condition Jacobian)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -172,9 +174,12 @@ def test_cond_jacobian_integrates_to_the_guidance_difference(tiny_sd):
 
 
 @pytest.mark.parametrize("method", ["early-metric2", "early-dsm", "cond-jacobian"])
-def test_flow_models_are_refused_in_one_line_naming_the_family(method):
-    class Flow:
-        family, name, sampler_prediction = "sd3", "tiny-sd3", "flow"
+def test_flow_models_are_refused_in_one_line_naming_the_family(method, tiny_sd3_folder):
+    from diffmem.adapters import load_model
 
-    with pytest.raises(ValueError, match=rf"^--method {method} cannot run on sd3 \(tiny-sd3\): [^\n]*$"):
-        detectors.get_detector(method).prepare(Flow(), SamplingConfig(num_inference_steps=4))
+    model = load_model(str(tiny_sd3_folder))
+    det = detectors.get_detector(method)
+    with pytest.raises(ValueError, match=rf"^{method} cannot run on stable-diffusion-3 \([^\n]*\): "
+                                         rf"{re.escape(det.flow_refusal)}$"):
+        detectors.check_model([det], model)
+    assert "sigma = 1" in det.flow_refusal or "velocity" in det.flow_refusal

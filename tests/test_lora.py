@@ -13,11 +13,10 @@ from safetensors.torch import load_file, save_file
 from diffmem.adapters import load_model
 from diffmem.adapters.lora import LORA_FILE, apply_loras, parse_lora, set_lora_scale
 from diffmem.cli.main import main
-from diffmem.model import Conditioning
 from diffmem.testing import make_tiny_lora_file
 
 
-def _merged_by_hand(folder, lora_file, scale: float, per_rank_alpha: float = 1.0):
+def _merged_by_hand(folder, lora_file, scale: float, per_rank_alpha: float = 1.0, prefix: str = "unet"):
     """A fresh model whose UNet weights are W + scale * alpha / r * B @ A for every LoRA pair of the
     diffusers-layout file: the definition of a LoRA update (Hu et al. 2021), no peft involved."""
     model = load_model(str(folder))
@@ -27,7 +26,7 @@ def _merged_by_hand(folder, lora_file, scale: float, per_rank_alpha: float = 1.0
         for key, a in tensors.items():
             if not key.endswith(".lora_A.weight"):
                 continue
-            module = key[len("unet."):-len(".lora_A.weight")]
+            module = key[len(prefix) + 1:-len(".lora_A.weight")]
             b = tensors[key.replace("lora_A", "lora_B")]
             params[module + ".weight"] += scale * per_rank_alpha * (b @ a)
     return model
@@ -37,8 +36,9 @@ def _outputs(model, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, *model.latent_shape, generator=gen)
     cond = model.encode_prompts(["a red cat", "two dogs"])
+    t = torch.tensor([1000.0, 300.0]) if model.prediction_type == "flow" else torch.tensor([900, 300])
     with torch.no_grad():
-        return model.model_output(x, torch.tensor([900, 300]), cond)
+        return model.model_output(x, t, cond)
 
 
 def test_lora_in_both_layouts_equals_the_hand_merged_weights(tiny_sd_folder, tmp_path):
@@ -56,6 +56,18 @@ def test_lora_in_both_layouts_equals_the_hand_merged_weights(tiny_sd_folder, tmp
     set_lora_scale(model, 0.0)  # the scale knob: 0 is the base model
     torch.testing.assert_close(_outputs(model), _outputs(base), rtol=1e-5, atol=1e-6)
     assert "loras" not in base.identity()
+
+
+def test_lora_on_an_sd3_transformer_equals_the_hand_merged_weights(tiny_sd3_folder, tmp_path):
+    """The joint-attention transformer's q, k, v, out and text-stream projections, prefix "transformer"."""
+    base = load_model(str(tiny_sd3_folder))
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    lora = make_tiny_lora_file(base.denoiser, tmp_path / "sd3.safetensors", seed=4, prefix="transformer", targets=targets)
+    expected = _outputs(_merged_by_hand(tiny_sd3_folder, lora, 0.8, prefix="transformer"))
+    assert not torch.allclose(expected, _outputs(base), atol=1e-3)
+    model = load_model(str(tiny_sd3_folder))
+    apply_loras(model, [parse_lora(f"{lora}:0.8")])
+    torch.testing.assert_close(_outputs(model), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_lora_is_recorded_in_every_result_and_bad_files_are_refused(tiny_sd_folder, tiny_pixart_folder, tmp_path):

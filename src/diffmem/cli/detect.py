@@ -37,6 +37,9 @@ def add_parser(sub) -> None:
                    help="official: --out holds only the seed's fields (uncond_noise_norm, text_noise_norm, "
                    "prompt) for its analysis notebooks; the full rows go to <out>.rows.jsonl beside it")
     add_sampling_args(p, SamplingConfig(), track_steps=True, same_noise=True)
+    p.add_argument("--at-sigma", type=float, default=None, metavar="S", help="flow-matching models (SD3): score d "
+                   "at the step whose sigma is nearest S in (0, 1], sampling the steps before it (instead of "
+                   "--track-steps); rows record the sigma of every tracked step")
     p.add_argument("--save-images", default=None, metavar="DIR", help="also decode and save the generations")
     p.add_argument("--resume", action="store_true", help="continue the run already in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -77,7 +80,7 @@ def run(args) -> int:
     out = run_detection(model, records, args.out, config, resume=args.resume, images_dir=args.save_images,
                         prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods,
                         format=args.format, norm_order=args.norm_order, asthana_weights=parse_weights(args.asthana_weights),
-                        asthana_space=args.asthana_space)
+                        asthana_space=args.asthana_space, at_sigma=args.at_sigma)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -42,12 +42,6 @@ def guided_branches(model, x: torch.Tensor, t, cond) -> tuple[torch.Tensor, torc
 FLOW_NOISE_AT_SIGMA_1 = "a flow model's noise prediction at the first step (sigma = 1) is x_t for every prompt"
 
 
-def refuse_flow(model, method: str, why: str) -> None:
-    """Refuse, in one line naming the family and `why`, a flow-matching model (its pass steps on the velocity)."""
-    if getattr(model, "sampler_prediction", "epsilon") == "flow":
-        raise ValueError(f"--method {method} cannot run on {model.family} ({model.name}): {why}")
-
-
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """-sum p log p over the last axis, with 0 log 0 = 0 (no renormalisation): (..., T) -> (...)."""
     p = p.double()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from diffmem.detectors.common import FLOW_NOISE_AT_SIGMA_1, FirstStepRecorder, PerGeneration, refuse_flow
+from diffmem.detectors.common import FLOW_NOISE_AT_SIGMA_1, FirstStepRecorder, PerGeneration
 from diffmem.detectors.registry import register
 from diffmem.model import Conditioning
 
@@ -72,10 +72,7 @@ class ConditionJacobian(PerGeneration):
     name = "cond-jacobian"
     per_generation_key = "cond_jacobian_per_generation"
     first_step_only = True
-
-    def prepare(self, model, config) -> None:
-        refuse_flow(model, self.name, FLOW_NOISE_AT_SIGMA_1 + ", so its derivative along any conditioning is 0")
+    flow_refusal = FLOW_NOISE_AT_SIGMA_1 + ", so its derivative along any conditioning is 0"
 
     def recorder(self, model, config, prompts):
-        self.prepare(model, config)
         return FirstStepRecorder(lambda step: condition_jacobian_norm(model, step.x_t, step.t, step.cond.detach()))

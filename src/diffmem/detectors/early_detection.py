@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from diffmem.detectors.common import (FLOW_NOISE_AT_SIGMA_1, FirstStepRecorder, PerGeneration, guided_branches,
-                                      refuse_flow)
+from diffmem.detectors.common import FLOW_NOISE_AT_SIGMA_1, FirstStepRecorder, PerGeneration, guided_branches
 from diffmem.detectors.registry import register
 from diffmem.model import Conditioning
 
@@ -73,13 +72,9 @@ class EarlyMetric2(PerGeneration):
     name = "early-metric2"
     per_generation_key = "early_metric2_per_generation"
     first_step_only = True
-
-    def prepare(self, model, config) -> None:
-        refuse_flow(model, self.name, FLOW_NOISE_AT_SIGMA_1 + ", so J_c^T eps_c - J_u^T eps_u is identically 0")
+    flow_refusal = FLOW_NOISE_AT_SIGMA_1 + ", so J_c^T eps_c - J_u^T eps_u is identically 0"
 
     def recorder(self, model, config, prompts):
-        self.prepare(model, config)
-
         def measure(step):
             uncond = model.empty_conditioning().expand(len(step.x_t))
             return jacobian_transposed_difference(model, step.x_t, step.t, step.cond.detach(), uncond)
@@ -92,10 +87,10 @@ class EarlyDSM(PerGeneration):
     name = "early-dsm"
     per_generation_key = "early_dsm_per_generation"
     first_step_only = True  # its extra steps start from the first step's x_T and predictions
+    flow_refusal = ("DSM compares noise predictions along DDIM's noise-predicting trajectory, and a flow model's "
+                    "sampler steps on the velocity")
 
     def prepare(self, model, config) -> None:
-        refuse_flow(model, self.name, "DSM compares noise predictions along DDIM's noise-predicting trajectory, "
-                                      "and a flow model's sampler steps on the velocity")
         if config.num_inference_steps < 3:
             raise ValueError(f"--method early-dsm compares the second and third steps of the schedule: needs "
                              f"--num-inference-steps >= 3, not {config.num_inference_steps}")

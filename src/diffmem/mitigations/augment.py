@@ -75,6 +75,7 @@ def augment_prompt(prompt: str, style: str, repeat_num: int, model, rng: random.
 
 
 class _Augmentation:
+    flow_refusal = None  # it rewrites the prompt: any family
     knob = "repeat_num"  # a MitigationConfig field (config_knob)
     config_knob = True
     off = {"repeat_num": 0}

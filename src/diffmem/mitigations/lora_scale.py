@@ -17,6 +17,7 @@ class LoraScale:
     name = "lora-scale"
     knob = "scale"
     off = {"scale": 1.0}
+    flow_refusal = None  # the adapter's scale means the same on every family
 
     @dataclass
     class Params:
