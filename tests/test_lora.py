@@ -145,5 +145,5 @@ def test_lora_scale_mitigation_goes_from_the_adapter_to_the_base_model(tiny_sd_f
     torch.testing.assert_close(images(adapted, "lora-scale", scale=1.0), as_loaded)
     torch.testing.assert_close(images(adapted, "lora-scale", scale=0.0), without, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(images(adapted), as_loaded)  # the scale is back after the unit
-    with pytest.raises(ValueError, match="lora-scale: .* has no LoRA adapter"):
+    with pytest.raises(ValueError, match="^--method lora-scale: cannot run on stable-diffusion .*: it has no LoRA adapter"):
         images(base, "lora-scale", scale=0.5)

@@ -29,7 +29,8 @@ class LoraScale:
 
     def check(self, model):
         if not getattr(model, "loras", None):
-            raise ValueError(f"lora-scale: {model.name} has no LoRA adapter (load one with --lora FILE[:SCALE])")
+            return f"cannot run on {model.family} ({model.name}): it has no LoRA adapter (load one with --lora FILE[:SCALE])"
+        return None
 
     def sweep(self, model, sampling) -> list[dict]:
         """From the adapter as loaded down to the base model: scales 0.75, 0.5, 0.25, 0."""
