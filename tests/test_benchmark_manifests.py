@@ -274,3 +274,14 @@ def test_readme_mitigation_comparison_figures_are_the_benchmarks():
     amg, cfg = best("amg"), best("delayed-cfg")
     assert (f"anti-memorization guidance ({amg['copy_rate']:.3f} copies at alignment {amg['alignment']:.3f}) and "
             f"delayed guidance ({cfg['copy_rate']:.3f} at {cfg['alignment']:.3f})") in README
+
+
+def test_guidance_table_in_docs_is_the_sweep():
+    """docs/lab.md's guidance table, row by row, from benchmarks/results/lab/guidance_sweep.json."""
+    rows = json.loads((LAB / "guidance_sweep.json").read_text())["rows"]
+    doc = (ROOT / "docs" / "lab.md").read_text()
+    for r in rows:
+        m, n = r["memorized"], r["novel"]
+        line = (f"| {r['guidance_scale']:g} | {m['copy_rate']:.3f} | {m['content_accuracy']:.3f} | "
+                f"{n['copy_rate']:.3f} | {n['content_accuracy']:.3f} |")
+        assert line in doc, line
