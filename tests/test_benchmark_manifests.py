@@ -282,6 +282,6 @@ def test_guidance_table_in_docs_is_the_sweep():
     doc = (ROOT / "docs" / "lab.md").read_text()
     for r in rows:
         m, n = r["memorized"], r["novel"]
-        line = (f"| {r['guidance_scale']:g} | {m['copy_rate']:.3f} | {m['content_accuracy']:.3f} | "
+        line = (f"| {r['guidance_scale']} | {m['copy_rate']:.3f} | {m['content_accuracy']:.3f} | "
                 f"{n['copy_rate']:.3f} | {n['content_accuracy']:.3f} |")
         assert line in doc, line
