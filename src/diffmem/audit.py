@@ -35,6 +35,7 @@ from diffmem.metrics import prompt_score, threshold_at_fpr
 from diffmem.mitigate import MitigationConfig
 from diffmem.prompts import PromptRecord, PromptSet
 from diffmem.sampling import SamplingConfig, plan_units
+from diffmem.targets import describe_target, mitigation_shortfalls
 
 STAGES = ("detect", "calibrate", "track", "explain", "mitigate", "copies", "report")
 
@@ -97,6 +98,7 @@ class AuditResult:
     threshold: dict
     stages_run: list[str] = field(default_factory=list)  # stages computed in this call
     stages_resumed: list[str] = field(default_factory=list)  # stages found finished under `out`
+    shortfalls: list = field(default_factory=list)  # diffmem.targets.Shortfall: where mitigation fell short
 
 
 # -- the stages -------------------------------------------------------------------------------
@@ -170,7 +172,9 @@ def _mitigate(model, flagged: list[dict], path: Path, images: Path, config: Audi
         for m in results:
             save_generations(images, m.position, m.images)
             rows.append({"index": m.position, "prompt": m.prompt, "initial_d": m.initial_d, "final_d": m.final_d,
+                         "initial_loss": m.initial_loss, "final_loss": m.final_loss,
                          "iterations": m.iterations, "target_loss": mitigation.target_loss,
+                         "target_unit": mitigation.target_unit,
                          "mitigated_score": prompt_score(m.text_noise_norm.tolist(), slice(0, config.detect_steps)),
                          "text_noise_norm": m.text_noise_norm.tolist(),
                          "images": [f"images/mitigated/{m.position:05d}_{g}.png" for g in range(len(m.images))]})
@@ -372,10 +376,16 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     mitigation = mitigation_of(model, config, ref_rows or [r for r in scored if r["score"] < threshold["value"]],
                                threshold["value"])
     target = mitigation.target_loss
-    if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to a first-step loss ({mitigation.target_unit}) <= {target:.4g}"):
+    G = sampling.num_generations
+    if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to a first-step "
+             f"{describe_target(target, mitigation.target_unit, G)}"):
         _mitigate(model, flagged, out / "mitigate.jsonl", out / "images" / "mitigated", config, mitigation, progress)
         finish("mitigate", t0)
     mitigated = {r["index"]: r for r in read_rows(out / "mitigate.jsonl")}
+    result.shortfalls = mitigation_shortfalls(list(mitigated.values()), target, mitigation.target_unit, G,
+                                              mitigation.max_iters, mitigation.lr)
+    for s in result.shortfalls:
+        _log(progress, "  mitigation fell short: " + s.text)
 
     # 7. Copies: nearest training images, where they are known.
     t0 = time.time()
@@ -400,7 +410,7 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     info = {**run_info, **provenance(model), "target_loss": target, "mitigation": asdict(mitigation), "stages": state,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_audit_report(out, records, threshold, [r["score"] for r in ref_rows], info, explained, mitigated,
-                       copies, truth)
+                       copies, truth, shortfalls=[s.text for s in result.shortfalls])
     finish("report", t0)
     _log(progress, f"wrote {out / 'index.html'} and {out / 'results.jsonl'}")
     return result

@@ -57,8 +57,17 @@ def run(args) -> int:
     out = run_mitigation(model, prompts, config, sampling, args.out, progress=not args.no_progress, resume=args.resume)
     import json
 
+    from diffmem.targets import describe_target, mitigation_shortfalls
+
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    meta = json.loads((out / "meta.json").read_text())["mitigation"]  # the settings resolved for this model
+    target = f" (target first-step {describe_target(meta['target_loss'], meta['target_unit'], sampling.num_generations)})" \
+        if config.method == "embedding-opt" else ""
     print(f"wrote {len(rows)} prompts to {out}: first-step d {sum(r['initial_d'] for r in rows) / len(rows):.4f} -> "
-          f"{sum(r['final_d'] for r in rows) / len(rows):.4f} (mean), "
+          f"{sum(r['final_d'] for r in rows) / len(rows):.4f} (mean over prompts){target}, "
           f"{sum(r['iterations'] for r in rows) / len(rows):.1f} iterations on average")
+    if config.method == "embedding-opt":
+        for s in mitigation_shortfalls(rows, meta["target_loss"], meta["target_unit"], sampling.num_generations,
+                                       meta["max_iters"], meta["lr"]):
+            print("mitigation fell short: " + s.text)
     return 0

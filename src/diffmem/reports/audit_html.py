@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.targets import describe_target, target_as_score
+
 COLUMNS = ("#", "prompt", "score", "flagged", "top word", "mitigated score", "copies before", "copies after")
 
 
@@ -117,7 +119,8 @@ def _figures(images: list[str], captions: list[str], copies: list[bool] | None =
         f'<figcaption>{escape(cap)}</figcaption></figure>' for src, cap, c in zip(images, captions, copies)) + "</div>"
 
 
-def flagged_card(row: dict, explanation: dict | None, mitigation: dict | None, copies: dict | None) -> str:
+def flagged_card(row: dict, explanation: dict | None, mitigation: dict | None, copies: dict | None,
+                 num_generations: int = 1) -> str:
     i = row["index"]
     triggers = {w.lower() for w in (row.get("source") or {}).get("trigger_words", [])}
     parts = [f'<div class="card" id="p{i}"><h3>#{i}: {escape(row["prompt"])}</h3>',
@@ -144,9 +147,14 @@ def flagged_card(row: dict, explanation: dict | None, mitigation: dict | None, c
         parts.append('<div class="label">Generations</div>'
                      + _figures(row["images"], [f"seed {row['seed']}, #{k}" for k in range(len(row["images"]))]))
     if mitigation is not None:
+        unit = mitigation.get("target_unit", "batch")
+        goal = target_as_score(mitigation["target_loss"], unit, num_generations)
+        short = (mitigation["final_loss"] > mitigation["target_loss"] * (1 + 1e-6) if "final_loss" in mitigation
+                 else mitigation["final_d"] > goal * (1 + 1e-6))
         parts.append(f'<div class="label">After mitigation: score {mitigation["initial_d"]:.4g} &rarr; '
-                     f'{mitigation["mitigated_score"]:.4g} ({mitigation["iterations"]} AdamW steps, target '
-                     f'{mitigation["target_loss"]:.4g})</div>')
+                     f'{mitigation["mitigated_score"]:.4g} ({mitigation["iterations"]} AdamW steps to the target '
+                     f'd &le; {goal:.4g}, in the score\'s unit'
+                     + (', <span class="short">not reached</span>' if short else "") + ')</div>')
         mit = copies.get("mitigated") if copies else None
         if mit:
             parts.append(_figures([g["image"] for g in mit], [f"RMSE {g['rmse']:.3f}" + (" copy" if g["copy"] else "")
@@ -181,8 +189,9 @@ def _provenance_rows(info: dict) -> str:
 
 
 def write_audit_report(out: Path, rows: list[dict], threshold: dict, reference_scores: list[float], info: dict,
-                       explained: dict, mitigated: dict, copies: dict, truth: dict | None = None) -> Path:
-    """Write out/index.html from the audit's records."""
+                       explained: dict, mitigated: dict, copies: dict, truth: dict | None = None,
+                       shortfalls: list[str] | None = None) -> Path:
+    """Write out/index.html from the audit's records; `shortfalls`: one line per case where mitigation fell short."""
     out = Path(out)
     flagged = sorted((r for r in rows if r["flagged"]), key=lambda r: -r["score"])
     config = info.get("config", {})
@@ -198,9 +207,18 @@ def write_audit_report(out: Path, rows: list[dict], threshold: dict, reference_s
             after = sum(r.get("mitigated_copies", 0) for r in flagged)
             n = sum(len(r.get("images", [])) for r in flagged)
             summary += f"Generations copying a training image: {before} of {n} before, {after} after mitigation."
+    mitigation = info.get("mitigation") or {}
+    G = config["sampling"]["num_generations"]
+    if flagged and info.get("target_loss") is not None:
+        summary += (f"<br><span class=\"muted\">Mitigation target: first-step "
+                    f"{escape(describe_target(info['target_loss'], mitigation.get('target_unit', 'batch'), G))}; "
+                    f"at most {mitigation.get('max_iters')} AdamW steps, lr {mitigation.get('lr')}.</span>")
+    if shortfalls:
+        summary += ('<div class="shortfalls"><b>Mitigation fell short</b><ul>'
+                    + "".join(f"<li>{escape(t)}</li>" for t in shortfalls) + "</ul></div>")
     known_sets = truth is not None
     header = "".join(f'<th class="sortable">{escape(c)}</th>' for c in COLUMNS + (("known set",) if known_sets else ()))
-    cards = "\n".join(flagged_card(r, explained.get(r["index"]), mitigated.get(r["index"]), copies.get(r["index"]))
+    cards = "\n".join(flagged_card(r, explained.get(r["index"]), mitigated.get(r["index"]), copies.get(r["index"]), G)
                       for r in flagged) or "<p>No prompt is flagged.</p>"
     html = _template("audit.html").format(
         css=_template("audit.css"), js=_template("audit.js"),
