@@ -31,7 +31,7 @@ from diffmem.detect import run_detection
 from diffmem.faults import fault_point
 from diffmem.files import (append_rows, jsonable, load_png, one_writer, read_json, read_rows, save_generations, save_png,
                            write_json, write_rows)
-from diffmem.metrics import prompt_score, threshold_at_fpr
+from diffmem.metrics import fpr_sample_warning, prompt_score, threshold_at_fpr
 from diffmem.mitigate import MitigationConfig
 from diffmem.prompts import PromptRecord, PromptSet
 from diffmem.sampling import SamplingConfig, plan_units
@@ -127,6 +127,9 @@ def calibrate(config: AuditConfig, reference_scores: list[float] | None, referen
         out = {"value": value, "method": "fpr", "fpr": config.fpr,
                "description": f"{100 * config.fpr:g}% false positives on {len(reference_scores)} reference prompts "
                               f"({reference_source})"}
+        warning = fpr_sample_warning(len(reference_scores), config.fpr)
+        if warning:
+            out["warning"] = warning
     if reference_scores:
         s = np.asarray(reference_scores)
         out.update(reference_source=reference_source, num_reference=int(s.size),
@@ -351,6 +354,8 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     flagged = [r for r in scored if r["score"] >= threshold["value"]]
     _log(progress, f"  threshold {threshold['value']:.4g} ({threshold['description']}): "
                    f"{len(flagged)} of {len(scored)} prompts flagged")
+    if threshold.get("warning"):
+        _log(progress, "  " + threshold["warning"])
     flagged_set = PromptSet([PromptRecord(r["index"], r["prompt"], r.get("source") or {}) for r in flagged],
                             prompts.source + " (flagged)")
 

@@ -82,6 +82,8 @@ def run(args) -> int:
         mitigated = float("nan") if r.mitigated_score is None else r.mitigated_score
         print(f"  score {r.score:.4f}  top word {(r.top_words or ['?'])[0]!r:<14} "
               f"mitigated {mitigated:.4f}  {r.prompt[:60]}")
+    if result.threshold.get("warning"):
+        print(result.threshold["warning"])
     for s in result.shortfalls:
         print("mitigation fell short: " + s.text)
     return 0

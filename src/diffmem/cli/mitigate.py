@@ -44,15 +44,17 @@ def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
     from diffmem.mitigate import run_mitigation
 
-    config, sampling = config_from_args(args)
+    from diffmem.prompts import needs_model, read_prompts
+
+    config, sampling = config_from_args(args)  # checked before loading anything
+    file_prompts = args.prompts is not None and not needs_model(args.prompts)
+    prompts = [r.prompt for r in read_prompts(args.prompts, args.prompt_key)] if file_prompts else None
     model = load_model_from_args(args)
     if args.prompts is None:
         from diffmem.eval_sets import load_eval_set
 
         prompts = [p.caption for p in load_eval_set(model, None).prompts]
-    else:
-        from diffmem.prompts import read_prompts
-
+    elif prompts is None:
         prompts = [r.prompt for r in read_prompts(args.prompts, args.prompt_key, model=model, seed=sampling.seed)]
     out = run_mitigation(model, prompts, config, sampling, args.out, progress=not args.no_progress, resume=args.resume)
     import json

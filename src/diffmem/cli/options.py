@@ -120,3 +120,38 @@ def parse_weights(text: str | None):
 DATASET_HELP = ("prompts with their training images: a folder of image + caption .txt pairs, a ground-truth .jsonl "
                 "(caption, index; gt_images/<index>/*.png beside it), or lab:<set>; default for lab models: "
                 "lab:memorized")
+
+
+THRESHOLD_HELP = ("decision threshold for a verdict (score >= it: memorized): a number, or a JSON file holding one "
+                  "(the threshold.json that diffmem audit writes, or diffmem roc --json's summary); it holds for "
+                  "the same step window and number of generations it was calibrated with")
+NO_THRESHOLD_HINT = ("no verdict: no threshold known. Pass --threshold T, or --threshold AUDIT_DIR/threshold.json "
+                     "(diffmem audit calibrates one at 1% FPR on normal prompts; diffmem roc --json too)")
+
+
+def read_threshold(text: str | None) -> tuple[float, str] | None:
+    """--threshold: (value, where it came from) from a number or a JSON file; None when not given."""
+    import json
+    from pathlib import Path
+
+    if text is None:
+        return None
+    try:
+        return float(text), "--threshold"
+    except ValueError:
+        pass
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"--threshold {text!r}: neither a number nor a JSON file")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--threshold {path}: not JSON ({e.msg}, line {e.lineno})") from None
+    for key in ("value", "threshold_at_1fpr", "threshold"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), (int, float)):
+            return float(obj[key]), f"{path} ({key})"
+    raise ValueError(f"--threshold {path}: no 'value' (audit threshold.json) or 'threshold_at_1fpr' (roc --json) in it")
+
+
+def verdict(score: float, threshold: float) -> str:
+    return "memorized" if score >= threshold else "not memorized"

@@ -224,7 +224,8 @@ def write_audit_report(out: Path, rows: list[dict], threshold: dict, reference_s
         css=_template("audit.css"), js=_template("audit.js"),
         title=escape(str(info.get("model", ""))), model=escape(str(info.get("model", ""))), summary=summary,
         ground_truth=ground_truth_section(truth), window=window, generations=config["sampling"]["num_generations"],
-        threshold=threshold["value"], threshold_how=escape(threshold["description"]),
+        threshold=threshold["value"], threshold_how=escape(threshold["description"])
+        + (f'<br><span class="short">{escape(threshold["warning"])}</span>' if threshold.get("warning") else ""),
         histogram=histogram_svg([r["score"] for r in rows], reference_scores, threshold["value"]),
         header=header, rows=table_rows(rows, known_sets), cards=cards,
         copy_note=", and the nearest training image of each generation" if copies else "",

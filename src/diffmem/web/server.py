@@ -94,7 +94,11 @@ class ExplainApp:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def info(self) -> dict:
-        return {"model": self.model.name, "threshold": asdict(self.threshold),
+        from diffmem.metrics import fpr_sample_warning
+
+        t = self.threshold
+        warning = fpr_sample_warning(t.num_reference, t.fpr) if t.fpr and t.num_reference is not None else None
+        return {"model": self.model.name, "threshold": asdict(t), "threshold_warning": warning,
                 "settings": {**asdict(self.config), "image_steps": self.image_steps},
                 "mitigation_available": self.mitigate is not None, "max_tokens": self.model.max_tokens}
 
@@ -147,12 +151,14 @@ def mitigation_hook(mitigation: MitigationConfig, image_steps: int | None = 50) 
     Pass the app's ``image_steps``: the images use the same DDIM steps, generations, seed (x_T) and
     guidance as ``ExplainApp._images``, so they compare one to one. With ``image_steps=None`` (no
     images) only the steps of the score window are sampled. The result holds the first-step d
-    before and after (``initial_score``, ``final_score``: what embedding-opt drives to its target)
+    before and after (``initial_score``, ``final_score``: what embedding-opt drives to its target,
+    ``target_score``: that target as a mean first-step d; ``shortfall``: a line when it was not reached)
     and ``mitigated_score``, the page's score (its window of steps) of the mitigated sampling; it is
     None when the images' schedule differs from the score's (image_steps != num_inference_steps).
     """
     from diffmem.metrics import prompt_score
     from diffmem.mitigate import mitigate_unit
+    from diffmem.targets import mitigation_shortfalls, target_as_score
 
     def mitigate(model, prompt: str, config: ExplainConfig) -> dict:
         steps = image_steps or config.num_inference_steps
@@ -161,11 +167,21 @@ def mitigation_hook(mitigation: MitigationConfig, image_steps: int | None = 50) 
         score = None  # d (G, S) is tracked along the images' schedule; the page's window lives in its own
         if steps == config.num_inference_steps:
             score = prompt_score(m.text_noise_norm.tolist(), slice(*config.steps))
+        opt = mitigation.method == "embedding-opt"
+        resolved = mitigation.resolved(model) if opt else mitigation
+        short = mitigation_shortfalls([{"index": 0, "prompt": prompt, "iterations": m.iterations, "initial_d": m.initial_d,
+                                        "final_d": m.final_d, "initial_loss": m.initial_loss, "final_loss": m.final_loss}],
+                                      resolved.target_loss, resolved.target_unit, config.generations, resolved.max_iters,
+                                      resolved.lr, flags=("--mitigation-max-iters", "--mitigation-lr")) if opt else []
         return {"images": [png_data_url(img) for img in m.images] if m.images is not None else [],
                 "method": mitigation.method, "modified_prompt": m.modified_prompt,
                 "initial_score": m.initial_d, "final_score": m.final_d, "iterations": m.iterations,
                 "initial_loss": m.initial_loss, "final_loss": m.final_loss,
-                "target_loss": mitigation.target_loss if mitigation.method == "embedding-opt" else None,
+                "target_loss": resolved.target_loss if opt else None,
+                "target_unit": resolved.target_unit if opt else None,
+                # the target as a mean first-step d, the unit of the score and the threshold
+                "target_score": target_as_score(resolved.target_loss, resolved.target_unit, config.generations) if opt else None,
+                "shortfall": short[0].text if short else None,
                 "repeat_num": mitigation.repeat_num if mitigation.method in AUGMENT_STYLES else None,
                 "mitigated_score": score}
 
