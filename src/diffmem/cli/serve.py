@@ -55,8 +55,8 @@ def run(args) -> int:
     from diffmem.cli.explain import config_from_args as explain_config_from_args
     from diffmem.cli.main import load_model_from_args
     from diffmem.mitigate import calibrated_target_loss, default_target_loss
-    from diffmem.web.server import (ExplainApp, Threshold, calibrate_threshold, lab_reference_threshold, make_server,
-                                    mitigation_hook, page_sampling)
+    from diffmem.web.server import (ExplainApp, Threshold, calibrate_threshold, lab_examples, lab_reference_threshold,
+                                    make_server, mitigation_hook, page_sampling, significance_scale)
 
     # 1. Check inputs before loading anything
     config = explain_config_from_args(args)
@@ -84,10 +84,10 @@ def run(args) -> int:
         normal = normal or [r.prompt for r in read_prompts(args.calibration_prompts, args.prompt_key, model=model,
                                                            seed=config.seed)]
         print(f"calibrating the threshold on {len(normal)} prompts of {args.calibration_prompts} ...")
-        threshold = calibrate_threshold(model, normal, config, args.fpr, source=args.calibration_prompts)
+        threshold = calibrate_threshold(model, normal, config, args.fpr, source=args.calibration_prompts, progress=True)
     elif model.training_data() is not None:
         print("calibrating the threshold on the lab's reference (novel) prompts ...")
-        threshold = lab_reference_threshold(model, config, args.fpr)
+        threshold = lab_reference_threshold(model, config, args.fpr, progress=True)
     else:
         raise ValueError("this model is not a lab model: pass --threshold, or --calibration-prompts FILE of "
                          "normal (non-memorized) prompts to calibrate one")
@@ -100,13 +100,18 @@ def run(args) -> int:
             print(warning)
 
     # 3. The mitigation behind the page's button
-    app = ExplainApp(model, threshold, config, image_steps=None if args.no_images else args.image_steps)
+    app = ExplainApp(model, threshold, config, image_steps=None if args.no_images else args.image_steps,
+                     examples=lab_examples(model))
+    if app.examples:  # one colour scale for every prompt: a memorized example's top token at full red
+        print("setting the page's colour scale on the memorized example ...", flush=True)
+        app.colour_scale = significance_scale(model, app.examples[0]["prompt"], config)
     if mitigation is not None:
         if mitigation.method == "embedding-opt":
             origin = "given with --target-loss" if args.target_loss is not None else f"{model.name}'s default"
             calibrated = None
             if args.target_loss is None and model.defaults.target_loss is None:
                 # the median first-step loss of the prompts the threshold was calibrated on (as the audit does)
+                print("calibrating the mitigation target on the same prompts ...", flush=True)
                 calibrated = calibrated_target_loss(model, mitigation, page_sampling(config, None), normal or None)
                 origin = "median first-step loss of the calibration prompts"
                 if calibrated is None:
