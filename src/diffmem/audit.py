@@ -86,6 +86,8 @@ class AuditRow:
     mitigated_images: list[str] | None = None
     generated_copies: int | None = None  # generations copying a training image (lab copy rule)
     mitigated_copies: int | None = None
+    generated_aligned: int | None = None  # generations showing the prompt's colour and shape (lab alignment check)
+    mitigated_aligned: int | None = None
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -234,6 +236,12 @@ def _copies(data, flagged: list[dict], out: Path, progress: bool) -> list[dict]:
                           "nearest_caption": train.captions[j], "rmse": float(d), "copy": bool(c)}
                          for p, j, d, c in zip(paths, res.nearest, res.distance, res.is_copy)]
             row[f"{kind}_copies"] = int(res.is_copy.sum())
+            src = r.get("source") or {}
+            if src.get("colour") and src.get("shape"):  # the lab's alignment check: the described colour and shape
+                from diffmem.lab.judge import content_correct
+
+                row[f"{kind}_aligned"] = int(content_correct(imgs, [src["colour"]] * len(imgs),
+                                                             [src["shape"]] * len(imgs)).sum())
         rows.append(row)
     return rows
 
@@ -266,6 +274,8 @@ def result_rows(scored: list[dict], threshold: float, explained: dict, mitigated
             if i in copies:
                 row.generated_copies = copies[i].get("generated_copies")
                 row.mitigated_copies = copies[i].get("mitigated_copies")
+                row.generated_aligned = copies[i].get("generated_aligned")
+                row.mitigated_aligned = copies[i].get("mitigated_aligned")
         rows.append(row)
     return rows
 
