@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
                    "in the UNet's velocity space, as the official code, on which the published weights were "
                    "tuned; noise: on the noise, as on epsilon models")
     p.add_argument("--format", choices=("diffmem", "official"), default="diffmem",
-                   help="official: --out holds only the seed's fields (uncond_noise_norm, text_noise_norm, "
+                   help="official: --out holds only the original code's fields (uncond_noise_norm, text_noise_norm, "
                    "prompt) for its analysis notebooks; the full rows go to <out>.rows.jsonl beside it")
     add_sampling_args(p, SamplingConfig(), track_steps=True, same_noise=True)
     p.add_argument("--threshold", default=None, help=THRESHOLD_HELP)

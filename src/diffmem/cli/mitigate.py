@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                        "--target-loss (Wen et al. 5.1), then sample every step with it. rand_word_add, "
                        "rand_numb_add, rand_word_repeat: insert --repeat-num random tokens / numbers / prompt words "
                        "(Somepalli et al. 2023). The field's other methods take --param NAME=VALUE "
-                       "(docs/mitigation.md). Writes images/, results.jsonl (final d, iterations, UNet rows, "
+                       "(docs/mitigations.md; embedding-opt: docs/mitigation.md). Writes images/, results.jsonl (final d, iterations, UNet rows, "
                        "seconds, modified prompt) and embeddings.safetensors to --out.")
     common_model_args(p)
     p.add_argument("--prompts", default=None, help="prompt file (.jsonl, .txt, .csv, .parquet) or 'random'; default "
