@@ -27,7 +27,7 @@ def test_target_as_score_bounds_the_mean_d():
     assert target_as_score(float(batch[1]), "batch", 2) == pytest.approx(0.4)  # equal d: the bound is reached
     assert target_as_score(0.25, "mean", 4) == 0.25
     text = describe_target(0.4308, "batch", 2)
-    assert text.startswith("d <= 0.3046 (mean first-step d, the score's unit") and "--target-loss 0.4308" in text
+    assert text.startswith("d <= 0.305 (mean first-step d, the score's unit") and "--target-loss 0.4308" in text
     with pytest.raises(ValueError, match="--target-unit"):
         target_as_score(1.0, "sum")
 
@@ -38,11 +38,11 @@ def test_shortfalls_one_line_per_case():
     (s,) = mitigation_shortfalls(rows, 0.5, "batch", 2, max_iters=5, lr=0.01)
     assert s.kind == "iteration_limit" and s.index == 0 and "\n" not in s.text
     assert "iteration limit (5)" in s.text and "--max-iters (now 5)" in s.text and "--lr (now 0.01)" in s.text
-    assert f"d <= {0.5 / 2 ** 0.5:.4g}" in s.text
+    assert f"d <= {0.5 / 2 ** 0.5:.3f}" in s.text
     below = [{"index": i, "iterations": 0, "initial_loss": 0.2, "final_loss": 0.2, "initial_d": 0.1, "final_d": 0.1}
              for i in range(3)]
     (s,) = mitigation_shortfalls(below, 3.0, "batch", 2, max_iters=10)
-    assert s.kind == "no_iterations" and "lower --target-loss" in s.text and "highest 0.1" in s.text
+    assert s.kind == "no_iterations" and "lower --target-loss" in s.text and "highest 0.100" in s.text
     assert mitigation_shortfalls(rows[1:], 0.5, "batch", 2, max_iters=5) == []
     serve = mitigation_shortfalls(rows[:1], 0.5, max_iters=5, flags=("--mitigation-max-iters", "--mitigation-lr"))
     assert "--mitigation-max-iters" in serve[0].text
@@ -57,7 +57,7 @@ def test_audit_reports_a_target_above_every_score(tiny_sd, tmp_path):
     assert [s.kind for s in result.shortfalls] == ["no_iterations"]
     html = (tmp_path / "index.html").read_text()
     assert "Mitigation fell short" in html and "lower --target-loss" in html
-    goal = f"{target_as_score(3.0, 'batch', 2):.4g}"
+    goal = f"{target_as_score(3.0, 'batch', 2):.3f}"
     assert f"target d &le; {goal}, in the score's unit" in html  # each card, in the score's unit
     assert f"d &lt;= {goal} (mean first-step d, the score&#x27;s unit" in html  # the summary names the unit
 
@@ -74,5 +74,5 @@ def test_audit_and_mitigate_cli_report_the_iteration_limit(tiny_sd_folder, tmp_p
     assert "not reached" in (tmp_path / "a" / "index.html").read_text()
     assert main(["mitigate", *common, "--method", "embedding-opt", "--out", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
-    assert "(target first-step d <= 0 (mean first-step d, the score's unit" in out
+    assert "(target first-step d <= 0.000 (mean first-step d, the score's unit" in out
     assert out.count("mitigation fell short: #0 stopped at the iteration limit (1)") == 1

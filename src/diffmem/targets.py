@@ -24,11 +24,11 @@ def target_as_score(target_loss: float, unit: str = "batch", num_generations: in
 
 
 def describe_target(target_loss: float, unit: str = "batch", num_generations: int = 1) -> str:
-    """'d <= 0.3046 (mean first-step d, the score's unit; --target-loss 0.4308 in the batch unit, 2 generations)'."""
+    """'d <= 0.305 (mean first-step d, the score's unit; --target-loss 0.4308 in the batch unit, 2 generations)'."""
     score = target_as_score(target_loss, unit, num_generations)
     if unit == "mean":
-        return f"d <= {score:.4g} ({SCORE_UNIT}; --target-unit mean)"
-    return (f"d <= {score:.4g} ({SCORE_UNIT}; --target-loss {target_loss:.4g} in the original code's batch unit "
+        return f"d <= {score:.3f} ({SCORE_UNIT}; --target-unit mean)"
+    return (f"d <= {score:.3f} ({SCORE_UNIT}; --target-loss {target_loss:.4g} in the original code's batch unit "
             f"over {num_generations} generation{'s' if num_generations != 1 else ''})")
 
 
@@ -66,15 +66,15 @@ def mitigation_shortfalls(rows: list[dict], target_loss: float | None, unit: str
     if all(r.get("iterations", 0) == 0 for r in rows) and not any(above(r, "initial") for r in rows):
         top = max(d(r, "initial") for r in rows)
         out.append(Shortfall("no_iterations", f"no prompt was optimized (0 iterations): the target {describe_target(target_loss, unit, num_generations)} "
-                             f"is above every prompt's first-step d (highest {top:.4g}), so the images are the "
+                             f"is above every prompt's first-step d (highest {top:.3f}), so the images are the "
                              "unmitigated ones; give a lower --target-loss (e.g. the median first-step loss of "
                              "normal prompts on this model)"))
         return out
     for r in rows:
         if above(r, "final") and (max_iters is None or r.get("iterations", 0) >= max_iters):
             i = r.get("index", r.get("position"))
-            text = (f"#{i} stopped at the iteration limit ({r.get('iterations')}) with first-step d {d(r, 'final'):.4g}, "
-                    f"above its target d <= {goal:.4g} ({SCORE_UNIT}): raise {flags[0]}"
+            text = (f"#{i} stopped at the iteration limit ({r.get('iterations')}) with first-step d {d(r, 'final'):.3f}, "
+                    f"above its target d <= {goal:.3f} ({SCORE_UNIT}): raise {flags[0]}"
                     + (f" (now {max_iters})" if max_iters is not None else "")
                     + f" or {flags[1]}" + (f" (now {lr:g})" if lr is not None else "")
                     + f"; prompt: {str(r.get('prompt', ''))[:60]}")
