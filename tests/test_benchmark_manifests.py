@@ -196,7 +196,7 @@ def _finetune_mitigation(evaluation: dict) -> str:
                 if name.startswith("gni-") and r["non-memorized"]["alignment_mean"] >= 0.9 * plain["non-memorized"]["alignment_mean"])
     return (f"takes memorized copies from {plain['memorized']['copy_rate']:.3f} to "
             f"{bands['memorized']['copy_rate']:.3f} with non-memorized loss **{loss:+.1%}** and alignment **{align:+.1%}**. "
-            f"Caption strategies (the seed's random word; Somepalli et al.'s replaced, added or repeated tokens and "
+            f"Caption strategies (the original code's random word; Somepalli et al.'s replaced, added or repeated tokens and "
             f"several captions per image) leave copies at {captions:.3f} or more; of the scales of Gaussian noise on the "
             f"text embedding that keep alignment within 10%, std {noise[1].removeprefix('gni-')} comes closest, at {noise[0]:.3f} copies")
 

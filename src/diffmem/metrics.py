@@ -128,3 +128,13 @@ def threshold_at_fpr(normal_scores, fpr: float = 0.01) -> float:
         raise ValueError("no reference scores to calibrate a threshold on")
     allowed = max(int(np.ceil(fpr * s.size)) - 1, 0)
     return float(np.nextafter(s[s.size - 1 - allowed], np.inf))
+
+
+def fpr_sample_warning(num_negatives: int, fpr: float = 0.01, what: str = "reference prompts") -> str | None:
+    """A one-line warning when a false-positive rate rests on fewer than 1 / fpr negatives (None otherwise):
+    with n < 1 / fpr normal prompts, "below fpr" only means "none of them", the threshold is their maximum."""
+    need = int(np.ceil(1 / fpr - 1e-9))
+    if num_negatives >= need:
+        return None
+    return (f"warning: the {100 * fpr:g}% FPR rests on {num_negatives} {what}; measuring it needs at least {need} "
+            f"(1/FPR), so the threshold is only the highest of theirs: use at least {need} normal prompts")

@@ -39,6 +39,12 @@ def load_model_from_args(args):
     device = str(state.device) if args.device == "auto" else args.device
     if state.num_processes > 1 and device == "cpu":
         torch.set_num_threads(max(1, (torch.get_num_threads()) // state.num_processes))
+    if getattr(args, "no_progress", False):  # transformers' and diffusers' own bars ("Loading weights") too
+        import diffusers
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
     model = load_model(args.model, unet=args.unet, device=device, dtype=args.dtype)
     if getattr(args, "null_embedding", None):
         from diffmem.adapters import read_null

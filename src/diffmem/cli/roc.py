@@ -54,14 +54,32 @@ def scores_from(path: str | Path, steps: slice | None, generations: int | None, 
     for i, r in enumerate(rows, 1):
         try:
             out.append(sign * detector.score_of(r, steps, generations))
-        except (KeyError, ValueError) as e:
+        except KeyError as e:
+            raise ValueError(f"{path}:{i}: no {method} score in this row (field {e.args[0]!r} absent; it has "
+                             f"{', '.join(_scores_in(r)) or 'no detector score'}): run diffmem detect --method {method} "
+                             "on these prompts, or pick --method among those") from None
+        except ValueError as e:
             raise ValueError(f"{path}:{i}: method {method}: {e}") from None
+    return out
+
+
+def _scores_in(row: dict) -> list[str]:
+    """The detectors whose score this row holds."""
+    from diffmem.detectors import DETECTORS, get_detector
+
+    out = []
+    for name in sorted(DETECTORS):
+        try:
+            get_detector(name).score_of(row)
+            out.append(name)
+        except Exception:
+            continue
     return out
 
 
 def run(args) -> int:
     from diffmem.detectors import get_detector
-    from diffmem.metrics import roc_metrics
+    from diffmem.metrics import fpr_sample_warning, roc_metrics
     from diffmem.reports.plots import roc_figure
 
     steps = parse_steps(args.steps)
@@ -74,6 +92,10 @@ def run(args) -> int:
           f"threshold@1%FPR {roc.threshold_at_1fpr:.6g}   ({roc.n_memorized} memorized, {roc.n_non_memorized} non-memorized)")
     print(f"TPR@1%FPR by the closest-point rule of Ren, Jeon and Asthana: {roc.tpr_at_1fpr_closest:.4f} "
           f"(at FPR {roc.fpr_at_1fpr_closest:.4f})")
+    warning = fpr_sample_warning(roc.n_non_memorized, 0.01, "non-memorized prompts")
+    if warning:
+        print(warning)
+        summary["warning"] = warning
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else "roc.png")
