@@ -287,8 +287,8 @@ point it at real weights to reproduce the paper.
   `sscd_disc_large.torchscript.pt` from the README of
   [facebookresearch/sscd-copy-detection](https://github.com/facebookresearch/sscd-copy-detection);
   set `DIFFMEM_SSCD=/path/to/sscd_disc_large.torchscript.pt`.
-- **Prompt sets** (set `DIFFMEM_SD_DATA` to the folder that holds them; this project keeps them in
-  its workspace's `shared/data`):
+- **Prompt sets** (set `DIFFMEM_SD_DATA` to the folder that holds them; without it the notebook
+  uses two prompts of each kind written in it):
   - `sdv1_500_memorized.jsonl`: 500 prompts memorized by SD v1.4 (Webster 2023), with the LAION
     `index` and `url` of each training image: `examples/sdv1_500_memorized.jsonl` in the official
     repository of Wen et al., [YuxinWenRick/diffusion_memorization](https://github.com/YuxinWenRick/diffusion_memorization);
@@ -316,9 +316,9 @@ if MODEL is None:  # a random-weight SD 1.x folder, built offline in seconds
     MODEL = str(make_tiny_sd_folder(FIGURES / "tiny-sd"))
 model = load_model(MODEL, device=os.environ.get("DIFFMEM_DEVICE", "cpu"))
 
-DATA = Path(os.environ.get("DIFFMEM_SD_DATA", "../../shared/data"))
+DATA = Path(os.environ["DIFFMEM_SD_DATA"]) if "DIFFMEM_SD_DATA" in os.environ else None
 N = int(os.environ.get("DIFFMEM_SD_NUM_PROMPTS", "8"))
-if (DATA / "sdv1_500_memorized.jsonl").is_file():
+if DATA is not None and (DATA / "sdv1_500_memorized.jsonl").is_file():
     memorized = [r.prompt for r in read_prompts(DATA / "sdv1_500_memorized.jsonl", end=N)]
     normal = [r.prompt for r in read_prompts(DATA / "sd1_nonmemorized_500.txt", end=N)]
 else:  # two prompts of each kind, so that the notebook runs anywhere

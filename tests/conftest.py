@@ -36,6 +36,23 @@ def tiny_pixart_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_folder(tmp_path_factory):
+    """A random-weight Stable Diffusion 3 folder: a one-layer MMDiT, CLIP-L, CLIP-G and a tiny T5 with the
+    ByT5 tokenizer, SD3's FlowMatchEuler config (shift 3)."""
+    from diffmem.testing import make_tiny_sd3_folder
+
+    return make_tiny_sd3_folder(tmp_path_factory.mktemp("tiny_sd3") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_no_t5_folder(tmp_path_factory):
+    """The same without T5 (model_index names no text_encoder_3): the T5 block of the conditioning is zeros."""
+    from diffmem.testing import make_tiny_sd3_folder
+
+    return make_tiny_sd3_folder(tmp_path_factory.mktemp("tiny_sd3_no_t5") / "model", seed=1, with_t5=False)
+
+
+@pytest.fixture(scope="session")
 def tiny_sd2_folder(tmp_path_factory):
     """SD 2.x's conventions on the same layout: velocity prediction, and a tokenizer that pads with
     "!", so that the pad id is also the id of a "!" in a prompt."""

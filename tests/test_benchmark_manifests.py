@@ -196,7 +196,7 @@ def _finetune_mitigation(evaluation: dict) -> str:
                 if name.startswith("gni-") and r["non-memorized"]["alignment_mean"] >= 0.9 * plain["non-memorized"]["alignment_mean"])
     return (f"takes memorized copies from {plain['memorized']['copy_rate']:.3f} to "
             f"{bands['memorized']['copy_rate']:.3f} with non-memorized loss **{loss:+.1%}** and alignment **{align:+.1%}**. "
-            f"Caption strategies (the seed's random word; Somepalli et al.'s replaced, added or repeated tokens and "
+            f"Caption strategies (the original code's random word; Somepalli et al.'s replaced, added or repeated tokens and "
             f"several captions per image) leave copies at {captions:.3f} or more; of the scales of Gaussian noise on the "
             f"text embedding that keep alignment within 10%, std {noise[1].removeprefix('gni-')} comes closest, at {noise[0]:.3f} copies")
 
@@ -274,3 +274,14 @@ def test_readme_mitigation_comparison_figures_are_the_benchmarks():
     amg, cfg = best("amg"), best("delayed-cfg")
     assert (f"anti-memorization guidance ({amg['copy_rate']:.3f} copies at alignment {amg['alignment']:.3f}) and "
             f"delayed guidance ({cfg['copy_rate']:.3f} at {cfg['alignment']:.3f})") in README
+
+
+def test_guidance_table_in_docs_is_the_sweep():
+    """docs/lab.md's guidance table, row by row, from benchmarks/results/lab/guidance_sweep.json."""
+    rows = json.loads((LAB / "guidance_sweep.json").read_text())["rows"]
+    doc = (ROOT / "docs" / "lab.md").read_text()
+    for r in rows:
+        m, n = r["memorized"], r["novel"]
+        line = (f"| {r['guidance_scale']} | {m['copy_rate']:.3f} | {m['content_accuracy']:.3f} | "
+                f"{n['copy_rate']:.3f} | {n['content_accuracy']:.3f} |")
+        assert line in doc, line

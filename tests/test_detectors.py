@@ -354,6 +354,8 @@ def test_bench_detect_writes_the_table(tiny_sd_folder, tmp_path, capsys):
     pos = [r["wen"] for r in read_rows(out / "runs" / "g2-first" / "memorized.jsonl")]
     neg = [r["wen"] for r in read_rows(out / "runs" / "g2-first" / "non-memorized.jsonl")]
     assert row["auc"] == pytest.approx(roc_metrics(pos, neg).auc)
+    assert row["tpr_at_1fpr_closest"] == roc_metrics(pos, neg).tpr_at_1fpr_closest  # both rules, as roc reads them
+    assert "| TPR@1%FPR [95% CI] | TPR@1%FPR closest point [95% CI] |" in (out / "table.md").read_text()
     assert row["auc_ci95"][0] <= row["auc"] <= row["auc_ci95"][1] and row["unet_rows_per_prompt"] == 4
     carlini = next(r for r in table["rows"] if r["method"] == "carlini")
     assert carlini["higher_is_memorized"] is False and carlini["unet_rows_per_prompt"] == 2 * 2 * 3

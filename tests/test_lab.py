@@ -332,6 +332,24 @@ def test_shipped_lab_shows_no_blocked_word():
         assert not seen, f"the shipped lab's {name} captions hold blocked words: {sorted(seen)}"
 
 
+def test_lab_notebooks_show_no_blocked_word():
+    """The stored outputs of the lab's example notebooks (captions, augmented prompts, token tables)
+    hold no word, or word piece, of the blocklist."""
+    import json
+    import re
+    from pathlib import Path
+
+    from diffmem.lab.data import blocked_words
+
+    examples = Path(__file__).parent.parent / "examples"
+    for name in ("detect", "explain", "mitigate"):
+        cells = json.loads((examples / f"{name}.ipynb").read_text())["cells"]
+        text = " ".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                        for c in cells for o in c.get("outputs", []))
+        seen = set(re.findall(r"[a-z]+", text.lower())) & blocked_words()
+        assert text and not seen, f"examples/{name}.ipynb shows blocked words: {sorted(seen)}"
+
+
 def test_partial_descriptions_are_true_of_their_image(tmp_path):
     from diffmem.lab.data import QUADRANTS, LabDataConfig, make_lab_data, partial_descriptions
     from diffmem.lab.export import export_training_data

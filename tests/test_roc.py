@@ -62,7 +62,9 @@ def test_roc_cli_recomputes_scores_over_a_window(tmp_path, capsys):
     assert summary["auc"] == pytest.approx(expected)
     assert summary["n_memorized"] == 50 and summary["n_non_memorized"] == 80
     assert (tmp_path / "roc.png").stat().st_size > 1000
-    assert "AUC" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "AUC" in out and f"closest-point rule of Ren, Jeon and Asthana: {summary['tpr_at_1fpr_closest']:.4f}" in out
+    assert "tpr_at_1fpr_closest" in summary
 
 
 def test_roc_cli_errors_name_the_file(tmp_path, capsys):
@@ -72,3 +74,31 @@ def test_roc_cli_errors_name_the_file(tmp_path, capsys):
     assert "m.jsonl:1: method wen: no text_noise_norm" in capsys.readouterr().err
     assert main(["roc", "--memorized", str(tmp_path / "n.jsonl"), "--non-memorized", str(tmp_path / "n.jsonl"),
                  "--steps", "x:y"]) == 2
+
+
+def test_tpr_at_1fpr_by_the_closest_point_rule_worked_by_hand():
+    """219 negatives scored 1..219 (1% is 2.19 false positives); 6 positives above them all, 2 between
+    the two highest negatives, 2 between the second and third. The ROC passes (1/219, 0.6), (1/219, 0.8),
+    (2/219, 0.8), (2/219, 1.0), (3/219, 1.0). Strict: the last point with FPR < 1% is (2/219, 1.0).
+    Closest: 2/219 = 0.91% is the FPR nearest 1%, and the first point there is (2/219, 0.8)."""
+    neg = np.arange(1, 220, dtype=float)
+    pos = np.r_[[1000.0] * 6, [218.5] * 2, [217.5] * 2]
+    r = roc_metrics(pos, neg)
+    assert r.tpr_at_1fpr == 1.0 and r.threshold_at_1fpr == 217.5
+    assert r.tpr_at_1fpr_closest == pytest.approx(0.8) and r.fpr_at_1fpr_closest == pytest.approx(2 / 219)
+    assert {"tpr_at_1fpr_closest", "fpr_at_1fpr_closest"} <= set(r.summary())
+
+
+def test_closest_point_rule_reads_the_origin_with_fewer_than_50_negatives():
+    """With 40 negatives the curve's FPRs are 0, 2.5%, ...: 0 is nearest 1%, and its first point is the
+    curve's origin, so even a perfect separation reads TPR 0 by that rule (1 by the strict one)."""
+    r = roc_metrics(np.arange(50, 60, dtype=float), np.arange(40, dtype=float))
+    assert r.auc == 1.0 and r.tpr_at_1fpr == 1.0
+    assert r.tpr_at_1fpr_closest == 0.0 and r.fpr_at_1fpr_closest == 0.0
+
+
+def test_tpr_rules_are_named():
+    from diffmem.metrics import roc_point_at_fpr
+
+    with pytest.raises(ValueError, match="TPR rule 'nearest': expected one of strict, closest"):
+        roc_point_at_fpr(np.array([0.0, 1.0]), 0.01, "nearest")

@@ -286,5 +286,6 @@ def test_bench_detect_on_sdxl(sdxl_folder, tmp_path):
                  "--non-memorized", str(tmp_path / "n.txt"), "--generations", "2", "--num-inference-steps", "3",
                  "--bootstrap", "5", "--asthana-weights", "1,1", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "b" / "table.json").read_text())["rows"]
-    assert {r["method"] for r in rows} == {"asthana", "bright-ending", "carlini", "jeon", "jeon-fd", "membench",
-                                           "nemo-ssim", "ren-ae", "ren-le", "wen"}
+    assert {r["method"] for r in rows} == {"asthana", "bright-ending", "carlini", "cond-jacobian", "early-dsm",
+                                           "early-metric2", "jeon", "jeon-fd", "membench", "nemo-ssim", "ren-ae",
+                                           "ren-le", "wen"}

@@ -31,10 +31,11 @@ from diffmem.detect import run_detection
 from diffmem.faults import fault_point
 from diffmem.files import (append_rows, jsonable, load_png, one_writer, read_json, read_rows, save_generations, save_png,
                            write_json, write_rows)
-from diffmem.metrics import prompt_score, threshold_at_fpr
+from diffmem.metrics import fpr_sample_warning, prompt_score, threshold_at_fpr
 from diffmem.mitigate import MitigationConfig
 from diffmem.prompts import PromptRecord, PromptSet
 from diffmem.sampling import SamplingConfig, plan_units
+from diffmem.targets import describe_target, mitigation_shortfalls
 
 STAGES = ("detect", "calibrate", "track", "explain", "mitigate", "copies", "report")
 
@@ -85,6 +86,8 @@ class AuditRow:
     mitigated_images: list[str] | None = None
     generated_copies: int | None = None  # generations copying a training image (lab copy rule)
     mitigated_copies: int | None = None
+    generated_aligned: int | None = None  # generations showing the prompt's colour and shape (lab alignment check)
+    mitigated_aligned: int | None = None
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -97,6 +100,7 @@ class AuditResult:
     threshold: dict
     stages_run: list[str] = field(default_factory=list)  # stages computed in this call
     stages_resumed: list[str] = field(default_factory=list)  # stages found finished under `out`
+    shortfalls: list = field(default_factory=list)  # diffmem.targets.Shortfall: where mitigation fell short
 
 
 # -- the stages -------------------------------------------------------------------------------
@@ -125,6 +129,9 @@ def calibrate(config: AuditConfig, reference_scores: list[float] | None, referen
         out = {"value": value, "method": "fpr", "fpr": config.fpr,
                "description": f"{100 * config.fpr:g}% false positives on {len(reference_scores)} reference prompts "
                               f"({reference_source})"}
+        warning = fpr_sample_warning(len(reference_scores), config.fpr)
+        if warning:
+            out["warning"] = warning
     if reference_scores:
         s = np.asarray(reference_scores)
         out.update(reference_source=reference_source, num_reference=int(s.size),
@@ -170,7 +177,9 @@ def _mitigate(model, flagged: list[dict], path: Path, images: Path, config: Audi
         for m in results:
             save_generations(images, m.position, m.images)
             rows.append({"index": m.position, "prompt": m.prompt, "initial_d": m.initial_d, "final_d": m.final_d,
+                         "initial_loss": m.initial_loss, "final_loss": m.final_loss,
                          "iterations": m.iterations, "target_loss": mitigation.target_loss,
+                         "target_unit": mitigation.target_unit,
                          "mitigated_score": prompt_score(m.text_noise_norm.tolist(), slice(0, config.detect_steps)),
                          "text_noise_norm": m.text_noise_norm.tolist(),
                          "images": [f"images/mitigated/{m.position:05d}_{g}.png" for g in range(len(m.images))]})
@@ -227,6 +236,12 @@ def _copies(data, flagged: list[dict], out: Path, progress: bool) -> list[dict]:
                           "nearest_caption": train.captions[j], "rmse": float(d), "copy": bool(c)}
                          for p, j, d, c in zip(paths, res.nearest, res.distance, res.is_copy)]
             row[f"{kind}_copies"] = int(res.is_copy.sum())
+            src = r.get("source") or {}
+            if src.get("colour") and src.get("shape"):  # the lab's alignment check: the described colour and shape
+                from diffmem.lab.judge import content_correct
+
+                row[f"{kind}_aligned"] = int(content_correct(imgs, [src["colour"]] * len(imgs),
+                                                             [src["shape"]] * len(imgs)).sum())
         rows.append(row)
     return rows
 
@@ -259,6 +274,8 @@ def result_rows(scored: list[dict], threshold: float, explained: dict, mitigated
             if i in copies:
                 row.generated_copies = copies[i].get("generated_copies")
                 row.mitigated_copies = copies[i].get("mitigated_copies")
+                row.generated_aligned = copies[i].get("generated_aligned")
+                row.mitigated_aligned = copies[i].get("mitigated_aligned")
         rows.append(row)
     return rows
 
@@ -347,6 +364,8 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     flagged = [r for r in scored if r["score"] >= threshold["value"]]
     _log(progress, f"  threshold {threshold['value']:.4g} ({threshold['description']}): "
                    f"{len(flagged)} of {len(scored)} prompts flagged")
+    if threshold.get("warning"):
+        _log(progress, "  " + threshold["warning"])
     flagged_set = PromptSet([PromptRecord(r["index"], r["prompt"], r.get("source") or {}) for r in flagged],
                             prompts.source + " (flagged)")
 
@@ -372,10 +391,16 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     mitigation = mitigation_of(model, config, ref_rows or [r for r in scored if r["score"] < threshold["value"]],
                                threshold["value"])
     target = mitigation.target_loss
-    if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to a first-step loss ({mitigation.target_unit}) <= {target:.4g}"):
+    G = sampling.num_generations
+    if stage("mitigate", 5, f"embedding optimization of {len(flagged)} flagged prompts to a first-step "
+             f"{describe_target(target, mitigation.target_unit, G)}"):
         _mitigate(model, flagged, out / "mitigate.jsonl", out / "images" / "mitigated", config, mitigation, progress)
         finish("mitigate", t0)
     mitigated = {r["index"]: r for r in read_rows(out / "mitigate.jsonl")}
+    result.shortfalls = mitigation_shortfalls(list(mitigated.values()), target, mitigation.target_unit, G,
+                                              mitigation.max_iters, mitigation.lr)
+    for s in result.shortfalls:
+        _log(progress, "  mitigation fell short: " + s.text)
 
     # 7. Copies: nearest training images, where they are known.
     t0 = time.time()
@@ -400,7 +425,7 @@ def run_audit(model, prompts: PromptSet, reference: PromptSet | None, config: Au
     info = {**run_info, **provenance(model), "target_loss": target, "mitigation": asdict(mitigation), "stages": state,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_audit_report(out, records, threshold, [r["score"] for r in ref_rows], info, explained, mitigated,
-                       copies, truth)
+                       copies, truth, shortfalls=[s.text for s in result.shortfalls])
     finish("report", t0)
     _log(progress, f"wrote {out / 'index.html'} and {out / 'results.jsonl'}")
     return result

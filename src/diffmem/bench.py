@@ -3,7 +3,8 @@
 ``bench_detect`` runs every requested detector at the settings it is defined for (the first step
 for those that can take it, the whole trajectory for those that need it; each number of
 generations) through ``run_detection``, one pass per setting and prompt set with all its detectors,
-and reports per detector, setting and control set: AUC, TPR at 1% and 3% FPR with bootstrap 95%
+and reports per detector, setting and control set: AUC, TPR at 1% FPR (by diffmem's strict rule and
+by the closest-point rule of Ren's, Jeon's and Asthana's scripts) and at 3% FPR, with bootstrap 95%
 intervals, and the cost of the detector alone (UNet rows and seconds per prompt, timed on a few
 memorized prompts). Scores are taken in each detector's own direction and never label-flipped.
 
@@ -76,13 +77,16 @@ def bootstrap_interval(pos: np.ndarray, neg: np.ndarray, stat, n: int, seed: int
 
 
 def detection_metrics(pos, neg, n_bootstrap: int = 1000) -> dict:
-    """AUC and TPR at 1% and 3% FPR of memorized (`pos`) against control (`neg`) scores, oriented so
-    that higher means memorized, each with a bootstrap 95% interval."""
+    """AUC, TPR at 1% FPR by both rules of ``diffmem.metrics.roc_point_at_fpr`` (strict, and the
+    closest point as Ren, Jeon and Asthana read it) and TPR at 3% FPR (strict) of memorized (`pos`)
+    against control (`neg`) scores, oriented so that higher means memorized, each with a bootstrap
+    95% interval."""
     from diffmem.metrics import roc_metrics
 
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
     stats = {"auc": lambda p, q: roc_metrics(p, q).auc,
              "tpr_at_1fpr": lambda p, q: roc_metrics(p, q, 0.01).tpr_at_1fpr,
+             "tpr_at_1fpr_closest": lambda p, q: roc_metrics(p, q, 0.01).tpr_at_1fpr_closest,
              "tpr_at_3fpr": lambda p, q: roc_metrics(p, q, 0.03).tpr_at_1fpr}
     out = {}
     for name, fn in stats.items():
@@ -169,12 +173,13 @@ def _num(v, fmt: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     ci = lambda r, k: f"{r[k]:.3f} [{r[k + '_ci95'][0]:.3f}, {r[k + '_ci95'][1]:.3f}]" if r[k + "_ci95"] else f"{r[k]:.3f}"
-    lines = ["| method | steps | G | control | AUC [95% CI] | TPR@1%FPR [95% CI] | TPR@3%FPR [95% CI] | "
-             "UNet rows / prompt | s / prompt |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | steps | G | control | AUC [95% CI] | TPR@1%FPR [95% CI] | "
+             "TPR@1%FPR closest point [95% CI] | TPR@3%FPR [95% CI] | UNet rows / prompt | s / prompt |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['steps']} | {r['generations']} | {r['control']} | {ci(r, 'auc')} | "
-                     f"{ci(r, 'tpr_at_1fpr')} | {ci(r, 'tpr_at_3fpr')} | {_num(r['unet_rows_per_prompt'], '.0f')} | "
-                     f"{_num(r['seconds_per_prompt'], '.3f')} |")
+                     f"{ci(r, 'tpr_at_1fpr')} | {ci(r, 'tpr_at_1fpr_closest')} | {ci(r, 'tpr_at_3fpr')} | "
+                     f"{_num(r['unet_rows_per_prompt'], '.0f')} | {_num(r['seconds_per_prompt'], '.3f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,16 +15,16 @@ from __future__ import annotations
 import json
 import os
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from diffmem.detectors import Detector, check_settings, get_detector, parse_methods
+from diffmem.detectors import Detector, check_model, check_settings, get_detector, parse_methods
 from diffmem.faults import fault_point
 from diffmem.files import append_rows, check_resume, one_writer, read_json, read_rows, save_generations
 from diffmem.prompts import PromptRecord
-from diffmem.sampling import PromptSamples, SamplingConfig, plan_units, sample_unit
+from diffmem.sampling import PromptSamples, SamplingConfig, noise_levels, plan_units, sample_unit, step_at_sigma
 
 RESUME_KEYS = ("model", "unet", "settings", "prompts")  # metadata that must match to resume
 FORMATS = ("diffmem", "official")
@@ -48,8 +48,10 @@ def write_official(rows_path: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool, fields: list[dict]) -> dict:
-    """One prompt's row; `fields` are its detectors' fields, the first detector's score is ``score``."""
+def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool, fields: list[dict],
+               levels: dict | None = None) -> dict:
+    """One prompt's row; `fields` are its detectors' fields, the first detector's score is ``score``;
+    `levels` the noise level of every tracked step (``sampling.noise_levels``: sigmas or timesteps)."""
     scores = {k: v for f in fields for k, v in f.items()}
     return {
         "prompt": record.prompt,
@@ -57,6 +59,7 @@ def result_row(record: PromptRecord, samples: PromptSamples, truncated: bool, fi
         "seed": samples.seed,
         "score": next(iter(fields[0].values())),
         **scores,
+        **(levels or {}),
         "truncated": truncated,
         **({"source": record.source} if record.source else {}),
     }
@@ -88,10 +91,14 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
                   resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
                   unet: str | None = None, progress: bool = True, methods=None, format: str = "diffmem",
                   norm_order: float = 2.0, asthana_weights: tuple[float, float] | None = None,
-                  asthana_space: str = "official") -> Path:
+                  asthana_space: str = "official", at_sigma: float | None = None) -> Path:
     """Detect memorization for `records` with the detectors named in `methods` (default: wen); write
     rows to `out` (JSON Lines). Returns `out`. `norm_order` is the p of Wen et al.'s norm (2; the
     original's ``lp``); `asthana_weights` and `asthana_space` go to the asthana detector.
+
+    ``at_sigma`` (flow models): the score is d at the step whose sigma is nearest (``sampling.step_at_sigma``),
+    the steps before it sampled and recorded; it replaces ``config.track_steps``, and the run's settings
+    record the step (``at_step``).
 
     ``format="official"``: `out` holds only the seed's fields (``uncond_noise_norm``,
     ``text_noise_norm``, ``prompt``), so the seed's analysis notebooks read it unchanged; the full
@@ -110,8 +117,15 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         raise ValueError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     if format == "official" and "wen" not in methods:
         raise ValueError("--format official writes Wen et al.'s arrays: --method must include wen")
-    detectors = [get_detector(m, norm_order=norm_order, asthana_weights=asthana_weights, asthana_space=asthana_space)
-                 for m in methods]
+    window = None
+    if at_sigma is not None:
+        if config.track_steps is not None:
+            raise ValueError("--at-sigma picks the tracked steps itself: drop --track-steps")
+        k = step_at_sigma(model, config.num_inference_steps, at_sigma)
+        config, window = replace(config, track_steps=k + 1), (k, k + 1)
+    detectors = [get_detector(m, norm_order=norm_order, asthana_weights=asthana_weights, asthana_space=asthana_space,
+                              score_window=window) for m in methods]
+    check_model(detectors, model)
     check_settings(detectors, config)
     for d in detectors:
         if hasattr(d, "prepare"):
@@ -119,6 +133,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     rows_path = out if format == "diffmem" else full_rows_path(out)
     settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods), "format": format,
                 **({"norm_order": norm_order} if norm_order != 2 else {}),
+                **({"at_sigma": at_sigma, "at_step": window[0]} if window else {}),
                 **({"asthana_space": asthana_space} if asthana_space != "official" and "asthana" in methods else {})}
     truncated = {r.position for r in records if model.count_tokens(r.prompt) > model.max_tokens}
     meta = provenance(model, unet=unet, settings=settings, prompts=prompts_info or {}, num_prompts=len(records),
@@ -150,6 +165,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     target = rows_path if state.num_processes == 1 else rows_path.with_name(f"{rows_path.name}.part{state.process_index}")
 
     # 3. Sample unit by unit, appending each unit's rows in one write.
+    levels = noise_levels(model, config.num_inference_steps, config.steps_to_run)
     bar = tqdm(total=sum(map(len, todo)), desc="detect", unit="prompt", disable=not progress or not state.is_main_process)
     for unit in todo:
         results, fields = detect_unit(model, detectors, [by_pos[p].prompt for p in unit], unit, config,
@@ -158,7 +174,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
             for s in results:
                 save_generations(Path(images_dir), s.position, s.images)
         # A unit is redone whole (same batch, same numbers) but rows already written are not repeated.
-        append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated, f)
+        append_rows(target, [result_row(by_pos[s.position], s, s.position in truncated, f, levels)
                              for s, f in zip(results, fields) if s.position not in done])
         bar.update(len(unit))
         fault_point("detect.unit")

@@ -2,8 +2,9 @@
 
 The significance of token j is ``s_j = || d score / d e_j ||_2``: the L2 norm of the gradient of the
 prompt's detection score (the text-conditional noise norm ``d = ||eps(x_t, e_prompt) - eps(x_t, e_empty)||_2``
-averaged over a window of DDIM steps and over the generations) with respect to the j-th token's
-embedding in the *conditional* prompt embedding. The unconditional branch is the empty prompt, as in
+averaged over a window of DDIM steps and over the generations; on flow-matching models the velocity
+difference ``||v_c - v_u||_2``, as in detection) with respect to the j-th token's embedding in the
+*conditional* prompt embedding. The unconditional branch is the empty prompt, as in
 sampling, and no gradient flows through it.
 
 The official notebook's ``get_text_cond_grad`` also differentiates only the conditional embedding
@@ -74,7 +75,7 @@ class SignificanceRecorder:
         self.d: list[torch.Tensor] = []
 
     def on_step(self, step: Step) -> None:
-        d = text_noise_norm(step.eps_cond, step.eps_uncond)  # (G,)
+        d = text_noise_norm(step.pred_cond, step.pred_uncond)  # (G,): the noise, or a flow model's velocity
         self.d.append(d.detach().float().cpu())
         if d.requires_grad:  # a denoiser that ignores its embedding has no gradient
             (grad,) = torch.autograd.grad(d.mean(), self.leaf)

@@ -160,7 +160,7 @@ class MitigatedPrompt:
 
 class _UncondRecorder:
     def on_step(self, step: Step) -> None:
-        self.eps_uncond = step.eps_uncond
+        self.eps_uncond = step.pred_uncond  # the noise; a flow model's velocity
 
 
 def _step_branches(model, x, cond, uncond, t, batch_size):

@@ -227,7 +227,7 @@ def _per_sample(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 @runtime_checkable
 class DiffusionModel(Protocol):
     name: str  # where it was loaded from
-    family: str  # "lab", "stable-diffusion", "stable-diffusion-xl", "pixart"
+    family: str  # "lab", "stable-diffusion", "stable-diffusion-xl", "pixart", "stable-diffusion-3"
     device: torch.device
     dtype: torch.dtype
     denoiser: torch.nn.Module  # the network that denoises: a UNet or a diffusion transformer

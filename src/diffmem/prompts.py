@@ -112,15 +112,43 @@ def _read_jsonl(path: Path, key: str) -> list[PromptRecord]:
     return records
 
 
-def _read_table(path: Path, key: str) -> list[PromptRecord]:
-    import pandas as pd
+DATA_EXTRA = 'pip install "diffmem[data]"'
 
+
+def _read_csv_stdlib(path: Path, key: str) -> list[PromptRecord]:
+    """A .csv file without pandas (the default install): every field a string."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 text (byte {e.start} of the file); save it as UTF-8") from None
+    except csv.Error as e:
+        raise PromptFileError(f"{path}: cannot read as csv: {e}") from None
+    if not rows:
+        return []
+    if key not in rows[0]:
+        raise PromptFileError(f"{path}: no column {key!r} (columns: {', '.join(map(str, rows[0]))}); set --prompt-key")
+    return [PromptRecord(i, row[key] or "", {k: v for k, v in row.items() if k != key and k is not None and v != ""})
+            for i, row in enumerate(rows)]
+
+
+def _read_table(path: Path, key: str) -> list[PromptRecord]:
+    try:
+        import pandas as pd
+    except ImportError:
+        if path.suffix == ".csv":
+            return _read_csv_stdlib(path, key)
+        raise PromptFileError(f"{path}: reading .parquet needs pandas and pyarrow, not installed: {DATA_EXTRA}") from None
     try:
         df = pd.read_csv(path, encoding="utf-8-sig") if path.suffix == ".csv" else pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         return []
     except UnicodeDecodeError as e:
         raise PromptFileError(f"{path}: not UTF-8 text (byte {e.start} of the file); save it as UTF-8") from None
+    except ImportError:
+        raise PromptFileError(f"{path}: reading .parquet needs pyarrow, not installed: {DATA_EXTRA}") from None
     except Exception as e:
         raise PromptFileError(f"{path}: cannot read as {path.suffix[1:]}: {e}") from e
     if key not in df.columns:
@@ -134,7 +162,11 @@ def _read_table(path: Path, key: str) -> list[PromptRecord]:
 
 
 def _read_hf_dataset(path: Path, key: str) -> list[PromptRecord]:
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise PromptFileError(f"{path}: a folder; reading it as a Hugging Face dataset needs the datasets package, "
+                              f"not installed: {DATA_EXTRA}") from None
 
     try:
         ds = datasets.load_from_disk(str(path))

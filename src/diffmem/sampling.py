@@ -5,7 +5,9 @@ starting d, evaluation, the audit, the lab report) runs this pass, so the same p
 settings give the same numbers everywhere. Tracking does not change sampling: latents equal those
 of the family's diffusers pipeline (``StableDiffusionPipeline`` with ``DDIMScheduler``, ...) for the
 same seed (the seed contract in ``initial_noise``). The pass speaks of a denoiser: it combines and
-steps on ``model.predict`` (the noise on the epsilon-sampled families, the velocity on flow models).
+steps on ``model.predict`` (the noise on the epsilon-sampled families, the velocity on flow models)
+with the model's scheduler (DDIM; the flow-matching Euler scheduler of SD3, whose timesteps are
+sigma * 1000).
 
 A *recorder* is any object with ``on_step(step: Step)`` and, optionally, ``before_step(index, t)``,
 called before that step's denoiser calls, and ``after_branches(index)``, called right after them (the
@@ -75,9 +77,33 @@ def initial_noise(model, num_generations: int, seed: int) -> torch.Tensor:
 
 
 def schedule(model, num_inference_steps: int) -> torch.Tensor:
-    """The DDIM timesteps of a schedule of `num_inference_steps` steps, first (noisiest) first."""
+    """The timesteps of a schedule of `num_inference_steps` steps, first (noisiest) first (DDIM's; on a
+    flow model sigma * 1000, the first at sigma = 1)."""
     model.scheduler.set_timesteps(num_inference_steps, device=model.device)
     return model.scheduler.timesteps
+
+
+def noise_levels(model, num_inference_steps: int, steps: int | None = None) -> dict:
+    """Where the first `steps` steps (default all) of a schedule sit, for records: ``{"sigmas": [...]}``
+    on a flow model (the scheduler's sigma of each step; 1.0 first), else ``{"timesteps": [...]}``."""
+    timesteps = schedule(model, num_inference_steps)[:steps]
+    if model.sampler_prediction == "flow":
+        return {"sigmas": [float(s) for s in model.scheduler.sigmas[:len(timesteps)]]}
+    return {"timesteps": [int(t) for t in timesteps]}
+
+
+def step_at_sigma(model, num_inference_steps: int, sigma: float) -> int:
+    """The 0-based step of a flow model's schedule whose sigma is nearest `sigma` (the earlier of two
+    equally near): detection asked at a noise level rather than at a step index, since the sigma of
+    step k depends on the shift and the number of steps."""
+    if model.sampler_prediction != "flow":
+        raise ValueError(f"--at-sigma: {model.family} ({model.name}) is not a flow-matching model; its steps are "
+                         "DDIM timesteps (use --track-steps)")
+    if not 0 < sigma <= 1:
+        raise ValueError(f"--at-sigma {sigma}: expected a noise level in (0, 1]")
+    schedule(model, num_inference_steps)
+    sigmas = model.scheduler.sigmas[:num_inference_steps].double()
+    return int((sigmas - sigma).abs().argmin())
 
 
 # -- the pass -------------------------------------------------------------------------------------
@@ -123,7 +149,12 @@ class Recorder(Protocol):
 
 class NoiseNormRecorder:
     """Wen et al.'s d (ICLR 2024, eq. 3) and the unconditional noise norm, per pass row and step; `p`
-    is the norm order (2, the paper's; the original's ``lp`` option). Every pass keeps one."""
+    is the norm order (2, the paper's; the original's ``lp`` option). Every pass keeps one.
+
+    d is taken on what guidance combines (``Step.pred_cond``/``pred_uncond``): the noise on the
+    epsilon-sampled families, d = ||eps_c - eps_u||; the velocity on flow models, d = ||v_c - v_u||
+    (whose noise form (1 - sigma) ||v_c - v_u|| is 0 at sigma = 1; docs/model-families.md).
+    """
 
     def __init__(self, p: float = 2.0):
         self.p = p
@@ -131,8 +162,8 @@ class NoiseNormRecorder:
         self.uncond: list[torch.Tensor] = []
 
     def on_step(self, step: Step) -> None:
-        self.text.append(text_noise_norm(step.eps_cond, step.eps_uncond, self.p))
-        self.uncond.append(noise_norm(step.eps_uncond, self.p))
+        self.text.append(text_noise_norm(step.pred_cond, step.pred_uncond, self.p))
+        self.uncond.append(noise_norm(step.pred_uncond, self.p))
 
     def text_noise_norm(self) -> torch.Tensor:
         """(N, S) d per row and recorded step (differentiable when the pass ran with grad)."""
@@ -172,7 +203,8 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
                  guidance_scale: "float | GuidanceSchedule", recorders: Sequence[Recorder] = (), *, first_index: int = 0,
                  eta: float = 0.0, advance_last: bool = True, max_batch: int | None = None,
                  grad: bool = False) -> torch.Tensor:
-    """The sampler (DDIM on the epsilon-sampled families) with classifier-free guidance over `timesteps`,
+    """The sampler (DDIM on the epsilon-sampled families, Euler on flow models) with classifier-free
+    guidance over `timesteps`,
     each step handed to `recorders`.
 
     latents (N, C, H, W) at the first of `timesteps` (step `first_index` of the schedule); cond,

@@ -1,4 +1,4 @@
-"""Tiny random Stable Diffusion (1.x/2.x and XL) and PixArt folders built offline, for tests,
+"""Tiny random Stable Diffusion (1.x/2.x, XL and 3) and PixArt folders built offline, for tests,
 benchmarks and the SD notebook.
 
 The components follow diffusers' own ``get_dummy_components()`` sizes; the CLIP tokenizer is a
@@ -186,6 +186,68 @@ def make_tiny_pixart_folder(path: str | Path, seed: int = 0, sample_size: int = 
     return path
 
 
+def make_tiny_sd3_folder(path: str | Path, seed: int = 0, sample_size: int = 8, with_t5: bool = True,
+                         shift: float = 3.0, model_max_length: int = 77) -> Path:
+    """Write a random-weight Stable Diffusion 3 folder (``StableDiffusion3Pipeline`` layout) to `path`, offline.
+
+    Sizes follow diffusers' SD3 ``get_dummy_components()``, smaller: a one-layer ``SD3Transformer2DModel``
+    (patch 2, 2 heads of 8) reading joint tokens of width 32 (the T5 width; the two CLIP widths, 8 + 16,
+    are zero-padded to it as the pipeline does) and a pooled projection of 6 + 10 (the two CLIP
+    projections); CLIP-L and CLIP-G as ``CLIPTextModelWithProjection`` with the character-level
+    tokenizer (the second pads with "!", as SD3's does); T5 as in the tiny PixArt folder (ByT5
+    tokenizer), left out with ``with_t5=False`` (model_index names no text_encoder_3, as for SD3
+    loaded without T5); a VAE with SD3's scaling and shift factors; SD3's scheduler config
+    (``FlowMatchEulerDiscreteScheduler``, static shift 3.0).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoTokenizer, ByT5Tokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    path = Path(path)
+    clip_widths, projections, t5_width = (8, 16), (6, 10), 32
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=t5_width, caption_projection_dim=16,
+        pooled_projection_dim=sum(projections), pos_embed_max_size=sample_size)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=2, sample_size=sample_size * 2,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    _write_char_clip_tokenizer(path / "tokenizer", model_max_length)
+    _write_char_clip_tokenizer(path / "tokenizer_2", model_max_length, pad_token="!")
+    for k, sub in enumerate(("tokenizer", "tokenizer_2")):
+        tokenizer = AutoTokenizer.from_pretrained(path / sub)
+        torch.manual_seed(seed + 2 + k)
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=clip_widths[k],
+            intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
+            pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), max_position_embeddings=model_max_length,
+            hidden_act="gelu", projection_dim=projections[k])).save_pretrained(path / ("text_encoder" + sub[9:]))
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.29.0",
+             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "text_encoder_3": [None, None], "tokenizer_3": [None, None]}
+    if with_t5:
+        tokenizer = ByT5Tokenizer()
+        torch.manual_seed(seed + 4)
+        T5EncoderModel(T5Config(
+            d_model=t5_width, d_kv=4, d_ff=16, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+            relative_attention_max_distance=32, vocab_size=len(tokenizer), feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=0)).save_pretrained(path / "text_encoder_3")
+        tokenizer.save_pretrained(path / "tokenizer_3")
+        index.update(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "ByT5Tokenizer"])
+    transformer.save_pretrained(path / "transformer")
+    vae.save_pretrained(path / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=shift).save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
 def make_tiny_clip_folder(path: str | Path) -> Path:
     """A tiny random transformers CLIP (text and vision towers) with the character-level tokenizer,
     for CLIP-score code paths in tests."""
@@ -223,3 +285,32 @@ def run_cli(*args, kill: str | None = None, timeout: float | None = None):
         env["DIFFMEM_KILL_AT"] = kill
     return subprocess.run([sys.executable, "-m", "diffmem.cli.main", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def make_tiny_lora_file(denoiser, path: str | Path, rank: int = 2, seed: int = 0, layout: str = "diffusers",
+                        prefix: str = "unet", targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+                        alpha: float | None = None) -> Path:
+    """Write a random LoRA for `denoiser`'s attention projections `targets` (A: (rank, in), B: (out, rank),
+    both non-zero) as a safetensors file: ``layout="diffusers"`` (``unet.<module>.lora_A.weight``, as
+    ``save_lora_weights`` writes) or ``"kohya"`` (``lora_unet_<module with _>.lora_down.weight`` and
+    ``.alpha``, `alpha` defaulting to the rank). Returns the path."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in denoiser.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not any(name.endswith("." + t) for t in targets):
+            continue
+        a = torch.randn(rank, module.in_features, generator=gen) * 0.3
+        b = torch.randn(module.out_features, rank, generator=gen) * 0.3
+        if layout == "diffusers":
+            tensors[f"{prefix}.{name}.lora_A.weight"], tensors[f"{prefix}.{name}.lora_B.weight"] = a, b
+        elif layout == "kohya":
+            key = f"lora_{prefix}_" + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = a, b
+            tensors[f"{key}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+        else:
+            raise ValueError(f"LoRA layout {layout!r}: expected diffusers or kohya")
+    path = Path(path)
+    save_file(tensors, str(path))
+    return path

@@ -68,6 +68,9 @@ class TrainConfig:
     validation_inference_steps: int = 50
     log_every: int = 10
     num_threads: int | None = None  # torch threads per process; 1 when several run on one CPU
+    # a LoRA adapter of this rank on the denoiser's attention projections instead of the whole denoiser
+    # (diffusers' LoRA scripts: alpha = rank, Gaussian init); written as a file --lora and diffusers read
+    lora_rank: int | None = None
 
     def __post_init__(self):
         from diffmem.mitigations.augment import TRAIN_AUGMENT_STYLES
@@ -84,6 +87,8 @@ class TrainConfig:
                 raise ValueError(f"--pair-filter-share {self.pair_filter_share}: must be in (0, 1]")
             if self.hard_threshold is None:
                 raise ValueError("--pair-filter-share needs --hard-threshold (the d that counts as exceeded)")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"--lora-rank {self.lora_rank}: must be >= 1")
         if self.pair_filter_min_draws < 1:
             raise ValueError(f"--pair-filter-min-draws {self.pair_filter_min_draws}: must be >= 1")
 
@@ -270,6 +275,11 @@ class EMA:
         self.decay, self.step = state["decay"], state["step"]
 
 
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that learn: all of a fine-tuned denoiser's, a LoRA adapter's only."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 class EmbeddingCache:
     """Frozen-encoder prompt conditioning, computed once per distinct caption (kept in float16 on the CPU)."""
 
@@ -399,15 +409,23 @@ class TrainingRun:
                              "is a flow-matching model")
         self.noise_scheduler = model.training_scheduler()
         denoiser = model.denoiser
-        denoiser.train().requires_grad_(True)
+        if config.lora_rank:  # only the adapter's weights learn; the file is what is saved
+            from diffmem.adapters.lora import add_lora, save_lora
+
+            denoiser.requires_grad_(False)
+            add_lora(denoiser, config.lora_rank)
+            denoiser.train()
+            self.save_model = save_model or save_lora
+        else:
+            denoiser.train().requires_grad_(True)
         if config.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
-        optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.learning_rate,
+        optimizer = torch.optim.AdamW(trainable(denoiser), lr=config.learning_rate,
                                       weight_decay=config.adam_weight_decay, betas=(0.9, config.adam_beta2))
         lr_sched = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=config.max_train_steps)
         self.denoiser, self.optimizer, self.lr_sched = acc.prepare(denoiser, optimizer, lr_sched)
-        self.ema = EMA(acc.unwrap_model(self.denoiser).parameters(), config.ema_decay) if config.use_ema else None
+        self.ema = EMA(trainable(acc.unwrap_model(self.denoiser)), config.ema_decay) if config.use_ema else None
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
         self.keys_of = self.pairs = None
@@ -584,7 +602,7 @@ class TrainingRun:
             final = acc.unwrap_model(self.denoiser)
             if self.ema is not None:  # the raw weights beside the EMA ones (the seed evaluates checkpoint-N/unet, the raw)
                 self.save_model(final.eval(), self.out / RAW_FOLDER)
-                self.ema.copy_to(final.parameters())
+                self.ema.copy_to(trainable(final))
             self.save_model(final.eval(), self.out)
         self.denoiser.eval().requires_grad_(False)
         return self.out
@@ -656,7 +674,7 @@ def _checkpoint(accelerator, denoiser, ema, folder: Path, step: int, save_model,
         snap = copy.deepcopy(accelerator.unwrap_model(denoiser))
         if ema is not None:
             save_model(snap.eval(), partial / "model" / RAW_FOLDER)
-            ema.copy_to(snap.parameters())
+            ema.copy_to(trainable(snap))
         save_model(snap.eval(), partial / "model")
         write_json(partial / STATE_FILE, {"step": step})
         if folder.exists():  # a checkpoint of the same step from a run that was resumed before it

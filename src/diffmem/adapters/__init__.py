@@ -24,10 +24,11 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.
 
 
 def resolve_model_path(model: str) -> tuple[str, Path]:
-    """(family, folder) for a --model value: 'lab', a lab, SD, SDXL or PixArt folder, or a cached hub id.
+    """(family, folder) for a --model value: 'lab', a lab, SD, SDXL, SD3 or PixArt folder, or a cached hub id.
 
     A diffusers folder's family comes from its model_index.json ``_class_name``: a PixArt pipeline is
-    "pixart", a class name containing "XL" "stable-diffusion-xl", anything else "stable-diffusion"."""
+    "pixart", ``StableDiffusion3Pipeline`` "stable-diffusion-3", a class name containing "XL"
+    "stable-diffusion-xl", anything else "stable-diffusion"."""
     if model == DEFAULT_MODEL:
         from diffmem.lab import WEIGHTS_DIR
 
@@ -48,10 +49,13 @@ def resolve_model_path(model: str) -> tuple[str, Path]:
 
 def _diffusers_family(path: Path) -> str:
     from diffmem.adapters.pixart import is_pixart_folder
+    from diffmem.adapters.stable_diffusion_3 import is_sd3_folder
     from diffmem.adapters.stable_diffusion_xl import is_sdxl_folder
 
     if is_pixart_folder(path):
         return "pixart"
+    if is_sd3_folder(path):
+        return "stable-diffusion-3"
     return "stable-diffusion-xl" if is_sdxl_folder(path) else "stable-diffusion"
 
 
@@ -121,6 +125,7 @@ LOADERS = {
     "stable-diffusion": "diffmem.adapters.stable_diffusion:load_stable_diffusion",
     "stable-diffusion-xl": "diffmem.adapters.stable_diffusion_xl:load_stable_diffusion_xl",
     "pixart": "diffmem.adapters.pixart:load_pixart",
+    "stable-diffusion-3": "diffmem.adapters.stable_diffusion_3:load_stable_diffusion_3",
 }
 
 

@@ -159,5 +159,7 @@ class AdapterBase:
                     h.update(f"{rel}\n".encode() + p.read_bytes())
                 elif p.suffix in WEIGHT_SUFFIXES:
                     h.update(f"{rel}\t{p.stat().st_size}\n".encode())
+        loras = getattr(self, "loras", None)  # --lora files: name, sha256_16, scale
         return {"name": self.name, "family": self.family, "prediction_type": self.prediction_type,
-                "null_conditioning": self.null.name, "sha256_16": h.hexdigest()[:16] if self.folders else None}
+                "null_conditioning": self.null.name, "sha256_16": h.hexdigest()[:16] if self.folders else None,
+                **({"loras": loras} if loras else {})}

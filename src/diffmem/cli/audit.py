@@ -76,10 +76,14 @@ def run(args) -> int:
         raise ValueError(f"--prompts is required: {args.model} is not a lab model, so it has no built-in prompt sets")
     result = run_audit(model, prompts, reference, config, args.out, progress=not args.no_progress)
     flagged = [r for r in result.rows if r.flagged]
-    print(f"{len(flagged)} of {len(result.rows)} prompts flagged (threshold {result.threshold['value']:.4g}); "
-          f"report: {Path(args.out) / 'index.html'}")
+    print(f"{len(flagged)} of {len(result.rows)} prompts flagged (threshold {result.threshold['value']:.4g}, "
+          f"a mean first-step d); report: {Path(args.out) / 'index.html'} (keep its images/ folder beside it)")
     for r in sorted(flagged, key=lambda r: -r.score)[:5]:
         mitigated = float("nan") if r.mitigated_score is None else r.mitigated_score
         print(f"  score {r.score:.4f}  top word {(r.top_words or ['?'])[0]!r:<14} "
               f"mitigated {mitigated:.4f}  {r.prompt[:60]}")
+    if result.threshold.get("warning"):
+        print(result.threshold["warning"])
+    for s in result.shortfalls:
+        print("mitigation fell short: " + s.text)
     return 0

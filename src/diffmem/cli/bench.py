@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="compare detectors or mitigations on the same prompts, seeds and model")
     kinds = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     d = kinds.add_parser("detect", help="every detector at the settings it is defined for: AUC, TPR@1%%/3%%FPR "
-                         "with bootstrap intervals, cost", description="Detect memorized against control prompts "
+                         "(and TPR@1%%FPR by the closest-point rule) with bootstrap intervals, cost", description="Detect memorized against control prompts "
                          "with every requested detector and write table.md, table.json and ROC figures to --out. "
                          "Default on the lab: its memorized captions against non-memorized, novel and out-of-style "
                          "ones.")
@@ -143,12 +143,16 @@ def run(args) -> int:
         return run_mitigate(args)
     from diffmem.bench import bench_detect
     from diffmem.cli.main import load_model_from_args
-    from diffmem.prompts import PromptSet, read_prompts
+    from diffmem.metrics import fpr_sample_warning
+    from diffmem.prompts import PromptSet, needs_model, read_prompts
 
     config = config_from_args(args)  # checked before loading anything
-    model = load_model_from_args(args)
     if (args.memorized is None) != (args.non_memorized is None):
         raise ValueError("give both --memorized and --non-memorized, or neither (the lab's sets)")
+    for path in (args.memorized, args.non_memorized):  # files are checked before the model loads
+        if path is not None and not needs_model(path):
+            read_prompts(path, args.prompt_key)
+    model = load_model_from_args(args)
     if args.memorized is None:
         data = model.training_data()
         if data is None:
@@ -166,4 +170,8 @@ def run(args) -> int:
     table = bench_detect(model, memorized, controls, config, args.out, progress=not args.no_progress)
     print((__import__("pathlib").Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/table.md, table.json and roc/ ({len(table['rows'])} rows)")
+    for name, prompts in controls.items():
+        warning = fpr_sample_warning(len(prompts.records), 0.01, f"{name} prompts")
+        if warning:
+            print(warning)
     return 0

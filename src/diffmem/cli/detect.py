@@ -7,7 +7,7 @@ from pathlib import Path
 
 def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
-    from diffmem.cli.options import add_sampling_args
+    from diffmem.cli.options import THRESHOLD_HELP, add_sampling_args
     from diffmem.detectors import DETECTORS
     from diffmem.sampling import SamplingConfig
 
@@ -34,9 +34,13 @@ def add_parser(sub) -> None:
                    "in the UNet's velocity space, as the official code, on which the published weights were "
                    "tuned; noise: on the noise, as on epsilon models")
     p.add_argument("--format", choices=("diffmem", "official"), default="diffmem",
-                   help="official: --out holds only the seed's fields (uncond_noise_norm, text_noise_norm, "
+                   help="official: --out holds only the original code's fields (uncond_noise_norm, text_noise_norm, "
                    "prompt) for its analysis notebooks; the full rows go to <out>.rows.jsonl beside it")
     add_sampling_args(p, SamplingConfig(), track_steps=True, same_noise=True)
+    p.add_argument("--at-sigma", type=float, default=None, metavar="S", help="flow-matching models (SD3): score d "
+                   "at the step whose sigma is nearest S in (0, 1], sampling the steps before it (instead of "
+                   "--track-steps); rows record the sigma of every tracked step")
+    p.add_argument("--threshold", default=None, help=THRESHOLD_HELP)
     p.add_argument("--save-images", default=None, metavar="DIR", help="also decode and save the generations")
     p.add_argument("--resume", action="store_true", help="continue the run already in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -53,12 +57,14 @@ def config_from_args(args):
 def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
     from diffmem.detect import full_rows_path, run_detection
-    from diffmem.cli.options import parse_weights
+    from diffmem.cli.options import parse_weights, read_threshold
     from diffmem.detectors import parse_methods
     from diffmem.prompts import needs_model, read_prompts
 
     config = config_from_args(args)  # checked before loading anything
     methods = parse_methods(args.method)
+    threshold = read_threshold(args.threshold)
+    parse_weights(args.asthana_weights)
     if args.prompts is None:
         if args.model != "lab":
             raise ValueError("--prompts is required unless --model is the built-in lab")
@@ -77,19 +83,26 @@ def run(args) -> int:
     out = run_detection(model, records, args.out, config, resume=args.resume, images_dir=args.save_images,
                         prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods,
                         format=args.format, norm_order=args.norm_order, asthana_weights=parse_weights(args.asthana_weights),
-                        asthana_space=args.asthana_space)
+                        asthana_space=args.asthana_space, at_sigma=args.at_sigma)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        _print_summary(out, out if args.format == "diffmem" else full_rows_path(out))
+        _print_summary(out, out if args.format == "diffmem" else full_rows_path(out), threshold)
     return 0
 
 
-def _print_summary(out: Path, rows_path: Path) -> None:
+def _print_summary(out: Path, rows_path: Path, threshold: tuple[float, str] | None = None) -> None:
+    from diffmem.cli.options import NO_THRESHOLD_HINT, verdict
     from diffmem.detect import read_rows
 
     rows = read_rows(rows_path)
     top = sorted(rows, key=lambda r: -r["score"])[:5]
     print(f"wrote {len(rows)} rows to {out}" + ("" if rows_path == out else f" (full rows in {rows_path})"))
     for r in top:
-        print(f"  score {r['score']:.4f}  #{r['index']}  {r['prompt'][:70]}")
+        print(f"  score {r['score']:.4f}  #{r['index']}  {r['prompt'][:70]}"
+              + (f"  [{verdict(r['score'], threshold[0])}]" if threshold else ""))
+    if threshold is None:
+        print(NO_THRESHOLD_HINT)
+    else:
+        n = sum(r["score"] >= threshold[0] for r in rows)
+        print(f"verdict: {n} of {len(rows)} prompts memorized (score >= threshold {threshold[0]:.4g}, from {threshold[1]})")

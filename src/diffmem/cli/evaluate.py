@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--target-loss", nargs="+", default=None, help="embedding-opt sweep; 'pN' = the N-th percentile "
                    "of the first-step loss on --calibration-set prompts (e.g. p50 p95); default: the model's target "
                    "(3 on SD; on the lab, the median first-step loss of its reference prompts)")
-    p.add_argument("--target-unit", choices=("batch", "mean"), help="embedding-opt's loss: batch = the seed's "
+    p.add_argument("--target-unit", choices=("batch", "mean"), help="embedding-opt's loss: batch = the original code's "
                    "||eps_c - eps_u|| over all generations at once (default), mean = the mean per-image d")
     p.add_argument("--optim-step", type=int, help="embedding-opt at this DDIM step (default 0)")
     p.add_argument("--epsilon", type=float, help="embedding-opt, L2-constrained: mean token distance past which "

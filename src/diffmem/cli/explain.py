@@ -15,7 +15,7 @@ def config_from_args(args):
 
 def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
-    from diffmem.cli.options import add_explain_args
+    from diffmem.cli.options import THRESHOLD_HELP, add_explain_args
     from diffmem.explain import ExplainConfig
 
     p = sub.add_parser("explain", help="which tokens of a prompt drive memorization",
@@ -38,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-png", action="store_true", help="write no chart")
     p.add_argument("--top", type=int, default=None, help="rows of the table (default: all prompt tokens)")
     p.add_argument("--show-special", action="store_true", help="also rank start/end/padding tokens")
+    p.add_argument("--threshold", default=None, help=THRESHOLD_HELP)
     p.set_defaults(run=run)
 
 
@@ -49,8 +50,11 @@ def run(args) -> int:
     from diffmem.prompts import PromptRecord, needs_model, read_prompts
     from diffmem.reports.explain import significance_figure, significance_table
 
+    from diffmem.cli.options import NO_THRESHOLD_HINT, read_threshold, verdict
+
     # 1. Check everything before loading the model
     config = config_from_args(args)
+    threshold = read_threshold(args.threshold)
     if args.prompt is not None:
         if not args.prompt.strip():
             raise ValueError("--prompt is empty")
@@ -71,7 +75,11 @@ def run(args) -> int:
     try:
         for r in tqdm(records, desc="explain", unit="prompt", disable=len(records) == 1):
             ex = token_significance(model, r.prompt, config, position=r.position)
-            print(significance_table(ex, top=args.top, include_special=args.show_special), end="\n\n")
+            print(significance_table(ex, top=args.top, include_special=args.show_special))
+            if threshold:
+                print(f"verdict: {verdict(ex.score, threshold[0])} (score {ex.score:.4g}, threshold {threshold[0]:.4g} "
+                      f"from {threshold[1]})")
+            print()
             if png is not None:
                 path = png if len(records) == 1 else png.with_name(f"{png.stem}_{r.position:05d}.png")
                 significance_figure(ex, path, include_special=args.show_special)
@@ -83,6 +91,8 @@ def run(args) -> int:
     finally:
         if json_file is not None:
             json_file.close()
+    if threshold is None:
+        print(NO_THRESHOLD_HINT)
     written = [str(png) if png and len(records) == 1 else (f"{png.stem}_*.png" if png else None), args.json]
     if any(written):
         print("wrote " + ", ".join(w for w in written if w))

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
                    help="default: the shipped model (~80 min on 2 threads); cells-unblocked: the same with "
                         "titles drawn before the word blocklist existed, shipped until 2026-12-06; cells-linear: "
                         "the same with DDPM's linear noise schedule, shipped until 2026-11-29 (docs/history.md); two-tone: the first "
-                        "shipped model (~90 min on one thread); base: no duplicated pairs, the pretrained model the seed's "
+                        "shipped model (~90 min on one thread); base: no duplicated pairs, the pretrained model the original code's "
                         "memorizing fine-tune starts from (~1 h on one thread); fast: the test-suite variant (a few minutes)")
     b.add_argument("--max-train-steps", type=int, default=None, help="override the preset's step count")
     b.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     r.add_argument("--num-inference-steps", type=int, default=50)
     r.set_defaults(run=run_report)
 
-    d = lab.add_parser("data", help="export the lab's training pairs in the seed's folder layout")
+    d = lab.add_parser("data", help="export the lab's training pairs in the original code's folder layout")
     d.add_argument("--out", required=True)
     d.add_argument("--limit", type=int, default=None, help="at most this many non-memorized pairs")
     d.add_argument("--model", default="lab")

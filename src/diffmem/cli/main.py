@@ -20,6 +20,9 @@ def common_model_args(p: argparse.ArgumentParser) -> None:
                    help="a safetensors file holding the unconditional branch to measure and sample against instead "
                    "of the family's (e.g. PixArt's trained y_embedding): 'y_embedding' or 'embeddings' (T, D), "
                    "optionally 'mask' (T,); recorded with the model's identity")
+    g.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                   help="a LoRA adapter (.safetensors, diffusers/peft or kohya layout) applied to the denoiser at SCALE "
+                   "(default 1); repeatable; each file's hash and scale are recorded with every result")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: accelerate's device for this process)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
 
@@ -36,11 +39,21 @@ def load_model_from_args(args):
     device = str(state.device) if args.device == "auto" else args.device
     if state.num_processes > 1 and device == "cpu":
         torch.set_num_threads(max(1, (torch.get_num_threads()) // state.num_processes))
+    if getattr(args, "no_progress", False):  # transformers' and diffusers' own bars ("Loading weights") too
+        import diffusers
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.disable_progress_bar()
     model = load_model(args.model, unet=args.unet, device=device, dtype=args.dtype)
     if getattr(args, "null_embedding", None):
         from diffmem.adapters import read_null
 
         model.use_null(*read_null(args.null_embedding))
+    if getattr(args, "lora", None):
+        from diffmem.adapters.lora import apply_loras, parse_lora
+
+        apply_loras(model, [parse_lora(text) for text in args.lora])
     return model
 
 

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                        "--target-loss (Wen et al. 5.1), then sample every step with it. rand_word_add, "
                        "rand_numb_add, rand_word_repeat: insert --repeat-num random tokens / numbers / prompt words "
                        "(Somepalli et al. 2023). The field's other methods take --param NAME=VALUE "
-                       "(docs/mitigation.md). Writes images/, results.jsonl (final d, iterations, UNet rows, "
+                       "(docs/mitigations.md; embedding-opt: docs/mitigation.md). Writes images/, results.jsonl (final d, iterations, UNet rows, "
                        "seconds, modified prompt) and embeddings.safetensors to --out.")
     common_model_args(p)
     p.add_argument("--prompts", default=None, help="prompt file (.jsonl, .txt, .csv, .parquet) or 'random'; default "
@@ -44,21 +44,32 @@ def run(args) -> int:
     from diffmem.cli.main import load_model_from_args
     from diffmem.mitigate import run_mitigation
 
-    config, sampling = config_from_args(args)
+    from diffmem.prompts import needs_model, read_prompts
+
+    config, sampling = config_from_args(args)  # checked before loading anything
+    file_prompts = args.prompts is not None and not needs_model(args.prompts)
+    prompts = [r.prompt for r in read_prompts(args.prompts, args.prompt_key)] if file_prompts else None
     model = load_model_from_args(args)
     if args.prompts is None:
         from diffmem.eval_sets import load_eval_set
 
         prompts = [p.caption for p in load_eval_set(model, None).prompts]
-    else:
-        from diffmem.prompts import read_prompts
-
+    elif prompts is None:
         prompts = [r.prompt for r in read_prompts(args.prompts, args.prompt_key, model=model, seed=sampling.seed)]
     out = run_mitigation(model, prompts, config, sampling, args.out, progress=not args.no_progress, resume=args.resume)
     import json
 
+    from diffmem.targets import describe_target, mitigation_shortfalls
+
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    meta = json.loads((out / "meta.json").read_text())["mitigation"]  # the settings resolved for this model
+    target = f" (target first-step {describe_target(meta['target_loss'], meta['target_unit'], sampling.num_generations)})" \
+        if config.method == "embedding-opt" else ""
     print(f"wrote {len(rows)} prompts to {out}: first-step d {sum(r['initial_d'] for r in rows) / len(rows):.4f} -> "
-          f"{sum(r['final_d'] for r in rows) / len(rows):.4f} (mean), "
+          f"{sum(r['final_d'] for r in rows) / len(rows):.4f} (mean over prompts){target}, "
           f"{sum(r['iterations'] for r in rows) / len(rows):.1f} iterations on average")
+    if config.method == "embedding-opt":
+        for s in mitigation_shortfalls(rows, meta["target_loss"], meta["target_unit"], sampling.num_generations,
+                                       meta["max_iters"], meta["lr"]):
+            print("mitigation fell short: " + s.text)
     return 0

@@ -43,14 +43,14 @@ def add_mitigation_args(p, prefix: str = "", with_repeat: bool = True) -> None:
     """--target-loss, --lr / --max-iters (embedding-opt) and --repeat-num (augmentations); `prefix`
     names the learning-rate and iteration options (``serve`` uses --mitigation-lr)."""
     p.add_argument("--target-loss", type=float, help="embedding-opt: stop once the first-step loss <= this (default: "
-                   "the model's: 3 on SD, the seed's; on the lab, the median loss of its reference prompts)")
-    p.add_argument("--target-unit", choices=("batch", "mean"), help="embedding-opt's loss: batch = the seed's "
+                   "the model's: 3 on SD, the original code's; on the lab, the median loss of its reference prompts)")
+    p.add_argument("--target-unit", choices=("batch", "mean"), help="embedding-opt's loss: batch = the original code's "
                    "||eps_c - eps_u|| over all generations at once (default), mean = the mean per-image d")
     p.add_argument(f"--{prefix}lr", dest="lr", type=float,
                    help="embedding-opt: AdamW learning rate (default: the model's; 0.05 on SD, 0.01 on the lab)")
     p.add_argument(f"--{prefix}max-iters", dest="max_iters", type=int,
                    help="embedding-opt: AdamW steps at most (default: the model's; 10 on SD, 50 on the lab)")
-    p.add_argument("--optim-step", type=int, help="embedding-opt at this DDIM step, 0-based (the seed's "
+    p.add_argument("--optim-step", type=int, help="embedding-opt at this DDIM step, 0-based (the original code's "
                    "--optim_target_steps; default 0)")
     p.add_argument("--epsilon", type=float, help="embedding-opt, L2-constrained: once the mean token distance "
                    "from the prompt's embedding exceeds this, minimize alpha * loss + (1 - alpha) * distance")
@@ -60,11 +60,11 @@ def add_mitigation_args(p, prefix: str = "", with_repeat: bool = True) -> None:
 
 
 def add_param_arg(p, sweep: bool = False) -> None:
-    """--param NAME=VALUE: a parameter of the field's methods (docs/mitigation.md lists each method's)."""
+    """--param NAME=VALUE: a parameter of the field's methods (docs/mitigations.md lists each method's)."""
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a parameter of the method (repeatable), e.g. c1=1.25 for ren-attention or loss_threshold=8.2 "
                    "for sail; " + ("comma-separated values sweep it (c1=1.1,1.25,1.5); " if sweep else "") +
-                   "see docs/mitigation.md for each method's parameters and defaults")
+                   "see docs/mitigations.md for each method's parameters and defaults")
 
 
 def params_from_args(args, sweep: bool = False) -> dict:
@@ -120,3 +120,38 @@ def parse_weights(text: str | None):
 DATASET_HELP = ("prompts with their training images: a folder of image + caption .txt pairs, a ground-truth .jsonl "
                 "(caption, index; gt_images/<index>/*.png beside it), or lab:<set>; default for lab models: "
                 "lab:memorized")
+
+
+THRESHOLD_HELP = ("decision threshold for a verdict (score >= it: memorized): a number, or a JSON file holding one "
+                  "(the threshold.json that diffmem audit writes, or diffmem roc --json's summary); it holds for "
+                  "the same step window and number of generations it was calibrated with")
+NO_THRESHOLD_HINT = ("no verdict: no threshold known. Pass --threshold T, or --threshold AUDIT_DIR/threshold.json "
+                     "(diffmem audit calibrates one at 1% FPR on normal prompts; diffmem roc --json too)")
+
+
+def read_threshold(text: str | None) -> tuple[float, str] | None:
+    """--threshold: (value, where it came from) from a number or a JSON file; None when not given."""
+    import json
+    from pathlib import Path
+
+    if text is None:
+        return None
+    try:
+        return float(text), "--threshold"
+    except ValueError:
+        pass
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"--threshold {text!r}: neither a number nor a JSON file")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--threshold {path}: not JSON ({e.msg}, line {e.lineno})") from None
+    for key in ("value", "threshold_at_1fpr", "threshold"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), (int, float)):
+            return float(obj[key]), f"{path} ({key})"
+    raise ValueError(f"--threshold {path}: no 'value' (audit threshold.json) or 'threshold_at_1fpr' (roc --json) in it")
+
+
+def verdict(score: float, threshold: float) -> str:
+    return "memorized" if score >= threshold else "not memorized"

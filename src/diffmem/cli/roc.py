@@ -22,7 +22,8 @@ def parse_steps(text: str | None) -> slice | None:
 def add_parser(sub) -> None:
     p = sub.add_parser("roc", help="ROC metrics of memorized vs non-memorized detection outputs",
                        description="Recompute prompt scores from stored per-step arrays and report AUC, "
-                       "accuracy and TPR@1%FPR as the official notebook defines them.")
+                       "accuracy and TPR@1%FPR as the official notebook defines them (the strict rule: FPR below 1%), and "
+                       "TPR@1%FPR by the closest-point rule of Ren's, Jeon's and Asthana's evaluation scripts.")
     p.add_argument("--memorized", required=True, help="detection output (.jsonl) of memorized prompts")
     p.add_argument("--non-memorized", required=True, help="detection output (.jsonl) of normal prompts")
     p.add_argument("--method", default="wen", help="which detector's score to evaluate (a field of the rows; "
@@ -53,14 +54,32 @@ def scores_from(path: str | Path, steps: slice | None, generations: int | None, 
     for i, r in enumerate(rows, 1):
         try:
             out.append(sign * detector.score_of(r, steps, generations))
-        except (KeyError, ValueError) as e:
+        except KeyError as e:
+            raise ValueError(f"{path}:{i}: no {method} score in this row (field {e.args[0]!r} absent; it has "
+                             f"{', '.join(_scores_in(r)) or 'no detector score'}): run diffmem detect --method {method} "
+                             "on these prompts, or pick --method among those") from None
+        except ValueError as e:
             raise ValueError(f"{path}:{i}: method {method}: {e}") from None
+    return out
+
+
+def _scores_in(row: dict) -> list[str]:
+    """The detectors whose score this row holds."""
+    from diffmem.detectors import DETECTORS, get_detector
+
+    out = []
+    for name in sorted(DETECTORS):
+        try:
+            get_detector(name).score_of(row)
+            out.append(name)
+        except Exception:
+            continue
     return out
 
 
 def run(args) -> int:
     from diffmem.detectors import get_detector
-    from diffmem.metrics import roc_metrics
+    from diffmem.metrics import fpr_sample_warning, roc_metrics
     from diffmem.reports.plots import roc_figure
 
     steps = parse_steps(args.steps)
@@ -71,6 +90,12 @@ def run(args) -> int:
                "higher_is_memorized": get_detector(args.method).higher_is_memorized, "steps": args.steps or "all", "generations": args.generations or "all"}
     print(f"AUC {roc.auc:.4f}   ACC {roc.acc:.4f}   TPR@1%FPR {roc.tpr_at_1fpr:.4f}   "
           f"threshold@1%FPR {roc.threshold_at_1fpr:.6g}   ({roc.n_memorized} memorized, {roc.n_non_memorized} non-memorized)")
+    print(f"TPR@1%FPR by the closest-point rule of Ren, Jeon and Asthana: {roc.tpr_at_1fpr_closest:.4f} "
+          f"(at FPR {roc.fpr_at_1fpr_closest:.4f})")
+    warning = fpr_sample_warning(roc.n_non_memorized, 0.01, "non-memorized prompts")
+    if warning:
+        print(warning)
+        summary["warning"] = warning
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else "roc.png")

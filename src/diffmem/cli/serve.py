@@ -36,9 +36,11 @@ def add_parser(sub) -> None:
                    "--repeat-num random tokens / numbers / prompt words (Somepalli et al. 2023); "
                    "none: the button stays off")
     m.add_argument("--target-loss", type=float, default=None,
-                   help="embedding-opt: stop once d <= this. Default: the model's (Stable Diffusion: the seed's 3); "
-                   "where the model has none (the lab), as in diffmem audit: the median score of the prompts the "
-                   "threshold was calibrated on, where an ordinary prompt sits; with --threshold, half the threshold")
+                   help="embedding-opt: stop once the first-step loss <= this, in the original code's unit (the norm over "
+                   "all generations at once, about sqrt(generations) times a score; the page shows it as a score). "
+                   "Default: the model's (Stable Diffusion: the original 3); where the model has none (the lab), as "
+                   "in diffmem audit: the median first-step loss of the prompts the threshold was calibrated on, "
+                   "where an ordinary prompt sits; with --threshold, half the threshold")
     m.add_argument("--mitigation-lr", type=float, default=None,
                    help="embedding-opt: AdamW learning rate (default: the model's; 0.05 on SD, 0.01 on the lab)")
     m.add_argument("--mitigation-max-iters", type=int, default=None,
@@ -53,8 +55,8 @@ def run(args) -> int:
     from diffmem.cli.explain import config_from_args as explain_config_from_args
     from diffmem.cli.main import load_model_from_args
     from diffmem.mitigate import calibrated_target_loss, default_target_loss
-    from diffmem.web.server import (ExplainApp, Threshold, calibrate_threshold, lab_reference_threshold, make_server,
-                                    mitigation_hook, page_sampling)
+    from diffmem.web.server import (ExplainApp, Threshold, calibrate_threshold, lab_examples, lab_reference_threshold,
+                                    make_server, mitigation_hook, page_sampling, significance_scale)
 
     # 1. Check inputs before loading anything
     config = explain_config_from_args(args)
@@ -68,41 +70,58 @@ def run(args) -> int:
     except ValueError:
         loopback = args.host == "localhost"
 
+    from diffmem.prompts import needs_model, read_prompts
+
+    normal: list[str] = []  # the calibration prompts, when given (the lab's own otherwise)
+    if args.threshold is None and args.calibration_prompts and not needs_model(args.calibration_prompts):
+        normal = [r.prompt for r in read_prompts(args.calibration_prompts, args.prompt_key)]
+
     # 2. The model and the threshold
     model = load_model_from_args(args)
-    normal: list[str] = []  # the calibration prompts, when given (the lab's own otherwise)
     if args.threshold is not None:
         threshold = Threshold(args.threshold, "given with --threshold")
     elif args.calibration_prompts:
-        from diffmem.prompts import read_prompts
-
-        normal = [r.prompt for r in read_prompts(args.calibration_prompts, args.prompt_key, model=model, seed=config.seed)]
+        normal = normal or [r.prompt for r in read_prompts(args.calibration_prompts, args.prompt_key, model=model,
+                                                           seed=config.seed)]
         print(f"calibrating the threshold on {len(normal)} prompts of {args.calibration_prompts} ...")
-        threshold = calibrate_threshold(model, normal, config, args.fpr, source=args.calibration_prompts)
+        threshold = calibrate_threshold(model, normal, config, args.fpr, source=args.calibration_prompts, progress=True)
     elif model.training_data() is not None:
         print("calibrating the threshold on the lab's reference (novel) prompts ...")
-        threshold = lab_reference_threshold(model, config, args.fpr)
+        threshold = lab_reference_threshold(model, config, args.fpr, progress=True)
     else:
         raise ValueError("this model is not a lab model: pass --threshold, or --calibration-prompts FILE of "
                          "normal (non-memorized) prompts to calibrate one")
     print(f"threshold {threshold.value:.4g} ({threshold.source})")
+    if threshold.fpr and threshold.num_reference is not None:
+        from diffmem.metrics import fpr_sample_warning
+
+        warning = fpr_sample_warning(threshold.num_reference, threshold.fpr)
+        if warning:
+            print(warning)
 
     # 3. The mitigation behind the page's button
-    app = ExplainApp(model, threshold, config, image_steps=None if args.no_images else args.image_steps)
+    app = ExplainApp(model, threshold, config, image_steps=None if args.no_images else args.image_steps,
+                     examples=lab_examples(model))
+    if app.examples:  # one colour scale for every prompt: a memorized example's top token at full red
+        print("setting the page's colour scale on the memorized example ...", flush=True)
+        app.colour_scale = significance_scale(model, app.examples[0]["prompt"], config)
     if mitigation is not None:
         if mitigation.method == "embedding-opt":
             origin = "given with --target-loss" if args.target_loss is not None else f"{model.name}'s default"
             calibrated = None
             if args.target_loss is None and model.defaults.target_loss is None:
                 # the median first-step loss of the prompts the threshold was calibrated on (as the audit does)
+                print("calibrating the mitigation target on the same prompts ...", flush=True)
                 calibrated = calibrated_target_loss(model, mitigation, page_sampling(config, None), normal or None)
                 origin = "median first-step loss of the calibration prompts"
                 if calibrated is None:
                     calibrated = default_target_loss([], threshold.value, mitigation.target_unit, config.generations)
                     origin = "half the threshold"
             mitigation = mitigation.resolved(model, calibrated)
-            print(f"mitigation embedding-opt: first-step loss ({mitigation.target_unit}) down to "
-                  f"{mitigation.target_loss:.4g} ({origin}), "
+            from diffmem.targets import describe_target
+
+            print(f"mitigation embedding-opt: down to a first-step "
+                  f"{describe_target(mitigation.target_loss, mitigation.target_unit, config.generations)} ({origin}), "
                   f"lr {mitigation.lr:g}, at most {mitigation.max_iters} iterations")
         else:
             print(f"mitigation {mitigation.method}: {mitigation.repeat_num} items inserted into the prompt")

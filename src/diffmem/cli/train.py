@@ -1,4 +1,4 @@
-"""``diffmem train``: fine-tune a model's UNet with the seed's memorization recipe and its mitigations."""
+"""``diffmem train``: fine-tune a model's UNet with the original code's memorization recipe and its mitigations."""
 
 from __future__ import annotations
 
@@ -32,13 +32,15 @@ TRAIN_OPTIONS = (
     ("pair_filter_share", float, "with --hard-threshold: leave a pair (all its repeats) out for good once d exceeded "
                                  "the threshold in this share of its draws"),
     ("pair_filter_min_draws", int, "draws of a pair before the pair-level rule may leave it out"),
-    ("prompt_aug_style", str, "caption augmentation: rand_word_add (the seed's baseline), rand_numb_add, "
+    ("prompt_aug_style", str, "caption augmentation: rand_word_add (the original code's baseline), rand_numb_add, "
                               "rand_word_repeat, rand_word_replace"),
     ("repeat_num", int, "words or numbers the augmentation inserts (rand_word_replace: the caption's length)"),
-    ("prompt_aug_prob", float, "share of samples the augmentation changes (1: all, the seed's; 0.1: Somepalli et al.)"),
+    ("prompt_aug_prob", float, "share of samples the augmentation changes (1: all, the original code's; 0.1: Somepalli et al.)"),
     ("embedding_noise", float, "std of Gaussian noise added to the caption embeddings (Somepalli et al.)"),
     ("caption_per_line", bool, "a caption file of several lines holds several captions of its image: one is drawn "
                                "at each use (Somepalli et al.'s multiple captions)"),
+    ("lora_rank", int, "fine-tune a LoRA adapter of this rank on the denoiser's attention projections instead of "
+                       "the whole denoiser; writes OUTPUT/pytorch_lora_weights.safetensors, read by --lora"),
     ("seed", int, ""),
     ("num_threads", int, "torch threads per process (1 when several run on one CPU)"),
 )
@@ -52,7 +54,7 @@ def add_parser(sub) -> None:
     base = TrainConfig(output_dir="")
 
     p = sub.add_parser("train", help="fine-tune a UNet (memorization recipe, training-time mitigation)",
-                       description="The seed's train_text_to_image.py: pairs [0, end) of --dataset repeated "
+                       description="The original code's train_text_to_image.py: pairs [0, end) of --dataset repeated "
                        "--repeats times, mixed with --non-mem-ratio times as many --non-mem-dataset pairs.")
     common_model_args(p)
     p.add_argument("--dataset", default=None, help="memorized pairs: folder of image + .txt, or local HF dataset")
@@ -64,7 +66,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resolution", type=int, default=None, help="default: the model's image size")
     p.add_argument("--center-crop", action="store_true")
     p.add_argument("--random-flip", action="store_true")
-    g = p.add_argument_group("training (defaults: TrainConfig's, the seed's recipe on Stable Diffusion)")
+    g = p.add_argument_group("training (defaults: TrainConfig's, the original recipe on Stable Diffusion)")
     for name, kind, help in TRAIN_OPTIONS:
         default = getattr(base, name)
         flag = "--" + ("threads" if name == "num_threads" else name.replace("_", "-"))
@@ -102,5 +104,10 @@ def run(args) -> int:
     non = open_pairs(args.non_mem_dataset, res, args.center_crop, args.random_flip) if args.non_mem_dataset else None
     dataset = memorization_mix(mem, non, args.end, args.repeats, args.non_mem_ratio)
     out = train(model, dataset, config)
-    print(f"trained model written to {out}")
+    if config.lora_rank:
+        from diffmem.adapters.lora import LORA_FILE
+
+        print(f"LoRA adapter written to {out / LORA_FILE} (use it with --model {args.model} --lora {out / LORA_FILE})")
+    else:
+        print(f"trained model written to {out}")
     return 0

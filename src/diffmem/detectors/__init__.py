@@ -21,13 +21,16 @@ fields of a detection row. To add one:
    and optionally ``all_steps = True`` (it needs the whole trajectory: refused with ``--track-steps``),
    ``first_step_only = True`` (its value is taken at the first step; benchmarks run it there only),
    ``prepare(model, config)`` (called once before any sampling, to refuse a model or settings early),
-   ``needs_images = True`` (the generations are decoded for it), ``min_generations`` (G it needs);
+   ``needs_images = True`` (the generations are decoded for it), ``min_generations`` (G it needs),
+   ``flow_refusal`` (why it cannot run on a flow-matching model, refused before sampling; ``None``
+   where its definition carries over: d on the velocity, decoded images);
 
 2. decorate it with ``@register`` (from ``diffmem.detectors.registry``) and import the file below.
 
 ``detectors/wen.py`` (Wen et al.'s d) is such a file.
 """
 
-from diffmem.detectors.registry import (DEFAULT_METHOD, DETECTORS, Detector, check_settings,  # noqa: F401
-                                       get_detector, parse_methods, register)
-from diffmem.detectors import asthana, bright_ending, carlini, jeon, jeon_fd, membench, nemo, ren, wen  # noqa: F401  (registration)
+from diffmem.detectors.registry import (DEFAULT_METHOD, DETECTORS, Detector, check_model,  # noqa: F401
+                                       check_settings, flow_refusal, get_detector, parse_methods, register)
+from diffmem.detectors import (asthana, bright_ending, carlini, condition_jacobian, early_detection, jeon, jeon_fd,  # noqa: F401
+                               membench, nemo, ren, wen)  # (registration)

@@ -46,6 +46,8 @@ class _BERecorder(CrossAttentionRecorder):
 @register
 class BrightEnding(PerGeneration):
     name = "bright-ending"
+    flow_refusal = ("it reads the cross-attention of a UNet's down blocks, and this denoiser (an MMDiT with "
+                    "joint attention) has none")
     per_generation_key = "bright_ending_per_generation"
     all_steps = True
 

@@ -37,6 +37,7 @@ def pairwise_tiled_l2(images: torch.Tensor) -> torch.Tensor:
 @register
 class Carlini:
     name = "carlini"
+    flow_refusal = None  # it compares decoded images: any family
     higher_is_memorized = False
     all_steps = True
     needs_images = True

@@ -39,6 +39,9 @@ def guided_branches(model, x: torch.Tensor, t, cond) -> tuple[torch.Tensor, torc
     return predict_branches(model, x, t, cond, model.empty_conditioning().expand(len(x)))
 
 
+FLOW_NOISE_AT_SIGMA_1 = "a flow model's noise prediction at the first step (sigma = 1) is x_t for every prompt"
+
+
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """-sum p log p over the last axis, with 0 log 0 = 0 (no renormalisation): (..., T) -> (...)."""
     p = p.double()

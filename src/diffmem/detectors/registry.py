@@ -57,6 +57,28 @@ def parse_methods(text: str | list[str] | tuple[str, ...] | None) -> tuple[str, 
     return tuple(names)
 
 
+FLOW_REFUSAL = ("it is defined on the noise prediction of a DDIM-sampled model, and a flow model's noise "
+                "differences are identically 0 at sigma = 1")
+
+
+def flow_refusal(detector) -> str | None:
+    """Why `detector` cannot run on a flow-matching model (its ``flow_refusal``; by default the noise
+    form's), or None for the detectors defined on any prediction (``flow_refusal = None``)."""
+    return getattr(detector, "flow_refusal", FLOW_REFUSAL)
+
+
+def check_model(detectors, model) -> None:
+    """Refuse, in one line naming the method, the family and the reason, a model a requested detector's
+    definition does not carry over to (on flow models: all but those with ``flow_refusal = None``),
+    before any sampling."""
+    if getattr(model, "sampler_prediction", "epsilon") != "flow":
+        return
+    for d in detectors:
+        reason = flow_refusal(d)
+        if reason:
+            raise ValueError(f"{d.name} cannot run on {model.family} ({model.name}): {reason}")
+
+
 def check_settings(detectors, config: "SamplingConfig") -> None:
     """Refuse settings a requested detector cannot run under, naming it (before any sampling)."""
     for d in detectors:

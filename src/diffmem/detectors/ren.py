@@ -36,6 +36,8 @@ class _LERecorder(CrossAttentionRecorder):
 @register
 class RenLE(PerGeneration):
     name = "ren-le"
+    flow_refusal = ("it reads the cross-attention of a UNet's down blocks, and this denoiser (an MMDiT with "
+                    "joint attention) has none")
     per_generation_key = "ren_le_per_generation"
     first_step_only = True
 
@@ -64,6 +66,8 @@ class _AERecorder(CrossAttentionRecorder):
 @register
 class RenAE(PerGeneration):
     name = "ren-ae"
+    flow_refusal = ("it reads the cross-attention (attn2) maps of a UNet or PixArt, and this MMDiT has joint "
+                    "attention only")
     per_generation_key = "ren_ae_per_generation"
     all_steps = True
 

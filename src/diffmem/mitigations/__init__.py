@@ -23,7 +23,9 @@ To add one:
      True``), from the mildest; default ``[{}]``, the published setting only. Where the published
      constants are on Stable Diffusion's scale, derive the values from the model (e.g. percentiles
      over its own non-memorized prompts, ``diffmem.lab.prompts.own_reference_prompts``) and say how;
-   - optionally ``check(model)`` (refuse a model it cannot run on, in one line);
+   - optionally ``check(model)`` (refuse a model it cannot run on, in one line), and ``flow_refusal =
+     None`` where its definition carries over to flow-matching models (d on the velocity; others are
+     refused there with ``FLOW_REFUSAL``);
 
 2. decorate it with ``@register``; every module of this package is imported (registered) with it.
 
@@ -127,9 +129,19 @@ def get_mitigation(name: str):
     return _INSTANCES[name]
 
 
+FLOW_REFUSAL = ("it is defined on the noise prediction and the timesteps of a DDIM-sampled model; a flow model's "
+                "noise differences are identically 0 at sigma = 1")
+
+
 def check_model(name: str, model) -> None:
-    """Refuse, in one line naming the method, a model the method cannot run on (its ``check``)."""
-    fn = getattr(get_mitigation(name), "check", None)
+    """Refuse, in one line naming the method, a model the method cannot run on (its ``check``; on a
+    flow-matching model, its ``flow_refusal``: every method but those that set it to None)."""
+    method = get_mitigation(name)
+    if getattr(model, "sampler_prediction", "epsilon") == "flow":
+        reason = getattr(method, "flow_refusal", FLOW_REFUSAL)
+        if reason:
+            raise ValueError(f"--method {name}: cannot run on {model.family} ({model.name}): {reason}")
+    fn = getattr(method, "check", None)
     if fn is None:
         return
     reason = fn(model)

@@ -3,12 +3,13 @@ diffusion models"): ``rand_word_add`` (random vocabulary tokens), ``rand_numb_ad
 < 100000), ``rand_word_repeat`` (words of the prompt itself), ``repeat_num`` items inserted at random
 word positions (4 at inference; 1 as the training-time baseline of ``diffmem train``). The draws of
 the prompt at position p use ``random.Random(config.seed + p)``. A drawn token that is a word of
-diffmem's blocklist (``diffmem.lab.data.blocked_words``: obscenities, slurs, violence) is drawn again,
-so no baseline shows a user such a word."""
+diffmem's blocklist (``diffmem.lab.data.blocked_words``: obscenities, slurs, violence), or a word
+piece whose letters are one, is drawn again, so no baseline shows a user such a word."""
 
 from __future__ import annotations
 
 import random
+import re
 
 from diffmem.mitigations import Plan, Unit, register
 
@@ -30,9 +31,14 @@ def random_vocabulary_word(tokenizer, rng: random.Random) -> str:
     for _ in range(1000):
         i = rng.randrange(limit)
         word = tokenizer.decode([i]).strip()
-        if i not in special and word and not any(c.isspace() for c in word) and word.lower() not in blocked:
+        if i not in special and word and not any(c.isspace() for c in word) and not blocked_in(word, blocked):
             return word
     raise ValueError(f"tokenizer {type(tokenizer).__name__}: no decodable single-word token in 1,000 draws")
+
+
+def blocked_in(word: str, blocked: frozenset[str]) -> bool:
+    """Whether a run of letters of `word` (a whole token, or a piece such as WordPiece's "##xyz") is blocked."""
+    return any(run in blocked for run in re.findall(r"[a-z]+", word.lower()))
 
 
 def insert_word(prompt: str, word: str, rng: random.Random) -> str:
@@ -69,6 +75,7 @@ def augment_prompt(prompt: str, style: str, repeat_num: int, model, rng: random.
 
 
 class _Augmentation:
+    flow_refusal = None  # it rewrites the prompt: any family
     knob = "repeat_num"  # a MitigationConfig field (config_knob)
     config_knob = True
     off = {"repeat_num": 0}

@@ -138,6 +138,7 @@ def reference_losses(model, prompts: list[str], sampling: SamplingConfig, unit: 
 @register
 class EmbeddingOpt:
     name = "embedding-opt"
+    flow_refusal = None  # it minimizes d, the velocity difference on a flow model: any family
     knob = "target_loss"  # a MitigationConfig field (config_knob)
     config_knob = True
     off = {"target_loss": float("inf")}  # every prompt is at the target at once: its embedding is unchanged

@@ -98,6 +98,8 @@ def embedding_std(embeddings: torch.Tensor) -> float:
 @register
 class GaussianNoiseInjection:
     name = "gni"
+    flow_refusal = ("its noise scale is calibrated on CLIP token embeddings, and SD3's joint embedding (zero-padded "
+                    "CLIP features beside the T5 block) has no published scale")
     knob = "scale"
     off = {"scale": 0.0}
 

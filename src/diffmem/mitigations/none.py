@@ -8,6 +8,7 @@ from diffmem.mitigations import Plan, Unit, register
 @register
 class NoMitigation:
     name = "none"
+    flow_refusal = None  # sampling unchanged: any family
     knob = None
     off: dict = {}
 

@@ -49,19 +49,30 @@ class Threshold:
 
 
 def calibrate_threshold(model, normal_prompts: list[str], config: ExplainConfig = ExplainConfig(),
-                        fpr: float = 0.01, source: str = "normal prompts") -> Threshold:
+                        fpr: float = 0.01, source: str = "normal prompts", progress: bool = False) -> Threshold:
     """The score threshold with false-positive rate below `fpr` on `normal_prompts`, same settings as the page."""
     import numpy as np
 
     from diffmem.metrics import threshold_at_fpr
 
-    scores = prompt_scores(model, normal_prompts, config)  # prompt i from seed + i, as the audit's reference
+    from tqdm.auto import tqdm
+
+    from diffmem.sampling import plan_units
+
+    # prompt i from seed + i, as the audit's reference; unit by unit (the batches sample_prompts makes) for the bar
+    sampling = config.sampling()
+    units = plan_units(list(range(len(normal_prompts))), sampling.num_generations, sampling.batch_size)
+    scores: list[float] = []
+    with tqdm(total=len(normal_prompts), desc="calibrating the threshold", unit="prompt", disable=not progress) as bar:
+        for unit in units:
+            scores += prompt_scores(model, [normal_prompts[j] for j in unit], config, positions=unit)
+            bar.update(len(unit))
     return Threshold(threshold_at_fpr(scores, fpr), f"{source} at {fpr:.0%} FPR", fpr, len(normal_prompts),
                      float(np.median(scores)))
 
 
 def lab_reference_threshold(model, config: ExplainConfig = ExplainConfig(), fpr: float = 0.01,
-                            limit: int | None = None) -> Threshold:
+                            limit: int | None = None, progress: bool = False) -> Threshold:
     """Calibrate on the lab model's reference prompts (novel titles never seen in training), the
     prompts ``diffmem audit`` calibrates on: the same settings give the same threshold."""
     from diffmem.lab.prompts import own_reference_prompts
@@ -69,7 +80,36 @@ def lab_reference_threshold(model, config: ExplainConfig = ExplainConfig(), fpr:
     normal = (own_reference_prompts(model) or [])[:limit]
     if not normal:
         raise ValueError(f"model {model.name} is not a lab model: it has no reference prompts of its own")
-    return calibrate_threshold(model, normal, config, fpr, source=f"{len(normal)} lab reference (novel) prompts")
+    return calibrate_threshold(model, normal, config, fpr, source=f"{len(normal)} lab reference (novel) prompts",
+                               progress=progress)
+
+
+def lab_examples(model) -> list[dict]:
+    """Prompts to try on a lab model's page: a memorized caption, a template caption and a novel one
+    (a title never seen in training), each with its set; [] for other models."""
+    data = model.training_data()
+    if data is None:
+        return []
+    about = {"memorized": "duplicated in training: the model copies its one image",
+             "template": "one caption trained on a few variants of one layout: the model copies the layout",
+             "novel": "a title never seen in training: a new image"}
+    memorized = data.prompt_set("memorized")
+    out = []
+    for kind in ("memorized", "template"):
+        pair = next((p for p in memorized if p.kind == kind), None)
+        if pair is not None:
+            out.append({"set": kind, "prompt": pair.caption, "about": about[kind]})
+    novel = data.prompt_set("novel")
+    if novel:  # the last: not among the calibration prompts
+        out.append({"set": "novel", "prompt": novel[-1].caption, "about": about["novel"]})
+    return out
+
+
+def significance_scale(model, prompt: str, config: ExplainConfig = ExplainConfig()) -> float:
+    """The page's colour scale: the top token significance of `prompt` (a memorized one), so that every
+    prompt's tokens are coloured on the same scale, a real trigger at full red."""
+    ex = token_significance(model, prompt, config)
+    return max((t.score for t in ex.tokens if not t.special), default=0.0)
 
 
 def png_data_url(image) -> str:
@@ -91,12 +131,19 @@ class ExplainApp:
     config: ExplainConfig = field(default_factory=ExplainConfig)
     image_steps: int | None = 50  # DDIM steps of the images shown; None: no images
     mitigate: Mitigate | None = None  # the hook for "generate with mitigation"
+    examples: list[dict] = field(default_factory=list)  # prompts to try: {"set": ..., "prompt": ...} (lab_examples)
+    colour_scale: float | None = None  # token significance shown at full colour (significance_scale); None: the page's running maximum
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def info(self) -> dict:
-        return {"model": self.model.name, "threshold": asdict(self.threshold),
+        from diffmem.metrics import fpr_sample_warning
+
+        t = self.threshold
+        warning = fpr_sample_warning(t.num_reference, t.fpr) if t.fpr and t.num_reference is not None else None
+        return {"model": self.model.name, "threshold": asdict(t), "threshold_warning": warning,
                 "settings": {**asdict(self.config), "image_steps": self.image_steps},
-                "mitigation_available": self.mitigate is not None, "max_tokens": self.model.max_tokens}
+                "mitigation_available": self.mitigate is not None, "max_tokens": self.model.max_tokens,
+                "examples": self.examples, "colour_scale": self.colour_scale}
 
     def analyze(self, prompt: str) -> dict:
         t0 = time.perf_counter()
@@ -104,6 +151,7 @@ class ExplainApp:
             ex = token_significance(self.model, prompt, self.config)  # position 0: seed + 0
             images = self._images(prompt) if self.image_steps else []
         return {**ex.to_json(), **self.verdict(ex.score), "images": images,
+                "num_tokens": self.model.count_tokens(prompt), "max_tokens": self.model.max_tokens,
                 "elapsed_s": round(time.perf_counter() - t0, 3)}
 
     def verdict(self, score: float) -> dict:
@@ -147,12 +195,14 @@ def mitigation_hook(mitigation: MitigationConfig, image_steps: int | None = 50) 
     Pass the app's ``image_steps``: the images use the same DDIM steps, generations, seed (x_T) and
     guidance as ``ExplainApp._images``, so they compare one to one. With ``image_steps=None`` (no
     images) only the steps of the score window are sampled. The result holds the first-step d
-    before and after (``initial_score``, ``final_score``: what embedding-opt drives to its target)
+    before and after (``initial_score``, ``final_score``: what embedding-opt drives to its target,
+    ``target_score``: that target as a mean first-step d; ``shortfall``: a line when it was not reached)
     and ``mitigated_score``, the page's score (its window of steps) of the mitigated sampling; it is
     None when the images' schedule differs from the score's (image_steps != num_inference_steps).
     """
     from diffmem.metrics import prompt_score
     from diffmem.mitigate import mitigate_unit
+    from diffmem.targets import mitigation_shortfalls, target_as_score
 
     def mitigate(model, prompt: str, config: ExplainConfig) -> dict:
         steps = image_steps or config.num_inference_steps
@@ -161,11 +211,21 @@ def mitigation_hook(mitigation: MitigationConfig, image_steps: int | None = 50) 
         score = None  # d (G, S) is tracked along the images' schedule; the page's window lives in its own
         if steps == config.num_inference_steps:
             score = prompt_score(m.text_noise_norm.tolist(), slice(*config.steps))
+        opt = mitigation.method == "embedding-opt"
+        resolved = mitigation.resolved(model) if opt else mitigation
+        short = mitigation_shortfalls([{"index": 0, "prompt": prompt, "iterations": m.iterations, "initial_d": m.initial_d,
+                                        "final_d": m.final_d, "initial_loss": m.initial_loss, "final_loss": m.final_loss}],
+                                      resolved.target_loss, resolved.target_unit, config.generations, resolved.max_iters,
+                                      resolved.lr, flags=("--mitigation-max-iters", "--mitigation-lr")) if opt else []
         return {"images": [png_data_url(img) for img in m.images] if m.images is not None else [],
                 "method": mitigation.method, "modified_prompt": m.modified_prompt,
                 "initial_score": m.initial_d, "final_score": m.final_d, "iterations": m.iterations,
                 "initial_loss": m.initial_loss, "final_loss": m.final_loss,
-                "target_loss": mitigation.target_loss if mitigation.method == "embedding-opt" else None,
+                "target_loss": resolved.target_loss if opt else None,
+                "target_unit": resolved.target_unit if opt else None,
+                # the target as a mean first-step d, the unit of the score and the threshold
+                "target_score": target_as_score(resolved.target_loss, resolved.target_unit, config.generations) if opt else None,
+                "shortfall": short[0].text if short else None,
                 "repeat_num": mitigation.repeat_num if mitigation.method in AUGMENT_STYLES else None,
                 "mitigated_score": score}
 
