@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from diffmem.adapters.base import AdapterBase, sampling_scheduler
+from diffmem.adapters.flow import FlowMatching
 from diffmem.files import write_json
 from diffmem.lab import text_encoder_path  # noqa: F401  (re-exported: the lab's frozen text encoder)
 from diffmem.model import Conditioning, ModelDefaults, Token
@@ -155,10 +156,7 @@ class LabModel(AdapterBase):
         self.config = config
         self.denoiser = unet.to(self.device) if unet.dtype == dtype else unet.to(self.device, dtype)
         self.denoiser.eval().requires_grad_(False)
-        if config.denoiser == "sd3-transformer":  # the flow lab: the sampler steps on the velocity
-            self.scheduler, self.prediction_type = scheduler, "flow"
-        else:
-            self.scheduler, self.prediction_type = sampling_scheduler(scheduler)
+        self.scheduler, self.prediction_type = self.sampler(scheduler)
         self.latent_shape = (3, config.image_size, config.image_size)
         self.image_size = config.image_size
         self.max_tokens = config.max_tokens
@@ -170,23 +168,12 @@ class LabModel(AdapterBase):
         self._data = None
 
     # -- prompts -----------------------------------------------------------------------------
+    def sampler(self, scheduler):
+        """(the scheduler the pass steps with, the denoiser's prediction type): DDIM in epsilon mode."""
+        return sampling_scheduler(scheduler)
+
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        if self.config.denoiser == "unet":
-            return Conditioning(self.text_encoder(list(prompts)))
-        tokens, pooled = self.text_encoder.encode(list(prompts))
-        return Conditioning(tokens, {"pooled_projections": pooled})
-
-    def model_output(self, x_t, t, cond: Conditioning, denoiser=None) -> torch.Tensor:
-        if self.config.denoiser == "unet":
-            return super().model_output(x_t, t, cond, denoiser)
-        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype).expand(len(x_t))  # t = 1000 sigma
-        return (denoiser or self.denoiser)(x_t, encoder_hidden_states=cond.embeddings, timestep=t,
-                                           pooled_projections=cond.extra["pooled_projections"], return_dict=False)[0]
-
-    def training_scheduler(self):
-        if self.config.denoiser == "unet":
-            return super().training_scheduler()
-        return self.scheduler  # FlowMatchEuler: num_train_timesteps; the noising is train.flow_noised
+        return Conditioning(self.text_encoder(list(prompts)))
 
     def tokens(self, prompt: str) -> list[Token]:
         ids, mask = self.text_encoder.input_ids([prompt])
@@ -218,6 +205,34 @@ class LabModel(AdapterBase):
 
             self._data = lab_data_from_config(self.extra_meta["data"])
         return self._data
+
+
+class FlowLabModel(FlowMatching, LabModel):
+    """The flow lab: an MMDiT (``SD3Transformer2DModel``) on the same MiniLM tokens, trained by rectified
+    flow and sampled with FlowMatch Euler; its conditioning adds the caption's mean-pooled embedding
+    (``extra["pooled_projections"]``), which the MMDiT's time-text modulation takes."""
+
+    def sampler(self, scheduler):
+        from diffmem.adapters.flow import flow_sampling_scheduler
+
+        patches = (self.config.image_size // 2) ** 2
+        return flow_sampling_scheduler(dict(scheduler.config), patches), "flow"
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        tokens, pooled = self.text_encoder.encode(list(prompts))
+        return Conditioning(tokens, {"pooled_projections": pooled})
+
+    def model_output(self, x_t, t, cond: Conditioning, denoiser=None) -> torch.Tensor:
+        """The velocity v = eps - x0 at x_t (B, 3, H, W) and timestep t (1000 sigma; scalar or (B,))."""
+        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype)
+        t = (t[None] if t.ndim == 0 else t).expand(len(x_t))
+        return (denoiser or self.denoiser)(x_t, encoder_hidden_states=cond.embeddings, timestep=t,
+                                           pooled_projections=cond.extra["pooled_projections"], return_dict=False)[0]
+
+
+def lab_model_class(config: LabModelConfig) -> type:
+    """LabModel for the UNet lab, FlowLabModel for the flow lab."""
+    return FlowLabModel if config.denoiser == "sd3-transformer" else LabModel
 
 
 def new_lab_unet(config: LabModelConfig):
@@ -292,7 +307,8 @@ def load_lab_model(path: str | Path, unet_path: str | Path | None = None, device
     scheduler_cls = FlowMatchEulerDiscreteScheduler if config.noise_schedule == FLOW_SCHEDULE else DDIMScheduler
     scheduler = scheduler_cls.from_pretrained(path / "scheduler")
     folders = (path, unet_dir) if unet_path else (path,)
-    model = LabModel(unet, scheduler, config, name=name or str(path), device=device, dtype=dtype, folders=folders)
+    model = lab_model_class(config)(unet, scheduler, config, name=name or str(path), device=device, dtype=dtype,
+                                    folders=folders)
     meta = load_lab_meta(path)
     model.extra_meta = {k: v for k, v in meta.items() if k not in ("format", "diffmem_version", "text_encoder", "config")}
     return model

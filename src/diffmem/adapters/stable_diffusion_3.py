@@ -38,8 +38,9 @@ from pathlib import Path
 import torch
 
 from diffmem.adapters.base import AdapterBase
+from diffmem.adapters.flow import FlowMatching, flow_sampling_scheduler
 from diffmem.adapters.stable_diffusion import clip_tokens
-from diffmem.model import Conditioning, ModelDefaults, Token, noise_from_flow_velocity, training_target
+from diffmem.model import Conditioning, ModelDefaults, Token
 
 FAMILY = "stable-diffusion-3"
 PIPELINES = ("StableDiffusion3Pipeline",)
@@ -77,69 +78,6 @@ def check_sd3_folder(path: Path) -> None:
         raise FileNotFoundError(f"{path}: text_encoder_3/ (T5) is there but tokenizer_3/ is missing")
 
 
-def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float,
-                    max_shift: float) -> float:
-    """mu of the resolution-dependent shift: linear in the number of image tokens (the SD3/FLUX pipelines')."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return image_seq_len * m + base_shift - m * base_seq_len
-
-
-_SAMPLER = None
-
-
-def flow_match_sampler_class():
-    """``FlowMatchSampler``: diffusers' ``FlowMatchEulerDiscreteScheduler`` with the members the tracked
-    pass uses on every family (made on first use: diffusers is imported lazily)."""
-    global _SAMPLER
-    if _SAMPLER is not None:
-        return _SAMPLER
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    class FlowMatchSampler(FlowMatchEulerDiscreteScheduler):
-        """The family's Euler scheduler. x_T ~ N(0, I) enters unscaled (``init_noise_sigma`` 1,
-        ``scale_model_input`` the identity); ``step`` finds its place in the schedule from the timestep
-        on every call (a pass may start in the middle of a schedule or stop early) and is deterministic
-        (eta 0); ``set_timesteps`` supplies mu for dynamic shifting from ``image_seq_len``, as the
-        pipeline does."""
-
-        init_noise_sigma = 1.0
-        image_seq_len: int = 4096  # image tokens of one latent (set by the adapter)
-
-        def scale_model_input(self, sample, timestep=None):
-            return sample
-
-        def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
-            if self.config.use_dynamic_shifting and mu is None:
-                c = self.config
-                mu = calculate_shift(self.image_seq_len, c.get("base_image_seq_len", 256),
-                                     c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
-                                     c.get("max_shift", 1.16))
-            super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
-
-        def sigma_of(self, timestep) -> float:
-            """sigma of a timestep of the current schedule."""
-            return float(self.sigmas[self.index_for_timestep(torch.as_tensor(timestep).to(self.timesteps.device))])
-
-        def step(self, model_output, timestep, sample, eta: float = 0.0, return_dict: bool = True, **kwargs):
-            if eta:
-                raise ValueError(f"--eta {eta}: the flow-matching Euler sampler is deterministic (eta 0)")
-            self._step_index = None  # from the timestep, not from the previous call
-            return super().step(model_output, timestep, sample, return_dict=return_dict, **kwargs)
-
-    _SAMPLER = FlowMatchSampler
-    return _SAMPLER
-
-
-def sampling_scheduler(config: dict, image_seq_len: int):
-    """A ``FlowMatchSampler`` from a ``FlowMatchEulerDiscreteScheduler`` config (its shift kept);
-    `image_seq_len`, the image tokens of one latent, sets mu where the config shifts dynamically."""
-    if config.get("stochastic_sampling", False):
-        raise ValueError("the scheduler config sets stochastic_sampling; diffmem's pass samples deterministically")
-    scheduler = flow_match_sampler_class().from_config(config)
-    scheduler.image_seq_len = image_seq_len
-    return scheduler
-
-
 def load_transformer(folder: Path, transformer_path: str | Path | None, dtype: torch.dtype):
     """(transformer, its folder): ``folder/transformer`` or the fine-tuned `transformer_path` (``--unet``)."""
     from diffusers import SD3Transformer2DModel
@@ -150,7 +88,7 @@ def load_transformer(folder: Path, transformer_path: str | Path | None, dtype: t
     return SD3Transformer2DModel.from_pretrained(where, torch_dtype=dtype), where
 
 
-class StableDiffusion3Model(AdapterBase):
+class StableDiffusion3Model(FlowMatching, AdapterBase):
     """A Stable Diffusion 3 / 3.5 model behind the common interface (see ``diffmem.model.DiffusionModel``)."""
 
     family = FAMILY
@@ -187,7 +125,7 @@ class StableDiffusion3Model(AdapterBase):
         vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.image_size = cfg.sample_size * vae_scale_factor
-        self.scheduler = sampling_scheduler(scheduler_config, (cfg.sample_size // cfg.patch_size) ** 2)
+        self.scheduler = flow_sampling_scheduler(scheduler_config, (cfg.sample_size // cfg.patch_size) ** 2)
         # the CLIP start token; without T5 its block is the pipeline's zeros, which no prompt moves
         self.frozen_token_positions = (0,) if t5 is not None else (0, *range(self.max_tokens, self.max_tokens + t5_length))
         self.defaults = ModelDefaults(guidance_scale=GUIDANCE, target_loss=None)  # d on v: calibrate the target
@@ -241,29 +179,6 @@ class StableDiffusion3Model(AdapterBase):
         return (denoiser or self.denoiser)(hidden_states=x_t, timestep=t, encoder_hidden_states=cond.embeddings,
                                            pooled_projections=cond.extra["pooled_prompt_embeds"],
                                            return_dict=False)[0]
-
-    def predict(self, x_t, t, cond: Conditioning, denoiser=None) -> torch.Tensor:
-        """The velocity: what guidance combines and the Euler step takes (as in the pipeline)."""
-        return self.model_output(x_t, t, cond, denoiser)
-
-    def sigma(self, t) -> torch.Tensor:
-        """sigma of timestep(s) t: t / num_train_timesteps (the scheduler's timesteps are sigma * 1000)."""
-        return torch.as_tensor(t, device=self.device, dtype=torch.float32) / self.scheduler.config.num_train_timesteps
-
-    def output_to_noise(self, output, x_t, t) -> torch.Tensor:
-        """eps = x_t + (1 - sigma) v; refused at sigma = 1, where it is x_t whatever the prompt."""
-        return noise_from_flow_velocity(output, x_t, self.sigma(t)).to(output.dtype)
-
-    def training_target(self, x0, noise, t) -> torch.Tensor:
-        return training_target(x0, noise, None, "flow")
-
-    def alpha_bar(self, t):
-        raise ValueError(f"{self.family} ({self.name}) is a flow-matching model: it has no alpha_bar "
-                         "(x_sigma = (1 - sigma) x0 + sigma eps)")
-
-    def training_scheduler(self):
-        raise ValueError(f"training is not supported on {self.family} ({self.name}): diffmem's training adds noise "
-                         "with a DDPM schedule, and this model is trained by rectified flow")
 
     # -- images ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.lab import (DENOISERS, FLOW_SCHEDULE, LabModel, LabModelConfig, lab_scheduler_config,
-                                  load_lab_denoiser, new_lab_unet)
+from diffmem.adapters.lab import (DENOISERS, FLOW_SCHEDULE, LabModel, LabModelConfig, lab_model_class,  # noqa: F401
+                                  lab_scheduler_config, load_lab_denoiser, new_lab_unet)
 from diffmem.lab.data import BLOCKLIST_VERSION, LabData, LabDataConfig, make_lab_data, render_all
 from diffmem.lab import WEIGHTS_DIR  # noqa: F401  (re-exported: the shipped default lab model)
 from diffmem.train import ImagePairs, TrainConfig, complete_checkpoints, memorization_mix, train
@@ -162,7 +162,8 @@ def _train_lab(out, config: LabBuildConfig, resume: bool, num_threads, progress:
     if init_from is not None:
         unet.load_state_dict(load_lab_denoiser(Path(init_from) / DENOISERS[config.model.denoiser][1]).float().state_dict())
     scheduler_cls = FlowMatchEulerDiscreteScheduler if config.model.noise_schedule == FLOW_SCHEDULE else DDIMScheduler
-    model = LabModel(unet, scheduler_cls(**lab_scheduler_config(config.model.noise_schedule)), config.model)
+    model = lab_model_class(config.model)(unet, scheduler_cls(**lab_scheduler_config(config.model.noise_schedule)),
+                                          config.model)
     model.extra_meta = {"data": asdict(config.data), "build": _build_meta(config)}
     train_config = TrainConfig(
         output_dir=str(out), max_train_steps=config.max_train_steps, train_batch_size=config.train_batch_size,
