@@ -285,3 +285,20 @@ def test_guidance_table_in_docs_is_the_sweep():
         line = (f"| {r['guidance_scale']} | {m['copy_rate']:.3f} | {m['content_accuracy']:.3f} | "
                 f"{n['copy_rate']:.3f} | {n['content_accuracy']:.3f} |")
         assert line in doc, line
+
+
+def test_lr_and_looser_target_tables_in_docs_are_the_evaluations():
+    """docs/mitigation.md's lr 0.05 rows and its looser-target table, from their summary.json files."""
+    doc = (ROOT / "docs" / "mitigation.md").read_text()
+    lr05 = json.loads((LAB / "mitigation_lr0.05" / "summary.json").read_text())
+    targets = lr05["provenance"]["config"]["target_losses"]
+    for pct, (target, r) in zip(("p5", "p25", "p50", "p75", "p95"), zip(targets, lr05["results"]["embedding-opt"].values())):
+        sim = r["similarity_mean"]
+        assert (f"| embedding-opt | target {pct} = {target:.3f} | {r['final_d_mean']:.3f} | {r['iterations_mean']:.1f} | "
+                f"{r['copy_rate']:.3f} | {r['alignment_mean']:.3f} | {sim['pixel_cosine']:.3f} | {sim['tiled_l2']:.3f} |") in doc
+    high = json.loads((LAB / "mitigation_high" / "summary.json").read_text())["results"]["embedding-opt"]
+    low = json.loads((LAB / "mitigation_lr0.01_high" / "summary.json").read_text())["results"]["embedding-opt"]
+    cell = lambda r: f"{r['final_d_mean']:.3f} / {r['iterations_mean']:.1f} / {r['copy_rate']:.3f} / {r['alignment_mean']:.3f}"
+    for a, b in zip(high.values(), low.values()):
+        assert a["value"] == b["value"]
+        assert f"| {a['value']:g} | {cell(a)} | {cell(b)} |" in doc, a["value"]
