@@ -302,3 +302,11 @@ def test_lr_and_looser_target_tables_in_docs_are_the_evaluations():
     for a, b in zip(high.values(), low.values()):
         assert a["value"] == b["value"]
         assert f"| {a['value']:g} | {cell(a)} | {cell(b)} |" in doc, a["value"]
+
+
+def test_constrained_table_in_docs_is_the_sweep():
+    """docs/mitigation.md's L2-constrained table, row by row, from its table.json."""
+    doc = (ROOT / "docs" / "mitigation.md").read_text()
+    for r in json.loads((LAB / "constrained_mitigation" / "table.json").read_text())["rows"]:
+        assert (f"| {r['setting']} |" in doc and
+                f"| {r['copy_rate']:.3f} | {r['alignment']:.3f} | {r['final_loss']:.3f} | {r['iterations']:.1f} |" in doc), r
