@@ -29,14 +29,21 @@ def sampling_scheduler(scheduler):
     return DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon"), prediction_type
 
 
+def load_denoiser(folder: Path, denoiser_path: str | Path | None, class_name: str, subfolder: str,
+                  dtype: torch.dtype):
+    """(denoiser, its folder): the diffusers `class_name` in ``folder/subfolder``, or the fine-tuned
+    `denoiser_path` (``--unet``) instead."""
+    import diffusers
+
+    where = Path(denoiser_path) if denoiser_path else Path(folder) / subfolder
+    if not (where / "config.json").is_file():
+        raise FileNotFoundError(f"--unet {where}: no config.json; expected a diffusers {class_name} folder")
+    return getattr(diffusers, class_name).from_pretrained(where, torch_dtype=dtype), where
+
+
 def load_unet(folder: Path, unet_path: str | Path | None, dtype: torch.dtype):
     """(UNet, its folder): ``folder/unet`` or the fine-tuned `unet_path` (``--unet``)."""
-    from diffusers import UNet2DConditionModel
-
-    unet_dir = Path(unet_path) if unet_path else Path(folder) / "unet"
-    if not (unet_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--unet {unet_dir}: no config.json; expected a diffusers UNet folder")
-    return UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=dtype), unet_dir
+    return load_denoiser(folder, unet_path, "UNet2DConditionModel", "unet", dtype)
 
 
 class AdapterBase:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.base import AdapterBase, sampling_scheduler
+from diffmem.adapters.base import AdapterBase, load_denoiser, sampling_scheduler
 from diffmem.model import Conditioning, ModelDefaults, NullConditioning, Token
 
 FAMILY = "pixart"
@@ -61,16 +61,6 @@ def check_pixart_folder(path: Path) -> None:
     for comp in PIXART_COMPONENTS:
         if not (path / comp).is_dir():
             raise FileNotFoundError(f"{path}: component {comp}/ is missing (a PixArt folder needs {listing})")
-
-
-def load_transformer(folder: Path, transformer_path: str | Path | None, dtype: torch.dtype):
-    """(transformer, its folder): ``folder/transformer`` or the fine-tuned `transformer_path` (``--unet``)."""
-    from diffusers import PixArtTransformer2DModel
-
-    where = Path(transformer_path) if transformer_path else Path(folder) / "transformer"
-    if not (where / "config.json").is_file():
-        raise FileNotFoundError(f"--unet {where}: no config.json; expected a diffusers PixArtTransformer2DModel folder")
-    return PixArtTransformer2DModel.from_pretrained(where, torch_dtype=dtype), where
 
 
 class PixArtModel(AdapterBase):
@@ -181,7 +171,7 @@ def load_pixart(path: str | Path, transformer_path: str | Path | None = None, de
     if pipeline is None:
         raise ValueError(f"{path}: model_index.json names no PixArt pipeline (expected one of {', '.join(PIPELINES)})")
     check_pixart_folder(path)
-    transformer, where = load_transformer(path, transformer_path, dtype)
+    transformer, where = load_denoiser(path, transformer_path, "PixArtTransformer2DModel", "transformer", dtype)
     vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
     text_encoder = T5EncoderModel.from_pretrained(path / "text_encoder", torch_dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")

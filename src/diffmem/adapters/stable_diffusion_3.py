@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.base import AdapterBase
+from diffmem.adapters.base import AdapterBase, load_denoiser
 from diffmem.adapters.flow import FlowMatching, flow_sampling_scheduler
 from diffmem.adapters.stable_diffusion import clip_tokens
 from diffmem.model import Conditioning, ModelDefaults, Token
@@ -76,16 +76,6 @@ def check_sd3_folder(path: Path) -> None:
                                     f"{listing}, and optionally text_encoder_3/ and tokenizer_3/)")
     if has_t5(path) and not (path / "tokenizer_3").is_dir():
         raise FileNotFoundError(f"{path}: text_encoder_3/ (T5) is there but tokenizer_3/ is missing")
-
-
-def load_transformer(folder: Path, transformer_path: str | Path | None, dtype: torch.dtype):
-    """(transformer, its folder): ``folder/transformer`` or the fine-tuned `transformer_path` (``--unet``)."""
-    from diffusers import SD3Transformer2DModel
-
-    where = Path(transformer_path) if transformer_path else Path(folder) / "transformer"
-    if not (where / "config.json").is_file():
-        raise FileNotFoundError(f"--unet {where}: no config.json; expected a diffusers SD3Transformer2DModel folder")
-    return SD3Transformer2DModel.from_pretrained(where, torch_dtype=dtype), where
 
 
 class StableDiffusion3Model(FlowMatching, AdapterBase):
@@ -211,7 +201,7 @@ def load_stable_diffusion_3(path: str | Path, transformer_path: str | Path | Non
     if not is_sd3_folder(path):
         raise ValueError(f"{path}: model_index.json names no Stable Diffusion 3 pipeline (expected {PIPELINES[0]})")
     check_sd3_folder(path)
-    transformer, where = load_transformer(path, transformer_path, dtype)
+    transformer, where = load_denoiser(path, transformer_path, "SD3Transformer2DModel", "transformer", dtype)
     vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
     encoders = [CLIPTextModelWithProjection.from_pretrained(path / sub, torch_dtype=dtype)
                 for sub in ("text_encoder", "text_encoder_2")]
