@@ -12,9 +12,9 @@ VERBS = ("detect", "roc", "lab", "train", "mitigate", "evaluate", "explain", "se
 def common_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="lab", help="'lab' (built-in lab model, default), a diffusers Stable "
-                   "Diffusion 1.x/2.x, SDXL or PixArt folder, a lab model folder, or a hub id in the local Hugging "
-                   "Face cache")
-    g.add_argument("--unet", default=None, help="a fine-tuned denoiser folder (a UNet; PixArt: a transformer) to use "
+                   "Diffusion 1.x/2.x, SDXL, SD3/SD3.5 or PixArt folder, a lab model folder, or a hub id in the local "
+                   "Hugging Face cache")
+    g.add_argument("--unet", default=None, help="a fine-tuned denoiser folder (a UNet; PixArt, SD3: a transformer) to use "
                    "instead of the model's")
     g.add_argument("--null-embedding", default=None, metavar="FILE",
                    help="a safetensors file holding the unconditional branch to measure and sample against instead "
