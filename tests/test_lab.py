@@ -86,18 +86,18 @@ def test_copy_judge_on_ground_truth_renders(data):
 def untrained_lab_folder(tmp_path_factory):
     from dataclasses import asdict
 
-    from diffmem.adapters.lab import LabModelConfig, new_lab_unet, save_lab_model
+    from diffmem.adapters.lab import LabModelConfig, new_lab_denoiser, save_lab_model
 
     cfg = LabModelConfig(block_out_channels=(32, 32, 32))
     out = tmp_path_factory.mktemp("lab") / "model"
-    save_lab_model(new_lab_unet(cfg), cfg, out, extra={"data": asdict(SMALL)})
+    save_lab_model(new_lab_denoiser(cfg), cfg, out, extra={"data": asdict(SMALL)})
     return out
 
 
 def test_lab_noise_schedule_round_trip(untrained_lab_folder, tmp_path):
     import shutil
 
-    from diffmem.adapters.lab import (LabModelConfig, lab_scheduler_config, load_lab_model, new_lab_unet,
+    from diffmem.adapters.lab import (LabModelConfig, lab_scheduler_config, load_lab_model, new_lab_denoiser,
                                       save_lab_model)
 
     # a folder written before the field existed (its lab_model.json lacks it) loads as DDPM-linear
@@ -111,7 +111,7 @@ def test_lab_noise_schedule_round_trip(untrained_lab_folder, tmp_path):
     assert model.config.noise_schedule == "linear" and model.scheduler.config.beta_schedule == "linear"
     # a scaled-linear model keeps its schedule through save and load, and its alphas are SD's
     cfg = LabModelConfig(block_out_channels=(32, 32, 32), noise_schedule="scaled_linear")  # SD's betas
-    save_lab_model(new_lab_unet(cfg), cfg, tmp_path / "scaled")
+    save_lab_model(new_lab_denoiser(cfg), cfg, tmp_path / "scaled")
     scaled = load_lab_model(tmp_path / "scaled")
     assert scaled.config.noise_schedule == "scaled_linear"
     a_lin = model.scheduler.alphas_cumprod[981].sqrt().item()

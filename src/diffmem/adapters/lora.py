@@ -88,22 +88,25 @@ def read_lora(spec: LoraSpec, denoiser, family: str) -> tuple[dict, dict | None,
     return ours, alphas, text
 
 
+def adapter_names(n: int) -> list[str]:
+    """The peft adapter names of n applied ``--lora`` files, in their order."""
+    return [f"lora{i}" for i in range(n)]
+
+
 def apply_loras(model, specs: list[LoraSpec]) -> list[dict]:
     """Load each LoRA file onto ``model.denoiser`` at its scale; returns (and sets ``model.loras`` to)
     their records for the model's identity. Refuses, naming the file, a file that does not fit."""
     if not specs:
         return []
-    denoiser, records, names = model.denoiser, [], []
-    for i, spec in enumerate(specs):
+    denoiser, records, names = model.denoiser, [], adapter_names(len(specs))
+    for name, spec in zip(names, specs):
         state, alphas, text = read_lora(spec, denoiser, model.family)
-        name = f"lora{i}"
         prefix = LORA_PIPELINES[type(denoiser).__name__][1]
         try:
             denoiser.load_lora_adapter(state, prefix=prefix, network_alphas=alphas, adapter_name=name)
         except Exception as e:  # shapes or module names that are not this denoiser's
             raise ValueError(f"--lora {spec.path}: does not fit {model.name}'s {type(denoiser).__name__} "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        names.append(name)
         records.append({"file": spec.path.name, "sha256_16": file_sha256_16(spec.path), "scale": spec.scale,
                         **({"text_encoder_tensors_not_applied": text} if text else {})})
     denoiser.set_adapters(names, weights=[s.scale for s in specs])
@@ -117,8 +120,7 @@ def set_lora_scale(model, scale: float) -> None:
     loras = getattr(model, "loras", None)
     if not loras:
         raise ValueError(f"{model.name}: no LoRA applied (--lora PATH[:SCALE])")
-    model.denoiser.set_adapters([f"lora{i}" for i in range(len(loras))],
-                                weights=[scale * r["scale"] for r in loras])
+    model.denoiser.set_adapters(adapter_names(len(loras)), weights=[scale * r["scale"] for r in loras])
 
 
 # the projections diffusers' LoRA training scripts adapt: attention q, k, v and out (train_text_to_image_lora.py),
@@ -136,11 +138,8 @@ def add_lora(denoiser, rank: int) -> None:
     if kind not in LORA_PIPELINES:
         raise ValueError(f"--lora-rank: LoRA training on a {kind} is not supported: diffusers saves LoRA for "
                          f"{', '.join(LORA_PIPELINES)}")
-    targets = LORA_TARGETS if kind == "UNet2DConditionModel" else JOINT_LORA_TARGETS
-    present = {name.rsplit(".", 1)[-1] for name, _ in denoiser.named_modules()} | {
-        ".".join(name.rsplit(".", 2)[-2:]) for name, _ in denoiser.named_modules()}
-    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=[t for t in targets if t in present]))
+    targets = LORA_TARGETS if kind == "UNet2DConditionModel" else JOINT_LORA_TARGETS  # peft matches name suffixes
+    denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets)))
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights gives it

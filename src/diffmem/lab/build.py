@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.lab import (DENOISERS, FLOW_SCHEDULE, LabModel, LabModelConfig, lab_model_class,  # noqa: F401
-                                  lab_scheduler_config, load_lab_denoiser, new_lab_unet)
+from diffmem.adapters.lab import (DENOISERS, FLOW_SCHEDULE, LabModelConfig, lab_model_class, load_lab_denoiser,
+                                  new_lab_denoiser, new_lab_scheduler)
 from diffmem.lab.data import BLOCKLIST_VERSION, LabData, LabDataConfig, make_lab_data, render_all
 from diffmem.lab import WEIGHTS_DIR  # noqa: F401  (re-exported: the shipped default lab model)
 from diffmem.train import ImagePairs, TrainConfig, complete_checkpoints, memorization_mix, train
@@ -87,7 +87,7 @@ PRESETS = {
     ),
     # The flow lab: the shipped recipe and data (blocklist included) with an MMDiT (diffusers'
     # SD3Transformer2DModel, 6 joint blocks of width 128) trained on the rectified-flow objective,
-    # sampled with FlowMatchEuler (docs/flow-models.md).
+    # sampled with FlowMatch Euler (docs/lab.md, "Rebuilding the lab").
     "flow": _cells_recipe(FLOW_SCHEDULE, 1.25, BLOCKLIST_VERSION, denoiser="sd3-transformer"),
     # Small enough for the test suite (a few minutes on 2 cores), still copies its memorized pairs.
     "fast": LabBuildConfig(
@@ -150,20 +150,16 @@ def _build_meta(config: LabBuildConfig) -> dict:
 
 
 def _train_lab(out, config: LabBuildConfig, resume: bool, num_threads, progress: bool, init_from, resume_from) -> Path:
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
     if num_threads:
         torch.set_num_threads(num_threads)
     torch.manual_seed(config.seed)
     data = make_lab_data(config.data)
     mem, non_mem = lab_training_sets(data, config.model.image_size)
     dataset = memorization_mix(mem, non_mem, end=None, repeats=config.repeats, non_mem_ratio=config.non_mem_ratio)
-    unet = new_lab_unet(config.model)
+    unet = new_lab_denoiser(config.model)
     if init_from is not None:
         unet.load_state_dict(load_lab_denoiser(Path(init_from) / DENOISERS[config.model.denoiser][1]).float().state_dict())
-    scheduler_cls = FlowMatchEulerDiscreteScheduler if config.model.noise_schedule == FLOW_SCHEDULE else DDIMScheduler
-    model = lab_model_class(config.model)(unet, scheduler_cls(**lab_scheduler_config(config.model.noise_schedule)),
-                                          config.model)
+    model = lab_model_class(config.model)(unet, new_lab_scheduler(config.model.noise_schedule), config.model)
     model.extra_meta = {"data": asdict(config.data), "build": _build_meta(config)}
     train_config = TrainConfig(
         output_dir=str(out), max_train_steps=config.max_train_steps, train_batch_size=config.train_batch_size,
