@@ -82,3 +82,89 @@ def test_flow_matching_training_runs_on_sd3_with_the_velocity_filter(tiny_sd3_fo
     with pytest.raises(ValueError, match="--snr-gamma: .* flow-matching model"):
         train(model, ImagePairs(images, ["a"] * 4), TrainConfig(output_dir=str(tmp_path / "r2"), snr_gamma=5.0),
               progress=False)
+
+
+# -- the flow lab's report and benchmarks -----------------------------------------------------------
+
+def test_sd_first_step_sigma_has_the_snr_of_sd_first_ddim_step():
+    """By hand: SD's scaled-linear betas, alpha_bar at t = 981 (step 1 of 50 with steps_offset 1), and
+    the flow sigma where ((1 - sigma) / sigma)^2 equals alpha_bar / (1 - alpha_bar)."""
+    from diffmem.adapters.flow import sd_first_step_sigma, sigma_of_snr
+
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = float(torch.cumprod(1 - betas, 0)[981])
+    sigma = sd_first_step_sigma(50)
+    assert ((1 - sigma) / sigma) ** 2 == pytest.approx(alpha_bar / (1 - alpha_bar), rel=1e-5)
+    assert sigma == pytest.approx(0.929, abs=5e-4)
+    assert sigma_of_snr(0.0) == 1.0 and sigma_of_snr(1.0) == 0.5
+    with pytest.raises(ValueError, match="snr -1"):
+        sigma_of_snr(-1)
+
+
+def test_flow_windows_pick_the_step_nearest_the_matched_sigma(tiny_flow_lab):
+    from diffmem.lab.report import flow_windows
+
+    windows = flow_windows(tiny_flow_lab, 50)
+    (name,) = [k for k in windows if k.startswith("sigma")]
+    k = windows[name].start
+    sigmas = torch.linspace(1, 1 / 1000, 50)  # the unshifted schedule of the lab's FlowMatch Euler
+    assert k == int((sigmas - 0.9292).abs().argmin()) == 3 and name == "sigma 0.929 (step 4)"
+    assert windows["first step"] == slice(0, 1) and windows["first 5 steps"] == slice(0, 5)
+
+
+def test_first_step_spread_by_hand():
+    import numpy as np
+
+    from diffmem.lab.report import first_step_spread
+
+    scores = np.array([[1.0, 3.0], [4.0, 4.0], [2.0, 6.0]])  # 3 prompts x 2 initial noises
+    out = first_step_spread(scores)
+    stds = [2 ** 0.5, 0.0, 8 ** 0.5]  # per prompt, ddof 1
+    assert out["mean_cv"] == pytest.approx((stds[0] / 2 + 0 + stds[2] / 4) / 3)
+    assert out["between_over_within"] == pytest.approx(float(np.std([2.0, 4.0, 4.0], ddof=1)) / (sum(stds) / 3))
+    assert (out["prompts"], out["generations"]) == (3, 2)
+
+
+def test_bench_detect_on_a_flow_model_skips_the_detectors_its_family_cannot_run(tiny_flow_lab, tmp_path):
+    """All detectors by default: those defined on the noise or on cross-attention are listed with their
+    reason, the rest run; a refused detector named by the user is refused, before sampling."""
+    from diffmem.bench import BenchDetectConfig, bench_detect
+    from diffmem.detectors import DETECTORS, flow_refusal
+    from diffmem.prompts import PromptRecord, PromptSet
+
+    data = tiny_flow_lab.training_data()
+    as_set = lambda name, n: PromptSet([PromptRecord(i, p.caption) for i, p in
+                                        enumerate(data.prompt_set(name)[:n])], f"lab:{name}")
+    config = BenchDetectConfig(generations=(1,), steps=("first",), num_inference_steps=4, bootstrap=0, timing_prompts=0)
+    table = bench_detect(tiny_flow_lab, as_set("memorized", 2), {"novel": as_set("novel", 3)}, config, tmp_path / "b",
+                         progress=False)
+    runs = {n for n, cls in DETECTORS.items() if flow_refusal(cls) is None}
+    assert {"wen", "cond-jacobian"} <= runs
+    assert set(table["skipped"]) == set(DETECTORS) - runs and {r["method"] for r in table["rows"]} == runs - {"carlini"}
+    md = (tmp_path / "b" / "table.md").read_text()
+    assert "Not run on this model:" in md and f"- jeon: {flow_refusal(DETECTORS['jeon'])}" in md
+    with pytest.raises(ValueError, match=r"^jeon cannot run on lab \("):
+        bench_detect(tiny_flow_lab, as_set("memorized", 2), {"novel": as_set("novel", 3)},
+                     replace(config, methods=("wen", "jeon")), tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_bench_mitigate_plan_skips_what_a_flow_model_cannot_run(tiny_flow_lab):
+    from diffmem.mitigate import METHODS
+    from diffmem.mitigations import check_model, get_mitigation, refusal
+
+    reasons = {m: refusal(get_mitigation(m), tiny_flow_lab) for m in METHODS}
+    assert reasons["none"] is None and reasons["embedding-opt"] is None and reasons["rand_word_add"] is None
+    assert reasons["nemo"].startswith("cannot run on lab (") and "sigma = 1" in reasons["nemo"]
+    assert "no LoRA adapter" in reasons["lora-scale"]
+    with pytest.raises(ValueError, match=r"^--method nemo: cannot run on lab \("):
+        check_model("nemo", tiny_flow_lab)
+
+
+def test_lab_flow_names_the_shipped_flow_lab(monkeypatch, tmp_path):
+    import diffmem.lab as lab
+    from diffmem.adapters import resolve_model_path
+
+    monkeypatch.setitem(lab.BUILT_IN, "lab-flow", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"--model lab-flow: .*--preset flow"):
+        resolve_model_path("lab-flow")

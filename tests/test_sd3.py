@@ -226,7 +226,7 @@ def test_every_detector_runs_on_sd3_or_refuses(tiny_sd3_folder, tmp_path):
     from diffmem.files import read_rows
 
     runs = sorted(n for n, cls in DETECTORS.items() if flow_refusal(cls) is None)
-    assert runs == ["carlini", "wen"]
+    assert runs == ["carlini", "cond-jacobian", "wen"]
     out = tmp_path / "d.jsonl"
     assert main(["detect", "--model", str(tiny_sd3_folder), "--prompts", _write_prompts(tmp_path), "--out", str(out),
                  "--method", ",".join(runs), "--num-inference-steps", "2", "--num-generations", "2",

@@ -121,12 +121,19 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
     from diffmem.provenance import provenance
     from diffmem.reports.plots import roc_figure
 
+    from diffmem.detectors.registry import check_model, refusal
+
+    skipped = {}
+    if set(config.methods) == set(DETECTORS):  # all of them: those the model's family cannot run are skipped
+        skipped = {m: r for m in config.methods if (r := refusal(get_detector(m), model))}
+    wanted = [m for m in config.methods if m not in skipped]
+    check_model([get_detector(m) for m in wanted], model)  # methods named by the user are refused, not skipped
     out = Path(out)
     (out / "roc").mkdir(parents=True, exist_ok=True)
     rows = []
     for G in config.generations:
         for steps in config.steps:
-            methods = [m for m in config.methods if applies(m, steps, G)]
+            methods = [m for m in wanted if applies(m, steps, G)]
             if not methods:
                 continue
             sampling = SamplingConfig(num_inference_steps=config.num_inference_steps, num_generations=G,
@@ -161,9 +168,9 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
                                title=f"{m}, {steps} step{'s' if steps == 'all' else ''}, G = {G}",
                                negative_label=name, score_label=f"{m} score" + ("" if sign > 0 else ", negated"))
     table = {**provenance(model, config=asdict(config), memorized=memorized.source,
-                          controls={k: v.source for k, v in controls.items()}), "rows": rows}
+                          controls={k: v.source for k, v in controls.items()}), "rows": rows, "skipped": skipped}
     (out / "table.json").write_text(json.dumps(table, indent=1))
-    (out / "table.md").write_text(format_table(rows))
+    (out / "table.md").write_text(format_table(rows, skipped))
     return table
 
 
@@ -171,7 +178,8 @@ def _num(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], skipped: dict[str, str] | None = None) -> str:
+    """The benchmark's markdown table; `skipped`: {method: why it cannot run on the model}, listed below."""
     ci = lambda r, k: f"{r[k]:.3f} [{r[k + '_ci95'][0]:.3f}, {r[k + '_ci95'][1]:.3f}]" if r[k + "_ci95"] else f"{r[k]:.3f}"
     lines = ["| method | steps | G | control | AUC [95% CI] | TPR@1%FPR [95% CI] | "
              "TPR@1%FPR closest point [95% CI] | TPR@3%FPR [95% CI] | UNet rows / prompt | s / prompt |",
@@ -180,6 +188,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"| {r['method']} | {r['steps']} | {r['generations']} | {r['control']} | {ci(r, 'auc')} | "
                      f"{ci(r, 'tpr_at_1fpr')} | {ci(r, 'tpr_at_1fpr_closest')} | {ci(r, 'tpr_at_3fpr')} | "
                      f"{_num(r['unet_rows_per_prompt'], '.0f')} | {_num(r['seconds_per_prompt'], '.3f')} |")
+    if skipped:
+        lines += ["", "Not run on this model:", ""] + [f"- {m}: {why}" for m, why in sorted(skipped.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -237,20 +247,6 @@ class BenchMitigateConfig:
         threshold = self.copy_threshold if self.copy_threshold is not None else 0.5 if self.sscd else None
         return EvaluateConfig(sampling=self.sampling, sscd=self.sscd, clip=self.clip, copy_threshold=threshold,
                               copy_metric=self.copy_metric, grid_prompts=self.grid_prompts, **overrides)
-
-
-def refusal(method, model) -> str | None:
-    """Why `method` refuses `model` (its ``check`` raising, or returning a reason or False), else None."""
-    check = getattr(method, "check", None)
-    if check is None:
-        return None
-    try:
-        answer = check(model)
-    except Exception as e:  # noqa: BLE001  (any refusal is reported, not raised)
-        return str(e) or type(e).__name__
-    if answer is False:
-        return f"{method.name} cannot run on {model.name}"
-    return answer if isinstance(answer, str) and answer else None
 
 
 def sweep_configs(name: str, sweep: list[dict], bench: BenchMitigateConfig) -> list:
@@ -362,7 +358,7 @@ def bench_mitigate(model, eval_set, config: BenchMitigateConfig, out: str | Path
 
     from diffmem.evaluate import run_evaluation
     from diffmem.files import check_resume, jsonable, read_json, read_rows, write_json
-    from diffmem.mitigations import get_mitigation
+    from diffmem.mitigations import get_mitigation, refusal
     from diffmem.provenance import provenance
 
     state = PartialState()

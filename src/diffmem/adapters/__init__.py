@@ -24,18 +24,21 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device) -> torch.
 
 
 def resolve_model_path(model: str) -> tuple[str, Path]:
-    """(family, folder) for a --model value: 'lab', a lab, SD, SDXL, SD3 or PixArt folder, or a cached hub id.
+    """(family, folder) for a --model value: 'lab' or 'lab-flow' (the shipped lab models), a lab, SD, SDXL,
+    SD3 or PixArt folder, or a cached hub id.
 
     A diffusers folder's family comes from its model_index.json ``_class_name``: a PixArt pipeline is
     "pixart", ``StableDiffusion3Pipeline`` "stable-diffusion-3", a class name containing "XL"
     "stable-diffusion-xl", anything else "stable-diffusion"."""
-    if model == DEFAULT_MODEL:
-        from diffmem.lab import WEIGHTS_DIR
+    from diffmem.lab import BUILT_IN
 
-        if not (WEIGHTS_DIR / "lab_model.json").is_file():
-            raise FileNotFoundError(f"the built-in lab model is not installed at {WEIGHTS_DIR}; "
-                                    "run `diffmem lab build --out DIR` and pass --model DIR")
-        return "lab", WEIGHTS_DIR
+    if model in BUILT_IN:
+        folder = BUILT_IN[model]
+        if not (folder / "lab_model.json").is_file():
+            preset = "flow" if model == "lab-flow" else "default"
+            raise FileNotFoundError(f"--model {model}: the built-in lab model is not installed at {folder}; "
+                                    f"run `diffmem lab build --preset {preset} --out DIR` and pass --model DIR")
+        return "lab", folder
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():

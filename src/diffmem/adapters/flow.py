@@ -18,6 +18,27 @@ def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, bas
     return image_seq_len * m + base_shift - m * base_seq_len
 
 
+def sigma_of_snr(snr: float) -> float:
+    """The flow sigma whose signal-to-noise ratio ((1 - sigma) / sigma)^2 is `snr` (x_sigma = (1 - sigma) x0 +
+    sigma eps): 1 / (1 + sqrt(snr))."""
+    if snr < 0:
+        raise ValueError(f"snr {snr}: a signal-to-noise ratio is >= 0")
+    return 1.0 / (1.0 + snr ** 0.5)
+
+
+def sd_first_step_sigma(num_inference_steps: int = 50) -> float:
+    """The flow sigma at the SNR of Stable Diffusion 1.x/2.x's first DDIM step (scaled-linear betas 0.00085
+    to 0.012 over 1,000 steps, steps_offset 1: t = 981 at 50 steps, SNR = alpha_bar / (1 - alpha_bar)):
+    0.929 at 50 steps. Where Wen et al. measure on SD, as a noise level a flow model can be asked at."""
+    from diffusers import DDIMScheduler
+
+    sd = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                       set_alpha_to_one=False, clip_sample=False)
+    sd.set_timesteps(num_inference_steps)
+    alpha_bar = float(sd.alphas_cumprod[int(sd.timesteps[0])])
+    return sigma_of_snr(alpha_bar / (1 - alpha_bar))
+
+
 _SAMPLER = None
 
 

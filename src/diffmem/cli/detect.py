@@ -66,11 +66,14 @@ def run(args) -> int:
     threshold = read_threshold(args.threshold)
     parse_weights(args.asthana_weights)
     if args.prompts is None:
-        if args.model != "lab":
-            raise ValueError("--prompts is required unless --model is the built-in lab")
+        from diffmem.lab import BUILT_IN
+
+        if args.model not in BUILT_IN:
+            raise ValueError("--prompts is required unless --model is a built-in lab (lab, lab-flow)")
         from diffmem.lab.prompts import default_detection_prompts
 
-        records, info = default_detection_prompts(args.start, args.end), {"file": "lab:memorized+novel"}
+        records = default_detection_prompts(args.start, args.end, BUILT_IN[args.model])
+        info = {"file": "lab:memorized+novel"}
     elif needs_model(args.prompts):
         records, info = None, {"set": args.prompts, "seed": config.seed, "start": args.start, "end": args.end}
     else:

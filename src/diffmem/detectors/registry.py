@@ -67,14 +67,19 @@ def flow_refusal(detector) -> str | None:
     return getattr(detector, "flow_refusal", FLOW_REFUSAL)
 
 
+def refusal(detector, model) -> str | None:
+    """Why `detector`'s definition does not carry over to `model` (on flow models: all but those with
+    ``flow_refusal = None``), or None where it runs."""
+    if getattr(model, "sampler_prediction", "epsilon") != "flow":
+        return None
+    return flow_refusal(detector)
+
+
 def check_model(detectors, model) -> None:
     """Refuse, in one line naming the method, the family and the reason, a model a requested detector's
-    definition does not carry over to (on flow models: all but those with ``flow_refusal = None``),
-    before any sampling."""
-    if getattr(model, "sampler_prediction", "epsilon") != "flow":
-        return
+    definition does not carry over to, before any sampling."""
     for d in detectors:
-        reason = flow_refusal(d)
+        reason = refusal(d, model)
         if reason:
             raise ValueError(f"{d.name} cannot run on {model.family} ({model.name}): {reason}")
 

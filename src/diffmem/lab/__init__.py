@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped default lab model
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # the shipped default lab model (a UNet, DDPM noise prediction)
+FLOW_WEIGHTS_DIR = Path(__file__).parent / "weights-flow"  # its flow-matching twin (an MMDiT, rectified flow)
+BUILT_IN = {"lab": WEIGHTS_DIR, "lab-flow": FLOW_WEIGHTS_DIR}  # --model names of the shipped lab models
 
 
 def text_encoder_path() -> Path:

@@ -12,13 +12,13 @@ from diffmem.prompts import PromptRecord, PromptSet
 REFERENCE_FRACTION = 0.6  # the first 60% of the novel captions are the lab's reference (ordinary) prompts
 
 
-def default_lab_data() -> LabData:
-    """The data of the shipped lab model."""
+def default_lab_data(folder: Path | None = None) -> LabData:
+    """The data of a lab model folder (default: the shipped lab model's)."""
     from diffmem.adapters.lab import load_lab_meta
     from diffmem.lab import WEIGHTS_DIR
     from diffmem.lab.data import lab_data_from_config
 
-    return lab_data_from_config(load_lab_meta(WEIGHTS_DIR)["data"])
+    return lab_data_from_config(load_lab_meta(folder or WEIGHTS_DIR)["data"])
 
 
 def reference_pairs(data: LabData) -> list[LabPair]:
@@ -53,10 +53,11 @@ def write_prompt_set(data: LabData, name: str, out: str | Path, limit: int | Non
     return len(rows)
 
 
-def default_detection_prompts(start: int = 0, end: int | None = None, data: LabData | None = None,
+def default_detection_prompts(start: int = 0, end: int | None = None, folder: Path | None = None,
                               num_novel: int = 100) -> list[PromptRecord]:
-    """The lab's memorized prompts followed by `num_novel` novel ones (what bare `diffmem detect` runs)."""
-    data = data or default_lab_data()
+    """The memorized prompts of the lab model in `folder` (default: the shipped one) followed by
+    `num_novel` novel ones (what bare `diffmem detect` runs)."""
+    data = default_lab_data(folder)
     rows = prompt_rows(data, "memorized") + prompt_rows(data, "novel", num_novel)
     records = [PromptRecord(i, r["caption"], {k: v for k, v in r.items() if k != "caption"}) for i, r in enumerate(rows)]
     return records[start:end]

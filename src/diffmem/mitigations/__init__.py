@@ -133,20 +133,31 @@ FLOW_REFUSAL = ("it is defined on the noise prediction and the timesteps of a DD
                 "noise differences are identically 0 at sigma = 1")
 
 
-def check_model(name: str, model) -> None:
-    """Refuse, in one line naming the method, a model the method cannot run on (its ``check``; on a
-    flow-matching model, its ``flow_refusal``: every method but those that set it to None)."""
-    method = get_mitigation(name)
+def refusal(method, model) -> str | None:
+    """Why `method` cannot run on `model`, in words, or None where it runs: on a flow-matching model its
+    ``flow_refusal`` (every method but those that set it to None), then its ``check`` (raising, or
+    returning a reason or False)."""
     if getattr(model, "sampler_prediction", "epsilon") == "flow":
         reason = getattr(method, "flow_refusal", FLOW_REFUSAL)
         if reason:
-            raise ValueError(f"--method {name}: cannot run on {model.family} ({model.name}): {reason}")
-    fn = getattr(method, "check", None)
-    if fn is None:
-        return
-    reason = fn(model)
-    if reason is False or isinstance(reason, str):
-        raise ValueError(f"--method {name}: {reason or 'cannot run on this model'}")
+            return f"cannot run on {model.family} ({model.name}): {reason}"
+    check = getattr(method, "check", None)
+    if check is None:
+        return None
+    try:
+        answer = check(model)
+    except Exception as e:  # noqa: BLE001  (any refusal is reported, not raised)
+        return str(e) or type(e).__name__
+    if answer is False:
+        return "cannot run on this model"
+    return answer if isinstance(answer, str) and answer else None
+
+
+def check_model(name: str, model) -> None:
+    """Refuse, in one line naming the method, a model the method cannot run on (``refusal``)."""
+    reason = refusal(get_mitigation(name), model)
+    if reason is not None:
+        raise ValueError(f"--method {name}: {reason}")
 
 
 def param_names(name: str) -> tuple[str, ...]:
