@@ -6,6 +6,7 @@ and with each mitigation. ``benchmarks/lab_finetune_mitigation.sh`` holds every 
     python benchmarks/lab_finetune_mitigation.py calibrate --base runs/ft/base --out runs/ft
     python benchmarks/lab_finetune_mitigation.py threshold --out runs/ft --kind one     # for --hard-threshold
     python benchmarks/lab_finetune_mitigation.py evaluate --out runs/ft --runs plain=runs/ft/plain ...
+    python benchmarks/lab_finetune_mitigation.py evaluate --out runs/ft --runs lora=runs/ft/base+runs/ft/lora/pytorch_lora_weights.safetensors
     python benchmarks/lab_finetune_mitigation.py copies --out runs/ft --models runs/ft/plain/checkpoint-500/model ...
     python benchmarks/lab_finetune_mitigation.py report --out runs/ft
 
@@ -24,6 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+
+def load_run(spec: str):
+    """(model, the run's folder) for 'MODEL_FOLDER' or 'BASE_FOLDER+LORA_FILE' (a LoRA fine-tune: the
+    adapter loaded onto its base at scale 1; its run folder is the file's)."""
+    from diffmem.adapters import load_model
+    from diffmem.adapters.lora import LoraSpec, apply_loras
+
+    base, plus, lora = spec.partition("+")
+    model = load_model(base)
+    if plus:
+        apply_loras(model, [LoraSpec(Path(lora), 1.0)])
+        return model, Path(lora).parent
+    return model, Path(base)
 
 
 def calibrate(args) -> None:
@@ -64,7 +79,6 @@ def evaluate(args) -> None:
     import numpy as np
     import torch
 
-    from diffmem.adapters import load_model
     from diffmem.eval_sets import lab_eval_set
     from diffmem.evaluate import EvaluateConfig, run_evaluation
     from diffmem.lab.build import lab_data_for, lab_training_sets
@@ -83,7 +97,7 @@ def evaluate(args) -> None:
         if name in report and report[name]["model"] == path and not args.again:
             continue
         torch.manual_seed(0)
-        model = load_model(path)
+        model, run_folder = load_run(path)
         data = lab_data_for(model)
         row = {"model": path}
         for set_name, limit in (("memorized", None), ("non-memorized", args.num_prompts), ("novel", args.num_prompts)):
@@ -101,7 +115,7 @@ def evaluate(args) -> None:
         scores = window_scores(model, mem + ordinary, first)
         roc = roc_metrics(scores[:len(mem)], scores[len(mem):])
         row["detection_first_step"] = {"auc": roc.auc, "tpr_at_1fpr": roc.tpr_at_1fpr}
-        log = Path(path) / "train_log.jsonl"
+        log = run_folder / "train_log.jsonl"
         if log.is_file():  # the filter's share of samples left out, over the whole fine-tune
             recs = [json.loads(line) for line in log.read_text().splitlines()]
             row["training"] = {"steps": recs[-1]["step"], "left_out_mean": float(np.mean([r["left_out"] for r in recs])),
@@ -117,7 +131,6 @@ def copies(args) -> None:
     OUT/checkpoint_copies.json: how memorization grows over a fine-tune."""
     import torch
 
-    from diffmem.adapters import load_model
     from diffmem.eval_sets import lab_eval_set
     from diffmem.lab.build import lab_data_for
     from diffmem.lab.judge import TrainingImages, content_correct, copy_threshold, judge_copies
@@ -127,7 +140,7 @@ def copies(args) -> None:
     path_json = Path(args.out) / "checkpoint_copies.json"
     table = json.loads(path_json.read_text()) if path_json.is_file() else {}
     for folder in args.models:
-        model = load_model(folder)
+        model, _ = load_run(folder)
         data = lab_data_for(model)
         prompts = lab_eval_set(data, "memorized").prompts
         G = args.num_generations
@@ -213,7 +226,7 @@ def main() -> None:
     t.set_defaults(run=threshold)
     e = sub.add_parser("evaluate")
     e.add_argument("--out", required=True)
-    e.add_argument("--runs", nargs="+", required=True, help="NAME=MODEL_FOLDER")
+    e.add_argument("--runs", nargs="+", required=True, help="NAME=MODEL_FOLDER or NAME=BASE_FOLDER+LORA_FILE")
     e.add_argument("--num-prompts", type=int, default=100)
     e.add_argument("--num-generations", type=int, default=4)
     e.add_argument("--num-inference-steps", type=int, default=50)
@@ -223,7 +236,8 @@ def main() -> None:
     e.set_defaults(run=evaluate)
     k = sub.add_parser("copies")
     k.add_argument("--out", required=True)
-    k.add_argument("--models", nargs="+", required=True, help="lab model folders (e.g. RUN/checkpoint-1000/model)")
+    k.add_argument("--models", nargs="+", required=True, help="lab model folders (e.g. RUN/checkpoint-1000/model), "
+                   "or BASE+LORA_FILE")
     k.add_argument("--num-generations", type=int, default=2)
     k.add_argument("--threads", type=int, default=1)
     k.set_defaults(run=copies)

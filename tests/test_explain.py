@@ -251,3 +251,17 @@ def test_accents_and_byte_pieces_stay_in_their_word():
     # an uncased WordPiece tokenizer strips the accents
     words, _ = word_scores("Héllo", _toks(["[CLS]", "hello", "[SEP]"]), [0.0, 2.0, 0.0])
     assert words[0].score == 2.0
+
+
+def test_words_past_the_token_limit_are_marked_unread():
+    """A word no token reaches (cut off by the encoder's limit) is read=False and left out of the
+    ranking; every word up to the last one reached is read."""
+    from diffmem.explain import Explanation, word_scores
+    from diffmem.model import Token
+
+    prompt = "red cat sits quietly"
+    tokens = [Token("[CLS]", 101, True), Token("red", 1, False), Token("cat", 2, False), Token("[SEP]", 102, True)]
+    words, token_word = word_scores(prompt, tokens, [0.0, 0.5, 0.25, 0.0])
+    assert [w.read for w in words] == [True, True, False, False] and token_word == [None, 0, 1, None]
+    e = Explanation(prompt, 1.0, [], words, [], None, False)
+    assert [w.word for w in e.ranked_words()] == ["red", "cat"]

@@ -73,9 +73,13 @@ def test_page_examples_address_truncation_and_colour_scale(lab, tmp_path):
             # 3. One colour scale: the novel prompt's top word is far paler than the trigger word.
             assert mem_alpha == pytest.approx(0.85, abs=0.01) and novel_alpha < 0.5 * mem_alpha
             # 4. A prompt longer than the encoder reads says so.
-            page.fill("#prompt", memorized + " and" * (lab.max_tokens + 5))
+            page.fill("#prompt", memorized + " and" * (lab.max_tokens + 5) + " zebra")
             page.wait_for_function("document.getElementById('truncation').textContent !== ''", timeout=120_000)
             assert f"the text encoder reads only the first {lab.max_tokens}" in page.inner_text("#truncation")
+            # the words it did not read are listed apart, not ranked at 0.00
+            ranking = page.inner_text("#ranking")
+            ranked, unread = ranking.split(" · not read (past the encoder's limit): ")
+            assert "zebra" in unread.split() and "zebra" not in ranked
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:
             context.close()

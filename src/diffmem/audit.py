@@ -247,7 +247,7 @@ def _copies(data, flagged: list[dict], out: Path, progress: bool) -> list[dict]:
 
 
 def _word_list(explanation: dict, n: int) -> list[str]:
-    words = [w for w in explanation["words"] if any(c.isalnum() for c in w["word"])]
+    words = [w for w in explanation["words"] if any(c.isalnum() for c in w["word"]) and w.get("read", True)]
     return [w["word"] for w in sorted(words, key=lambda w: -w["score"])[:n]]
 
 

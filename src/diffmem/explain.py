@@ -146,6 +146,7 @@ class WordScore:
     score: float  # sum of its tokens' s_j
     start: int  # character offsets in the prompt
     end: int
+    read: bool = True  # False: past the encoder's token limit (no token of it reaches the model; score 0)
 
 
 @dataclass
@@ -163,7 +164,8 @@ class Explanation:
         return sorted((t for t in self.tokens if include_special or not t.special), key=lambda t: -t.score)
 
     def ranked_words(self) -> list[WordScore]:
-        return sorted(self.words, key=lambda w: -w.score)
+        """The words the encoder read, most significant first (words past its limit left out)."""
+        return sorted((w for w in self.words if w.read), key=lambda w: -w.score)
 
     def to_json(self) -> dict:
         return {
@@ -312,7 +314,7 @@ def word_scores(prompt: str, tokens, scores: list[float]) -> tuple[list[WordScor
     """Sum token scores into the words of `prompt`; also return each token's word index (or None).
 
     Words are runs of letters and digits (inner apostrophes kept); each punctuation mark is a word
-    of its own. Words past the model's token limit get score 0.
+    of its own. Words past the model's token limit get score 0 and ``read=False``.
     """
     spans = [(m.group(), m.start(), m.end()) for m in WORD_PATTERN.finditer(prompt)]
     words = [WordScore(w, 0.0, s, e) for w, s, e in spans]
@@ -326,4 +328,8 @@ def word_scores(prompt: str, tokens, scores: list[float]) -> tuple[list[WordScor
         if w is not None:
             words[w].score += float(s)
         token_word.append(w)
+    reached = {w for w in token_word if w is not None}
+    last = max(reached, default=-1)
+    for k, word in enumerate(words):  # a word after the last one any token reached was cut off
+        word.read = k <= last
     return words, token_word
