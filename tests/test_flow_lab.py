@@ -168,3 +168,27 @@ def test_lab_flow_names_the_shipped_flow_lab(monkeypatch, tmp_path):
     monkeypatch.setitem(lab.BUILT_IN, "lab-flow", tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"--model lab-flow: .*--preset flow"):
         resolve_model_path("lab-flow")
+
+
+def test_delayed_cfg_on_a_flow_model_switches_at_the_matched_noise_level(tiny_flow_lab):
+    """Guidance 0 while sigma is above the sigma with the SNR of SD's t = 500 (0.618), full after: against
+    a hand-written Euler loop on the velocities."""
+    from diffmem.adapters.flow import sd_sigma_at
+    from diffmem.mitigate import MitigationConfig, mitigate_unit
+
+    m, N, w = tiny_flow_lab, 10, 2.0
+    sigmas = torch.cat([torch.linspace(1, 1 / 1000, N), torch.zeros(1)])
+    k = int((sigmas[:N] <= sd_sigma_at(500)).nonzero()[0])
+    assert k == 4 and sd_sigma_at(500) == pytest.approx(0.618, abs=1e-3)
+    cfg = SamplingConfig(num_inference_steps=N, num_generations=2, seed=3, guidance_scale=w, batch_size=8)
+    prompt = "the velvet harbor: a blue square"
+    (res,) = mitigate_unit(m, [prompt], [0], MitigationConfig(method="delayed-cfg"), cfg)
+    assert res.info["switch_step"] == [k, k]
+    x = initial_noise(m, 2, 3)
+    cond, unc = m.encode_prompts([prompt]).expand(2), m.empty_conditioning().expand(2)
+    with torch.no_grad():
+        for i in range(N):
+            t = sigmas[i] * 1000
+            v_c, v_u = m.model_output(x, t, cond), m.model_output(x, t, unc)
+            x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + (w if i >= k else 0.0) * (v_c - v_u))
+    torch.testing.assert_close(res.images, m.decode(x), rtol=1e-4, atol=1e-4)

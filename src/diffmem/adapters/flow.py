@@ -26,17 +26,27 @@ def sigma_of_snr(snr: float) -> float:
     return 1.0 / (1.0 + snr ** 0.5)
 
 
-def sd_first_step_sigma(num_inference_steps: int = 50) -> float:
-    """The flow sigma at the SNR of Stable Diffusion 1.x/2.x's first DDIM step (scaled-linear betas 0.00085
-    to 0.012 over 1,000 steps, steps_offset 1: t = 981 at 50 steps, SNR = alpha_bar / (1 - alpha_bar)):
-    0.929 at 50 steps. Where Wen et al. measure on SD, as a noise level a flow model can be asked at."""
+def _sd_scheduler():
     from diffusers import DDIMScheduler
 
-    sd = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                       set_alpha_to_one=False, clip_sample=False)
-    sd.set_timesteps(num_inference_steps)
-    alpha_bar = float(sd.alphas_cumprod[int(sd.timesteps[0])])
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                         set_alpha_to_one=False, clip_sample=False)
+
+
+def sd_sigma_at(t: float) -> float:
+    """The flow sigma with the SNR of Stable Diffusion 1.x/2.x's timestep `t` (scaled-linear betas 0.00085
+    to 0.012 over 1,000 steps; SNR = alpha_bar / (1 - alpha_bar)): where a noise level published on SD's
+    timestep scale sits on a flow model (t = 500: 0.618)."""
+    alpha_bar = float(_sd_scheduler().alphas_cumprod[int(round(t))])
     return sigma_of_snr(alpha_bar / (1 - alpha_bar))
+
+
+def sd_first_step_sigma(num_inference_steps: int = 50) -> float:
+    """The flow sigma at the SNR of SD's first DDIM step (steps_offset 1: t = 981 at 50 steps): 0.929 at
+    50 steps. Where Wen et al. measure on SD, as a noise level a flow model can be asked at."""
+    sd = _sd_scheduler()
+    sd.set_timesteps(num_inference_steps)
+    return sd_sigma_at(int(sd.timesteps[0]))
 
 
 _SAMPLER = None

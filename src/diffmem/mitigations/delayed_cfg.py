@@ -19,7 +19,10 @@ scale: 7.5 on Stable Diffusion). Each step's prediction is ``eps_u + w_k (eps_c 
   image; here each generation (row) has its own d and its own switch.
 
 Constants on other models: ``switch_t`` is on a 1,000-step scale and is rescaled to the model's
-``num_train_timesteps`` (the lab uses 1,000 too, so unchanged); guidance scales are the model's
+``num_train_timesteps`` (the lab uses 1,000 too, so unchanged). On a flow-matching model (SD3, the
+flow lab; our port, no published flow version) the switch is the noise level with the signal-to-noise
+ratio of SD's timestep switch_t (``diffmem.adapters.flow.sd_sigma_at``: t = 500 is sigma 0.618, 650
+is 0.733), guidance combines the velocities and the dynamic switch watches d on the velocity; guidance scales are the model's
 own (``early_scale`` 0, 1 and -2 are scale-free: none, conditional only, reversed). Off: the
 switch at the first step (``switch_t`` = inf), i.e. full guidance everywhere. Not reproduced: the
 official script samples with DPM-Solver (diffmem with the run's DDIM schedule), and when the switch
@@ -48,6 +51,20 @@ DEFAULT_EARLY_SCALE = {"static": 0.0, "opposite": -2.0, "dynamic": 1.0}
 
 
 # -- the math: small functions over tensors -----------------------------------------------------
+
+def switch_index(model, timesteps: torch.Tensor, switch_t: float) -> int:
+    """The schedule position where guidance becomes full for a switch at SD's timestep `switch_t`: on a
+    DDIM-sampled model the first timestep <= switch_t (rescaled to its ``num_train_timesteps``), on a flow
+    model the first step whose sigma is at or below the sigma of the same SNR (``sd_sigma_at``)."""
+    if model.sampler_prediction == "flow":
+        from diffmem.adapters.flow import sd_sigma_at
+
+        if math.isinf(switch_t):
+            return 0
+        sigmas = torch.as_tensor([model.scheduler.sigma_of(t) for t in timesteps], dtype=torch.float64)
+        return static_switch_index(sigmas, sd_sigma_at(min(max(switch_t, 0.0), 999.0)) + 1e-9)
+    return static_switch_index(timesteps, switch_t * model.scheduler.config.num_train_timesteps / 1000.0)
+
 
 def static_switch_index(timesteps: torch.Tensor, switch_t: float) -> int:
     """First schedule position k with timesteps[k] <= switch_t (len(timesteps) when none is):
@@ -121,6 +138,7 @@ class DynamicSwitch:
 class DelayedCFG:
     name = "delayed-cfg"
     knob = "switch_t"
+    flow_refusal = None  # on a flow model the switch is the noise level of SD's switch_t (sd_sigma_at)
     off = {"mode": "static", "switch_t": math.inf}  # every timestep is <= inf: full guidance from the first step
 
     @dataclass
@@ -156,8 +174,7 @@ class DelayedCFG:
             info = [{"mode": "dynamic", "early_scale": early, "switch_step": [-1] * G} for _ in range(P)]
             return Plan(guidance=DynamicSwitch(early, full, info), info=info)
         switch_t = DEFAULT_SWITCH_T[params.mode] if params.switch_t is None else float(params.switch_t)
-        scaled = switch_t * model.scheduler.config.num_train_timesteps / 1000.0
-        k = static_switch_index(unit.timesteps, scaled)
+        k = switch_index(model, unit.timesteps, switch_t)
         if k == 0:
             return Plan()  # full guidance from the first step: unmitigated sampling
         info = [{"mode": params.mode, "switch_t": switch_t, "early_scale": early, "switch_step": [k] * G}
