@@ -209,3 +209,78 @@ def test_flow_models_are_refused_in_one_line_naming_the_family(method, tiny_sd3_
                                          rf"{re.escape(det.flow_refusal)}$"):
         detectors.check_model([det], model)
     assert "sigma = 1" in det.flow_refusal or "velocity" in det.flow_refusal
+
+
+# -- broken-memories: per-step norms against a hand-written DDIM loop -----------------------------
+
+def _hand_norms(model, prompts, seed0, steps, w):
+    """(N, S, 3) ||x_next||, ||x_next - x||, ||x0_hat|| with DDIM written out, one generation per prompt
+    (seed0 + position), x0_hat read from diffusers' own DDIMScheduler.step (pred_original_sample)."""
+    from diffmem.sampling import predict_branches
+
+    out = []
+    for i, prompt in enumerate(prompts):
+        x = initial_noise(model, 1, seed0 + i)
+        c, u = model.encode_prompts([prompt]), model.empty_conditioning()
+        rows = []
+        with torch.no_grad():
+            for t in schedule(model, steps):
+                e_c, e_u = predict_branches(model, x, t, c, u)
+                res = model.scheduler.step(e_u + w * (e_c - e_u), t, x)
+                nxt, x0 = res.prev_sample, res.pred_original_sample
+                rows.append([float(nxt.double().norm()), float((nxt - x).double().norm()), float(x0.double().norm())])
+                x = nxt
+        out.append(rows)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_broken_memories_z_scores_and_score_by_hand(tiny_sd):
+    """Calibration: per-step mean and std of the three norms over the reference generations; score: per
+    generation max over steps of min(z_update, z_clean), as a hand computation from a DDIM loop."""
+    reference = ["a cat on a mat", "two dogs", "the red barn at dawn", "a bowl of fruit", "snow on a hill"]
+    prompts = ["a blue car", "an old oak tree"]
+    cfg = SamplingConfig(num_inference_steps=5, num_generations=1, seed=11, batch_size=8)
+    det = detectors.get_detector("broken-memories", reference_prompts=reference)
+    _, fields = detect_unit(tiny_sd, [det], prompts, [0, 1], cfg)
+    w = cfg.guidance(tiny_sd)
+    ref = _hand_norms(tiny_sd, reference, 11, 5, w)
+    mean, std = ref.mean(0), ref.std(0)
+    z = (_hand_norms(tiny_sd, prompts, 11, 5, w) - mean).abs() / std
+    expected = torch.minimum(z[..., 1], z[..., 2]).max(1).values
+    got = [f["broken_memories_per_generation"][0] for (f,) in fields]
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4)
+    flags = [f["broken_memories_first_flag"][0] for (f,) in fields]
+    for k, row in zip(flags, torch.minimum(z[..., 1], z[..., 2])):
+        hits = (row > 3).nonzero().flatten()
+        assert k == (int(hits[0]) if len(hits) else -1)
+
+
+def test_broken_memories_needs_reference_prompts_off_the_lab(tiny_sd):
+    with pytest.raises(ValueError, match=r"^broken-memories calibrates on ordinary prompts and .*--reference-prompts FILE"):
+        detectors.get_detector("broken-memories").prepare(tiny_sd, SamplingConfig(num_inference_steps=3))
+
+
+def test_broken_memories_runs_on_a_flow_model_with_x0_from_the_velocity(tiny_sd3_folder):
+    """On a flow model x0_hat = x - sigma v of the guided velocity; the norms follow the Euler loop."""
+    from diffmem.adapters import load_model
+    from diffmem.detectors.broken_memories import NormRecorder
+
+    model = load_model(str(tiny_sd3_folder))
+    cfg = SamplingConfig(num_inference_steps=3, num_generations=1, seed=2, batch_size=8)
+    rec = NormRecorder(model)
+    sample_unit(model, [PROMPT], [0], cfg, recorders=[rec])
+    x = initial_noise(model, 1, 2)
+    c, u = model.encode_prompts([PROMPT]), model.empty_conditioning()
+    w = cfg.guidance(model)
+    schedule(model, 3)
+    sigmas = model.scheduler.sigmas
+    expected = []
+    with torch.no_grad():
+        for k in range(3):
+            t = sigmas[k] * 1000
+            v = model.predict(x, t, u) + w * (model.predict(x, t, c) - model.predict(x, t, u))
+            nxt = x + (sigmas[k + 1] - sigmas[k]) * v
+            expected.append([float(nxt.double().norm()), float((nxt - x).double().norm()),
+                             float((x - sigmas[k] * v).double().norm())])
+            x = nxt
+    np.testing.assert_allclose(rec.norms()[0].numpy(), np.array(expected), rtol=1e-4)

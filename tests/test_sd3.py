@@ -226,11 +226,13 @@ def test_every_detector_runs_on_sd3_or_refuses(tiny_sd3_folder, tmp_path):
     from diffmem.files import read_rows
 
     runs = sorted(n for n, cls in DETECTORS.items() if flow_refusal(cls) is None)
-    assert runs == ["carlini", "cond-jacobian", "wen"]
+    assert runs == ["broken-memories", "carlini", "cond-jacobian", "wen"]
     out = tmp_path / "d.jsonl"
+    reference = tmp_path / "ref.txt"
+    reference.write_text("a quiet street\nan apple on a table\nsnow on a hill\n")
     assert main(["detect", "--model", str(tiny_sd3_folder), "--prompts", _write_prompts(tmp_path), "--out", str(out),
                  "--method", ",".join(runs), "--num-inference-steps", "2", "--num-generations", "2",
-                 "--no-progress"]) == 0
+                 "--reference-prompts", str(reference), "--no-progress"]) == 0
     for row in read_rows(out):
         assert all(math.isfinite(row[name]) for name in runs)
 

@@ -266,7 +266,7 @@ def test_every_detector_runs_in_one_pass_on_sdxl(sdxl_folder, tmp_path):
     out = tmp_path / "d.jsonl"
     assert main(["detect", "--model", str(sdxl_folder), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),
                  "--method", ",".join(sorted(DETECTORS)), "--num-inference-steps", "3", "--num-generations", "2",
-                 "--asthana-weights", "1,1", "--no-progress"]) == 0
+                 "--asthana-weights", "1,1", "--reference-prompts", str(tmp_path / "p.txt"), "--no-progress"]) == 0
     for row in read_rows(out):
         assert all(math.isfinite(row[name]) for name in DETECTORS)
     # without weights asthana is refused before any sampling, naming what to give
@@ -285,7 +285,9 @@ def test_bench_detect_on_sdxl(sdxl_folder, tmp_path):
     assert main(["bench", "detect", "--model", str(sdxl_folder), "--memorized", str(tmp_path / "m.txt"),
                  "--non-memorized", str(tmp_path / "n.txt"), "--generations", "2", "--num-inference-steps", "3",
                  "--bootstrap", "5", "--asthana-weights", "1,1", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
-    rows = json.loads((tmp_path / "b" / "table.json").read_text())["rows"]
+    table = json.loads((tmp_path / "b" / "table.json").read_text())
+    rows = table["rows"]
+    assert table["skipped"] == {"broken-memories": "it calibrates on ordinary prompts: give --reference-prompts FILE"}
     assert {r["method"] for r in rows} == {"asthana", "bright-ending", "carlini", "cond-jacobian", "early-dsm",
                                            "early-metric2", "jeon", "jeon-fd", "membench", "nemo-ssim", "ren-ae",
                                            "ren-le", "wen"}

@@ -113,9 +113,10 @@ def detector_cost(model, method: str, prompts: list[str], sampling: SamplingConf
 
 
 def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], config: BenchDetectConfig,
-                 out: str | Path, progress: bool = True) -> dict:
+                 out: str | Path, progress: bool = True, reference_prompts: list[str] | None = None) -> dict:
     """Run the detection benchmark; write ``table.md``, ``table.json``, one ROC figure per row and
-    the detection outputs (``runs/``, resumable) under `out`. Returns the table as a dict."""
+    the detection outputs (``runs/``, resumable) under `out`. Returns the table as a dict.
+    `reference_prompts`: ordinary prompts for the detectors that calibrate on them (a lab has its own)."""
     from diffmem.detect import run_detection
     from diffmem.files import read_rows
     from diffmem.provenance import provenance
@@ -123,9 +124,14 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
 
     from diffmem.detectors.registry import check_model, refusal
 
+    from diffmem.lab.prompts import own_reference_prompts
+
     skipped = {}
     if set(config.methods) == set(DETECTORS):  # all of them: those the model's family cannot run are skipped
         skipped = {m: r for m in config.methods if (r := refusal(get_detector(m), model))}
+        if not reference_prompts and not own_reference_prompts(model):  # and those that calibrate on ordinary prompts
+            skipped.update({m: "it calibrates on ordinary prompts: give --reference-prompts FILE" for m in config.methods
+                            if getattr(DETECTORS[m], "needs_reference_prompts", False) and m not in skipped})
     wanted = [m for m in config.methods if m not in skipped]
     check_model([get_detector(m) for m in wanted], model)  # methods named by the user are refused, not skipped
     out = Path(out)
@@ -145,7 +151,8 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
                 path = out / "runs" / f"g{G}-{steps}" / f"{name}.jsonl"
                 run_detection(model, prompts.records, path, sampling, resume=True, methods=methods,
                               progress=progress, prompts_info={"set": name, "source": prompts.source},
-                              asthana_weights=config.asthana_weights, asthana_space=config.asthana_space)
+                              asthana_weights=config.asthana_weights, asthana_space=config.asthana_space,
+                              reference_prompts=reference_prompts)
                 scored[name] = read_rows(path)
             # 2. Per detector and control set: the metrics, in the detector's own direction.
             for m in methods:
@@ -154,7 +161,7 @@ def bench_detect(model, memorized: PromptSet, controls: dict[str, PromptSet], co
                 pos = [sign * r[m] for r in scored["memorized"]]
                 timing = [r.prompt for r in memorized.records[:config.timing_prompts]]
                 cost = detector_cost(model, m, timing, sampling, asthana_weights=config.asthana_weights,
-                                     asthana_space=config.asthana_space) if timing \
+                                     asthana_space=config.asthana_space, reference_prompts=reference_prompts) if timing \
                     else {"unet_rows_per_prompt": None, "seconds_per_prompt": None}
                 for name in controls:
                     neg = [sign * r[m] for r in scored[name]]

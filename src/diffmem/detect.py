@@ -91,10 +91,13 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
                   resume: bool = False, images_dir: str | Path | None = None, prompts_info: dict | None = None,
                   unet: str | None = None, progress: bool = True, methods=None, format: str = "diffmem",
                   norm_order: float = 2.0, asthana_weights: tuple[float, float] | None = None,
-                  asthana_space: str = "official", at_sigma: float | None = None) -> Path:
+                  asthana_space: str = "official", at_sigma: float | None = None,
+                  reference_prompts: list[str] | None = None) -> Path:
     """Detect memorization for `records` with the detectors named in `methods` (default: wen); write
     rows to `out` (JSON Lines). Returns `out`. `norm_order` is the p of Wen et al.'s norm (2; the
-    original's ``lp``); `asthana_weights` and `asthana_space` go to the asthana detector.
+    original's ``lp``); `asthana_weights` and `asthana_space` go to the asthana detector;
+    `reference_prompts` (ordinary prompts) to the detectors that calibrate on them (broken-memories; a
+    lab model has its own).
 
     ``at_sigma`` (flow models): the score is d at the step whose sigma is nearest (``sampling.step_at_sigma``),
     the steps before it sampled and recorded; it replaces ``config.track_steps``, and the run's settings
@@ -124,7 +127,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
         k = step_at_sigma(model, config.num_inference_steps, at_sigma)
         config, window = replace(config, track_steps=k + 1), (k, k + 1)
     detectors = [get_detector(m, norm_order=norm_order, asthana_weights=asthana_weights, asthana_space=asthana_space,
-                              score_window=window) for m in methods]
+                              score_window=window, reference_prompts=reference_prompts) for m in methods]
     check_model(detectors, model)
     check_settings(detectors, config)
     for d in detectors:
@@ -133,6 +136,7 @@ def run_detection(model, records: list[PromptRecord], out: str | Path, config: S
     rows_path = out if format == "diffmem" else full_rows_path(out)
     settings = {**asdict(config), "guidance_scale": config.guidance(model), "methods": list(methods), "format": format,
                 **({"norm_order": norm_order} if norm_order != 2 else {}),
+                **({"reference_prompts": len(reference_prompts)} if reference_prompts else {}),
                 **({"at_sigma": at_sigma, "at_step": window[0]} if window else {}),
                 **({"asthana_space": asthana_space} if asthana_space != "official" and "asthana" in methods else {})}
     truncated = {r.position for r in records if model.count_tokens(r.prompt) > model.max_tokens}

@@ -125,6 +125,7 @@ class Step:
     next_latents: torch.Tensor | None  # (N, C, H, W) after the guided update; None on a step not advanced
     cond: Conditioning  # (N rows) the conditioning of the conditional branch
     prediction: str = "epsilon"  # what pred_* are: "epsilon" (the noise) or "flow" (the velocity)
+    pred_guided: torch.Tensor | None = None  # (N, C, H, W) the combination the scheduler stepped on; None when not advanced
 
     def _noise(self, pred: torch.Tensor) -> torch.Tensor:
         if self.prediction != "epsilon":
@@ -230,7 +231,7 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
             if hasattr(r, "after_branches"):
                 r.after_branches(first_index + k)
         # 2. Guidance and the scheduler's update, without gradients.
-        nxt = None
+        nxt = guided = None
         if advance_last or not last:
             with torch.no_grad():
                 e_c, e_u = eps_c.detach(), eps_u.detach()
@@ -243,7 +244,7 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
                     guided = e_u + w * (e_c - e_u)
                 nxt = model.scheduler.step(guided, t, latents.detach(), eta=eta, return_dict=False)[0]
         # 3. Recorders see the step.
-        step = Step(first_index + k, t, latents, eps_c, eps_u, nxt, cond, model.sampler_prediction)
+        step = Step(first_index + k, t, latents, eps_c, eps_u, nxt, cond, model.sampler_prediction, guided)
         for r in recorders:
             r.on_step(step)
         if nxt is None:

@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
                    "the lab's non-memorized, novel and out-of-style captions")
     d.add_argument("--prompt-key", default="caption")
     d.add_argument("--limit", type=int, default=100, help="prompts per control set (default 100)")
+    d.add_argument("--reference-prompts", default=None, metavar="FILE", help="ordinary prompts (a prompt file) for "
+                   "the detectors that calibrate on them (broken-memories; a lab model has its own)")
     d.add_argument("--methods", default=None, help=f"comma-separated (default: all: {', '.join(base.methods)})")
     d.add_argument("--steps", default=None, help="first, all or first,all (default): the first step for detectors "
                    "defined there, the whole trajectory for every detector")
@@ -152,6 +154,9 @@ def run(args) -> int:
     for path in (args.memorized, args.non_memorized):  # files are checked before the model loads
         if path is not None and not needs_model(path):
             read_prompts(path, args.prompt_key)
+    from diffmem.cli.detect import reference_prompts
+
+    reference = reference_prompts(args)
     model = load_model_from_args(args)
     if args.memorized is None:
         data = model.training_data()
@@ -167,7 +172,8 @@ def run(args) -> int:
         memorized = PromptSet(read_prompts(args.memorized, args.prompt_key, model=model, seed=config.seed), args.memorized)
         records = read_prompts(args.non_memorized, args.prompt_key, model=model, seed=config.seed)[:args.limit]
         controls = {"non-memorized": PromptSet(records, args.non_memorized)}
-    table = bench_detect(model, memorized, controls, config, args.out, progress=not args.no_progress)
+    table = bench_detect(model, memorized, controls, config, args.out, progress=not args.no_progress,
+                         reference_prompts=reference)
     print((__import__("pathlib").Path(args.out) / "table.md").read_text())
     print(f"wrote {args.out}/table.md, table.json and roc/ ({len(table['rows'])} rows)")
     for name, prompts in controls.items():

@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--at-sigma", type=float, default=None, metavar="S", help="flow-matching models (SD3): score d "
                    "at the step whose sigma is nearest S in (0, 1], sampling the steps before it (instead of "
                    "--track-steps); rows record the sigma of every tracked step")
+    p.add_argument("--reference-prompts", default=None, metavar="FILE", help="ordinary prompts (a prompt file) for the "
+                   "detectors that calibrate on them (broken-memories; a lab model has its own)")
     p.add_argument("--threshold", default=None, help=THRESHOLD_HELP)
     p.add_argument("--save-images", default=None, metavar="DIR", help="also decode and save the generations")
     p.add_argument("--resume", action="store_true", help="continue the run already in --out")
@@ -65,6 +67,7 @@ def run(args) -> int:
     methods = parse_methods(args.method)
     threshold = read_threshold(args.threshold)
     parse_weights(args.asthana_weights)
+    reference = reference_prompts(args)  # read before the model loads
     if args.prompts is None:
         from diffmem.lab import BUILT_IN
 
@@ -86,7 +89,8 @@ def run(args) -> int:
     out = run_detection(model, records, args.out, config, resume=args.resume, images_dir=args.save_images,
                         prompts_info=info, unet=args.unet, progress=not args.no_progress, methods=methods,
                         format=args.format, norm_order=args.norm_order, asthana_weights=parse_weights(args.asthana_weights),
-                        asthana_space=args.asthana_space, at_sigma=args.at_sigma)
+                        asthana_space=args.asthana_space, at_sigma=args.at_sigma,
+                        reference_prompts=reference)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -109,3 +113,12 @@ def _print_summary(out: Path, rows_path: Path, threshold: tuple[float, str] | No
     else:
         n = sum(r["score"] >= threshold[0] for r in rows)
         print(f"verdict: {n} of {len(rows)} prompts memorized (score >= threshold {threshold[0]:.4g}, from {threshold[1]})")
+
+
+def reference_prompts(args) -> list[str] | None:
+    """The prompts of --reference-prompts, or None."""
+    if not getattr(args, "reference_prompts", None):
+        return None
+    from diffmem.prompts import read_prompts
+
+    return [r.prompt for r in read_prompts(args.reference_prompts, args.prompt_key)]
