@@ -282,3 +282,59 @@ def test_pair_level_rule_needs_a_threshold(tmp_path):
                                       "--pair-filter-share", "0.3", "--pair-filter-min-draws", "20"])
     config = config_from_args(args)
     assert (config.hard_threshold, config.pair_filter_share, config.pair_filter_min_draws) == (2.4, 0.3, 20)
+
+
+# -- IET-AGC's anti-gradient control ---------------------------------------------------------------
+
+def _official_agc(batches, ratio, decay, T=1000):
+    """A replica of the official loop (clients_acce_es.py): mask from the means before the batch, then
+    one EMA update per sample in batch order."""
+    avg = [0.0] * T
+    masks = []
+    for losses, ts in batches:
+        masks.append([loss * ratio >= avg[t] for loss, t in zip(losses, ts)])
+        for loss, t in zip(losses, ts):
+            avg[t] = decay * avg[t] + (1.0 - decay) * loss
+    return masks, avg
+
+
+def test_agc_keeps_and_updates_as_the_official_loop():
+    from diffmem.train import LossEMAFilter
+
+    rng = np.random.default_rng(0)
+    batches = [(rng.random(6).tolist(), rng.integers(0, 5, 6).tolist()) for _ in range(12)]  # timesteps repeat
+    expected, avg = _official_agc(batches, 1.25, 0.8)
+    agc = LossEMAFilter(1000, 1.25, 0.8)
+    got = [agc.keep_and_update(torch.tensor(losses), torch.tensor(ts)).tolist() for losses, ts in batches]
+    assert got == expected and not all(all(m) for m in got)  # some samples were left out
+    np.testing.assert_allclose(agc.mean.numpy(), avg)
+    state = agc.state_dict()
+    again = LossEMAFilter(1000, 1.25, 0.8)
+    again.load_state_dict(state)
+    assert torch.equal(again.mean, agc.mean)
+
+
+def test_agc_in_the_trainer_leaves_out_low_loss_samples(tiny_sd_folder, tmp_path, monkeypatch):
+    """From running means of +inf every sample is under them (all left out, no update); from 0 training
+    is as without the rule."""
+    import diffmem.train as train_mod
+
+    class StartAt(train_mod.LossEMAFilter):
+        start = 0.0
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.mean[:] = self.start
+
+    monkeypatch.setattr(train_mod, "LossEMAFilter", StartAt)
+    StartAt.start = float("inf")
+    before = {k: v.clone() for k, v in tiny_model(tiny_sd_folder).unet.state_dict().items()}
+    model, rows, _ = run_one_step(tiny_sd_folder, tmp_path / "inf", hard_threshold=None, steps=2, agc_ratio=1.25)
+    assert all(r["skipped"] and r["left_out"] == 1.0 for r in rows)
+    assert all(torch.equal(before[k], v) for k, v in model.unet.state_dict().items())
+    StartAt.start = 0.0
+    a, rows_a, _ = run_one_step(tiny_sd_folder, tmp_path / "zero", hard_threshold=None, steps=1, agc_ratio=1.25)
+    b, rows_b, _ = run_one_step(tiny_sd_folder, tmp_path / "none", hard_threshold=None, steps=1)
+    assert rows_a[0]["left_out"] == 0.0 and rows_a[0]["loss"] == pytest.approx(rows_b[0]["loss"])
+    with pytest.raises(ValueError, match="--agc-ratio 0: must be > 0"):
+        TrainConfig(output_dir="x", agc_ratio=0)

@@ -53,6 +53,10 @@ class TrainConfig:
     # out for good once d exceeded the threshold in at least this share of its first >= min_draws draws
     pair_filter_share: float | None = None
     pair_filter_min_draws: int = 10
+    # IET-AGC's anti-gradient control (Liu et al., ECCV 2024): leave out samples whose loss x agc_ratio is
+    # under the running mean of the losses at their timestep (an EMA with decay agc_ema_decay, from 0)
+    agc_ratio: float | None = None  # the official mem_ratio: 1.25 in its README
+    agc_ema_decay: float = 0.8
     prompt_aug_style: str | None = None  # e.g. "rand_word_add" (training baseline); see augment_prompt
     repeat_num: int = 1
     prompt_aug_prob: float = 1.0  # share of samples augmented (the seed: all; Somepalli et al.: 0.1)
@@ -89,6 +93,10 @@ class TrainConfig:
                 raise ValueError("--pair-filter-share needs --hard-threshold (the d that counts as exceeded)")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"--lora-rank {self.lora_rank}: must be >= 1")
+        if self.agc_ratio is not None and not self.agc_ratio > 0:
+            raise ValueError(f"--agc-ratio {self.agc_ratio}: must be > 0 (1.25 is IET-AGC's)")
+        if not 0 <= self.agc_ema_decay < 1:
+            raise ValueError(f"--agc-ema-decay {self.agc_ema_decay}: must be in [0, 1)")
         if self.pair_filter_min_draws < 1:
             raise ValueError(f"--pair-filter-min-draws {self.pair_filter_min_draws}: must be >= 1")
 
@@ -243,6 +251,34 @@ class PairFilter:
 
     def load_state_dict(self, state):
         self.draws, self.exceeded, self.left_out = (state[k].clone() for k in ("draws", "exceeded", "left_out"))
+
+
+class LossEMAFilter:
+    """IET-AGC's anti-gradient control (Liu et al., ECCV 2024; official ``clients_acce_es.py``): a running
+    mean of the per-sample loss per training timestep, ``mean[t] <- decay * mean[t] + (1 - decay) * loss``
+    from 0, updated after the batch's mask and in the batch's order; a sample is kept when
+    ``loss * ratio >= mean[t]`` (the low-loss samples, the ones already learnt by heart, are left out).
+    Timesteps are integers in [0, num_train_timesteps) (a flow model's 1000 sigma, rounded down). Its
+    state travels in training checkpoints."""
+
+    def __init__(self, num_train_timesteps: int, ratio: float, decay: float):
+        self.ratio, self.decay = ratio, decay
+        self.mean = torch.zeros(num_train_timesteps, dtype=torch.float64)
+
+    def keep_and_update(self, loss: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B,) bool kept, for per-sample losses (B,) at timesteps t (B,); then the running means move."""
+        loss = loss.detach().double().cpu()
+        idx = t.detach().cpu().long().clamp(0, len(self.mean) - 1)
+        keep = loss * self.ratio >= self.mean[idx]
+        for i, k in zip(idx.tolist(), loss.tolist()):  # in order: a timestep drawn twice moves twice
+            self.mean[i] = self.decay * self.mean[i] + (1 - self.decay) * k
+        return keep
+
+    def state_dict(self):
+        return {"mean": self.mean}
+
+    def load_state_dict(self, state):
+        self.mean = state["mean"].clone()
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -434,6 +470,11 @@ class TrainingRun:
             self.pairs = PairFilter(int(self.keys_of.max()) + 1 if len(self.keys_of) else 0, config.pair_filter_share,
                                     config.pair_filter_min_draws)
             acc.register_for_checkpointing(self.pairs)
+        self.agc = None
+        if config.agc_ratio is not None:
+            self.agc = LossEMAFilter(self.noise_scheduler.config.num_train_timesteps, config.agc_ratio,
+                                     config.agc_ema_decay)
+            acc.register_for_checkpointing(self.agc)
         self.embed = EmbeddingCache(model)
         self.null = model.empty_conditioning().detach().to(dtype=torch.float32)
         self.world, self.rank = acc.num_processes, acc.process_index
@@ -558,6 +599,8 @@ class TrainingRun:
             keep = torch.ones_like(per_sample, dtype=torch.bool)
             if config.hard_threshold is not None:
                 keep = self.kept(batch, noisy, t, cond, pred)
+            if self.agc is not None:
+                keep = keep & self.agc.keep_and_update(per_sample, t).to(keep.device)
             if acc.reduce(keep.sum().float(), reduction="sum").item() != 0:
                 loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
                 acc.backward(loss)

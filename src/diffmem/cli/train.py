@@ -32,6 +32,9 @@ TRAIN_OPTIONS = (
     ("pair_filter_share", float, "with --hard-threshold: leave a pair (all its repeats) out for good once d exceeded "
                                  "the threshold in this share of its draws"),
     ("pair_filter_min_draws", int, "draws of a pair before the pair-level rule may leave it out"),
+    ("agc_ratio", float, "IET-AGC's anti-gradient control (Liu et al. 2024): leave out samples whose loss times this "
+                         "is under the running mean of the losses at their timestep (1.25 in its README)"),
+    ("agc_ema_decay", float, "decay of that running mean (0.8, IET-AGC's)"),
     ("prompt_aug_style", str, "caption augmentation: rand_word_add (the original code's baseline), rand_numb_add, "
                               "rand_word_repeat, rand_word_replace"),
     ("repeat_num", int, "words or numbers the augmentation inserts (rand_word_replace: the caption's length)"),
