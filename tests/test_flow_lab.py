@@ -138,12 +138,13 @@ def test_bench_detect_on_a_flow_model_skips_the_detectors_its_family_cannot_run(
     config = BenchDetectConfig(generations=(1,), steps=("first",), num_inference_steps=4, bootstrap=0, timing_prompts=0)
     table = bench_detect(tiny_flow_lab, as_set("memorized", 2), {"novel": as_set("novel", 3)}, config, tmp_path / "b",
                          progress=False)
-    runs = {n for n, cls in DETECTORS.items() if flow_refusal(cls) is None}
+    runs = {n for n, cls in DETECTORS.items() if flow_refusal(cls) is None and n != "flux-guidance"}
     assert {"wen", "cond-jacobian", "broken-memories"} <= runs
     assert set(table["skipped"]) == set(DETECTORS) - runs
     assert {r["method"] for r in table["rows"]} == {m for m in runs if applies(m, "first", 1)}
     md = (tmp_path / "b" / "table.md").read_text()
     assert "Not run on this model:" in md and f"- jeon: {flow_refusal(DETECTORS['jeon'])}" in md
+    assert table["skipped"]["flux-guidance"].startswith("it differentiates the velocity in the distilled guidance")
     with pytest.raises(ValueError, match=r"^jeon cannot run on lab \("):
         bench_detect(tiny_flow_lab, as_set("memorized", 2), {"novel": as_set("novel", 3)},
                      replace(config, methods=("wen", "jeon")), tmp_path / "c", progress=False)

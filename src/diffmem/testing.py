@@ -248,6 +248,58 @@ def make_tiny_sd3_folder(path: str | Path, seed: int = 0, sample_size: int = 8, 
     return path
 
 
+def make_tiny_flux_folder(path: str | Path, seed: int = 0, sample_size: int = 16, dev: bool = True) -> Path:
+    """Write a random-weight FLUX.1 folder (``FluxPipeline`` layout) to `path`, offline.
+
+    Sizes follow diffusers' FLUX ``get_dummy_components()``: a ``FluxTransformer2DModel`` with one double-
+    and one single-stream block (2 heads of 16, rotary axes 4, 4, 8) reading T5 tokens of width 32 and a
+    pooled CLIP vector of 32, with a guidance embedding when `dev` (schnell has none); CLIP as
+    ``CLIPTextModel`` with the character-level tokenizer; T5 as in the tiny SD3 folder (ByT5 tokenizer);
+    a VAE of 4 latent channels (16 packed) with FLUX's scaling and shift factors; FLUX's scheduler
+    config (dynamic shifting). Images are `sample_size` pixels square.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer, ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=dev)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, norm_num_groups=2, sample_size=sample_size,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    _write_char_clip_tokenizer(path / "tokenizer", 77)
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    torch.manual_seed(seed + 2)
+    CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32,
+        intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
+        pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), max_position_embeddings=77,
+        hidden_act="gelu")).save_pretrained(path / "text_encoder")
+    t5_tokenizer = ByT5Tokenizer()
+    torch.manual_seed(seed + 3)
+    T5EncoderModel(T5Config(
+        d_model=32, d_kv=4, d_ff=16, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, vocab_size=len(t5_tokenizer), feed_forward_proj="gated-gelu",
+        pad_token_id=t5_tokenizer.pad_token_id, eos_token_id=t5_tokenizer.eos_token_id,
+        decoder_start_token_id=0)).save_pretrained(path / "text_encoder_2")
+    t5_tokenizer.save_pretrained(path / "tokenizer_2")
+    transformer.save_pretrained(path / "transformer")
+    vae.save_pretrained(path / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                    base_image_seq_len=256, max_image_seq_len=4096).save_pretrained(path / "scheduler")
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.30.0",
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "ByT5Tokenizer"]}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
 def make_tiny_clip_folder(path: str | Path) -> Path:
     """A tiny random transformers CLIP (text and vision towers) with the character-level tokenizer,
     for CLIP-score code paths in tests."""

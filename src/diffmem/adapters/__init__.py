@@ -28,7 +28,7 @@ def resolve_model_path(model: str) -> tuple[str, Path]:
     SD3 or PixArt folder, or a cached hub id.
 
     A diffusers folder's family comes from its model_index.json ``_class_name``: a PixArt pipeline is
-    "pixart", ``StableDiffusion3Pipeline`` "stable-diffusion-3", a class name containing "XL"
+    "pixart", ``StableDiffusion3Pipeline`` "stable-diffusion-3", ``FluxPipeline`` "flux", a class name containing "XL"
     "stable-diffusion-xl", anything else "stable-diffusion"."""
     from diffmem.lab import BUILT_IN
 
@@ -51,6 +51,7 @@ def resolve_model_path(model: str) -> tuple[str, Path]:
 
 
 def _diffusers_family(path: Path) -> str:
+    from diffmem.adapters.flux import is_flux_folder
     from diffmem.adapters.pixart import is_pixart_folder
     from diffmem.adapters.stable_diffusion_3 import is_sd3_folder
     from diffmem.adapters.stable_diffusion_xl import is_sdxl_folder
@@ -59,6 +60,8 @@ def _diffusers_family(path: Path) -> str:
         return "pixart"
     if is_sd3_folder(path):
         return "stable-diffusion-3"
+    if is_flux_folder(path):
+        return "flux"
     return "stable-diffusion-xl" if is_sdxl_folder(path) else "stable-diffusion"
 
 
@@ -129,6 +132,7 @@ LOADERS = {
     "stable-diffusion-xl": "diffmem.adapters.stable_diffusion_xl:load_stable_diffusion_xl",
     "pixart": "diffmem.adapters.pixart:load_pixart",
     "stable-diffusion-3": "diffmem.adapters.stable_diffusion_3:load_stable_diffusion_3",
+    "flux": "diffmem.adapters.flux:load_flux",
 }
 
 
@@ -137,8 +141,8 @@ def _load_family(family: str, path, model: str, unet, device, torch_dtype):
 
     if family == "lab":
         from diffmem.adapters.lab import load_lab_model
+        from diffmem.lab import BUILT_IN
 
-        return load_lab_model(path, unet, device=device, dtype=torch_dtype,
-                              name=DEFAULT_MODEL if model == DEFAULT_MODEL else None)
+        return load_lab_model(path, unet, device=device, dtype=torch_dtype, name=model if model in BUILT_IN else None)
     module, loader = LOADERS[family].split(":")
     return getattr(importlib.import_module(module), loader)(path, unet, device=device, dtype=torch_dtype)

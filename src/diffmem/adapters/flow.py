@@ -73,7 +73,13 @@ def flow_match_sampler_class():
         def scale_model_input(self, sample, timestep=None):
             return sample
 
+        linspace_sigmas: bool = False  # FLUX's pipeline: sigmas linspace(1, 1/N, N) before the shift
+
         def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+            if self.linspace_sigmas and sigmas is None and timesteps is None:
+                import numpy as np
+
+                sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
             if self.config.use_dynamic_shifting and mu is None:
                 c = self.config
                 mu = calculate_shift(self.image_seq_len, c.get("base_image_seq_len", 256),

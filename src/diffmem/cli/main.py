@@ -13,7 +13,7 @@ def common_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="lab", help="'lab' (built-in lab model, default), 'lab-flow' (its "
                    "flow-matching twin), a diffusers Stable "
-                   "Diffusion 1.x/2.x, SDXL, SD3/SD3.5 or PixArt folder, a lab model folder, or a hub id in the local "
+                   "Diffusion 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1 or PixArt folder, a lab model folder, or a hub id in the local "
                    "Hugging Face cache")
     g.add_argument("--unet", default=None, help="a fine-tuned denoiser folder (a UNet; PixArt, SD3: a transformer) to use "
                    "instead of the model's")

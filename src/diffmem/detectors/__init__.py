@@ -23,7 +23,9 @@ fields of a detection row. To add one:
    ``prepare(model, config)`` (called once before any sampling, to refuse a model or settings early),
    ``needs_images = True`` (the generations are decoded for it), ``min_generations`` (G it needs),
    ``flow_refusal`` (why it cannot run on a flow-matching model, refused before sampling; ``None``
-   where its definition carries over: d on the velocity, decoded images), ``needs_reference_prompts =
+   where its definition carries over: d on the velocity, decoded images), ``refuse(model) -> str | None``
+   (why it cannot run on this model, whatever its family: refused, or skipped by a benchmark of all
+   detectors), ``needs_reference_prompts =
    True`` (it calibrates on ordinary prompts: a lab model's own, or ``reference_prompts`` given; a
    benchmark of all detectors skips it on a model with neither);
 
@@ -35,4 +37,4 @@ fields of a detection row. To add one:
 from diffmem.detectors.registry import (DEFAULT_METHOD, DETECTORS, Detector, check_model,  # noqa: F401
                                        check_settings, flow_refusal, get_detector, parse_methods, register)
 from diffmem.detectors import (asthana, bright_ending, broken_memories, carlini, condition_jacobian,  # noqa: F401
-                               early_detection, jeon, jeon_fd, membench, nemo, ren, wen)  # (registration)
+                               early_detection, flux_guidance, jeon, jeon_fd, membench, nemo, ren, wen)  # (registration)

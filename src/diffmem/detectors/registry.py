@@ -69,10 +69,11 @@ def flow_refusal(detector) -> str | None:
 
 def refusal(detector, model) -> str | None:
     """Why `detector`'s definition does not carry over to `model` (on flow models: all but those with
-    ``flow_refusal = None``), or None where it runs."""
-    if getattr(model, "sampler_prediction", "epsilon") != "flow":
-        return None
-    return flow_refusal(detector)
+    ``flow_refusal = None``; then the detector's own ``refuse(model)``), or None where it runs."""
+    if getattr(model, "sampler_prediction", "epsilon") == "flow" and flow_refusal(detector):
+        return flow_refusal(detector)
+    own = getattr(detector, "refuse", None)
+    return own(model) if own is not None else None
 
 
 def check_model(detectors, model) -> None:
