@@ -8,6 +8,7 @@ set -euo pipefail
 OUT=${OUT:-runs/ft}
 STEPS=${STEPS:-6000}
 LR=${LR:-1.5e-3}
+LORA_STEPS=${LORA_STEPS:-3000}
 export OMP_NUM_THREADS=1
 
 # 1. The base model: the default lab data (offensive title words left out), no duplicated pairs.
@@ -51,12 +52,16 @@ RUNS_SPEC=(
   "gni-1.0 data --embedding-noise 1.0"
   # the unfiltered fine-tune again with another seed (data order, noise, timesteps): how much one seed moves the figures
   "plain-seed1 data --seed 1"
+  # LoRA fine-tunes (rank 16 on the UNet's attention projections, lr 5e-3; LORA_STEPS steps), plain and
+  # with the filter from the first step; each writes a LoRA file evaluated on the base model
+  "lora-plain data --lora-rank 16 --learning-rate 5e-3 --max-train-steps $LORA_STEPS"
+  "lora-filter-one data --lora-rank 16 --learning-rate 5e-3 --max-train-steps $LORA_STEPS --hard-threshold $ONE"
 )
 ONLY=${ONLY:-}  # a space-separated subset of run names, to run only those
 for spec in "${RUNS_SPEC[@]}"; do
   read -r name data extra <<< "$spec"
   [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && continue
-  [ -f "$OUT/$name/lab_model.json" ] && continue
+  [ -f "$OUT/$name/lab_model.json" ] || [ -f "$OUT/$name/pytorch_lora_weights.safetensors" ] && continue
   while [ "$(jobs -rp | wc -l)" -ge 2 ]; do wait -n; done
   # shellcheck disable=SC2086
   ft "$name" "$OUT/$data" $extra &
@@ -68,6 +73,7 @@ RUNS=()
 for spec in "${RUNS_SPEC[@]}"; do
   name=${spec%% *}
   [ -f "$OUT/$name/lab_model.json" ] && RUNS+=("$name=$OUT/$name")
+  [ -f "$OUT/$name/pytorch_lora_weights.safetensors" ] && RUNS+=("$name=$OUT/base+$OUT/$name/pytorch_lora_weights.safetensors")
 done
 python benchmarks/lab_finetune_mitigation.py evaluate --out "$OUT" --runs base="$OUT/base" "${RUNS[@]}"
 python benchmarks/lab_finetune_mitigation.py report --out "$OUT"

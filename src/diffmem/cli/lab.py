@@ -122,9 +122,11 @@ def run_report(args) -> int:
 
     from diffmem.adapters import load_model
     from diffmem.lab.report import lab_report, report_markdown
+    from diffmem.provenance import provenance
 
-    report = lab_report(load_model(args.model), num_control=args.num_control,
-                        num_inference_steps=args.num_inference_steps)
+    model = load_model(args.model)
+    report = lab_report(model, num_control=args.num_control, num_inference_steps=args.num_inference_steps)
+    report["provenance"] = provenance(model, num_control=args.num_control, num_inference_steps=args.num_inference_steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
