@@ -235,6 +235,22 @@ def test_finetune_table_in_docs_is_the_evaluation():
     assert (LAB / "finetune" / "table.md").read_text(encoding="utf-8").splitlines() == lines
 
 
+def test_lora_finetune_table_in_docs_is_the_evaluation():
+    """docs/mitigation.md's LoRA table: the full fine-tune's base and plain rows beside the LoRA run's,
+    rendered from their evaluation.json files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lab_finetune_mitigation", ROOT / "benchmarks" / "lab_finetune_mitigation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    full, lora = _load(LAB / "finetune" / "evaluation.json"), _load(LAB / "finetune_lora" / "evaluation.json")
+    lines = bench.table_lines({"base": full["base"], "plain": full["plain"], **lora}, "plain")
+    doc = (ROOT / "docs" / "mitigation.md").read_text(encoding="utf-8").split("#### The same fine-tune as a LoRA adapter", 1)[1]
+    quoted = [line for line in doc.splitlines() if line.startswith("|")]
+    assert quoted[: len(lines)] == lines, "docs/mitigation.md's LoRA table differs from the evaluation files"
+    assert lora["lora-plain"]["memorized"]["copy_rate"] == 0.0 and "did not memorize" in doc
+
+
 def test_detector_table_matches_bench_detect():
     table = _load(LAB / "bench_detect" / "table.json")  # read fresh: a newer run may replace it
     rows = {(r["method"], r["steps"], str(r["generations"]), r["control"]): r for r in table["rows"]}
