@@ -17,6 +17,8 @@ mkdir -p "$OUT"
   diffmem lab report --model "$MODEL" --out "$OUT/report" > "$OUT/report.log" 2>&1
   python benchmarks/explain_lab.py --model "$MODEL" --windows 0:1 0:5 --official-steps 0 \
     --out "$OUT/explain_lab.json" > "$OUT/explain_lab.log" 2>&1
+  # the UNet lab's side of the x_T comparison (its report predates the measurement)
+  python benchmarks/first_step_spread.py --model lab --out "$OUT/first_step_spread_lab.json" > /dev/null 2>&1
 ) &
 # Lane B: every detector and every inference-time mitigation that runs on a flow model.
 (
