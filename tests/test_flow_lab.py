@@ -194,3 +194,11 @@ def test_delayed_cfg_on_a_flow_model_switches_at_the_matched_noise_level(tiny_fl
             v_c, v_u = m.model_output(x, t, cond), m.model_output(x, t, unc)
             x = x + (sigmas[i + 1] - sigmas[i]) * (v_u + (w if i >= k else 0.0) * (v_c - v_u))
     torch.testing.assert_close(res.images, m.decode(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_shipped_flow_lab_loads_as_lab_flow():
+    m = load_model("lab-flow")
+    assert m.name == "lab-flow" and m.family == "lab" and m.sampler_prediction == "flow"
+    assert type(m.denoiser).__name__ == "SD3Transformer2DModel" and m.identity()["name"] == "lab-flow"
+    data = m.training_data()
+    assert len(data.memorized) == 22 and m.default_guidance_scale == 1.25
