@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # Result roots: a root's MANIFEST.json is either one record for the whole root (one result folder) or
 # maps each file directly in it to its record, every folder in it then having a MANIFEST.json of its own.
-ROOTS = ("lab", "history/lab_cells_unblocked", "history/lab_cells", "history/lab_cells_linear", "history/lab_scaled", "history/lab_mitigation_ckpt4000")
+ROOTS = ("lab", "lab-flow", "history/lab_cells_unblocked", "history/lab_cells", "history/lab_cells_linear", "history/lab_scaled", "history/lab_mitigation_ckpt4000")
 HISTORY = RESULTS / "history"  # results of retired lab models; its MANIFEST.json maps its loose files
 COMMAND_STARTS = ("diffmem", "python", "OMP_NUM_THREADS=1 python", "benchmarks/")
 NOT_SHIPPED = re.compile(r"not shipped \(retired model; rebuild with `diffmem lab build --preset [a-z-]+`\)")
@@ -28,7 +28,8 @@ def _load(path: Path) -> dict:
 def _records() -> list[tuple[str, Path, dict]]:
     """(name, what it describes, record) for every record of every manifest; asserts the coverage."""
     out = []
-    assert sorted(p.name for p in RESULTS.iterdir()) == ["history", "lab"], "benchmarks/results/ holds lab/ and history/"
+    assert sorted(p.name for p in RESULTS.iterdir()) == ["history", "lab", "lab-flow"], \
+        "benchmarks/results/ holds lab/, lab-flow/ and history/"
     top = _load(HISTORY / "MANIFEST.json")
     for entry in sorted(HISTORY.iterdir()):
         if entry.is_dir():
@@ -61,6 +62,13 @@ def shipped_hash() -> str:
     return load_model("lab").identity()["sha256_16"]
 
 
+@pytest.fixture(scope="module")
+def shipped_flow_hash() -> str:
+    from diffmem.adapters import load_model
+
+    return load_model("lab-flow").identity()["sha256_16"]
+
+
 @pytest.mark.parametrize("name,path,record", RECORDS, ids=[r[0] for r in RECORDS])
 def test_manifest_fields(name, path, record):
     command = record["command"]
@@ -82,19 +90,23 @@ def test_manifest_fields(name, path, record):
         assert sub["command"].startswith(COMMAND_STARTS), (name, part)
 
 
-def test_shipped_lab_results_name_the_shipped_model(shipped_hash):
+def test_shipped_lab_results_name_the_shipped_model(shipped_hash, shipped_flow_hash):
     shipped = [(name, rec) for name, _, rec in RECORDS if not rec["retired"] and rec["model"] == "lab"]
     assert len(shipped) >= 5
     for name, rec in shipped:
         assert rec["weights_sha256_16"] == shipped_hash, name
+    flow = [(name, rec) for name, _, rec in RECORDS if rec["model"] == "lab-flow"]
+    assert len(flow) >= 4 and all(name.startswith("lab-flow/") for name, _ in flow)
+    for name, rec in flow:
+        assert rec["weights_sha256_16"] == shipped_flow_hash and not rec["retired"], name
     for name, path, rec in RECORDS:  # a file that records the model's identity agrees with its manifest
         for f in [path] if path.is_file() else sorted(path.rglob("*.json")):
             data = _load(f) if f.suffix == ".json" and f.name != "MANIFEST.json" else {}
             identity = data.get("model_identity") or data.get("provenance", {}).get("model_identity")
             if identity:
                 assert rec["weights_sha256_16"] == identity["sha256_16"], f
-    assert all(rec["retired"] for name, _, rec in RECORDS if not name.startswith("lab/")), \
-        "results outside benchmarks/results/lab/ are of retired lab models"
+    assert all(rec["retired"] for name, _, rec in RECORDS if not name.startswith(("lab/", "lab-flow/"))), \
+        "results outside benchmarks/results/lab/ and lab-flow/ are of retired lab models"
 
 
 def _provenance(path: Path) -> tuple[set[str], set[str]]:
@@ -201,6 +213,18 @@ def _finetune_mitigation(evaluation: dict) -> str:
             f"text embedding that keep alignment within 10%, std {noise[1].removeprefix('gni-')} comes closest, at {noise[0]:.3f} copies")
 
 
+def _flow_headline(report: dict) -> str:
+    first = {r["control"]: r for r in report["detection_first_step_large"] if r["steps"] == "first step"}
+    novel = first["novel"]
+    worst = min(first.values(), key=lambda r: (r["auc"], r["tpr_at_1fpr"]))
+    return (f"memorized captions are copied in {_gen(report, 'memorized')['copy_rate']:.3f} of generations, novel ones "
+            f"in {_gen(report, 'novel')['copy_rate']:.3f}, and d on the velocity at sigma = 1 with one generation reaches "
+            f"AUC {novel['auc']:.3f} and TPR@1%FPR {novel['tpr_at_1fpr']:.3f} against {novel['n_control']} novel captions "
+            f"(at least {worst['auc']:.3f} and {worst['tpr_at_1fpr']:.3f} against every control set)")
+
+
+LAB_FLOW = RESULTS / "lab-flow"
+
 README_FIGURES = [  # (what, the file the README cites, the README's text computed from that file)
     ("detection AUC and TPR", LAB / "report.json", _detection),
     ("copy rates", LAB / "report.json", _copies),
@@ -208,6 +232,7 @@ README_FIGURES = [  # (what, the file the README cites, the README's text comput
     ("inference mitigation", LAB / "mitigation" / "summary.json", _inference_mitigation),
     ("training mitigation", UNBLOCKED / "train_mitigation" / "band_diagnostics.json", _training_mitigation),
     ("fine-tune mitigation", LAB / "finetune" / "evaluation.json", _finetune_mitigation),
+    ("flow lab", LAB_FLOW / "report.json", _flow_headline),
 ]
 
 
