@@ -214,13 +214,14 @@ def _finetune_mitigation(evaluation: dict) -> str:
 
 
 def _flow_headline(report: dict) -> str:
-    first = {r["control"]: r for r in report["detection_first_step_large"] if r["steps"] == "first step"}
-    novel = first["novel"]
-    worst = min(first.values(), key=lambda r: (r["auc"], r["tpr_at_1fpr"]))
+    first = [r for r in report["detection_first_step_large"] if r["steps"] == "first step"]
+    values = {f"{r[k]:.3f}" for r in first for k in ("auc", "tpr_at_1fpr")}
+    assert len(values) == 1, values
+    n = {r["control"]: r["n_control"] for r in first}
     return (f"memorized captions are copied in {_gen(report, 'memorized')['copy_rate']:.3f} of generations, novel ones "
             f"in {_gen(report, 'novel')['copy_rate']:.3f}, and d on the velocity at sigma = 1 with one generation reaches "
-            f"AUC {novel['auc']:.3f} and TPR@1%FPR {novel['tpr_at_1fpr']:.3f} against {novel['n_control']} novel captions "
-            f"(at least {worst['auc']:.3f} and {worst['tpr_at_1fpr']:.3f} against every control set)")
+            f"AUC and TPR@1%FPR {values.pop()} against {n['non-memorized']} non-memorized, {n['novel']} novel and "
+            f"{n['out-of-style']} out-of-style captions")
 
 
 LAB_FLOW = RESULTS / "lab-flow"
