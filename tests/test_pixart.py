@@ -226,12 +226,12 @@ def test_every_detector_runs_in_one_pass_on_pixart_or_refuses(pixart_folder, tmp
     from diffmem.detectors import DETECTORS
     from diffmem.files import read_rows
 
-    refused = {"bright-ending", "ren-le"}  # they read a UNet's down blocks (tested above)
+    refused = {"bright-ending", "ren-le", "flux-guidance"}  # a UNet's down blocks (tested above); FLUX.1-dev only
     runs = sorted(set(DETECTORS) - refused)
     (tmp_path / "p.txt").write_text("a red square\nthe owl at night\n")
     out = tmp_path / "d.jsonl"
     assert main(["detect", "--model", str(pixart_folder), "--prompts", str(tmp_path / "p.txt"), "--out", str(out),
                  "--method", ",".join(runs), "--num-inference-steps", "3", "--num-generations", "2",
-                 "--asthana-weights", "1,1", "--no-progress"]) == 0
+                 "--asthana-weights", "1,1", "--reference-prompts", str(tmp_path / "p.txt"), "--no-progress"]) == 0
     for row in read_rows(out):
         assert all(math.isfinite(row[name]) for name in runs)
