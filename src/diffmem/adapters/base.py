@@ -46,6 +46,21 @@ def load_unet(folder: Path, unet_path: str | Path | None, dtype: torch.dtype):
     return load_denoiser(folder, unet_path, "UNet2DConditionModel", "unet", dtype)
 
 
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from latents scaled as the SD3/FLUX pipelines scale them:
+    z = latents / scaling_factor + shift_factor."""
+    c = vae.config
+    z = latents.to(vae.dtype) / c.scaling_factor + (c.shift_factor or 0.0)
+    return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+
+def vae_encode(vae, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latents (z - shift_factor) * scaling_factor of images (B, 3, H, W) in [-1, 1], z sampled."""
+    c = vae.config
+    z = vae.encode(images.to(vae.dtype)).latent_dist.sample(generator=generator)
+    return (z - (c.shift_factor or 0.0)) * c.scaling_factor
+
+
 class AdapterBase:
     """Shared members of the adapters; subclasses set name, family, device, dtype, denoiser, scheduler,
     prediction_type, defaults and folders, and implement ``encode_prompts`` (and ``default_null``

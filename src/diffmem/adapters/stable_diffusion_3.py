@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.base import AdapterBase, load_denoiser
+from diffmem.adapters.base import AdapterBase, load_denoiser, vae_decode, vae_encode
 from diffmem.adapters.flow import FlowMatching, flow_sampling_scheduler
 from diffmem.adapters.stable_diffusion import clip_tokens
 from diffmem.model import Conditioning, ModelDefaults, Token
@@ -173,16 +173,11 @@ class StableDiffusion3Model(FlowMatching, AdapterBase):
     # -- images ------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        c = self.vae.config
-        z = latents.to(self.vae.dtype) / c.scaling_factor + (c.shift_factor or 0.0)
-        images = self.vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return vae_decode(self.vae, latents)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        c = self.vae.config
-        z = self.vae.encode(images.to(self.vae.dtype)).latent_dist.sample(generator=generator)
-        return (z - (c.shift_factor or 0.0)) * c.scaling_factor
+        return vae_encode(self.vae, images, generator)
 
     def save(self, path: str | Path, denoiser=None) -> None:
         """Write the (fine-tuned) transformer as ``path/transformer``, loadable with ``--unet path/transformer``."""
