@@ -16,14 +16,13 @@ from pathlib import Path
 
 
 def load(spec: str):
-    from diffmem.adapters import load_model
-    from diffmem.adapters.lora import LoraSpec, apply_loras
+    """A lab model, or BASE+LORA_FILE (``lab_finetune_mitigation.load_run``'s syntax)."""
+    import sys
 
-    base, plus, lora = spec.partition("+")
-    model = load_model(base)
-    if plus:
-        apply_loras(model, [LoraSpec(Path(lora), 1.0)])
-    return model
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lab_finetune_mitigation import load_run
+
+    return load_run(spec)[0]
 
 
 def main() -> None:

@@ -32,12 +32,15 @@ class DoriConfig:
             raise ValueError(f"DoRI steps {self.steps}, batch {self.batch}, lr {self.lr}: need steps, batch >= 1 and lr > 0")
 
 
-def noised_batch(model, x0: torch.Tensor, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def noised_batch(model, x0: torch.Tensor, batch: int, gen: torch.Generator,
+                 scheduler=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_t, t, target) for `batch` noisings of one clean latent x0 (1, C, H, W): fresh noise and timesteps
-    from `gen`, noised and targeted as training does on the model's family."""
+    from `gen`, noised and targeted as training does on the model's family; `scheduler` is the model's
+    ``training_scheduler()`` (made here when not given)."""
     from diffmem.train import flow_noised
 
-    T = model.training_scheduler().config.num_train_timesteps
+    scheduler = scheduler or model.training_scheduler()
+    T = scheduler.config.num_train_timesteps
     noise = torch.randn((batch, *x0.shape[1:]), generator=gen).to(x0)
     x0 = x0.expand(batch, *x0.shape[1:])
     if model.prediction_type == "flow":
@@ -46,7 +49,7 @@ def noised_batch(model, x0: torch.Tensor, batch: int, gen: torch.Generator) -> t
         noisy = flow_noised(x0, noise, sigma.to(x0))
     else:
         t = torch.randint(0, T, (batch,), generator=gen).to(x0.device)
-        noisy = model.training_scheduler().add_noise(x0, noise, t)
+        noisy = scheduler.add_noise(x0, noise, t)
     return noisy, t, model.training_target(x0, noise, t)
 
 
@@ -57,9 +60,10 @@ def dori_attack(model, x0: torch.Tensor, start: Conditioning, config: DoriConfig
     emb = start.embeddings.detach().clone().float().requires_grad_(True)
     extra = {k: v.detach() for k, v in start.extra.items()}
     opt = torch.optim.Adam([emb], lr=config.lr)
+    scheduler = model.training_scheduler()
     losses = []
     for _ in range(config.steps):
-        noisy, t, target = noised_batch(model, x0.float(), config.batch, gen)
+        noisy, t, target = noised_batch(model, x0.float(), config.batch, gen, scheduler)
         cond = Conditioning(emb.to(model.dtype), extra, start.mask).expand(config.batch)
         pred = model.model_output(noisy.to(model.dtype), t, cond).float()
         loss = torch.nn.functional.mse_loss(pred, target.float())

@@ -61,6 +61,27 @@ def vae_encode(vae, images: torch.Tensor, generator: torch.Generator | None = No
     return (z - (c.shift_factor or 0.0)) * c.scaling_factor
 
 
+class TransformerVAE:
+    """Mixin (before ``AdapterBase``) for the transformer families whose VAE latents are scaled and shifted
+    (SD3, FLUX): images through ``vae_decode``/``vae_encode``, a fine-tuned denoiser saved as ``transformer/``."""
+
+    vae: torch.nn.Module
+    denoiser: torch.nn.Module
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return vae_decode(self.vae, latents)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return vae_encode(self.vae, images, generator)
+
+    def save(self, path: str | Path, denoiser=None) -> None:
+        """Write the (fine-tuned) transformer as ``path/transformer``, loadable with ``--unet path/transformer``."""
+        (denoiser if denoiser is not None else self.denoiser).save_pretrained(Path(path) / "transformer",
+                                                                              safe_serialization=True)
+
+
 class AdapterBase:
     """Shared members of the adapters; subclasses set name, family, device, dtype, denoiser, scheduler,
     prediction_type, defaults and folders, and implement ``encode_prompts`` (and ``default_null``

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.base import AdapterBase, load_denoiser, vae_decode, vae_encode
+from diffmem.adapters.base import AdapterBase, TransformerVAE, load_denoiser
 from diffmem.adapters.flow import FlowMatching, flow_sampling_scheduler
 from diffmem.model import Conditioning, ModelDefaults, Token
 
@@ -82,7 +82,7 @@ def image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torc
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxModel(FlowMatching, AdapterBase):
+class FluxModel(FlowMatching, TransformerVAE, AdapterBase):
     """A FLUX.1 model (dev or schnell) behind the common interface (see ``diffmem.model.DiffusionModel``)."""
 
     family = FAMILY
@@ -165,26 +165,12 @@ class FluxModel(FlowMatching, AdapterBase):
                                           img_ids=image_ids(H, W, x_t.device, x_t.dtype), return_dict=False)[0]
         return unpack(out, H, W)
 
-    # -- images ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return vae_decode(self.vae, latents)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return vae_encode(self.vae, images, generator)
-
     def identity(self) -> dict:
         out = super().identity()
         out["variant"] = self.variant
         if self.distilled_guidance is not None:
             out["distilled_guidance"] = self.distilled_guidance
         return out
-
-    def save(self, path: str | Path, denoiser=None) -> None:
-        """Write the (fine-tuned) transformer as ``path/transformer``, loadable with ``--unet path/transformer``."""
-        (denoiser if denoiser is not None else self.denoiser).save_pretrained(Path(path) / "transformer",
-                                                                              safe_serialization=True)
 
 
 def load_flux(path: str | Path, transformer_path: str | Path | None = None, device="cpu",

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.base import AdapterBase, load_denoiser, vae_decode, vae_encode
+from diffmem.adapters.base import AdapterBase, TransformerVAE, load_denoiser
 from diffmem.adapters.flow import FlowMatching, flow_sampling_scheduler
 from diffmem.adapters.stable_diffusion import clip_tokens
 from diffmem.model import Conditioning, ModelDefaults, Token
@@ -78,7 +78,7 @@ def check_sd3_folder(path: Path) -> None:
         raise FileNotFoundError(f"{path}: text_encoder_3/ (T5) is there but tokenizer_3/ is missing")
 
 
-class StableDiffusion3Model(FlowMatching, AdapterBase):
+class StableDiffusion3Model(FlowMatching, TransformerVAE, AdapterBase):
     """A Stable Diffusion 3 / 3.5 model behind the common interface (see ``diffmem.model.DiffusionModel``)."""
 
     family = FAMILY
@@ -170,19 +170,6 @@ class StableDiffusion3Model(FlowMatching, AdapterBase):
                                            pooled_projections=cond.extra["pooled_prompt_embeds"],
                                            return_dict=False)[0]
 
-    # -- images ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return vae_decode(self.vae, latents)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return vae_encode(self.vae, images, generator)
-
-    def save(self, path: str | Path, denoiser=None) -> None:
-        """Write the (fine-tuned) transformer as ``path/transformer``, loadable with ``--unet path/transformer``."""
-        (denoiser if denoiser is not None else self.denoiser).save_pretrained(Path(path) / "transformer",
-                                                                              safe_serialization=True)
 
 
 def load_stable_diffusion_3(path: str | Path, transformer_path: str | Path | None = None, device="cpu",
