@@ -159,6 +159,7 @@ def test_bench_mitigate_plan_skips_what_a_flow_model_cannot_run(tiny_flow_lab):
     assert reasons["none"] is None and reasons["embedding-opt"] is None and reasons["rand_word_add"] is None
     assert reasons["nemo"].startswith("cannot run on lab (") and "sigma = 1" in reasons["nemo"]
     assert "no LoRA adapter" in reasons["lora-scale"]
+    assert reasons["broken-memories"] is None and "sigma = 1" in reasons["guard"]
     with pytest.raises(ValueError, match=r"^--method nemo: cannot run on lab \("):
         check_model("nemo", tiny_flow_lab)
 
@@ -202,3 +203,12 @@ def test_the_shipped_flow_lab_loads_as_lab_flow():
     assert type(m.denoiser).__name__ == "SD3Transformer2DModel" and m.identity()["name"] == "lab-flow"
     data = m.training_data()
     assert len(data.memorized) == 22 and m.default_guidance_scale == 1.25
+
+
+def test_broken_memories_corrects_a_flow_model_calibrated_on_its_own_prompts(tiny_flow_lab):
+    from diffmem.mitigate import MitigationConfig, mitigate_unit
+
+    sampling = SamplingConfig(num_inference_steps=4, num_generations=2, batch_size=8, seed=1)
+    config = MitigationConfig(method="broken-memories", seed=1, params={"tau_mild": 0.2, "tau_strong": 0.5})
+    (res,) = mitigate_unit(tiny_flow_lab, ["the velvet harbor: a blue square"], [0], config, sampling)
+    assert torch.isfinite(res.images).all() and sum(res.info["broken_memories_corrected_steps"]) > 0

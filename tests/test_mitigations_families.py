@@ -19,13 +19,14 @@ CHEAP = {
     "sail": dict(params={"loss_threshold": 0.0, "max_rounds": 1, "max_steps": 1, "num_candidates": 2}),
     "nemo": dict(params={"num_seeds": 2, "theta_min": 4.0, "threshold": 0.0, "prune_checks": 1}),
     "prss-reanchor": dict(params={"l_pr": 0.0, "M": 1.0}),
+    "broken-memories": dict(params={"reference_prompts": "random", "tau_mild": 0.5}),
     "rand_word_add": dict(repeat_num=1),
     "rand_numb_add": dict(repeat_num=1),
     "rand_word_repeat": dict(repeat_num=1),
 }
 NEEDS_TRAINING_SET = {"amg"}
 NEEDS_LORA = {"lora-scale"}  # tests/test_lora.py
-REFUSED = {"pixart": {"nemo": "down and mid cross-attention", "clip-pad": "T5 encoder"},
+REFUSED = {"pixart": {"nemo": "down and mid cross-attention", "clip-pad": "T5 encoder", "guard": "down and mid blocks"},
            "sdxl": {"clip-pad": "two text encoders"}}  # family -> {method: what its one line names}
 
 

@@ -143,12 +143,17 @@ class AttentionEdit:
       around after N, so one pass must run in full per N rows).
     rows: which rows of each UNet call are edited: "cond" (the second half, the default), "uncond"
       (the first half) or "all".
+    spike_tau, spike_scale: GUARD's attenuation (``spike_tokens``): per edited row and head, the logits
+      of every key token whose largest logit over the queries has a z-score above spike_tau (over the
+      positions after the start token) are multiplied by spike_scale, at every query. None: off.
     """
 
     token: int = 0
     scale: float = 1.0
     mask_keys: Sequence[int] | torch.Tensor | None = None
     rows: str = "cond"
+    spike_tau: float | None = None
+    spike_scale: float = 1.0
 
     def __post_init__(self):
         if self.rows not in ROWS:
@@ -167,12 +172,14 @@ class _EditState:
         self.edit = edit
         self.cursor: dict[str, int] = {}
 
-    def apply(self, layer: str, key: torch.Tensor, bias: torch.Tensor | None):
+    def apply(self, layer: str, key: torch.Tensor, bias: torch.Tensor | None, query: torch.Tensor | None = None,
+              logit_scale: float = 1.0):
         """The edit on keys (B, heads, T, d) and the additive logit bias (broadcastable to (B, heads,
-        L, T), or None) -> (key, bias), not in place (autograd goes through).
+        L, T), or None) -> (key, bias), not in place (autograd goes through). Spikes are found on the
+        logits of `query` (B, heads, L, d) times `logit_scale`.
 
         Scaling key row j of a batch row by s scales exactly that row's logits q.k_j * scale by s, so
-        the token scale acts on the keys; masked keys get a -inf bias.
+        the token scales act on the keys; masked keys get a -inf bias.
         """
         e = self.edit
         B, T = key.shape[0], key.shape[2]
@@ -180,6 +187,11 @@ class _EditState:
         n = rows.stop - rows.start
         if n == 0:
             return key, bias
+        if e.spike_tau is not None and e.spike_scale != 1.0:
+            logits = torch.matmul(query[rows].float(), key[rows].float().transpose(-1, -2)) * logit_scale
+            factor = torch.ones(B, key.shape[1], T, 1, dtype=key.dtype, device=key.device)
+            factor[rows] = torch.where(spike_tokens(logits, e.spike_tau), e.spike_scale, 1.0)[..., None].to(key.dtype)
+            key = key * factor
         if e.scale != 1.0:
             if not -T <= e.token < T:
                 raise ValueError(f"AttentionEdit token {e.token}: out of range for {T} key tokens")
@@ -204,6 +216,18 @@ class _EditState:
             masked = masked.masked_fill(mask[:, None, None, :], float("-inf"))
             bias = masked if bias is None else bias + masked
         return key, bias
+
+
+def spike_tokens(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """GUARD's spikes (Zhao et al., ICML 2026; the released code's reading, on logits): logits (N, heads, L, T)
+    -> (N, heads, T) bool, True at key positions i >= 1 whose largest logit over the L queries, M_i, has
+    z = (M_i - mean) / (std + 1e-6) > tau, mean and (unbiased) std of M over positions 1..T-1."""
+    M = logits.amax(dim=-2)
+    content = M[..., 1:]
+    z = (M - content.mean(-1, keepdim=True)) / (content.std(-1, keepdim=True) + 1e-6)
+    spikes = z > tau
+    spikes[..., 0] = False
+    return spikes
 
 
 def _rows(which: str, batch: int) -> slice:
@@ -273,7 +297,7 @@ class CrossAttentionProcessor:
         if attention_mask is not None:
             bias = attn.prepare_attention_mask(attention_mask, T, B).view(B, heads, -1, T).float()
         for state in self.edits:
-            k, bias = state.apply(self.name, k, bias)
+            k, bias = state.apply(self.name, k, bias, q, attn.scale)
         if any(sink.active for sink in self.sinks):  # explicit probabilities of the conditional rows only
             rows = _rows("cond", B)
             logits = torch.matmul(q[rows].float(), k[rows].float().transpose(-1, -2)) * attn.scale  # (B/2, heads, L, T)

@@ -215,7 +215,9 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
     step with its schedule position and both branches (a float, or an (N,) tensor for one w per row):
     guidance switched on at a step, or switched when d reaches a minimum (delayed guidance); or an
     object with ``guided(index, t, x_t, eps_cond, eps_uncond) -> eps`` that makes the guided
-    prediction itself (``diffmem.mitigations.Guidance``: prompt re-anchoring, anti-memorization guidance).
+    prediction itself (``diffmem.mitigations.Guidance``: prompt re-anchoring, anti-memorization guidance)
+    and, optionally, ``after_update(index, t, x_t, guided, x_next) -> x_next`` that corrects the
+    scheduler's update (recorders then see the corrected ``next_latents``).
     With ``grad`` the denoiser calls keep their graph for the recorders. Returns the final latents.
     """
     for k, t in enumerate(timesteps):
@@ -243,6 +245,8 @@ def tracked_pass(model, latents: torch.Tensor, cond: Conditioning, uncond: Condi
                         w = w.to(e_c.dtype).view(-1, *[1] * (e_c.ndim - 1))
                     guided = e_u + w * (e_c - e_u)
                 nxt = model.scheduler.step(guided, t, latents.detach(), eta=eta, return_dict=False)[0]
+                if hasattr(guidance_scale, "after_update"):  # a method that corrects the update itself (Broken Memories)
+                    nxt = guidance_scale.after_update(first_index + k, t, latents.detach(), guided, nxt)
         # 3. Recorders see the step.
         step = Step(first_index + k, t, latents, eps_c, eps_u, nxt, cond, model.sampler_prediction, guided)
         for r in recorders:

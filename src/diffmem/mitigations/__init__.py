@@ -74,10 +74,13 @@ class Unit:
 
 
 class Guidance(Protocol):
-    """A combination of the branches that is more than ``eps_u + w (eps_c - eps_u)`` (PRSS, AMG)."""
+    """A combination of the branches that is more than ``eps_u + w (eps_c - eps_u)`` (PRSS, AMG, GUARD),
+    or a correction of the update (Broken Memories)."""
 
     def guided(self, index: int, t, x_t: torch.Tensor, eps_cond: torch.Tensor,
                eps_uncond: torch.Tensor) -> torch.Tensor: ...
+
+    # optional: ``after_update(index, t, x_t, guided, x_next) -> x_next`` corrects the scheduler's update
 
 
 @dataclass
