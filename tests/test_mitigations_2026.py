@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from diffmem.files import read_rows
 from diffmem.mitigate import MitigationConfig, mitigate_unit
 from diffmem.sampling import SamplingConfig, initial_noise, schedule
 
@@ -239,3 +240,73 @@ def test_broken_memories_signal_coefficient_on_a_flow_model_is_one_minus_the_nex
         torch.testing.assert_close(nxt, c * (x - sigma * v) + (1 - c) * (x + (1 - sigma) * v), atol=1e-5, rtol=0)
     assert signal_coefficient(model, timesteps, 3) == 1.0  # the last step lands on the clean latent
 
+
+
+# -- the DoRI attack on a mitigated model ----------------------------------------------------------
+
+def test_dori_under_a_mitigation_attacks_the_edited_model_then_samples_with_it(tiny_sd):
+    """ren-attention's edits are in place both while the attack optimizes and while sampling from its embedding."""
+    from diffmem.dori import DoriConfig, dori_attack
+    from diffmem.mitigations.ren_attention import padding_mask, prompt_lengths, ren_edits
+    from diffmem.sampling import sample_unit
+
+    torch.set_num_threads(1)
+    sampling = SamplingConfig(num_inference_steps=3, num_generations=2, batch_size=8, seed=4)
+    training = [torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    config = MitigationConfig(method="ren-attention", seed=4, dori_steps=2)
+    out = mitigate_unit(tiny_sd, PROMPTS, [0, 1], config, sampling, training=training)
+    T = tiny_sd.encode_prompts(PROMPTS).embeddings.shape[1]
+    for j, r in enumerate(out):
+        L = prompt_lengths(tiny_sd, [PROMPTS[j]])
+        with ren_edits(tiny_sd, 1.25, padding_mask(L, T, 8)):  # the attack: 8 rows a call, unconditional rows first
+            x0 = tiny_sd.encode_images(training[j] * 2 - 1, generator=torch.Generator().manual_seed(4 + j))
+            attack, _ = dori_attack(tiny_sd, x0, tiny_sd.encode_prompts([PROMPTS[j]]), DoriConfig(steps=2, seed=4 + j),
+                                    uncond=tiny_sd.empty_conditioning().expand(8))
+        with ren_edits(tiny_sd, 1.25, padding_mask(L, T, 2)):
+            (expected,) = sample_unit(tiny_sd, [PROMPTS[j]], [j], sampling, decode=True, conditioning=attack)
+        torch.testing.assert_close(r.images, expected.images, atol=1e-5, rtol=0)
+        assert torch.allclose(r.embedding, attack.embeddings[0])
+    with pytest.raises(ValueError, match="training image"):
+        mitigate_unit(tiny_sd, PROMPTS, [0, 1], config, sampling)
+    with pytest.raises(ValueError, match="--method rand_word_add: the DoRI attack tests mitigations that change the model"):
+        MitigationConfig(method="rand_word_add", dori_steps=2)
+
+
+def test_bench_mitigate_resume_adds_methods_and_the_dori_runs(tiny_sd_folder, tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from diffmem.cli.main import main
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for i, (rgb, caption) in enumerate([((255, 0, 0), "a red thing"), ((0, 0, 255), "a blue thing")]):
+        Image.fromarray(np.full((32, 32, 3), rgb, np.uint8)).save(pairs / f"{i:08d}.png")
+        (pairs / f"{i:08d}.txt").write_text(caption + "\n")
+    out = tmp_path / "bench"
+    fast = ["--model", str(tiny_sd_folder), "--dataset", str(pairs), "--num-generations", "1", "--num-inference-steps",
+            "2", "--batch-size", "4", "--copy-threshold", "0.9", "--no-progress", "--out", str(out)]
+    assert main(["bench", "mitigate", "--methods", "rand_word_add", *fast]) == 0
+    before = json.loads((out / "plan.json").read_text())["methods"]
+    none_rows = (out / "none" / "per_prompt.jsonl").read_text()
+    assert main(["bench", "mitigate", "--methods", "rand_word_add,ren-attention", "--dori", "1", "--resume", *fast]) == 0
+    plan = json.loads((out / "plan.json").read_text())["methods"]
+    assert [e["method"] for e in plan] == ["none", "rand_word_add", "ren-attention"]
+    assert plan[1] == before[1]  # a prompt-changing method is not attacked
+    assert plan[0]["dori_folder"] == "none/dori" and "published_folder" not in plan[0]
+    assert plan[2]["published_folder"] == "ren-attention/published"  # its sweep lacks the published default
+    assert (out / "none" / "per_prompt.jsonl").read_text() == none_rows  # finished work is kept
+    results = json.loads((out / "results.json").read_text())
+    dori = {r["method"]: r for r in results["dori"]}
+    assert set(dori) == {"none", "ren-attention"} and all(r["dori_steps"] == 1 for r in dori.values())
+    for r in dori.values():
+        assert r["copy_rate_prompts"] is not None and r["copy_rate_dori"] is not None
+    rows = read_rows(out / "ren-attention" / "dori" / "per_prompt.jsonl")
+    assert {r["setting"] for r in rows} == {"default,dori=1"}
+    assert "| ren-attention | default |" in (out / "table.md").read_text().split("Under the DoRI attack")[1]
+    capsys.readouterr()
+    assert main(["bench", "mitigate", "--methods", "rand_word_add", "--resume", *fast[:-3], "--num-generations", "2",
+                 "--no-progress", "--out", str(out)]) != 0  # other settings still cannot resume it
+    assert "cannot resume" in capsys.readouterr().err

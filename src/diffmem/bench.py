@@ -218,10 +218,13 @@ class BenchMitigateConfig:
     copy_metric: str | None = None  # default: sscd when given, else pixel_cosine
     grid_prompts: int = 12  # prompts shown per grid image in each method's folder
     params: dict = field(default_factory=dict)  # --param: fixed in every setting of the methods that take it
+    dori_steps: int = 0  # > 0: each method that changes the model or the sampler also runs under the DoRI attack
 
     def __post_init__(self):
         from diffmem.mitigations import get_mitigation, param_names
 
+        if self.dori_steps < 0:
+            raise ValueError(f"--dori {self.dori_steps}: must be >= 0 (the attack's Adam steps; the paper's 50)")
         if not self.methods:
             raise ValueError("--methods: name at least one mitigation")
         for m in self.methods:
@@ -348,6 +351,59 @@ def primary_metric(rows: list[dict]) -> str | None:
 
 
 BENCH_RESUME_KEYS = ("model", "dataset", "prompts", "config")
+EXTENDABLE = ("methods", "dori_steps")  # a resumed benchmark may add methods and the DoRI runs
+
+
+def _without_extendable(record: dict) -> dict:
+    return {**record, "config": {k: v for k, v in record.get("config", {}).items() if k not in EXTENDABLE}}
+
+
+def plan_entry(model, name: str, config: BenchMitigateConfig) -> dict:
+    """One method's plan: skipped with its reason, or its sweep and folders (and the DoRI folder, with
+    ``config.dori_steps``, for methods that change the model or the sampler: their published setting)."""
+    from diffmem.mitigations import get_mitigation, refusal
+
+    method = get_mitigation(name)
+    reason = refusal(method, model)
+    if reason is not None:
+        return {"method": name, "status": "skipped", "reason": reason}
+    try:
+        sweep = method.sweep(model, config.sampling) if hasattr(method, "sweep") else [{}]
+        sweep = [{**e, **config.fixed_params(name)} for e in sweep]
+        configs = sweep_configs(name, sweep, config)
+    except ValueError as e:  # a sweep that cannot be derived on this model is a refusal too
+        return {"method": name, "status": "skipped", "reason": str(e)}
+    folders = [name] if len(configs) == 1 else [f"{name}/{i:02d}" for i in range(len(configs))]
+    entry = {"method": name, "status": "run", "sweep": sweep, "folders": folders}
+    return with_dori(entry, config)
+
+
+def with_dori(entry: dict, config: BenchMitigateConfig) -> dict:
+    """`entry` with its DoRI runs planned (``dori_folder``; ``published_folder`` too when the method's
+    published setting is not among its sweep's, so that its copy rate from the prompts is measured alike)."""
+    from diffmem.evaluate import settings_of
+    from diffmem.mitigate import setting_key
+    from diffmem.mitigations import get_mitigation
+
+    name = entry["method"]
+    if (not config.dori_steps or entry["status"] != "run" or "dori_folder" in entry
+            or not getattr(get_mitigation(name), "attacked_by_dori", False)):
+        return entry
+    entry = {**entry, "dori_folder": f"{name}/dori", "dori_steps": config.dori_steps}
+    swept = {setting_key(m) for cfg in sweep_configs(name, entry["sweep"], config) for m in settings_of(cfg)}
+    if setting_key(settings_of(dori_config(name, 0, config))[0]) not in swept:
+        entry["published_folder"] = f"{name}/published"
+    return entry
+
+
+def dori_config(name: str, steps: int, bench: BenchMitigateConfig):
+    """The EvaluateConfig of a method's published setting (with --param), under the DoRI attack of `steps`
+    Adam steps (0: no attack)."""
+    from dataclasses import replace
+
+    base = bench.evaluate_config().mitigation
+    params = {k: (v,) for k, v in bench.fixed_params(name).items()}
+    return bench.evaluate_config(methods=(name,), mitigation=replace(base, method=name, dori_steps=steps), params=params)
 
 
 @one_writer(lambda a: a["out"])
@@ -374,28 +430,22 @@ def bench_mitigate(model, eval_set, config: BenchMitigateConfig, out: str | Path
                         "config": asdict(config)})
     plan_path, finished_path = out / "plan.json", out / "finished.json"
     # 1. The plan (per method: skipped with its reason, or its sweep and folders), on the main process;
-    #    a resumed benchmark keeps the plan it recorded, so that its settings cannot drift.
+    #    a resumed benchmark keeps the plan it recorded, so that its settings cannot drift; it may add
+    #    methods (and the DoRI runs), which are planned now and run after the recorded ones.
     if state.is_main_process:
-        check_resume(out, plan_path.exists(), resume, read_json(plan_path), current, BENCH_RESUME_KEYS)
+        recorded = read_json(plan_path)
+        check_resume(out, plan_path.exists(), resume, _without_extendable(recorded), _without_extendable(current),
+                     BENCH_RESUME_KEYS)
         if not plan_path.exists():
-            methods = []
-            for name in config.run_order:
-                method = get_mitigation(name)
-                reason = refusal(method, model)
-                if reason is not None:
-                    methods.append({"method": name, "status": "skipped", "reason": reason})
-                    continue
-                try:
-                    sweep = method.sweep(model, config.sampling) if hasattr(method, "sweep") else [{}]
-                    sweep = [{**e, **config.fixed_params(name)} for e in sweep]
-                    configs = sweep_configs(name, sweep, config)
-                except ValueError as e:  # a sweep that cannot be derived on this model is a refusal too
-                    methods.append({"method": name, "status": "skipped", "reason": str(e)})
-                    continue
-                folders = [name] if len(configs) == 1 else [f"{name}/{i:02d}" for i in range(len(configs))]
-                methods.append({"method": name, "status": "run", "sweep": sweep, "folders": folders})
+            methods = [plan_entry(model, name, config) for name in config.run_order]
             out.mkdir(parents=True, exist_ok=True)
             write_json(plan_path, jsonable({**current, "methods": methods}))
+        else:
+            planned = [with_dori(e, config) for e in recorded["methods"]]
+            known = {e["method"] for e in planned}
+            planned += [plan_entry(model, name, config) for name in config.run_order if name not in known]
+            if planned != recorded["methods"]:
+                write_json(plan_path, jsonable({**recorded, "methods": planned}))
     state.wait_for_everyone()
     plan = read_json(plan_path)
     finished = set(read_json(finished_path).get("folders", []))
@@ -414,6 +464,21 @@ def bench_mitigate(model, eval_set, config: BenchMitigateConfig, out: str | Path
                     finished.add(folder)
                     write_json(finished_path, {"folders": sorted(finished)})
             summaries.setdefault(entry["method"], []).append(summary)
+    dori_summaries: dict[str, list[dict]] = {}
+    for entry in plan["methods"]:  # the DoRI runs after every method's own (the attack costs the most)
+        runs = [(entry.get("published_folder"), 0), (entry.get("dori_folder"), entry.get("dori_steps", 0))]
+        for folder, steps in runs:
+            if folder is None:
+                continue
+            if folder in finished:
+                summary = read_json(out / folder / "summary.json")
+            else:
+                summary = run_evaluation(model, eval_set, dori_config(entry["method"], steps, config), out / folder,
+                                         progress=progress, resume=resume)
+                if state.is_main_process:
+                    finished.add(folder)
+                    write_json(finished_path, {"folders": sorted(finished)})
+            dori_summaries.setdefault(entry["method"], []).append(summary)
     state.wait_for_everyone()
     # 3. The table, results and figure (main process).
     rows: list[dict] = []
@@ -434,13 +499,28 @@ def bench_mitigate(model, eval_set, config: BenchMitigateConfig, out: str | Path
                "copy_rule": first.get("copy_rule"), "lab_copy_threshold_rmse": first.get("lab_copy_threshold_rmse"),
                "x_axis": "alignment" if any(r.get("alignment") is not None for r in rows)
                else "clip_score" if any(r.get("clip_score") is not None for r in rows) else "final_d_mean",
-               "similarity_metric": primary_metric(rows), "rows": rows}
+               "similarity_metric": primary_metric(rows), "rows": rows,
+               "dori": [dori_row(name, runs[-1], [*summaries.get(name, []), *runs[:-1]])
+                        for name, runs in dori_summaries.items()]}
     if state.is_main_process:
         write_json(out / "results.json", results)
         (out / "table.md").write_text(format_mitigation_table(results))
         mitigation_tradeoff_figure(results, out / "tradeoff.png")
     state.wait_for_everyone()
     return results
+
+
+def dori_row(method: str, summary: dict, own: list[dict]) -> dict:
+    """One method under the DoRI attack (`summary`): the copy rate of its published setting from the prompts
+    (found among the summaries `own`: its sweep's, or its published setting's own run) and from the attack's
+    embeddings."""
+    (setting, s), = summary["results"][method].items()
+    plain = setting.rsplit(",dori=", 1)[0]
+    from_prompts = next((o["results"][method][plain]["copy_rate"] for o in own
+                         if plain in o.get("results", {}).get(method, {})), None)
+    return {"method": method, "setting": plain, "dori_steps": int(setting.rsplit("=", 1)[1]),
+            "copy_rate_prompts": from_prompts, "copy_rate_dori": s.get("copy_rate"),
+            "alignment_dori": s.get("alignment_mean"), "seconds_per_prompt": s.get("seconds_per_prompt")}
 
 
 def format_mitigation_table(results: dict) -> str:
@@ -473,6 +553,15 @@ def format_mitigation_table(results: dict) -> str:
                      "one took the lowest-loss fallback after max_rounds:\n")
         lines += [f"- {r['method']} {r['setting']}: {r['prompts_accepted']} accepted, {r['prompts_fell_back']} fell back"
                   for r in accepted]
+    if results.get("dori"):
+        lines += ["", "Under the DoRI attack (an embedding optimized to denoise each prompt's training image, against the "
+                  "model as the method edits it; then sampled with the method): the published setting of each method "
+                  "that changes the model or the sampler.", "",
+                  "| method | setting | copy rate from the prompts | copy rate under DoRI | alignment under DoRI | s / prompt |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['setting']} | {_num(r['copy_rate_prompts'], '.3f')} | "
+                  f"{_num(r['copy_rate_dori'], '.3f')} | {_num(r['alignment_dori'], '.3f')} | "
+                  f"{_num(r['seconds_per_prompt'], '.3f')} |" for r in results["dori"]]
     return head + "\n".join(lines) + "\n"
 
 

@@ -53,9 +53,12 @@ def noised_batch(model, x0: torch.Tensor, batch: int, gen: torch.Generator,
     return noisy, t, model.training_target(x0, noise, t)
 
 
-def dori_attack(model, x0: torch.Tensor, start: Conditioning, config: DoriConfig = DoriConfig()) -> tuple[Conditioning, list[float]]:
+def dori_attack(model, x0: torch.Tensor, start: Conditioning, config: DoriConfig = DoriConfig(),
+                uncond: Conditioning | None = None) -> tuple[Conditioning, list[float]]:
     """Optimize the token embeddings of `start` (one row) so that `model` denoises the clean latent x0
-    (1, C, H, W); returns (the attack's conditioning, the loss at each step)."""
+    (1, C, H, W); returns (the attack's conditioning, the loss at each step). Given `uncond` (``config.batch``
+    rows), every denoiser call is made as the sampling pass makes it, unconditional rows first, and the
+    conditional half is kept: the layout a mitigation's attention or neuron edits expect."""
     gen = torch.Generator("cpu").manual_seed(config.seed)
     emb = start.embeddings.detach().clone().float().requires_grad_(True)
     extra = {k: v.detach() for k, v in start.extra.items()}
@@ -65,7 +68,11 @@ def dori_attack(model, x0: torch.Tensor, start: Conditioning, config: DoriConfig
     for _ in range(config.steps):
         noisy, t, target = noised_batch(model, x0.float(), config.batch, gen, scheduler)
         cond = Conditioning(emb.to(model.dtype), extra, start.mask).expand(config.batch)
-        pred = model.model_output(noisy.to(model.dtype), t, cond).float()
+        if uncond is None:
+            pred = model.model_output(noisy.to(model.dtype), t, cond).float()
+        else:
+            both = torch.cat([noisy, noisy]).to(model.dtype)
+            pred = model.model_output(both, torch.cat([t, t]), Conditioning.cat([uncond, cond])).float()[config.batch:]
         loss = torch.nn.functional.mse_loss(pred, target.float())
         opt.zero_grad()
         loss.backward()

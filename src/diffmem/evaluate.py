@@ -182,7 +182,8 @@ def run_evaluation(model, eval_set: EvalSet, config: EvaluateConfig, out: str | 
     bar = tqdm(total=sum(len(u) for _, _, u in todo), desc="evaluate", unit="prompt", disable=not progress or not main)
     # 3. Each setting, unit by unit: mitigate and sample, judge each prompt's generations.
     for setting, name, unit in todo:
-        results = mitigate_unit(model, [prompts[p] for p in unit], unit, setting, config.sampling)
+        training = [eval_set.prompts[p].training for p in unit] if setting.dori_steps else None
+        results = mitigate_unit(model, [prompts[p] for p in unit], unit, setting, config.sampling, training=training)
         for r in results:
             if r.position < config.grid_prompts:
                 save_generations(out / "grids" / name, r.position, r.images)

@@ -53,6 +53,7 @@ class MitigationConfig:
     repeat_num: int = 4  # augmentations: items inserted (4 at inference, 1 in training)
     seed: int = 0  # augmentation draws for the prompt at position p use seed + p
     params: dict = field(default_factory=dict)  # the other methods' Params overrides (--param NAME=VALUE)
+    dori_steps: int = 0  # > 0: sample from the DoRI attack's embedding (that many Adam steps; the paper's 50)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -72,6 +73,11 @@ class MitigationConfig:
             raise ValueError(f"--epsilon {self.epsilon}: must be > 0")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"--alpha {self.alpha}: must be between 0 and 1")
+        if self.dori_steps < 0:
+            raise ValueError(f"DoRI steps {self.dori_steps}: must be >= 0 (0: no attack)")
+        if self.dori_steps and not getattr(get_mitigation(self.method), "attacked_by_dori", False):
+            raise ValueError(f"--method {self.method}: the DoRI attack tests mitigations that change the model or the "
+                             "sampler; this one changes the prompt, which the attack replaces")
 
     def resolved(self, model, target_loss: float | None = None) -> "MitigationConfig":
         """This setting with the model's defaults filled in; `target_loss` is the calibrated target used
@@ -95,9 +101,8 @@ def setting_key(m: MitigationConfig) -> str:
         return f"target_loss={m.target_loss:g}" + extra
     if m.method in AUGMENT_STYLES:
         return f"repeat_num={m.repeat_num}"
-    if m.params:
-        return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.params.items())
-    return "default"
+    key = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.params.items()) or "default"
+    return f"{key},dori={m.dori_steps}" if m.dori_steps else key
 
 
 def setting_value(m: MitigationConfig) -> float | None:
@@ -171,16 +176,17 @@ def _step_branches(model, x, cond, uncond, t, batch_size):
 
 
 def mitigate_unit(model, prompts: list[str], positions: list[int], config: MitigationConfig, sampling: SamplingConfig,
-                  decode: bool = True) -> list[MitigatedPrompt]:
+                  decode: bool = True, training: list[torch.Tensor] | None = None) -> list[MitigatedPrompt]:
     """Mitigate and sample one batch of prompts (x_T of position p from ``sampling.seed_of(p)``).
 
     Fields of `config` left None take the model's defaults (``MitigationConfig.resolved``). The
     method (``diffmem.mitigations``) receives the unit (x_T under the seed contract, the encoded
     prompts, d at the optimization step ``config.optim_step``) and returns a ``Plan``; every prompt
     is then sampled with the plan's conditioning, starting latents, guidance and UNet edits through
-    the one tracked pass.
+    the one tracked pass. With ``config.dori_steps`` the conditioning is first replaced by the DoRI
+    attack's (``dori_conditioning``), which needs each prompt's `training` images ((M, 3, H, W) in [0, 1]).
     """
-    from diffmem.sampling import sample_unit, schedule, unit_inputs
+    from diffmem.sampling import sample_unit
 
     method = get_mitigation(config.method)
     check_model(config.method, model)
@@ -188,27 +194,16 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
     if config.method == "embedding-opt":
         config = config.resolved(model)
     with count_unet_rows(model) as rows, timed() as seconds:
-        # 1. Each prompt's x_T under the seed contract; the latents at the optimization step k (x_T for
-        #    k = 0) and the tracked pass's step there, not taken: d and eps_uncond.
-        G, P, k = sampling.num_generations, len(prompts), config.optim_step
-        timesteps = schedule(model, sampling.num_inference_steps)
-        if k >= len(timesteps):
-            raise ValueError(f"--optim-step {k}: the schedule has {len(timesteps)} steps (0-based)")
-        original = model.encode_prompts(prompts)  # P rows
-        x, cond_rows, uncond = unit_inputs(model, positions, sampling, conditioning=original)
-        x_k = tracked_pass(model, x, cond_rows, uncond, timesteps[:k], sampling.guidance(model), eta=sampling.eta,
-                           max_batch=sampling.batch_size) if k else x
-        d0_rows, eps_u = _step_branches(model, x_k, cond_rows, uncond, timesteps[k], sampling.batch_size)
-        d0 = d0_rows.view(P, G)
-        unit = Unit(list(prompts), list(positions), original, uncond, x, timesteps, sampling,
-                    sampling.guidance(model), config, d0, x_k, eps_u)
-        # 2. The method's plan, then every step with it.
-        plan = method.plan(model, unit, params)
+        unit, plan = planned_unit(model, method, params, prompts, positions, config, sampling)
+        original, P, G = unit.cond, len(prompts), sampling.num_generations
         modified = plan.prompts or list(prompts)
         cond = plan.cond if plan.cond is not None else original
+        if config.dori_steps:
+            cond = dori_conditioning(model, method, params, prompts, cond, training, positions, config, sampling)
         with plan_context(plan):
             samples = sample_unit(model, modified, positions, sampling, decode=decode, conditioning=cond,
                                   x_T=plan.x_T, guidance=plan.guidance, uncond=plan.uncond)
+    d0 = unit.d0
     first = torch.stack([s.text_noise_norm[:, 0] for s in samples])  # (P, G) the sampled pass's first step
     final_d = plan.final_d if plan.final_d is not None else first.mean(1)
     final_loss = plan.final_loss if plan.final_loss is not None else mitigation_loss(first, config.target_unit)
@@ -221,6 +216,58 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
                             float(loss0[j]), float(final_loss[j]), int(iterations[j]), s.images, s.text_noise_norm,
                             rows[0] / P, seconds[0] / P, info[j])
             for j, (pos, p, m, s) in enumerate(zip(positions, prompts, modified, samples))]
+
+
+def planned_unit(model, method, params, prompts: list[str], positions: list[int], config: MitigationConfig,
+                 sampling: SamplingConfig):
+    """(Unit, Plan) of one batch of prompts: x_T under the seed contract, the latents at the optimization
+    step k (x_T for k = 0) and the tracked pass's step there, not taken (d and eps_uncond), then the
+    method's plan."""
+    from diffmem.sampling import schedule, unit_inputs
+
+    G, P, k = sampling.num_generations, len(prompts), config.optim_step
+    timesteps = schedule(model, sampling.num_inference_steps)
+    if k >= len(timesteps):
+        raise ValueError(f"--optim-step {k}: the schedule has {len(timesteps)} steps (0-based)")
+    original = model.encode_prompts(prompts)  # P rows
+    x, cond_rows, uncond = unit_inputs(model, positions, sampling, conditioning=original)
+    x_k = tracked_pass(model, x, cond_rows, uncond, timesteps[:k], sampling.guidance(model), eta=sampling.eta,
+                       max_batch=sampling.batch_size) if k else x
+    d0_rows, eps_u = _step_branches(model, x_k, cond_rows, uncond, timesteps[k], sampling.batch_size)
+    unit = Unit(list(prompts), list(positions), original, uncond, x, timesteps, sampling,
+                sampling.guidance(model), config, d0_rows.view(P, G), x_k, eps_u)
+    return unit, method.plan(model, unit, params)
+
+
+def dori_conditioning(model, method, params, prompts: list[str], cond, training: list[torch.Tensor] | None,
+                      positions: list[int], config: MitigationConfig, sampling: SamplingConfig):
+    """The DoRI attack (``diffmem.dori``) on each prompt's first training image, from the conditioning the
+    mitigation would sample with (P rows), against the model as the mitigation edits it: for a method that
+    edits the denoiser, each prompt's attack runs inside the plan the method makes for that prompt alone with
+    one generation per attack row, its calls laid out as the pass's (unconditional rows first). Returns the
+    attacker's embeddings, P rows; the attack's seed (and the image's latent draw) is the run's seed + position."""
+    from dataclasses import replace
+
+    from diffmem.dori import DoriConfig, dori_attack
+    from diffmem.model import Conditioning
+
+    if training is None or len(training) != len(positions) or any(len(t) == 0 for t in training):
+        raise ValueError("the DoRI attack needs each prompt's training image (a dataset with images, e.g. lab:memorized)")
+    if len(cond) != len(positions):
+        raise ValueError(f"--method {config.method}: samples with one conditioning per generation; the DoRI attack "
+                         "optimizes one per prompt")
+    rows = []
+    for j, (images, position) in enumerate(zip(training, positions)):
+        attack_config = DoriConfig(steps=config.dori_steps, seed=config.seed + position)
+        x0 = model.encode_images(images[:1].to(model.device, torch.float32) * 2 - 1,
+                                 generator=torch.Generator("cpu").manual_seed(attack_config.seed))
+        sub = replace(sampling, num_generations=attack_config.batch, batch_size=max(sampling.batch_size, 2 * attack_config.batch))
+        unit, plan = planned_unit(model, method, params, [prompts[j]], [position], config, sub)
+        uncond = (plan.uncond if plan.uncond is not None else unit.uncond) if plan.context is not None else None
+        with plan_context(plan), torch.enable_grad():
+            attack, _ = dori_attack(model, x0, cond[j:j + 1], attack_config, uncond=uncond)
+        rows.append(attack)
+    return Conditioning.cat(rows)
 
 
 # -- one mitigation run, as `diffmem mitigate` writes it ------------------------------------------

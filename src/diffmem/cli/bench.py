@@ -72,9 +72,13 @@ def add_mitigate_parser(kinds) -> None:
     m.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="fix a parameter in every setting of the methods that take it (repeatable), e.g. "
                    "protocol=per-prompt for gni; the table's setting column names it")
+    m.add_argument("--dori", type=int, nargs="?", const=50, default=0, metavar="STEPS",
+                   help="also run each method that changes the model or the sampler, at its published setting, under "
+                   "the DoRI attack (an embedding optimized for STEPS Adam steps, default 50, to denoise each prompt's "
+                   "training image): the copies it brings back")
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--resume", action="store_true", help="continue the benchmark already in --out (finished methods "
-                   "are not run again)")
+                   "are not run again; --methods may add methods, and --dori the attack, to it)")
     add_sampling_args(m, SamplingConfig(), same_noise=True)
     m.add_argument("--no-progress", action="store_true")
 
@@ -113,6 +117,7 @@ def mitigate_config_from_args(args):
 
     options = given(args, ("sscd", "clip", "copy_threshold", "copy_metric"))
     options["params"] = params_from_args(args)
+    options["dori_steps"] = args.dori
     if args.methods:
         options["methods"] = tuple(x.strip() for x in args.methods.split(",") if x.strip())
     base = BenchMitigateConfig()

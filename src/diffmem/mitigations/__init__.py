@@ -26,6 +26,9 @@ To add one:
    - optionally ``check(model)`` (refuse a model it cannot run on, in one line), and ``flow_refusal =
      None`` where its definition carries over to flow-matching models (d on the velocity; others are
      refused there with ``FLOW_REFUSAL``);
+   - optionally ``attacked_by_dori = True`` where it changes the model or the sampler rather than the
+     prompt: ``bench mitigate --dori`` then also samples its published setting from the DoRI attack's
+     embedding (``diffmem.mitigate.dori_conditioning``);
 
 2. decorate it with ``@register``; every module of this package is imported (registered) with it.
 

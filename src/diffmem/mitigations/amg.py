@@ -263,6 +263,7 @@ class AntiMemorizationGuidance:
 @register
 class AntiMemorization:
     name = "amg"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = "scale"
     off = {"scale": 0.0}
 

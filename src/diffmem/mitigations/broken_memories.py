@@ -115,6 +115,7 @@ class StabilityCorrection:
 @register
 class BrokenMemoriesMitigation:
     name = "broken-memories"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = "tau_mild"
     off = {"tau_mild": math.inf}
     flow_refusal = None  # the norms and the clean latent exist on every sampler

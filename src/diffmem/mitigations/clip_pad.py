@@ -72,6 +72,7 @@ def masked_rows(embeddings: torch.Tensor, end_positions: list[int], mask_end_tok
 @register
 class ClipPad:
     name = "clip-pad"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = None  # bench mitigate tries the published settings (``sweep``)
     off = {"pad_token": None, "mask_end_token": False, "pad_mask_ratio": 0.0}
 

@@ -137,6 +137,7 @@ class DynamicSwitch:
 @register
 class DelayedCFG:
     name = "delayed-cfg"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = "switch_t"
     flow_refusal = None  # on a flow model the switch is the noise level of SD's switch_t (sd_sigma_at)
     off = {"mode": "static", "switch_t": math.inf}  # every timestep is <= inf: full guidance from the first step

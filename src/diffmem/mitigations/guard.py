@@ -112,6 +112,7 @@ class GuardGuidance:
 @register
 class Guard:
     name = "guard"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = "r0"
     off = {"r0": 0.0, "alpha": 1.0, "orthogonalize": False}
 

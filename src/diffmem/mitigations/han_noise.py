@@ -96,6 +96,7 @@ class EarlyGuidance:
 @register
 class HanNoise:
     name = "han-noise"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = "gamma"
     off = {"gamma": 0.0, "cfg_from_t": math.inf}  # every timestep is <= inf: guided from the first step
 

@@ -15,6 +15,7 @@ from diffmem.mitigations import Plan, Unit, register
 @register
 class LoraScale:
     name = "lora-scale"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = "scale"
     off = {"scale": 1.0}
     flow_refusal = None  # the adapter's scale means the same on every family

@@ -288,6 +288,7 @@ def per_seed_max_similarity(z: torch.Tensor, convention: str = "nemo") -> torch.
 @register
 class Nemo:
     name = "nemo"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = "theta_min"
     off = {"max_neurons": 0}
 

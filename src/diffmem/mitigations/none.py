@@ -8,6 +8,7 @@ from diffmem.mitigations import Plan, Unit, register
 @register
 class NoMitigation:
     name = "none"
+    attacked_by_dori = True  # the DoRI attack on the unmitigated model: the reference of bench mitigate --dori
     flow_refusal = None  # sampling unchanged: any family
     knob = None
     off: dict = {}

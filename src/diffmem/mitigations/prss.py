@@ -175,6 +175,7 @@ def derive_constants(d: np.ndarray) -> dict[str, float]:
 @register
 class PRSS:
     name = "prss-reanchor"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = "l_pr"
     off = {"l_pr": math.inf, "lambda_ss": math.inf}  # nothing triggers: no search, plain CFG at every step
 

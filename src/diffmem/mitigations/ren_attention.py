@@ -64,6 +64,7 @@ def ren_edits(model, c1: float, mask: torch.Tensor | None):
 @register
 class RenAttention:
     name = "ren-attention"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = "c1"
     off = {"c1": 1.0, "mask_padding": False}
 

@@ -356,6 +356,7 @@ def published_constants(model) -> tuple[float, float, tuple[float, ...]]:
 @register
 class Sail:
     name = "sail"
+    attacked_by_dori = True  # bench mitigate --dori attacks it: it changes the model or the sampler
     knob = "loss_threshold"
     off = {"loss_threshold": float("inf")}  # every x_T is accepted as it is: nothing is optimised
 
