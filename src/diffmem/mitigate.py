@@ -14,6 +14,7 @@ embedding optimization, the prompt augmentations and the field's other methods),
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -199,7 +200,8 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
         modified = plan.prompts or list(prompts)
         cond = plan.cond if plan.cond is not None else original
         if config.dori_steps:
-            cond = dori_conditioning(model, method, params, prompts, cond, training, positions, config, sampling)
+            cond = dori_conditioning(model, method, params, prompts, cond, training, positions, config, sampling,
+                                     edits_model=plan.context is not None)
         with plan_context(plan):
             samples = sample_unit(model, modified, positions, sampling, decode=decode, conditioning=cond,
                                   x_T=plan.x_T, guidance=plan.guidance, uncond=plan.uncond)
@@ -240,11 +242,12 @@ def planned_unit(model, method, params, prompts: list[str], positions: list[int]
 
 
 def dori_conditioning(model, method, params, prompts: list[str], cond, training: list[torch.Tensor] | None,
-                      positions: list[int], config: MitigationConfig, sampling: SamplingConfig):
+                      positions: list[int], config: MitigationConfig, sampling: SamplingConfig, edits_model: bool = True):
     """The DoRI attack (``diffmem.dori``) on each prompt's first training image, from the conditioning the
     mitigation would sample with (P rows), against the model as the mitigation edits it: for a method that
-    edits the denoiser, each prompt's attack runs inside the plan the method makes for that prompt alone with
-    one generation per attack row, its calls laid out as the pass's (unconditional rows first). Returns the
+    edits the denoiser (`edits_model`: its plan has a context), each prompt's attack runs inside the plan the
+    method makes for that prompt alone with one generation per attack row, its calls laid out as the pass's
+    (unconditional rows first); the others' attacks run on the model as it is. Returns the
     attacker's embeddings, P rows; the attack's seed (and the image's latent draw) is the run's seed + position."""
     from dataclasses import replace
 
@@ -261,10 +264,13 @@ def dori_conditioning(model, method, params, prompts: list[str], cond, training:
         attack_config = DoriConfig(steps=config.dori_steps, seed=config.seed + position)
         x0 = model.encode_images(images[:1].to(model.device, torch.float32) * 2 - 1,
                                  generator=torch.Generator("cpu").manual_seed(attack_config.seed))
-        sub = replace(sampling, num_generations=attack_config.batch, batch_size=max(sampling.batch_size, 2 * attack_config.batch))
-        unit, plan = planned_unit(model, method, params, [prompts[j]], [position], config, sub)
-        uncond = (plan.uncond if plan.uncond is not None else unit.uncond) if plan.context is not None else None
-        with plan_context(plan), torch.enable_grad():
+        plan, uncond = None, None
+        if edits_model:
+            sub = replace(sampling, num_generations=attack_config.batch,
+                          batch_size=max(sampling.batch_size, 2 * attack_config.batch))
+            unit, plan = planned_unit(model, method, params, [prompts[j]], [position], config, sub)
+            uncond = plan.uncond if plan.uncond is not None else unit.uncond
+        with plan_context(plan) if plan is not None else nullcontext(), torch.enable_grad():
             attack, _ = dori_attack(model, x0, cond[j:j + 1], attack_config, uncond=uncond)
         rows.append(attack)
     return Conditioning.cat(rows)
