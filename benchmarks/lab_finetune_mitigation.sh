@@ -54,6 +54,9 @@ RUNS_SPEC=(
   "gni-1.0 data --embedding-noise 1.0"
   # the unfiltered fine-tune again with another seed (data order, noise, timesteps): how much one seed moves the figures
   "plain-seed1 data --seed 1"
+  # IET-AGC's anti-gradient control (Liu et al., ECCV 2024): samples whose loss x 1.25 is under their timestep's
+  # running mean are left out (its README's ratio; the shard-and-average half is not implemented)
+  "iet-agc data --agc-ratio 1.25"
   # LoRA fine-tunes (rank 16 on the UNet's attention projections; LORA_LR, LORA_STEPS), plain and
   # with the filter from the first step; each writes a LoRA file evaluated on the base model.
   # At LORA_LR=5e-3 (the original code's LoRA rate) the adapter degraded every generation and copied nothing.

@@ -24,7 +24,7 @@ Our choices where the paper is silent or we did not read it:
 - the calibration: the model's reference prompts (the lab's own, or those given), at most 50 of them
   (the paper's number), one generation each, seeds from the run's seed.
 Rows also keep, per generation, the first flagged step (-1: none) and whether the flag is strong.
-The mitigation half (rescaling x0_hat, clamping the norms) is not implemented.
+The mitigation half (rescaling x0_hat, clamping the norms) is ``diffmem.mitigations.broken_memories``.
 """
 
 from __future__ import annotations
