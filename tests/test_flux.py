@@ -146,4 +146,51 @@ def test_verbs_run_on_flux_with_a_lora(flux_folders, dev, tmp_path):
             runs.append(name)
         except ValueError as e:
             assert str(e).startswith(f"--method {name}: cannot run on flux") and "\n" not in str(e)
-    assert set(runs) == {"none", "embedding-opt", "rand_word_add", "rand_numb_add", "rand_word_repeat", "delayed-cfg"}
+    assert set(runs) == {"none", "embedding-opt", "rand_word_add", "rand_numb_add", "rand_word_repeat", "delayed-cfg",
+                         "broken-memories"}
+
+
+def test_memory_plan_the_vae_waits_for_a_decode_and_offloaded_encoders_visit_only_to_encode(flux_folders, dev):
+    """Detection loads no VAE; the text encoders of an offloaded model are moved to the device around each
+    encoding and back to the CPU after it, and encode exactly as when they stay."""
+    from diffmem.adapters import load_model
+    from diffmem.detect import detect_unit
+    from diffmem import detectors
+
+    folder = str(flux_folders["dev"])
+    model = load_model(folder, offload="text-encoders")
+    assert not model.vae_loaded and model.vae_config.scaling_factor == dev.vae.config.scaling_factor
+    detect_unit(model, [detectors.get_detector("wen")], ["a red cat"], [0], SamplingConfig(num_inference_steps=2,
+                                                                                           num_generations=1))
+    assert not model.vae_loaded  # first-step detection decodes nothing
+    moves = []
+    for enc in model.text_encoders:
+        original = enc.to
+        enc.to = lambda *a, _o=original, **k: (moves.append(str(a[0])), _o(*a, **k))[1]
+    got = model.encode_prompts(["a red cat", "two dogs"])
+    assert moves == ["cpu", "cpu", "cpu", "cpu"] and all(next(m.parameters()).device.type == "cpu" for m in model.text_encoders)
+    expected = dev.encode_prompts(["a red cat", "two dogs"])
+    torch.testing.assert_close(got.embeddings, expected.embeddings)
+    torch.testing.assert_close(model.decode(torch.zeros(1, *model.latent_shape)), dev.decode(torch.zeros(1, *dev.latent_shape)))
+    assert model.vae_loaded
+
+
+def test_offload_is_refused_for_families_without_a_memory_plan(tiny_sd_folder):
+    from diffmem.adapters import load_model
+
+    with pytest.raises(ValueError, match=r"^--offload text-encoders: offered for stable-diffusion-3 and flux folders"):
+        load_model(str(tiny_sd_folder), offload="text-encoders")
+
+
+def test_memory_plan_counts_the_parameters_from_the_headers(flux_folders, dev):
+    from diffmem.adapters.memory import component_parameters, memory_plan
+
+    counted = component_parameters(flux_folders["dev"])
+    numel = lambda m: sum(p.numel() for p in m.parameters())
+    assert counted["transformer"] == numel(dev.denoiser) and counted["vae"] == numel(dev.vae)
+    assert [counted["text_encoder"], counted["text_encoder_2"]] == [numel(m) for m in dev.text_encoders]
+    plan = memory_plan(flux_folders["dev"], torch.float32)
+    gib = {c: n * 4 / 2**30 for c, n in counted.items()}
+    assert plan["detection_gib"] == pytest.approx(gib["transformer"] + gib["text_encoder"] + gib["text_encoder_2"])
+    assert plan["offloaded_sampling_gib"] == pytest.approx(gib["transformer"])
+    assert plan["generation_gib"] == pytest.approx(sum(gib.values()))

@@ -82,13 +82,24 @@ def _cached_hub_snapshot(repo_id: str) -> Path:
             f"or pass the downloaded folder to --model.") from e
 
 
+OFFLOADING = ("stable-diffusion-3", "flux")  # the families with a memory plan (diffmem.adapters.base.TransformerVAE)
+
+
 def load_model(model: str = DEFAULT_MODEL, unet: str | None = None, device: str = "cpu",
-               dtype: str | torch.dtype = "float32"):
-    """Load any supported model behind the common interface (``diffmem.model.DiffusionModel``)."""
+               dtype: str | torch.dtype = "float32", offload: str = "none"):
+    """Load any supported model behind the common interface (``diffmem.model.DiffusionModel``).
+    ``offload="text-encoders"`` (SD3, FLUX) keeps the text encoders on the CPU between encodings."""
+    from diffmem.adapters.base import OFFLOAD
+
+    if offload not in OFFLOAD:
+        raise ValueError(f"--offload {offload!r}: expected one of {', '.join(OFFLOAD)}")
     torch_dtype = resolve_dtype(dtype, device)
     family, path = resolve_model_path(model)
+    if offload != "none" and family not in OFFLOADING:
+        raise ValueError(f"--offload {offload}: offered for {' and '.join(OFFLOADING)} folders (large text encoders); "
+                         f"{model} is a {family} model")
     try:
-        return _load_family(family, path, model, unet, device, torch_dtype)
+        return _load_family(family, path, model, unet, device, torch_dtype, offload)
     except FileNotFoundError:
         raise
     except OSError as e:  # unreadable or unsafe weights: diffusers and transformers load pickles weights-only
@@ -136,7 +147,7 @@ LOADERS = {
 }
 
 
-def _load_family(family: str, path, model: str, unet, device, torch_dtype):
+def _load_family(family: str, path, model: str, unet, device, torch_dtype, offload: str = "none"):
     import importlib
 
     if family == "lab":
@@ -145,4 +156,5 @@ def _load_family(family: str, path, model: str, unet, device, torch_dtype):
 
         return load_lab_model(path, unet, device=device, dtype=torch_dtype, name=model if model in BUILT_IN else None)
     module, loader = LOADERS[family].split(":")
-    return getattr(importlib.import_module(module), loader)(path, unet, device=device, dtype=torch_dtype)
+    options = {"offload": offload} if family in OFFLOADING else {}
+    return getattr(importlib.import_module(module), loader)(path, unet, device=device, dtype=torch_dtype, **options)

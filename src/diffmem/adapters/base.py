@@ -61,12 +61,84 @@ def vae_encode(vae, images: torch.Tensor, generator: torch.Generator | None = No
     return (z - (c.shift_factor or 0.0)) * c.scaling_factor
 
 
+OFFLOAD = ("none", "text-encoders")
+
+
+class LazyVAE:
+    """A diffusers ``AutoencoderKL`` folder read only when first used: its ``config`` (attribute access)
+    is at hand without the weights, so that detection, which decodes nothing, never loads them."""
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype):
+        from types import SimpleNamespace
+
+        from diffusers import AutoencoderKL
+
+        self.folder, self.dtype = Path(folder), dtype
+        self.config = SimpleNamespace(**AutoencoderKL.load_config(self.folder))
+
+    def load(self) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(self.folder, torch_dtype=self.dtype)
+
+
 class TransformerVAE:
     """Mixin (before ``AdapterBase``) for the transformer families whose VAE latents are scaled and shifted
-    (SD3, FLUX): images through ``vae_decode``/``vae_encode``, a fine-tuned denoiser saved as ``transformer/``."""
+    (SD3, FLUX): images through ``vae_decode``/``vae_encode``, a fine-tuned denoiser saved as ``transformer/``.
 
-    vae: torch.nn.Module
+    The memory plan of the large models: the VAE may be a ``LazyVAE`` (loaded on the first decode or
+    encode), and with ``offload_text_encoders`` the text encoders stay on the CPU and visit the model's
+    device only while they encode (``encoders_on_device``)."""
+
     denoiser: torch.nn.Module
+    text_encoders: tuple
+    offload_text_encoders: bool = False
+
+    def _place_components(self, vae, text_encoders, place, offload_text_encoders: bool = False) -> None:
+        """Put the VAE (a module, or a LazyVAE left unloaded) and the text encoders (on the CPU when
+        offloaded) where they live; `place` moves a module to the model's device and dtype."""
+        self._vae_source, self._place_vae = vae, place
+        self._vae = None if isinstance(vae, LazyVAE) else place(vae)
+        self.offload_text_encoders = offload_text_encoders
+        keep = (lambda m: m.to("cpu", self.dtype).eval().requires_grad_(False)) if offload_text_encoders else place
+        self.text_encoders = tuple(None if m is None else keep(m) for m in text_encoders)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        if self._vae is None:
+            self._vae = self._place_vae(self._vae_source.load())
+        return self._vae
+
+    @property
+    def vae_loaded(self) -> bool:
+        return self._vae is not None
+
+    @property
+    def vae_config(self):
+        return self._vae_source.config if self._vae is None else self._vae.config
+
+    def encoders_on_device(self):
+        """``with model.encoders_on_device(): ...``: the text encoders on the model's device inside the block,
+        back on the CPU after it when offloaded (then the device's cache is emptied)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def visit():
+            if not self.offload_text_encoders:
+                yield
+                return
+            present = [m for m in self.text_encoders if m is not None]
+            for m in present:
+                m.to(self.device)
+            try:
+                yield
+            finally:
+                for m in present:
+                    m.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        return visit()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.base import AdapterBase, TransformerVAE, load_denoiser
+from diffmem.adapters.base import AdapterBase, LazyVAE, TransformerVAE, load_denoiser
 from diffmem.adapters.flow import FlowMatching, flow_sampling_scheduler
 from diffmem.model import Conditioning, ModelDefaults, Token
 
@@ -90,16 +90,18 @@ class FluxModel(FlowMatching, TransformerVAE, AdapterBase):
 
     def __init__(self, transformer, vae, text_encoders, tokenizers, scheduler_config: dict, name: str,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, folders: tuple[Path, ...] = (),
-                 max_sequence_length: int | None = None, distilled_guidance: float = DISTILLED_GUIDANCE):
-        """text_encoders, tokenizers: (CLIP, T5). Images are the VAE's ``sample_size`` (1024 on FLUX.1),
-        latents (C, 2 * (size // (2 * vae_scale)), ...) as the pipeline computes them."""
+                 max_sequence_length: int | None = None, distilled_guidance: float = DISTILLED_GUIDANCE,
+                 offload_text_encoders: bool = False):
+        """text_encoders, tokenizers: (CLIP, T5); vae a module or a ``LazyVAE``. Images are the VAE's
+        ``sample_size`` (1024 on FLUX.1), latents (C, 2 * (size // (2 * vae_scale)), ...) as the pipeline
+        computes them."""
         self.name = name
         self.folders = tuple(folders)
         self.device = torch.device(device)
         self.dtype = dtype
         place = lambda m: (m.to(self.device) if m.dtype == dtype else m.to(self.device, dtype)).eval().requires_grad_(False)
-        self.denoiser, self.vae = place(transformer), place(vae)
-        self.text_encoders = tuple(place(m) for m in text_encoders)
+        self.denoiser = place(transformer)
+        self._place_components(vae, text_encoders, place, offload_text_encoders)
         self.tokenizers = tuple(tokenizers)
         self.tokenizer = self.tokenizers[1]  # the T5 tokens are the sequence the transformer reads
         cfg = self.denoiser.config
@@ -113,8 +115,8 @@ class FluxModel(FlowMatching, TransformerVAE, AdapterBase):
         if self.text_encoders[0].config.hidden_size != cfg.pooled_projection_dim:
             raise ValueError(f"{name}: CLIP's pooled output is {self.text_encoders[0].config.hidden_size} wide, the "
                              f"transformer's pooled input {cfg.pooled_projection_dim}")
-        vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        side = 2 * (int(self.vae.config.sample_size) // (vae_scale_factor * 2))  # the VAE's resolution (1024 on FLUX.1)
+        vae_scale_factor = 2 ** (len(self.vae_config.block_out_channels) - 1)
+        side = 2 * (int(self.vae_config.sample_size) // (vae_scale_factor * 2))  # the VAE's resolution (1024 on FLUX.1)
         self.latent_shape = (cfg.in_channels // 4, side, side)
         self.image_size = side * vae_scale_factor
         self.scheduler = flow_sampling_scheduler(scheduler_config, (side // 2) ** 2)
@@ -126,12 +128,13 @@ class FluxModel(FlowMatching, TransformerVAE, AdapterBase):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         clip_tok, t5_tok = self.tokenizers
-        ids = clip_tok(prompts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids.to(self.device)
-        pooled = self.text_encoders[0](ids, output_hidden_states=False).pooler_output
-        ids = t5_tok(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
-                     return_tensors="pt").input_ids.to(self.device)
-        t5 = self.text_encoders[1](ids, output_hidden_states=False)[0]
+        with self.encoders_on_device():
+            ids = clip_tok(prompts, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids.to(self.device)
+            pooled = self.text_encoders[0](ids, output_hidden_states=False).pooler_output
+            ids = t5_tok(prompts, padding="max_length", max_length=self.max_tokens, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+            t5 = self.text_encoders[1](ids, output_hidden_states=False)[0]
         return Conditioning(t5.to(self.dtype), {"pooled_projections": pooled.to(self.dtype)})
 
     def tokens(self, prompt: str) -> list[Token]:
@@ -174,9 +177,11 @@ class FluxModel(FlowMatching, TransformerVAE, AdapterBase):
 
 
 def load_flux(path: str | Path, transformer_path: str | Path | None = None, device="cpu",
-              dtype=torch.float32) -> FluxModel:
-    """Load a FLUX.1 folder component by component; ``transformer_path`` swaps in a fine-tuned transformer."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+              dtype=torch.float32, offload: str = "none") -> FluxModel:
+    """Load a FLUX.1 folder component by component; ``transformer_path`` swaps in a fine-tuned transformer.
+    The VAE is read on its first use; ``offload="text-encoders"`` keeps the text encoders on the CPU
+    between encodings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     path = Path(path)
@@ -187,10 +192,11 @@ def load_flux(path: str | Path, transformer_path: str | Path | None = None, devi
         if not (path / comp).is_dir():
             raise FileNotFoundError(f"{path}: component {comp}/ is missing (a FLUX.1 folder needs {listing})")
     transformer, where = load_denoiser(path, transformer_path, "FluxTransformer2DModel", "transformer", dtype)
-    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+    vae = LazyVAE(path / "vae", dtype)
     encoders = (CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=dtype),
                 T5EncoderModel.from_pretrained(path / "text_encoder_2", torch_dtype=dtype))
     tokenizers = tuple(AutoTokenizer.from_pretrained(path / sub) for sub in ("tokenizer", "tokenizer_2"))
     config = FlowMatchEulerDiscreteScheduler.load_config(path / "scheduler")
     folders = (path, where) if transformer_path else (path,)
-    return FluxModel(transformer, vae, encoders, tokenizers, config, str(path), device, dtype, folders)
+    return FluxModel(transformer, vae, encoders, tokenizers, config, str(path), device, dtype, folders,
+                     offload_text_encoders=offload == "text-encoders")

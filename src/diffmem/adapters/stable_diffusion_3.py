@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.adapters.base import AdapterBase, TransformerVAE, load_denoiser
+from diffmem.adapters.base import AdapterBase, LazyVAE, TransformerVAE, load_denoiser
 from diffmem.adapters.flow import FlowMatching, flow_sampling_scheduler
 from diffmem.adapters.stable_diffusion import clip_tokens
 from diffmem.model import Conditioning, ModelDefaults, Token
@@ -86,15 +86,15 @@ class StableDiffusion3Model(FlowMatching, TransformerVAE, AdapterBase):
 
     def __init__(self, transformer, vae, text_encoders, tokenizers, scheduler_config: dict, name: str,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, folders: tuple[Path, ...] = (),
-                 t5_length: int = T5_LENGTH):
-        """text_encoders, tokenizers: (CLIP-L, CLIP-G, T5 or None)."""
+                 t5_length: int = T5_LENGTH, offload_text_encoders: bool = False):
+        """text_encoders, tokenizers: (CLIP-L, CLIP-G, T5 or None); vae a module or a ``LazyVAE``."""
         self.name = name
         self.folders = tuple(folders)
         self.device = torch.device(device)
         self.dtype = dtype
         place = lambda m: (m.to(self.device) if m.dtype == dtype else m.to(self.device, dtype)).eval().requires_grad_(False)
-        self.denoiser, self.vae = place(transformer), place(vae)
-        self.text_encoders = tuple(None if m is None else place(m) for m in text_encoders)
+        self.denoiser = place(transformer)
+        self._place_components(vae, text_encoders, place, offload_text_encoders)
         self.tokenizers = tuple(tokenizers)
         self.tokenizer = self.tokenizers[0]
         self.max_tokens = self.tokenizer.model_max_length  # CLIP's 77
@@ -112,7 +112,7 @@ class StableDiffusion3Model(FlowMatching, TransformerVAE, AdapterBase):
         if pooled != cfg.pooled_projection_dim:
             raise ValueError(f"{name}: the CLIP projections add up to {pooled}, the transformer's pooled input is "
                              f"{cfg.pooled_projection_dim}")
-        vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        vae_scale_factor = 2 ** (len(self.vae_config.block_out_channels) - 1)
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.image_size = cfg.sample_size * vae_scale_factor
         self.scheduler = flow_sampling_scheduler(scheduler_config, (cfg.sample_size // cfg.patch_size) ** 2)
@@ -139,8 +139,9 @@ class StableDiffusion3Model(FlowMatching, TransformerVAE, AdapterBase):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
-        (h_l, p_l), (h_g, p_g) = self._clip(0, prompts), self._clip(1, prompts)
-        t5 = self._t5(prompts)  # (B, L, D)
+        with self.encoders_on_device():
+            (h_l, p_l), (h_g, p_g) = self._clip(0, prompts), self._clip(1, prompts)
+            t5 = self._t5(prompts)  # (B, L, D)
         clip = torch.cat([h_l, h_g], dim=-1)  # (B, 77, W_l + W_g)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, 77, D)
         joint = torch.cat([clip, t5.to(clip.dtype)], dim=-2)  # (B, 77 + L, D)
@@ -173,10 +174,11 @@ class StableDiffusion3Model(FlowMatching, TransformerVAE, AdapterBase):
 
 
 def load_stable_diffusion_3(path: str | Path, transformer_path: str | Path | None = None, device="cpu",
-                            dtype=torch.float32) -> StableDiffusion3Model:
+                            dtype=torch.float32, offload: str = "none") -> StableDiffusion3Model:
     """Load an SD3/SD3.5 folder component by component, with T5 where the folder has it;
-    ``transformer_path`` swaps in a fine-tuned transformer."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    ``transformer_path`` swaps in a fine-tuned transformer. The VAE is read on its first use;
+    ``offload="text-encoders"`` keeps the text encoders on the CPU between encodings."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
     path = Path(path)
@@ -184,7 +186,7 @@ def load_stable_diffusion_3(path: str | Path, transformer_path: str | Path | Non
         raise ValueError(f"{path}: model_index.json names no Stable Diffusion 3 pipeline (expected {PIPELINES[0]})")
     check_sd3_folder(path)
     transformer, where = load_denoiser(path, transformer_path, "SD3Transformer2DModel", "transformer", dtype)
-    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype)
+    vae = LazyVAE(path / "vae", dtype)
     encoders = [CLIPTextModelWithProjection.from_pretrained(path / sub, torch_dtype=dtype)
                 for sub in ("text_encoder", "text_encoder_2")]
     tokenizers = [AutoTokenizer.from_pretrained(path / sub) for sub in ("tokenizer", "tokenizer_2")]
@@ -193,4 +195,5 @@ def load_stable_diffusion_3(path: str | Path, transformer_path: str | Path | Non
     tokenizers.append(AutoTokenizer.from_pretrained(path / "tokenizer_3") if t5 else None)
     config = FlowMatchEulerDiscreteScheduler.load_config(path / "scheduler")
     folders = (path, where) if transformer_path else (path,)
-    return StableDiffusion3Model(transformer, vae, encoders, tokenizers, config, str(path), device, dtype, folders)
+    return StableDiffusion3Model(transformer, vae, encoders, tokenizers, config, str(path), device, dtype, folders,
+                                 offload_text_encoders=offload == "text-encoders")

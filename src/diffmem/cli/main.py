@@ -26,6 +26,9 @@ def common_model_args(p: argparse.ArgumentParser) -> None:
                    "(default 1); repeatable; each file's hash and scale are recorded with every result")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: accelerate's device for this process)")
     g.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    g.add_argument("--offload", default="none", choices=("none", "text-encoders"),
+                   help="text-encoders: SD3 and FLUX text encoders stay on the CPU and visit the device only to "
+                   "encode (docs/model-families.md, 'Memory')")
 
 
 def load_model_from_args(args):
@@ -46,7 +49,8 @@ def load_model_from_args(args):
 
         transformers.utils.logging.disable_progress_bar()
         diffusers.utils.logging.disable_progress_bar()
-    model = load_model(args.model, unet=args.unet, device=device, dtype=args.dtype)
+    model = load_model(args.model, unet=args.unet, device=device, dtype=args.dtype,
+                       offload=getattr(args, "offload", "none"))
     if getattr(args, "null_embedding", None):
         from diffmem.adapters import read_null
 
