@@ -65,3 +65,12 @@ def test_readme_python_example_runs():
     threshold = 0.438  # the lab's threshold at 1% FPR, quoted in the example's comment
     assert float(memorized) > threshold > float(novel)
     assert word == "magazines"  # a trigger word of that memorized caption
+
+
+def test_the_method_family_table_is_the_registries_answer(tmp_path):
+    """docs/model-families.md's table, asked again of every detector and mitigation on each family's model."""
+    from diffmem.reports.families import method_family_table, tiny_family_models
+
+    text = (ROOT / "docs" / "model-families.md").read_text()
+    shown = text.split("<!-- method-family-table -->\n", 1)[1].split("<!-- /method-family-table -->", 1)[0]
+    assert shown == method_family_table(tiny_family_models(tmp_path))
