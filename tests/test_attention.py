@@ -196,3 +196,57 @@ def test_processor_matches_diffusers_on_a_layer_with_norms_residual_and_rescale(
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     assert len(sink.got) == 1 and sink.got[0].shape == (2, 2, 15, 7)
     torch.testing.assert_close(sink.got[0], p[2:], rtol=0, atol=1e-6)
+
+
+# -- joint attention (SD3) --------------------------------------------------------------------------
+
+def test_joint_capture_is_the_text_block_of_the_processors_own_softmax(tiny_sd3_folder):
+    """The captured image-to-text attention, against the full softmax recomputed in float64 from the very
+    projections the diffusers processor used (forward hooks), checked in turn against the processor's own
+    attention output (the input of its to_out projection). Chunked over queries; a text mask zeroes padding."""
+    from diffmem.adapters import load_model
+    from diffmem.attention import JointAttentionRecorder, joint_attention_layers
+    from diffmem.sampling import SamplingConfig, sample_unit
+
+    model = load_model(str(tiny_sd3_folder))
+    layer = joint_attention_layers(model)[0]
+    attn = model.denoiser.get_submodule(layer[:-len(".processor")])
+    seen = {}
+    # the last call of each projection is the processor's (the capture's own calls come before it)
+    hooks = [getattr(attn, n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.detach().double()))
+             for n in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj")]
+    hooks.append(attn.to_out[0].register_forward_pre_hook(lambda m, i: seen.__setitem__("out", i[0].detach().double())))
+    cfg = SamplingConfig(num_inference_steps=2, num_generations=1, track_steps=1, batch_size=4)
+    try:
+        with JointAttentionRecorder(model, [layer], steps=[0], chunk=7) as rec:
+            sample_unit(model, ["a red cat"], [0], cfg, recorders=[rec])
+    finally:
+        for h in hooks:
+            h.remove()
+    B, H = seen["to_q"].shape[0], attn.heads
+    split = lambda x: x.view(B, x.shape[1], H, -1).transpose(1, 2)  # noqa: E731
+    q, k, v = split(seen["to_q"]), split(torch.cat([seen["to_k"], seen["add_k_proj"]], 1)), \
+        split(torch.cat([seen["to_v"], seen["add_v_proj"]], 1))
+    assert attn.norm_q is None and attn.norm_added_k is None  # the tiny model's layer: raw projections
+    p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # (B, H, L, L + T)
+    L = seen["to_q"].shape[1]
+    out = (p @ v).transpose(1, 2).reshape(B, -1, H * v.shape[-1])[:, :L]
+    torch.testing.assert_close(out, seen["out"], atol=1e-5, rtol=1e-4)  # the processor's own attention
+    got = rec.maps[0][layer]
+    torch.testing.assert_close(got.double(), p[B // 2:, :, :, L:], atol=1e-6, rtol=1e-5)  # conditional rows
+    assert (got.sum(-1) < 1).all()  # normalised over all keys: the text's share
+
+    mask = torch.zeros(1, got.shape[-1], dtype=torch.bool)
+    mask[0, :5] = True
+    with JointAttentionRecorder(model, [layer], steps=[0], keep_padding=False, text_mask=mask) as rec:
+        sample_unit(model, ["a red cat"], [0], cfg, recorders=[rec])
+    masked = rec.maps[0][layer]
+    torch.testing.assert_close(masked[..., :5], got[..., :5])
+    assert (masked[..., 5:] == 0).all()
+
+
+def test_joint_capture_refuses_a_model_without_joint_attention(tiny_sd):
+    from diffmem.attention import JointAttentionRecorder
+
+    with pytest.raises(ValueError, match=r"has no joint-attention layer \(SD3's MMDiT blocks\)"):
+        JointAttentionRecorder(tiny_sd)

@@ -457,3 +457,104 @@ class CrossAttentionRecorder:
         out = {layer: torch.cat(chunks) for layer, chunks in self._pending.items()}
         self._pending.clear()
         return out
+
+
+# -- joint attention (SD3's MMDiT) ----------------------------------------------------------------
+
+JOINT_SUFFIX = "attn.processor"
+
+
+def joint_attention_layers(model) -> list[str]:
+    """Names of the joint-attention layers (image and text tokens in one attention, SD3's MMDiT blocks:
+    ``transformer_blocks.i.attn``) of a model's denoiser; [] on a denoiser without them."""
+    den = _unet(model)
+    return [n for n in den.attn_processors if n.endswith(JOINT_SUFFIX) and n.count(".") == 3
+            and getattr(den.get_submodule(n[:-len(".processor")]), "add_k_proj", None) is not None]
+
+
+def joint_text_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                             chunk: int = 1024) -> torch.Tensor:
+    """(B, heads, L, T) float32: the attention of the L image queries on the T text keys of one joint-attention
+    layer, normalised over ALL keys (the L image keys and the T text keys, as the layer's softmax is), so a
+    row sums to the text's share of the attention, not to 1. Q, K from the layer's own projections and
+    norms, as diffusers' ``JointAttnProcessor2_0``; computed `chunk` queries at a time (the (L, L + T) logits
+    of a 1024-pixel image never exist whole)."""
+    B, heads = hidden_states.shape[0], attn.heads
+
+    def split(x):
+        return x.view(B, x.shape[1], heads, -1).transpose(1, 2)
+
+    q, k_img, k_txt = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.add_k_proj(encoder_hidden_states))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k_img = attn.norm_k(k_img)
+    if attn.norm_added_k is not None:
+        k_txt = attn.norm_added_k(k_txt)
+    scale = q.shape[-1] ** -0.5  # SDPA's default, which the processor uses
+    k_img, k_txt = k_img.float().transpose(-1, -2), k_txt.float().transpose(-1, -2)
+    out = []
+    for i in range(0, q.shape[2], chunk):
+        qi = q[:, :, i:i + chunk].float()
+        l_img, l_txt = qi @ k_img * scale, qi @ k_txt * scale
+        norm = torch.logsumexp(torch.cat([l_img, l_txt], dim=-1), dim=-1, keepdim=True)
+        out.append((l_txt - norm).exp())
+    return torch.cat(out, dim=2)
+
+
+class JointCaptureProcessor:
+    """A joint-attention layer's own processor, with the image-to-text attention of its conditional rows
+    handed to `sink` while the sink captures (``joint_text_probabilities``). The output is the original
+    processor's, untouched."""
+
+    def __init__(self, name: str, original, sink: "JointAttentionRecorder"):
+        self.name, self.original, self.sink = name, original, sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if self.sink.active and encoder_hidden_states is not None:
+            rows = _rows("cond", hidden_states.shape[0])
+            with torch.no_grad() if self.sink.detach else torch.enable_grad():
+                probs = joint_text_probabilities(attn, hidden_states[rows], encoder_hidden_states[rows],
+                                                 self.sink.chunk)
+            if not self.sink.keep_padding and self.sink.text_mask is not None:
+                probs = probs * self.sink.next_mask(self.name, len(probs)).to(probs)[:, None, None, :]
+            self.sink.capture(self.name, attn, probs, probs.shape[-1])
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
+class JointAttentionRecorder(CrossAttentionRecorder):
+    """``CrossAttentionRecorder`` for SD3's joint attention: ``maps[k][layer]`` is (N, heads, HW, T), the
+    image queries' attention on the T text tokens (CLIP's 77, then T5's), normalised over all keys (image and
+    text), chunked over queries (`chunk`). `text_mask` (N, T) bool, True at the real tokens, in the pass's row
+    order, and ``keep_padding=False``: the padding tokens' columns are zeroed (the denominators stay the
+    model's, which attends to them). Layers: None = every joint-attention layer, or names / a predicate."""
+
+    def __init__(self, model, layers: LayerSelection = None, steps: Iterable[int] | None = None, *,
+                 chunk: int = 1024, keep_padding: bool = True, text_mask: torch.Tensor | None = None, **kwargs):
+        names = joint_attention_layers(model)
+        if not names:
+            raise ValueError(f"{model.family} ({model.name}) has no joint-attention layer (SD3's MMDiT blocks); "
+                             "FLUX's rotary double- and single-stream blocks are not captured yet")
+        super().__init__(model, [], steps, **kwargs)
+        self.layers = names if layers is None else [n for n in names if (layers(n) if callable(layers) else
+                                                                          n in layers or n[:-len(".processor")] in layers)]
+        self.chunk, self.keep_padding, self.text_mask = chunk, keep_padding, text_mask
+        self._cursor: dict[str, int] = {}
+
+    def next_mask(self, layer: str, n: int) -> torch.Tensor:
+        """The next `n` rows of text_mask for `layer` (wrapping around after N, as the pass's calls go)."""
+        start = self._cursor.get(layer, 0)
+        idx = torch.arange(start, start + n) % len(self.text_mask)
+        self._cursor[layer] = (start + n) % len(self.text_mask)
+        return self.text_mask[idx]
+
+    def __enter__(self) -> "JointAttentionRecorder":
+        if self._previous is not None:
+            raise RuntimeError("this JointAttentionRecorder is already installed")
+        den = _unet(self.model)
+        self._previous = {}
+        for name in self.layers if self.requested else []:
+            module = den.get_submodule(name[:-len(".processor")])
+            self._previous[name] = module.processor
+            module.set_processor(JointCaptureProcessor(name, module.processor, self))
+        return self
