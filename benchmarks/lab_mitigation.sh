@@ -10,7 +10,7 @@ set -euo pipefail
 MODEL=${1:-lab}
 OUT=${2:-lab_mitigation}
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} diffmem evaluate --model "$MODEL" --out "$OUT" \
-  --mitigation none embedding-opt rand_word_add rand_numb_add rand_word_repeat \
+  --mitigation none embedding-opt rand-word-add rand-numb-add rand-word-repeat \
   --target-loss p5 p25 p50 p75 p95 --target-unit mean --repeat-num 1 2 4 6 8 \
   --lr 0.01 --max-iters 50 \
   --calibration-set lab:non-memorized --calibration-limit 200 \

@@ -9,7 +9,7 @@ unfiltered main run. `benchmarks/lab_train_mitigation.sh` runs every step:
     diffmem lab build --out runs/tm/filtered --no-anneal --resume-from runs/lab/stages/0/checkpoint-1000 \
         --hard-threshold "$(python benchmarks/lab_train_mitigation.py thresholds --out runs/tm)"
     diffmem lab build --out runs/tm/augmented --no-anneal --resume-from runs/lab/stages/0/checkpoint-1000 \
-        --prompt-aug-style rand_word_add --repeat-num 1
+        --prompt-aug-style rand-word-add --repeat-num 1
     python benchmarks/lab_train_mitigation.py evaluate --reference runs/lab/stages/0 --out runs/tm
 
 Calibration: the filter compares d = ||eps(x_t, caption) - eps(x_t, '')|| on each training sample's

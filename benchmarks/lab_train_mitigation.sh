@@ -20,7 +20,7 @@ python "$here/lab_train_mitigation.py" calibrate --reference "$LAB/stages/0" --p
 branch="--no-anneal --resume --resume-from $LAB/stages/0/checkpoint-1000 --threads 1"
 diffmem lab build --out "$OUT/filtered" $branch \
   --hard-threshold "$(python "$here/lab_train_mitigation.py" thresholds --out "$OUT")" > "$OUT/filtered.log" 2>&1 &
-diffmem lab build --out "$OUT/augmented" $branch --prompt-aug-style rand_word_add --repeat-num 1 \
+diffmem lab build --out "$OUT/augmented" $branch --prompt-aug-style rand-word-add --repeat-num 1 \
   > "$OUT/augmented.log" 2>&1 &
 wait
 python "$here/lab_train_mitigation.py" evaluate --reference "$LAB/stages/0" --out "$OUT" --num-prompts 100

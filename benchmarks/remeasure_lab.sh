@@ -34,7 +34,7 @@ extras() {  # the default guidance's choice, the L2-constrained variant, the ori
     --out "$OUT/guidance_sweep.json"
   python benchmarks/lab_constrained_mitigation.py --model "$MODEL" --out "$OUT/constrained_mitigation"
   diffmem evaluate --model "$MODEL" --out "$OUT/mitigation_lr0.05" \
-    --mitigation none embedding-opt rand_word_add rand_numb_add rand_word_repeat \
+    --mitigation none embedding-opt rand-word-add rand-numb-add rand-word-repeat \
     --target-loss p5 p25 p50 p75 p95 --target-unit mean --repeat-num 1 2 4 6 8 --lr 0.05 --max-iters 10 \
     --calibration-set lab:non-memorized --calibration-limit 200 --num-generations 4 --num-inference-steps 50 \
     --no-progress

@@ -241,7 +241,7 @@ from diffmem.reports.plots import comparison_grid
 
 methods = {"no mitigation": MitigationConfig(method="none"),
            "embedding optimization": MitigationConfig(method="embedding-opt", target_loss=target_loss),
-           "random-word addition": MitigationConfig(method="rand_word_add", repeat_num=4)}
+           "random-word addition": MitigationConfig(method="rand-word-add", repeat_num=4)}
 results = {name: mitigate_unit(model, [target.caption], [j], m, sampling)[0] for name, m in methods.items()}
 print("rows, top to bottom:", ", ".join(results))
 Image(filename=comparison_grid([target.training] * len(results), [r.images for r in results.values()],
@@ -394,7 +394,7 @@ target = eval_set.prompts[0]
 target_loss = calibrate_target_loss(model, normal, sampling)[50.0]  # median first-step loss of the normal prompts (the original unit)
 methods = {"no mitigation": MitigationConfig(method="none"),
            "embedding optimization": MitigationConfig(method="embedding-opt", target_loss=target_loss),
-           "random-word addition": MitigationConfig(method="rand_word_add", repeat_num=4)}
+           "random-word addition": MitigationConfig(method="rand-word-add", repeat_num=4)}
 results = {name: mitigate_unit(model, [target.caption], [0], m, sampling)[0] for name, m in methods.items()}
 judge = Judge(model, eval_set, EvaluateConfig(sampling=sampling, sscd=os.environ.get("DIFFMEM_SSCD")))
 rows = [{**judge.row(target, r, methods[name]), "method": name} for name, r in results.items()]

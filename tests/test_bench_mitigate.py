@@ -134,7 +134,7 @@ def test_a_sweep_runs_exactly_its_settings(fake_methods):
     diagonal = [{"a": 0.5, "b": 1}, {"a": 1.5, "b": 3}]
     assert params(diagonal) == [[diagonal[0]], [diagonal[1]]]  # no grid: one evaluation per setting
     assert params([{}]) == [[{}]]
-    aug = sweep_configs("rand_word_add", [{"repeat_num": n} for n in (1, 2)], bench)
+    aug = sweep_configs("rand-word-add", [{"repeat_num": n} for n in (1, 2)], bench)
     assert [[s.repeat_num for s in settings_of(c)] for c in aug] == [[1, 2]]
     opt = sweep_configs("embedding-opt", [{"target_loss": 2.0}, {}], bench)
     assert [[s.target_loss for s in settings_of(c)] for c in opt] == [[2.0, None]]
@@ -156,7 +156,7 @@ def test_param_fixes_a_parameter_in_every_setting_and_the_table_names_it(tiny_sd
     assert {p["protocol"] for p in read_rows(out / "gni" / "per_prompt.jsonl")} == {"per-prompt"}
     assert "| gni | scale=0.1,protocol=per-prompt |" in (out / "table.md").read_text()
     with pytest.raises(ValueError, match="--param protocol"):
-        BenchMitigateConfig(methods=("rand_word_add",), params={"protocol": "per-prompt"})
+        BenchMitigateConfig(methods=("rand-word-add",), params={"protocol": "per-prompt"})
 
 
 # -- a tiny SD folder with a pair dataset: SSCD > 0.5 copies, CLIP score, a refused method -----------
@@ -168,7 +168,7 @@ def test_bench_on_a_tiny_sd_folder_with_a_pair_dataset(tiny_sd, pairs, tmp_path,
 
     sscd = tmp_path / "sscd.pt"
     torch.jit.script(MeanColourDescriptor()).save(str(sscd))
-    config = BenchMitigateConfig(methods=("refuses-test", "rand_word_add"), sscd=str(sscd),
+    config = BenchMitigateConfig(methods=("refuses-test", "rand-word-add"), sscd=str(sscd),
                                  clip=str(make_tiny_clip_folder(tmp_path / "clip")),
                                  sampling=SamplingConfig(num_inference_steps=2, num_generations=2, batch_size=4))
     out = tmp_path / "bench"
@@ -176,7 +176,7 @@ def test_bench_on_a_tiny_sd_folder_with_a_pair_dataset(tiny_sd, pairs, tmp_path,
     assert results["copy_rule"] == "sscd beyond 0.5" and results["x_axis"] == "clip_score"
     assert results["similarity_metric"] == "sscd"
     assert [(r["method"], r.get("setting")) for r in results["rows"]] == [
-        ("none", "default"), ("refuses-test", None), *[("rand_word_add", f"repeat_num={n}") for n in (1, 2, 4, 8)]]
+        ("none", "default"), ("refuses-test", None), *[("rand-word-add", f"repeat_num={n}") for n in (1, 2, 4, 8)]]
     skipped = results["rows"][1]
     assert skipped["status"] == "skipped" and skipped["reason"] == "refuses-test needs a lab model"
     check_against_folders(out, results)
@@ -189,7 +189,7 @@ def test_bench_on_a_tiny_sd_folder_with_a_pair_dataset(tiny_sd, pairs, tmp_path,
     table = (out / "table.md").read_text()
     assert "| refuses-test | skipped: refuses-test needs a lab model |" in table
     assert "| sscd mean | sscd max | sscd top-3 | CLIP score | extra UNet rows / prompt | s / prompt |" in table
-    assert table.count("| rand_word_add | repeat_num=") == 4
+    assert table.count("| rand-word-add | repeat_num=") == 4
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -201,12 +201,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_sd_folder, pairs, 
     from diffmem.eval_sets import folder_eval_set
 
     args = ["bench", "mitigate", "--model", tiny_sd_folder, "--dataset", pairs, "--methods",
-            "none,rand_word_add,embedding-opt", *FAST]
+            "none,rand-word-add,embedding-opt", *FAST]
     from diffmem.cli.main import main
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main([*map(str, args), "--out", str(whole)]) == 0
-    # 2 prompts, one per unit: none's 2 units, then rand_word_add's 4 settings x 2: killed inside its second setting
+    # 2 prompts, one per unit: none's 2 units, then rand-word-add's 4 settings x 2: killed inside its second setting
     killed = diffmem(*args, "--out", cut, kill="evaluate.unit:5")
     assert killed.returncode == -9
     assert json.loads((cut / "finished.json").read_text())["folders"] == ["none"]
@@ -218,8 +218,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_sd_folder, pairs, 
     assert (cut / "none" / "summary.json").stat().st_mtime_ns == none_summary  # a finished method is not redone
     a, b = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
     assert without(a["rows"], "seconds_per_prompt") == without(b["rows"], "seconds_per_prompt")
-    assert [r["method"] for r in a["rows"]] == ["none", *["rand_word_add"] * 4, "embedding-opt"]
-    for method in ("none", "rand_word_add", "embedding-opt"):
+    assert [r["method"] for r in a["rows"]] == ["none", *["rand-word-add"] * 4, "embedding-opt"]
+    for method in ("none", "rand-word-add", "embedding-opt"):
         assert without(read_rows(whole / method / "per_prompt.jsonl"), "seconds") == \
             without(read_rows(cut / method / "per_prompt.jsonl"), "seconds")
     files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
@@ -238,19 +238,19 @@ def test_bench_mitigate_on_the_fast_lab(fast_lab_folder, fast_lab, tmp_path):
 
     out = tmp_path / "lab_bench"
     assert main(["bench", "mitigate", "--model", str(fast_lab_folder), "--limit", "2", "--methods",
-                 "none,rand_word_add,embedding-opt", "--num-generations", "2", "--num-inference-steps", "5",
+                 "none,rand-word-add,embedding-opt", "--num-generations", "2", "--num-inference-steps", "5",
                  "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["copy_rule"].startswith("lab judge") and results["x_axis"] == "alignment"
     sampling = SamplingConfig(num_inference_steps=5, num_generations=2)
     targets = [s["target_loss"] for s in get_mitigation("embedding-opt").sweep(fast_lab, sampling)]
     assert [r["value"] for r in ok_rows(results, "embedding-opt")] == pytest.approx(targets)
-    assert [r["value"] for r in ok_rows(results, "rand_word_add")] == [1, 2, 4, 8]
+    assert [r["value"] for r in ok_rows(results, "rand-word-add")] == [1, 2, 4, 8]
     check_against_folders(out, results)
     for r in ok_rows(results):
         assert 0 <= r["copy_rate"] <= 1 and 0 <= r["alignment"] <= 1
         assert {"mean", "max", "top3_mean"} <= set(r["similarity"]["pixel_cosine"])
-    assert all(r["extra_unet_rows_per_prompt"] == 0 for r in ok_rows(results, "rand_word_add"))
+    assert all(r["extra_unet_rows_per_prompt"] == 0 for r in ok_rows(results, "rand-word-add"))
     assert all(r["extra_unet_rows_per_prompt"] > 0 for r in ok_rows(results, "embedding-opt"))
     table = (out / "table.md").read_text()
     assert "| alignment | extra UNet rows / prompt |" in table and len(table.splitlines()) == 4 + 1 + 4 + 4
@@ -266,7 +266,7 @@ def test_two_processes_equal_one(tiny_sd_folder, pairs, tmp_path):
     import diffmem.cli.main as cli
 
     args = ["bench", "mitigate", "--model", str(tiny_sd_folder), "--dataset", str(pairs), "--methods",
-            "none,rand_word_add", *FAST]
+            "none,rand-word-add", *FAST]
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert diffmem(*args, "--out", single).returncode == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
@@ -274,7 +274,7 @@ def test_two_processes_equal_one(tiny_sd_folder, pairs, tmp_path):
     res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert not list(multi.rglob("*.part*"))
-    for method in ("none", "rand_word_add"):
+    for method in ("none", "rand-word-add"):
         a, b = read_rows(single / method / "per_prompt.jsonl"), read_rows(multi / method / "per_prompt.jsonl")
         assert len(a) == (1 if method == "none" else 4) * 2
         assert without(a, "seconds") == without(b, "seconds")

@@ -180,7 +180,7 @@ def _inference_mitigation(summary: dict) -> str:
     align = [opt[p]["alignment_mean"] for p in none_left]
     rest = "; ".join(f"{opt[p]['copy_rate']:.3f} copies at alignment {opt[p]['alignment_mean']:.3f} at p{p:.0f}"
                      for p in sorted(opt) if p not in none_left)
-    words = min(res["rand_word_add"].values(), key=lambda r: r["copy_rate"])
+    words = min(res["rand-word-add"].values(), key=lambda r: r["copy_rate"])
     return (f"takes the copy rate of memorized prompts from {res['none']['default']['copy_rate']:.3f} to "
             f"**0.000** at every target from the {none_left[0]:.0f}th to the {none_left[-1]:.0f}th percentile of "
             f"non-memorized prompts' first-step d (alignment {min(align):.3f}-{max(align):.3f}; {rest}), while adding "

@@ -114,15 +114,15 @@ def test_run_evaluation_writes_tables_summary_grids_and_plot(tiny_sd, pair_folde
     sscd = tmp_path / "sscd.pt"
     torch.jit.script(MeanColourDescriptor()).save(str(sscd))
     clip = make_tiny_clip_folder(tmp_path / "clip")
-    config = EvaluateConfig(methods=("none", "embedding-opt", "rand_word_add"), target_losses=(1e6, -1.0),
+    config = EvaluateConfig(methods=("none", "embedding-opt", "rand-word-add"), target_losses=(1e6, -1.0),
                             repeat_nums=(1, 2), mitigation=MitigationConfig(max_iters=2), sscd=str(sscd), clip=str(clip),
                             copy_threshold=0.5, sampling=SamplingConfig(num_inference_steps=2, num_generations=2))
     out = tmp_path / "eval"
     summary = run_evaluation(tiny_sd, folder_eval_set(pair_folder, 32), config, out, progress=False)
     res = summary["results"]
-    assert set(res) == {"none", "embedding-opt", "rand_word_add"}
+    assert set(res) == {"none", "embedding-opt", "rand-word-add"}
     assert set(res["embedding-opt"]) == {"target_loss=1e+06", "target_loss=-1"}
-    assert set(res["rand_word_add"]) == {"repeat_num=1", "repeat_num=2"}
+    assert set(res["rand-word-add"]) == {"repeat_num=1", "repeat_num=2"}
     for settings in res.values():
         for s in settings.values():
             assert (s["num_prompts"], s["num_generations"]) == (2, 4)
@@ -170,7 +170,7 @@ def test_mitigate_command_writes_images_d_iterations_and_embeddings(tiny_sd_fold
     assert sorted(emb) == ["prompt_00000", "prompt_00001", "prompt_00002"] and emb["prompt_00000"].shape == (77, 32)
     assert all((out / img).is_file() for r in rows for img in r["images"])
     out2 = tmp_path / "m2"
-    assert main(["mitigate", "--model", str(tiny_sd_folder), "--prompts", str(prompts), "--method", "rand_word_repeat",
+    assert main(["mitigate", "--model", str(tiny_sd_folder), "--prompts", str(prompts), "--method", "rand-word-repeat",
                  "--repeat-num", "2", "--num-generations", "1", "--num-inference-steps", "2", "--out", str(out2),
                  "--no-progress"]) == 0
     rows = [json.loads(l) for l in (out2 / "results.jsonl").read_text().splitlines()]
@@ -185,7 +185,7 @@ def test_evaluate_command_on_the_fast_lab(fast_lab_folder, tmp_path):
 
     out = tmp_path / "lab_eval"
     rc = main(["evaluate", "--model", str(fast_lab_folder), "--limit", "2", "--mitigation", "none", "embedding-opt",
-               "rand_word_add", "--target-loss", "p50", "--repeat-num", "4", "--calibration-limit", "8",
+               "rand-word-add", "--target-loss", "p50", "--repeat-num", "4", "--calibration-limit", "8",
                "--num-generations", "2", "--num-inference-steps", "4", "--out", str(out), "--no-progress"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -200,6 +200,6 @@ def test_best_setting_under_a_copy_rate():
 
     res = {"embedding-opt": {"a": {"copy_rate": 0.0, "alignment_mean": 0.6}, "b": {"copy_rate": 0.04, "alignment_mean": 0.8},
                              "c": {"copy_rate": 0.5, "alignment_mean": 0.9}},
-           "rand_word_add": {"a": {"copy_rate": 0.3, "alignment_mean": 0.9}}}
+           "rand-word-add": {"a": {"copy_rate": 0.3, "alignment_mean": 0.9}}}
     best = best_under_copy_rate(res, 0.05)["methods"]
     assert best == {"embedding-opt": {"setting": "b", "copy_rate": 0.04, "alignment_mean": 0.8}}

@@ -156,7 +156,7 @@ def test_bench_mitigate_plan_skips_what_a_flow_model_cannot_run(tiny_flow_lab):
     from diffmem.mitigations import check_model, get_mitigation, refusal
 
     reasons = {m: refusal(get_mitigation(m), tiny_flow_lab) for m in METHODS}
-    assert reasons["none"] is None and reasons["embedding-opt"] is None and reasons["rand_word_add"] is None
+    assert reasons["none"] is None and reasons["embedding-opt"] is None and reasons["rand-word-add"] is None
     assert reasons["nemo"].startswith("cannot run on lab (") and "sigma = 1" in reasons["nemo"]
     assert "no LoRA adapter" in reasons["lora-scale"]
     assert reasons["broken-memories"] is None and "sigma = 1" in reasons["guard"]

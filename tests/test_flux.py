@@ -146,7 +146,7 @@ def test_verbs_run_on_flux_with_a_lora(flux_folders, dev, tmp_path):
             runs.append(name)
         except ValueError as e:
             assert str(e).startswith(f"--method {name}: cannot run on flux") and "\n" not in str(e)
-    assert set(runs) == {"none", "embedding-opt", "rand_word_add", "rand_numb_add", "rand_word_repeat", "delayed-cfg",
+    assert set(runs) == {"none", "embedding-opt", "rand-word-add", "rand-numb-add", "rand-word-repeat", "delayed-cfg",
                          "broken-memories"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from types import SimpleNamespace
@@ -119,7 +120,7 @@ def test_embedding_opt_samples_with_the_optimized_embedding(tiny_sd):
 
 
 def test_augmentation_samples_the_modified_prompt(tiny_sd):
-    res = mitigate_unit(tiny_sd, PROMPTS[:2], [0, 1], MitigationConfig(method="rand_numb_add", repeat_num=2), SAMPLING)
+    res = mitigate_unit(tiny_sd, PROMPTS[:2], [0, 1], MitigationConfig(method="rand-numb-add", repeat_num=2), SAMPLING)
     for r in res:
         assert len(r.modified_prompt.split(" ")) == len(r.prompt.split(" ")) + 2
     direct = sample_unit(tiny_sd, [r.modified_prompt for r in res], [0, 1], SAMPLING, decode=True)
@@ -254,9 +255,9 @@ def test_augmentations_insert_exactly_repeat_num_items(style, repeat_num, tiny_s
             assert len(out.split(" ")) == len(prompt.split(" ")) + repeat_num
             assert len(items) == repeat_num
             assert all(i.strip() == i and i for i in items)
-            if style == "rand_numb_add":
+            if style == "rand-numb-add":
                 assert all(i.isdigit() and int(i) < 100000 for i in items)
-            if style == "rand_word_repeat":
+            if style == "rand-word-repeat":
                 assert set(items) <= set(prompt.split(" "))
 
 
@@ -264,7 +265,7 @@ def test_rand_word_add_draws_vocabulary_tokens(lab_tokenizer_model):
     tok = lab_tokenizer_model.tokenizer
     prompt = "the cobalt wages: a green circle"
     for seed in range(10):
-        for item in inserted(prompt, augment_prompt(prompt, "rand_word_add", 3, lab_tokenizer_model, random.Random(seed))):
+        for item in inserted(prompt, augment_prompt(prompt, "rand-word-add", 3, lab_tokenizer_model, random.Random(seed))):
             assert item in tok.get_vocab() and item not in tok.all_special_tokens
 
 
@@ -286,7 +287,29 @@ def test_random_words_never_show_a_blocked_word(lab_tokenizer_model):
 
 
 def test_augmentation_is_seeded_and_checked(tiny_sd):
-    a = augment_prompt("a b c", "rand_word_add", 4, tiny_sd, random.Random(3))
-    assert a == augment_prompt("a b c", "rand_word_add", 4, tiny_sd, random.Random(3))
+    a = augment_prompt("a b c", "rand-word-add", 4, tiny_sd, random.Random(3))
+    assert a == augment_prompt("a b c", "rand-word-add", 4, tiny_sd, random.Random(3))
     with pytest.raises(ValueError, match="expected one of"):
         augment_prompt("a b c", "rand_word_swap", 1, tiny_sd, random.Random(0))
+
+
+def test_the_original_spellings_of_the_augmentations_are_accepted(tiny_sd_folder, tmp_path):
+    """rand_word_add (the original code's and diffmem's former spelling) names rand-word-add everywhere."""
+    from diffmem.bench import BenchMitigateConfig
+    from diffmem.cli.main import main
+    from diffmem.evaluate import EvaluateConfig
+    from diffmem.mitigate import MitigationConfig
+    from diffmem.mitigations import get_mitigation
+    from diffmem.train import TrainConfig
+
+    assert MitigationConfig(method="rand_numb_add").method == "rand-numb-add"
+    assert get_mitigation("rand_word_repeat").name == "rand-word-repeat"
+    assert EvaluateConfig(methods=("none", "rand_word_add")).methods == ("none", "rand-word-add")
+    assert BenchMitigateConfig(methods=("rand_word_add",)).methods == ("rand-word-add",)
+    assert TrainConfig(prompt_aug_style="rand_word_replace").prompt_aug_style == "rand-word-replace"
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    assert main(["mitigate", "--model", str(tiny_sd_folder), "--prompts", str(tmp_path / "p.txt"), "--method",
+                 "rand_word_add", "--repeat-num", "1", "--num-inference-steps", "2", "--num-generations", "1",
+                 "--out", str(tmp_path / "m"), "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "m" / "meta.json").read_text())
+    assert meta["mitigation"]["method"] == "rand-word-add"

@@ -268,8 +268,8 @@ def test_dori_under_a_mitigation_attacks_the_edited_model_then_samples_with_it(t
         assert torch.allclose(r.embedding, attack.embeddings[0])
     with pytest.raises(ValueError, match="training image"):
         mitigate_unit(tiny_sd, PROMPTS, [0, 1], config, sampling)
-    with pytest.raises(ValueError, match="--method rand_word_add: the DoRI attack tests mitigations that change the model"):
-        MitigationConfig(method="rand_word_add", dori_steps=2)
+    with pytest.raises(ValueError, match="--method rand-word-add: the DoRI attack tests mitigations that change the model"):
+        MitigationConfig(method="rand-word-add", dori_steps=2)
 
 
 def test_bench_mitigate_resume_adds_methods_and_the_dori_runs(tiny_sd_folder, tmp_path, capsys):
@@ -288,12 +288,12 @@ def test_bench_mitigate_resume_adds_methods_and_the_dori_runs(tiny_sd_folder, tm
     out = tmp_path / "bench"
     fast = ["--model", str(tiny_sd_folder), "--dataset", str(pairs), "--num-generations", "1", "--num-inference-steps",
             "2", "--batch-size", "4", "--copy-threshold", "0.9", "--no-progress", "--out", str(out)]
-    assert main(["bench", "mitigate", "--methods", "rand_word_add", *fast]) == 0
+    assert main(["bench", "mitigate", "--methods", "rand-word-add", *fast]) == 0
     before = json.loads((out / "plan.json").read_text())["methods"]
     none_rows = (out / "none" / "per_prompt.jsonl").read_text()
-    assert main(["bench", "mitigate", "--methods", "rand_word_add,ren-attention", "--dori", "1", "--resume", *fast]) == 0
+    assert main(["bench", "mitigate", "--methods", "rand-word-add,ren-attention", "--dori", "1", "--resume", *fast]) == 0
     plan = json.loads((out / "plan.json").read_text())["methods"]
-    assert [e["method"] for e in plan] == ["none", "rand_word_add", "ren-attention"]
+    assert [e["method"] for e in plan] == ["none", "rand-word-add", "ren-attention"]
     assert plan[1] == before[1]  # a prompt-changing method is not attacked
     assert plan[0]["dori_folder"] == "none/dori" and "published_folder" not in plan[0]
     assert plan[2]["published_folder"] == "ren-attention/published"  # its sweep lacks the published default
@@ -307,6 +307,6 @@ def test_bench_mitigate_resume_adds_methods_and_the_dori_runs(tiny_sd_folder, tm
     assert {r["setting"] for r in rows} == {"default,dori=1"}
     assert "| ren-attention | default |" in (out / "table.md").read_text().split("Under the DoRI attack")[1]
     capsys.readouterr()
-    assert main(["bench", "mitigate", "--methods", "rand_word_add", "--resume", *fast[:-3], "--num-generations", "2",
+    assert main(["bench", "mitigate", "--methods", "rand-word-add", "--resume", *fast[:-3], "--num-generations", "2",
                  "--no-progress", "--out", str(out)]) != 0  # other settings still cannot resume it
     assert "cannot resume" in capsys.readouterr().err

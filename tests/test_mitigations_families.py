@@ -20,9 +20,9 @@ CHEAP = {
     "nemo": dict(params={"num_seeds": 2, "theta_min": 4.0, "threshold": 0.0, "prune_checks": 1}),
     "prss-reanchor": dict(params={"l_pr": 0.0, "M": 1.0}),
     "broken-memories": dict(params={"reference_prompts": "random", "tau_mild": 0.5}),
-    "rand_word_add": dict(repeat_num=1),
-    "rand_numb_add": dict(repeat_num=1),
-    "rand_word_repeat": dict(repeat_num=1),
+    "rand-word-add": dict(repeat_num=1),
+    "rand-numb-add": dict(repeat_num=1),
+    "rand-word-repeat": dict(repeat_num=1),
 }
 NEEDS_TRAINING_SET = {"amg"}
 NEEDS_LORA = {"lora-scale"}  # tests/test_lora.py

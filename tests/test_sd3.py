@@ -247,7 +247,7 @@ def test_mitigations_whose_definition_does_not_carry_over_refuse_sd3(sd3):
             runs.append(name)
         except ValueError as e:
             assert str(e).startswith(f"--method {name}: cannot run on stable-diffusion-3") and "\n" not in str(e)
-    assert set(runs) == {"none", "embedding-opt", "rand_word_add", "rand_numb_add", "rand_word_repeat", "delayed-cfg",
+    assert set(runs) == {"none", "embedding-opt", "rand-word-add", "rand-numb-add", "rand-word-repeat", "delayed-cfg",
                          "broken-memories"}
 
 

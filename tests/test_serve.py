@@ -141,7 +141,7 @@ def test_mitigation_hook_is_mitigate_unit_sampled_like_the_page(tiny_sd):
 
 def test_mitigation_hook_augmentation_without_images_and_other_schedules(tiny_sd):
     config = ExplainConfig(generations=2, num_inference_steps=3)
-    hook = mitigation_hook(MitigationConfig("rand_numb_add", repeat_num=2), image_steps=None)
+    hook = mitigation_hook(MitigationConfig("rand-numb-add", repeat_num=2), image_steps=None)
     res = hook(tiny_sd, "a red cat", config)
     assert res["images"] == [] and res["iterations"] == 0 and res["target_loss"] is None and res["repeat_num"] == 2
     assert len(res["modified_prompt"].split(" ")) == 5
@@ -156,9 +156,9 @@ def test_mitigation_hook_augmentation_without_images_and_other_schedules(tiny_sd
     (["--mitigation-max-iters", "0"], "--mitigation-max-iters 0: must be >= 1"),
     (["--target-loss", "-1"], "--target-loss -1.0: must be >= 0"),
     (["--repeat-num", "2"], "--repeat-num has no effect with --mitigation embedding-opt"),
-    (["--mitigation", "rand_word_add", "--target-loss", "1"], "--target-loss has no effect with --mitigation rand_"),
+    (["--mitigation", "rand-word-add", "--target-loss", "1"], "--target-loss has no effect with --mitigation rand-word-add"),
     (["--mitigation", "none", "--repeat-num", "2"], "--repeat-num has no effect with --mitigation none"),
-    (["--mitigation", "rand_numb_add", "--repeat-num", "0"], "--repeat-num 0: must be >= 1"),
+    (["--mitigation", "rand-numb-add", "--repeat-num", "0"], "--repeat-num 0: must be >= 1"),
 ])
 def test_serve_cli_checks_mitigation_options_before_loading(argv, message, tmp_path, capsys):
     rc = main(["serve", "--model", str(tmp_path / "absent"), "--threshold", "1", *argv])  # no model to load

@@ -122,7 +122,7 @@ def test_caption_augmentation_adds_one_random_word_per_caption(tiny_sd_folder, t
     encode = model.encode_prompts
     model.encode_prompts = lambda prompts: (seen.extend(prompts), encode(prompts))[1]
     config = TrainConfig(output_dir=str(tmp_path), max_train_steps=2, train_batch_size=4, log_every=1,
-                         prompt_aug_style="rand_word_add", repeat_num=1, num_threads=1)
+                         prompt_aug_style="rand-word-add", repeat_num=1, num_threads=1)
     train(model, dataset(), config, save_model=lambda unet, folder: None, progress=False)
     trained = [c for c in seen if c]  # the empty prompt is encoded once for caption dropout
     assert trained and all(c not in CAPTIONS for c in trained)
@@ -168,17 +168,17 @@ def captions_trained(folder, tmp_path, steps=3, data=None, **options) -> list[st
 
 
 def test_caption_replacement_with_random_tokens(tiny_sd_folder, tmp_path):
-    trained = captions_trained(tiny_sd_folder, tmp_path, prompt_aug_style="rand_word_replace", repeat_num=4)
+    trained = captions_trained(tiny_sd_folder, tmp_path, prompt_aug_style="rand-word-replace", repeat_num=4)
     assert trained and all(c not in CAPTIONS for c in trained)
     assert all(len(c.split(" ")) == 4 for c in trained)  # 4 single-word tokens, nothing of the caption kept
 
 
 def test_augmentation_probability_changes_that_share_of_samples(tiny_sd_folder, tmp_path):
     """p = 0.1 (Somepalli et al.) leaves most captions as they are; p = 0 none; p = 1 all."""
-    none = captions_trained(tiny_sd_folder, tmp_path, steps=5, prompt_aug_style="rand_word_add", repeat_num=2,
+    none = captions_trained(tiny_sd_folder, tmp_path, steps=5, prompt_aug_style="rand-word-add", repeat_num=2,
                             prompt_aug_prob=0.0)
     assert set(none) <= set(CAPTIONS)
-    some = captions_trained(tiny_sd_folder, tmp_path, steps=25, prompt_aug_style="rand_word_add", repeat_num=2,
+    some = captions_trained(tiny_sd_folder, tmp_path, steps=25, prompt_aug_style="rand-word-add", repeat_num=2,
                             prompt_aug_prob=0.1)
     new = [c for c in set(some) if c not in CAPTIONS]
     assert new and all(len(c.split(" ")) == len(o.split(" ")) + 2 for c in new

@@ -65,9 +65,9 @@ def test_every_verb_runs_on_the_family(folders, family, tmp_path):
     assert main(["mitigate", *model, "--prompts", str(tmp_path / "m.txt"), "--method", "embedding-opt",
                  "--target-loss", "0", "--max-iters", "1", "--out", str(tmp_path / "mit"), *FAST]) == 0
     assert [r["iterations"] for r in read_rows(tmp_path / "mit" / "results.jsonl")] == [1, 1]
-    assert main(["evaluate", *model, "--dataset", str(pairs), "--mitigation", "none", "rand_word_add",
+    assert main(["evaluate", *model, "--dataset", str(pairs), "--mitigation", "none", "rand-word-add",
                  "--copy-threshold", "0.9", "--out", str(tmp_path / "eval"), *FAST]) == 0
-    assert set(json.loads((tmp_path / "eval" / "summary.json").read_text())["results"]) == {"none", "rand_word_add"}
+    assert set(json.loads((tmp_path / "eval" / "summary.json").read_text())["results"]) == {"none", "rand-word-add"}
 
     # audit with a given threshold: every prompt flagged at 0, its report written
     assert main(["audit", *model, "--prompts", str(tmp_path / "m.txt"), "--threshold", "0", "--out",
@@ -80,10 +80,10 @@ def test_every_verb_runs_on_the_family(folders, family, tmp_path):
                  str(tmp_path / "n.txt"), "--methods", "wen", "--generations", "1", "--bootstrap", "5",
                  "--num-inference-steps", "2", "--out", str(tmp_path / "bd"), "--no-progress"]) == 0
     assert {r["method"] for r in json.loads((tmp_path / "bd" / "table.json").read_text())["rows"]} == {"wen"}
-    assert main(["bench", "mitigate", *model, "--dataset", str(pairs), "--methods", "rand_word_add",
+    assert main(["bench", "mitigate", *model, "--dataset", str(pairs), "--methods", "rand-word-add",
                  "--copy-threshold", "0.9", "--out", str(tmp_path / "bm"), *FAST]) == 0
     rows = json.loads((tmp_path / "bm" / "results.json").read_text())["rows"]
-    assert [r["method"] for r in rows if r["status"] == "ok"] == ["none", *["rand_word_add"] * 4]
+    assert [r["method"] for r in rows if r["status"] == "ok"] == ["none", *["rand-word-add"] * 4]
 
     # train: two steps of the original recipe on the pairs
     assert main(["train", *model, "--dataset", str(pairs), "--non-mem-dataset", str(pairs), "--end", "2",

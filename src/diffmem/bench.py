@@ -223,6 +223,9 @@ class BenchMitigateConfig:
     def __post_init__(self):
         from diffmem.mitigations import get_mitigation, param_names
 
+        from diffmem.mitigations import canonical_name
+
+        self.methods = tuple(canonical_name(m) for m in self.methods)  # the original code's spellings too
         if self.dori_steps < 0:
             raise ValueError(f"--dori {self.dori_steps}: must be >= 0 (the attack's Adam steps; the paper's 50)")
         if not self.methods:

@@ -27,7 +27,7 @@ from diffmem.sampling import SamplingConfig, plan_units
 
 @dataclass
 class EvaluateConfig:
-    methods: tuple[str, ...] = ("none", "embedding-opt", "rand_word_add")
+    methods: tuple[str, ...] = ("none", "embedding-opt", "rand-word-add")
     target_losses: tuple[float | None, ...] = (None,)  # embedding-opt sweep; None: the model's default target
     repeat_nums: tuple[int, ...] = (4,)  # augmentation sweep (4 at inference; the paper sweeps 1-8)
     # the other methods' parameters: {name: values}; each method sweeps the product of those it takes
@@ -40,6 +40,11 @@ class EvaluateConfig:
     copy_metric: str | None = None  # default: sscd when given, else pixel_cosine
     grid_prompts: int = 12  # prompts shown per grid image
     save_images: bool = False
+
+    def __post_init__(self):
+        from diffmem.mitigations import canonical_name
+
+        self.methods = tuple(canonical_name(m) for m in self.methods)  # the original code's spellings too
 
 
 def settings_of(config: EvaluateConfig) -> list[MitigationConfig]:

@@ -26,7 +26,7 @@ from diffmem.metrics import TARGET_UNITS, mitigation_loss
 from diffmem.provenance import provenance
 from diffmem.sampling import NoiseNormRecorder, SamplingConfig, Step, plan_units, tracked_pass
 
-from diffmem.mitigations import (MITIGATIONS, Unit, check_model, count_unet_rows, get_mitigation,
+from diffmem.mitigations import (MITIGATIONS, Unit, canonical_name, check_model, count_unet_rows, get_mitigation,
                                  make_params, plan_context, timed)
 from diffmem.mitigations.augment import (AUGMENT_STYLES, augment_prompt, insert_word,  # noqa: F401  (re-exported)
                                          random_vocabulary_word)
@@ -57,6 +57,7 @@ class MitigationConfig:
     dori_steps: int = 0  # > 0: sample from the DoRI attack's embedding (that many Adam steps; the paper's 50)
 
     def __post_init__(self):
+        self.method = canonical_name(self.method)  # the original code's spellings (rand_word_add) too
         if self.method not in METHODS:
             raise ValueError(f"mitigation {self.method!r}: expected one of {', '.join(METHODS)}")
         make_params(self.method, self.params)  # names and values checked now, before any sampling

@@ -57,7 +57,7 @@ class TrainConfig:
     # under the running mean of the losses at their timestep (an EMA with decay agc_ema_decay, from 0)
     agc_ratio: float | None = None  # the official mem_ratio: 1.25 in its README
     agc_ema_decay: float = 0.8
-    prompt_aug_style: str | None = None  # e.g. "rand_word_add" (training baseline); see augment_prompt
+    prompt_aug_style: str | None = None  # e.g. "rand-word-add" (training baseline); see augment_prompt
     repeat_num: int = 1
     prompt_aug_prob: float = 1.0  # share of samples augmented (the seed: all; Somepalli et al.: 0.1)
     embedding_noise: float = 0.0  # Gaussian noise of this std added to the caption embeddings (Somepalli et al.)
@@ -79,6 +79,10 @@ class TrainConfig:
     def __post_init__(self):
         from diffmem.mitigations.augment import TRAIN_AUGMENT_STYLES
 
+        if self.prompt_aug_style is not None:
+            from diffmem.mitigations import canonical_name
+
+            self.prompt_aug_style = canonical_name(self.prompt_aug_style)  # rand_word_add, the original spelling, too
         if self.prompt_aug_style is not None and self.prompt_aug_style not in TRAIN_AUGMENT_STYLES:
             raise ValueError(f"--prompt-aug-style {self.prompt_aug_style!r}: expected one of "
                              f"{', '.join(TRAIN_AUGMENT_STYLES)}")

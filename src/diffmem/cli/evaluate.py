@@ -7,6 +7,7 @@ def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
     from diffmem.cli.options import DATASET_HELP, add_param_arg, add_sampling_args
     from diffmem.mitigate import METHODS
+    from diffmem.mitigations import canonical_name
     from diffmem.sampling import SamplingConfig
 
     p = sub.add_parser("evaluate", help="evaluate mitigations: similarity to training images, alignment, trade-off plot",
@@ -18,8 +19,8 @@ def add_parser(sub) -> None:
     common_model_args(p)
     p.add_argument("--dataset", default=None, help=DATASET_HELP)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
-    p.add_argument("--mitigation", nargs="+", choices=METHODS,
-                   help="methods to compare (default: none embedding-opt rand_word_add)")
+    p.add_argument("--mitigation", nargs="+", choices=METHODS, type=canonical_name,
+                   help="methods to compare (default: none embedding-opt rand-word-add)")
     p.add_argument("--target-loss", nargs="+", default=None, help="embedding-opt sweep; 'pN' = the N-th percentile "
                    "of the first-step loss on --calibration-set prompts (e.g. p50 p95); default: the model's target "
                    "(3 on SD; on the lab, the median first-step loss of its reference prompts)")

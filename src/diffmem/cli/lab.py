@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
                    "same preset: continue from its step, optimizer and schedule into --out")
     b.add_argument("--hard-threshold", default=None, help="training-time mitigation: leave samples whose d is at or "
                    "above this out of the loss; K comma-separated numbers give one per band of timesteps")
-    b.add_argument("--prompt-aug-style", default=None, help="caption augmentation baseline, e.g. rand_word_add")
+    b.add_argument("--prompt-aug-style", default=None, help="caption augmentation baseline, e.g. rand-word-add")
     b.add_argument("--repeat-num", type=int, default=None, help="items the caption augmentation inserts (default 1)")
     b.set_defaults(run=run_build)
 

@@ -17,12 +17,13 @@ def add_parser(sub) -> None:
     from diffmem.cli.main import common_model_args
     from diffmem.cli.options import add_mitigation_args, add_param_arg, add_sampling_args
     from diffmem.mitigate import METHODS
+    from diffmem.mitigations import canonical_name
     from diffmem.sampling import SamplingConfig
 
     p = sub.add_parser("mitigate", help="sample prompts with an inference-time mitigation",
                        description="embedding-opt: AdamW on the prompt embedding until the first-step d <= "
-                       "--target-loss (Wen et al. 5.1), then sample every step with it. rand_word_add, "
-                       "rand_numb_add, rand_word_repeat: insert --repeat-num random tokens / numbers / prompt words "
+                       "--target-loss (Wen et al. 5.1), then sample every step with it. rand-word-add, "
+                       "rand-numb-add, rand-word-repeat: insert --repeat-num random tokens / numbers / prompt words "
                        "(Somepalli et al. 2023). The field's other methods take --param NAME=VALUE "
                        "(docs/mitigations.md; embedding-opt: docs/mitigation.md). Writes images/, results.jsonl (final d, iterations, UNet rows, "
                        "seconds, modified prompt) and embeddings.safetensors to --out.")
@@ -30,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prompts", default=None, help="prompt file (.jsonl, .txt, .csv, .parquet) or 'random'; default "
                    "for lab models: the lab's memorized prompts")
     p.add_argument("--prompt-key", default="caption")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=METHODS, type=canonical_name)
     add_mitigation_args(p)
     add_param_arg(p)
     p.add_argument("--out", required=True, help="output folder")

@@ -11,6 +11,7 @@ def add_parser(sub) -> None:
     from diffmem.cli.options import add_explain_args
     from diffmem.explain import ExplainConfig
     from diffmem.mitigate import METHODS
+    from diffmem.mitigations import canonical_name
 
     p = sub.add_parser("serve", help="local web page: a prompt's memorization score, verdict, tokens and images",
                        description="Start a local web app over a JSON API (POST /api/analyze, /api/mitigate). The "
@@ -30,9 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--image-steps", type=int, default=50, help="DDIM steps of the images shown")
     p.add_argument("--no-images", action="store_true", help="show no images (faster on large models)")
     m = p.add_argument_group("mitigation (the page's 'Generate with mitigation' button)")
-    m.add_argument("--mitigation", choices=METHODS, default="embedding-opt",
+    m.add_argument("--mitigation", choices=METHODS, type=canonical_name, default="embedding-opt",
                    help="embedding-opt (default): AdamW on the prompt embedding until the first-step d <= "
-                   "--target-loss (Wen et al. 5.1); rand_word_add, rand_numb_add, rand_word_repeat: insert "
+                   "--target-loss (Wen et al. 5.1); rand-word-add, rand-numb-add, rand-word-repeat: insert "
                    "--repeat-num random tokens / numbers / prompt words (Somepalli et al. 2023); "
                    "none: the button stays off")
     m.add_argument("--target-loss", type=float, default=None,
@@ -46,7 +47,7 @@ def add_parser(sub) -> None:
     m.add_argument("--mitigation-max-iters", type=int, default=None,
                    help="embedding-opt: AdamW steps at most (default: the model's; 10 on SD, 50 on the lab)")
     m.add_argument("--repeat-num", type=int, default=None,
-                   help="rand_word_add, rand_numb_add, rand_word_repeat: items inserted (default 4)")
+                   help="rand-word-add, rand-numb-add, rand-word-repeat: items inserted (default 4)")
     p.add_argument("--verbose", action="store_true", help="log every request")
     p.set_defaults(run=run)
 
@@ -143,8 +144,9 @@ def run(args) -> int:
 def mitigation_config_from_args(args, seed: int):
     """The MitigationConfig of the page's button (target_loss still to derive when not given); None for none."""
     from diffmem.mitigate import AUGMENT_STYLES, MitigationConfig
+    from diffmem.mitigations import canonical_name
 
-    method = args.mitigation
+    method = canonical_name(args.mitigation)
     given = {"--target-loss": args.target_loss, "--mitigation-lr": args.mitigation_lr,
              "--mitigation-max-iters": args.mitigation_max_iters, "--repeat-num": args.repeat_num}
     applies = {"embedding-opt": ("--target-loss", "--mitigation-lr", "--mitigation-max-iters"),

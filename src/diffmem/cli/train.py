@@ -35,9 +35,9 @@ TRAIN_OPTIONS = (
     ("agc_ratio", float, "IET-AGC's anti-gradient control (Liu et al. 2024): leave out samples whose loss times this "
                          "is under the running mean of the losses at their timestep (1.25 in its README)"),
     ("agc_ema_decay", float, "decay of that running mean (0.8, IET-AGC's)"),
-    ("prompt_aug_style", str, "caption augmentation: rand_word_add (the original code's baseline), rand_numb_add, "
-                              "rand_word_repeat, rand_word_replace"),
-    ("repeat_num", int, "words or numbers the augmentation inserts (rand_word_replace: the caption's length)"),
+    ("prompt_aug_style", str, "caption augmentation: rand-word-add (the original code's baseline), rand-numb-add, "
+                              "rand-word-repeat, rand-word-replace"),
+    ("repeat_num", int, "words or numbers the augmentation inserts (rand-word-replace: the caption's length)"),
     ("prompt_aug_prob", float, "share of samples the augmentation changes (1: all, the original code's; 0.1: Somepalli et al.)"),
     ("embedding_noise", float, "std of Gaussian noise added to the caption embeddings (Somepalli et al.)"),
     ("caption_per_line", bool, "a caption file of several lines holds several captions of its image: one is drawn "

@@ -112,6 +112,15 @@ class Mitigation(Protocol):
 
 MITIGATIONS: dict[str, type] = {}
 
+# the original code's (and diffmem's earlier) spellings of the prompt augmentations, still accepted everywhere
+ORIGINAL_SPELLINGS = {"rand_word_add": "rand-word-add", "rand_numb_add": "rand-numb-add",
+                      "rand_word_repeat": "rand-word-repeat", "rand_word_replace": "rand-word-replace"}
+
+
+def canonical_name(name: str) -> str:
+    """A method's registry name from any accepted spelling (``rand_word_add`` -> ``rand-word-add``)."""
+    return ORIGINAL_SPELLINGS.get(name, name)
+
 
 def register(cls: type) -> type:
     """Class decorator: make `cls` available by ``cls.name`` (``mitigate --method``, ``evaluate``, ``bench``)."""
@@ -128,6 +137,7 @@ _INSTANCES: dict[str, object] = {}
 def get_mitigation(name: str):
     """The registered mitigation `name` (one instance per process: methods may cache what they derive
     from a model, such as a calibrated threshold); an unknown name raises, listing the known ones."""
+    name = canonical_name(name)
     if name not in MITIGATIONS:
         raise ValueError(f"unknown mitigation {name!r}: expected one of {', '.join(MITIGATIONS)}")
     if name not in _INSTANCES:

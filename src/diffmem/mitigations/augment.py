@@ -1,7 +1,8 @@
 """Prompt augmentations (Somepalli et al., NeurIPS 2023, "Understanding and mitigating copying in
-diffusion models"): ``rand_word_add`` (random vocabulary tokens), ``rand_numb_add`` (random integers
-< 100000), ``rand_word_repeat`` (words of the prompt itself), ``repeat_num`` items inserted at random
-word positions (4 at inference; 1 as the training-time baseline of ``diffmem train``). The draws of
+diffusion models"): ``rand-word-add`` (random vocabulary tokens), ``rand-numb-add`` (random integers
+< 100000), ``rand-word-repeat`` (words of the prompt itself), ``repeat_num`` items inserted at random
+word positions (4 at inference; 1 as the training-time baseline of ``diffmem train``); the original
+code's spellings (``rand_word_add``, ...) are accepted everywhere. The draws of
 the prompt at position p use ``random.Random(config.seed + p)``. A drawn token that is a word of
 diffmem's blocklist (``diffmem.lab.data.blocked_words``: obscenities, slurs, violence), or a word
 piece whose letters are one, is drawn again, so no baseline shows a user such a word."""
@@ -11,13 +12,13 @@ from __future__ import annotations
 import random
 import re
 
-from diffmem.mitigations import Plan, Unit, register
+from diffmem.mitigations import Plan, Unit, canonical_name, register
 
-AUGMENT_STYLES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
+AUGMENT_STYLES = ("rand-word-add", "rand-numb-add", "rand-word-repeat")
 # training only: the caption replaced by `repeat_num` random vocabulary tokens (Somepalli et al.'s "randrepl")
-TRAIN_AUGMENT_STYLES = (*AUGMENT_STYLES, "rand_word_replace")
+TRAIN_AUGMENT_STYLES = (*AUGMENT_STYLES, "rand-word-replace")
 CLIP_RANDOM_TOKEN_LIMIT = 49400  # Somepalli et al. draw token ids below this in CLIP's 49,408-token vocabulary
-RANDOM_NUMBER_LIMIT = 100000  # rand_numb_add draws integers below this
+RANDOM_NUMBER_LIMIT = 100000  # rand-numb-add draws integers below this
 
 
 def random_vocabulary_word(tokenizer, rng: random.Random) -> str:
@@ -51,22 +52,23 @@ def insert_word(prompt: str, word: str, rng: random.Random) -> str:
 def augment_prompt(prompt: str, style: str, repeat_num: int, model, rng: random.Random) -> str:
     """Insert `repeat_num` items into `prompt` (Somepalli et al. 2023's caption augmentations).
 
-    rand_word_add: random vocabulary tokens; rand_numb_add: random integers < 100000;
-    rand_word_repeat: random words of the prompt itself; rand_word_replace (training only): the
+    rand-word-add: random vocabulary tokens; rand-numb-add: random integers < 100000;
+    rand-word-repeat: random words of the prompt itself; rand-word-replace (training only): the
     prompt replaced by `repeat_num` random vocabulary tokens.
     """
+    style = canonical_name(style)
     if style not in TRAIN_AUGMENT_STYLES:
         raise ValueError(f"prompt augmentation {style!r}: expected one of {', '.join(TRAIN_AUGMENT_STYLES)}")
     if repeat_num < 0:
         raise ValueError(f"repeat_num {repeat_num}: must be >= 0")
-    if style == "rand_word_replace":
+    if style == "rand-word-replace":
         return " ".join(random_vocabulary_word(model.tokenizer, rng) for _ in range(repeat_num))
     words = prompt.split(" ")
-    tokenizer = model.tokenizer if style == "rand_word_add" else None
+    tokenizer = model.tokenizer if style == "rand-word-add" else None
     for _ in range(repeat_num):
-        if style == "rand_word_add":
+        if style == "rand-word-add":
             item = random_vocabulary_word(tokenizer, rng)
-        elif style == "rand_numb_add":
+        elif style == "rand-numb-add":
             item = str(rng.randrange(RANDOM_NUMBER_LIMIT))
         else:
             item = rng.choice(words)
@@ -92,14 +94,14 @@ class _Augmentation:
 
 @register
 class RandWordAdd(_Augmentation):
-    name = "rand_word_add"
+    name = "rand-word-add"
 
 
 @register
 class RandNumbAdd(_Augmentation):
-    name = "rand_numb_add"
+    name = "rand-numb-add"
 
 
 @register
 class RandWordRepeat(_Augmentation):
-    name = "rand_word_repeat"
+    name = "rand-word-repeat"
