@@ -13,6 +13,7 @@ import torch
 from diffmem.files import read_rows
 from diffmem.mitigate import MitigationConfig, mitigate_unit
 from diffmem.sampling import SamplingConfig, initial_noise, schedule
+from test_detectors_2026 import _hand_norms  # the DDIM loop that holds the detector's norms
 
 PROMPTS = ["a red cat on a mat", "the velvet harbor: a blue square"]
 
@@ -121,28 +122,6 @@ def test_guard_off_reproduces_unmitigated_sampling_and_refuses_a_transformer(tin
 
 # -- Broken Memories ------------------------------------------------------------------------------
 
-def _ddim_norm_stats(model, prompts, seed0, steps, w):
-    """Per-step mean and unbiased std (S, 3) of ||x_next||, ||x_next - x||, ||x0_hat|| over one generation per
-    prompt, DDIM from diffusers' scheduler."""
-    from diffmem.sampling import predict_branches
-
-    runs = []
-    for i, prompt in enumerate(prompts):
-        x = initial_noise(model, 1, seed0 + i)
-        c, u = model.encode_prompts([prompt]), model.empty_conditioning()
-        rows = []
-        with torch.no_grad():
-            for t in schedule(model, steps):
-                e_c, e_u = predict_branches(model, x, t, c, u)
-                res = model.scheduler.step(e_u + w * (e_c - e_u), t, x)
-                rows.append([res.prev_sample.double().norm(), (res.prev_sample - x).double().norm(),
-                             res.pred_original_sample.double().norm()])
-                x = res.prev_sample
-        runs.append(torch.tensor(rows))
-    runs = torch.stack(runs)
-    return runs.mean(0), runs.std(0).clamp_min(1e-5)
-
-
 def _rescale(v, target):
     n = v.flatten(1).double().norm(dim=1).clamp_min(1e-8)
     return v * (target / n).float().view(-1, 1, 1, 1)
@@ -195,7 +174,8 @@ def test_broken_memories_mitigation_equals_the_algorithm_written_out(tiny_sd, tm
     (tmp_path / "ref.txt").write_text("\n".join(reference) + "\n")
     sampling = SamplingConfig(num_inference_steps=5, num_generations=3, batch_size=8, seed=11)
     w = sampling.guidance(tiny_sd)
-    mean, std = _ddim_norm_stats(tiny_sd, reference, 11, 5, w)  # the calibration: seeds from the run's seed
+    ref = _hand_norms(tiny_sd, reference, 11, 5, w)  # the calibration's generations: seeds from the run's seed
+    mean, std = ref.mean(0), ref.std(0).clamp_min(1e-5)
     params = {"tau_mild": 0.3, "tau_strong": 1.0, "gamma": 0.5, "mild_steps": 2, "reference_prompts": str(tmp_path / "ref.txt")}
     out = mitigate_unit(tiny_sd, PROMPTS, [0, 1], MitigationConfig(method="broken-memories", seed=11, params=params),
                         sampling)

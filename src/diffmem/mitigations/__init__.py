@@ -239,6 +239,18 @@ def plan_context(plan: Plan) -> ContextManager:
     return plan.context() if plan.context is not None else nullcontext()
 
 
+def per_prompt(info: list[dict] | None, **values) -> None:
+    """Write each of `values` ((N,) per row, rows prompt-major, G = N / len(info) per prompt) into `info`
+    (one dict per prompt) as the list of its prompt's generations' values; nothing without `info`."""
+    if not info:
+        return
+    for key, v in values.items():
+        v = v.tolist() if isinstance(v, torch.Tensor) else list(v)
+        G = len(v) // len(info)
+        for j, row in enumerate(info):
+            row[key] = v[j * G:(j + 1) * G]
+
+
 def derived_generator(seed: int, position: int, stream: int) -> torch.Generator:
     """A CPU generator for a method's extra draws of the prompt at `position` (SAIL's re-draws, GNI's
     noise): seeded from the run's seed, the position and a stream number, never equal to the seed

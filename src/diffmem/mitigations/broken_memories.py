@@ -33,7 +33,7 @@ import torch
 
 from diffmem.detectors.broken_memories import (STD_FLOOR, TAU_MILD, TAU_STRONG, BrokenMemories, predicted_clean,
                                                step_norms, z_scores)
-from diffmem.mitigations import Plan, Unit, register
+from diffmem.mitigations import Plan, Unit, per_prompt, register
 
 GAMMA, MILD_STEPS = 3.0, 10
 
@@ -94,11 +94,8 @@ class StabilityCorrection:
         if active.any():
             x_next = self.corrected_update(index, x_t, x_next, x0, active)
             self.corrected += active.long()
-        if self.info:
-            G = len(x_t) // len(self.info)
-            for j, row in enumerate(self.info):
-                row["broken_memories_flag"] = [("none", "mild", "strong")[k] for k in self.kind[j * G:(j + 1) * G].tolist()]
-                row["broken_memories_corrected_steps"] = self.corrected[j * G:(j + 1) * G].tolist()
+        per_prompt(self.info, broken_memories_flag=[("none", "mild", "strong")[k] for k in self.kind.tolist()],
+                   broken_memories_corrected_steps=self.corrected)
         return x_next
 
     def corrected_update(self, index, x_t, x_next, x0, active):

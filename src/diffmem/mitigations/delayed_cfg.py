@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from diffmem.metrics import text_noise_norm
-from diffmem.mitigations import Plan, Unit, register
+from diffmem.mitigations import Plan, Unit, per_prompt, register
 
 MODES = ("static", "dynamic", "opposite")
 DEFAULT_SWITCH_T = {"static": 500.0, "opposite": 650.0, "dynamic": None}  # on SD's 1,000-step scale
@@ -124,10 +124,7 @@ class DynamicSwitch:
         hit = first_local_minimum_passed(self._prev2, self._prev1, d) & (self.switch_step < 0)
         self.switch_step[hit] = index
         self._prev2, self._prev1, self._last = self._prev1, d, index
-        if self.info:
-            G = len(d) // len(self.info)
-            for j, row in enumerate(self.info):
-                row["switch_step"] = self.switch_step[j * G:(j + 1) * G].tolist()
+        per_prompt(self.info, switch_step=self.switch_step)
         on = self.switch_step >= 0
         w = torch.where(on, torch.tensor(self.full_scale, dtype=torch.float64),
                         torch.tensor(self.early_scale, dtype=torch.float64))

@@ -35,7 +35,7 @@ import torch
 
 from diffmem.attention import AttentionEdit, attention_edit, cross_attention_layers
 from diffmem.model import Conditioning
-from diffmem.mitigations import Plan, Unit, register
+from diffmem.mitigations import Plan, Unit, per_prompt, register
 
 
 def early_layers(model) -> list[str]:
@@ -102,10 +102,7 @@ class GuardGuidance:
         eps, hit = guard_prediction(eps_u, self.positive(t, x_t, eps_c), eps_c, self.scale, r,
                                     self.p.orthogonalize, self.p.cos_threshold, self.p.coef_clip)
         self.hits += hit.cpu().long()
-        if self.info:
-            G = len(eps) // len(self.info)
-            for j, row in enumerate(self.info):
-                row["guard_orthogonalized_steps"] = self.hits[j * G:(j + 1) * G].tolist()
+        per_prompt(self.info, guard_orthogonalized_steps=self.hits)
         return eps
 
 

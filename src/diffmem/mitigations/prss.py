@@ -57,7 +57,7 @@ import torch
 
 from diffmem.files import json_lines
 from diffmem.metrics import text_noise_norm
-from diffmem.mitigations import Plan, Unit, register
+from diffmem.mitigations import Plan, Unit, per_prompt, register
 from diffmem.model import Conditioning
 
 PUBLISHED = {"l_pr": 3.0, "M": 5.0, "lambda_ss": 1.0}  # Stable Diffusion v1.4 (README's PRSS command)
@@ -138,10 +138,7 @@ class PromptReanchoring:
         if not use.any():
             return cfg
         self.reanchored += use.long()
-        if self.info:
-            G = len(use) // len(self.info)
-            for j, row in enumerate(self.info):
-                row["reanchored_steps"] = self.reanchored[j * G:(j + 1) * G].tolist()
+        per_prompt(self.info, reanchored_steps=self.reanchored)
         eps_p = eps_c.clone()
         rows = (use & self.differs).nonzero().flatten()
         if len(rows):
