@@ -352,3 +352,15 @@ def test_constrained_table_in_docs_is_the_sweep():
     for r in json.loads((LAB / "constrained_mitigation" / "table.json").read_text())["rows"]:
         assert (f"| {r['setting']} |" in doc and
                 f"| {r['copy_rate']:.3f} | {r['alignment']:.3f} | {r['final_loss']:.3f} | {r['iterations']:.1f} |" in doc), r
+
+
+def test_the_2026_detector_table_in_docs_is_the_benchmark():
+    table = (LAB / "bench_detect_2026" / "table.md").read_text(encoding="utf-8")
+    doc = (ROOT / "docs" / "detectors.md").read_text(encoding="utf-8")
+    assert doc.split("<!-- bench-detect-2026 -->\n", 1)[1].split("<!-- /bench-detect-2026 -->", 1)[0] == table
+    rows = _load(LAB / "bench_detect_2026" / "table.json")["rows"]
+    wen = {(r["steps"], r["generations"], r["control"]): r for r in rows if r["method"] == "wen"}
+    others = [r for r in rows if r["method"] != "wen"]
+    better = [r for r in others if r["tpr_at_1fpr"] > wen[(r["steps"], r["generations"], r["control"])]["tpr_at_1fpr"]
+              or r["auc"] > wen[(r["steps"], r["generations"], r["control"])]["auc"]]
+    assert not better and "None of the 2026 detectors does better than Wen's d on the lab" in doc
