@@ -281,6 +281,7 @@ def test_detector_table_matches_bench_detect():
     table = _load(LAB / "bench_detect" / "table.json")  # read fresh: a newer run may replace it
     rows = {(r["method"], r["steps"], str(r["generations"]), r["control"]): r for r in table["rows"]}
     doc = (ROOT / "docs" / "detectors.md").read_text(encoding="utf-8").split("## On the lab", 1)[1]
+    doc = doc.split("### The 2026 detectors on the lab", 1)[0]  # that table is held by the test below
     quoted = [[c.strip() for c in line.strip("|").split("|")] for line in doc.splitlines()
               if line.startswith("| ") and not line.startswith("| method")]
 
