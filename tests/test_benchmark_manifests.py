@@ -274,7 +274,10 @@ def test_lora_finetune_table_in_docs_is_the_evaluation():
     doc = (ROOT / "docs" / "mitigation.md").read_text(encoding="utf-8").split("#### The same fine-tune as a LoRA adapter", 1)[1]
     quoted = [line for line in doc.splitlines() if line.startswith("|")]
     assert quoted[: len(lines)] == lines, "docs/mitigation.md's LoRA table differs from the evaluation files"
-    assert lora["lora-plain"]["memorized"]["copy_rate"] == 0.0 and "did not memorize" in doc
+    assert all(r["memorized"]["copy_rate"] == 0.0 for r in lora.values()) and "The adapter did not memorize" in doc
+    scale = (LAB / "finetune_lora_scale" / "table.md").read_text(encoding="utf-8").split("\n\n", 1)[1]
+    page = (ROOT / "docs" / "fine-tunes.md").read_text(encoding="utf-8")
+    assert page.split("<!-- lora-scale-table -->\n", 1)[1].split("<!-- /lora-scale-table -->", 1)[0] == scale
 
 
 def test_detector_table_matches_bench_detect():
