@@ -368,3 +368,16 @@ def test_the_2026_detector_table_in_docs_is_the_benchmark():
     better = [r for r in others if r["tpr_at_1fpr"] > wen[(r["steps"], r["generations"], r["control"])]["tpr_at_1fpr"]
               or r["auc"] > wen[(r["steps"], r["generations"], r["control"])]["auc"]]
     assert not better and "None of the 2026 detectors does better than Wen's d on the lab" in doc
+
+
+def test_the_dori_table_in_docs_is_the_benchmark():
+    """docs/mitigations.md's DoRI table: the bench mitigate --dori rows of the shipped lab's results.json."""
+    results = _load(LAB / "mitigations" / "results.json")
+    lines = [line for line in (LAB / "mitigations" / "table.md").read_text(encoding="utf-8").split("Under the DoRI attack", 1)[1]
+             .splitlines() if line.startswith("|")]
+    doc = (ROOT / "docs" / "mitigations.md").read_text(encoding="utf-8")
+    shown = doc.split("<!-- dori-table -->\n", 1)[1].split("<!-- /dori-table -->", 1)[0]
+    assert shown.splitlines() == lines
+    dori = {r["method"]: r for r in results["dori"]}
+    assert dori["guard"]["copy_rate_dori"] == 0.0 and "`guard` survives it" in doc
+    assert {"none", "nemo", "ren-attention", "guard", "broken-memories", "amg", "delayed-cfg"} <= set(dori)
