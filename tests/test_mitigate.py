@@ -306,7 +306,7 @@ def test_the_original_spellings_of_the_augmentations_are_accepted(tiny_sd_folder
     assert get_mitigation("rand_word_repeat").name == "rand-word-repeat"
     assert EvaluateConfig(methods=("none", "rand_word_add")).methods == ("none", "rand-word-add")
     assert BenchMitigateConfig(methods=("rand_word_add",)).methods == ("rand-word-add",)
-    assert TrainConfig(prompt_aug_style="rand_word_replace").prompt_aug_style == "rand-word-replace"
+    assert TrainConfig(str(tmp_path / "t"), prompt_aug_style="rand_word_replace").prompt_aug_style == "rand-word-replace"
     (tmp_path / "p.txt").write_text("a red cat\n")
     assert main(["mitigate", "--model", str(tiny_sd_folder), "--prompts", str(tmp_path / "p.txt"), "--method",
                  "rand_word_add", "--repeat-num", "1", "--num-inference-steps", "2", "--num-generations", "1",
