@@ -57,10 +57,12 @@ def cross_attention_layers(model) -> list[str]:
     return [name for name in _unet(model).attn_processors if name.endswith(SUFFIX)]
 
 
-def select_layers(model, layers: LayerSelection = None) -> list[str]:
-    """The cross-attention layers chosen by `layers`: None = all; a list of names (the
-    ``.processor`` suffix may be left off); or a predicate on the name."""
-    names = cross_attention_layers(model)
+def select_layers(model, layers: LayerSelection = None, names: list[str] | None = None,
+                  kind: str = "cross-attention") -> list[str]:
+    """The layers chosen by `layers` among `names` (default: the model's cross-attention layers; `kind`
+    names them in errors): None = all; a list of names (the ``.processor`` suffix may be left off); or a
+    predicate on the name."""
+    names = cross_attention_layers(model) if names is None else names
     if layers is None:
         return names
     if callable(layers):
@@ -71,7 +73,7 @@ def select_layers(model, layers: LayerSelection = None) -> list[str]:
     for layer in layers:
         name = layer if layer.endswith(".processor") else f"{layer}.processor"
         if name not in names:
-            raise ValueError(f"{layer!r} is not a cross-attention layer of this UNet; its cross-attention layers "
+            raise ValueError(f"{layer!r} is not a {kind} layer of this denoiser; its {kind} layers "
                              f"are: {', '.join(names)}")
         chosen.append(name)
     return chosen
@@ -165,6 +167,14 @@ class AttentionEdit:
             self.mask_keys = tuple(int(k) for k in self.mask_keys)
 
 
+def next_rows(cursor: dict[str, int], layer: str, n: int, table_rows: int) -> torch.Tensor:
+    """(n,) the indices of the next `n` rows of a per-row table of `table_rows` rows for `layer`, wrapping
+    around after its end; `cursor` keeps each layer's position between the UNet calls of a pass."""
+    start = cursor.get(layer, 0)
+    cursor[layer] = (start + n) % table_rows
+    return torch.arange(start, start + n) % table_rows
+
+
 class _EditState:
     """One installation of an edit: the edit and, for per-row masks, where each layer is in its rows."""
 
@@ -202,10 +212,7 @@ class _EditState:
             mask = torch.zeros(B, T, dtype=torch.bool, device=key.device)
             if isinstance(e.mask_keys, torch.Tensor) and e.mask_keys.ndim == 2:
                 table = e.mask_keys.to(key.device)
-                start = self.cursor.get(layer, 0)
-                idx = (torch.arange(start, start + n) % len(table)).to(key.device)
-                self.cursor[layer] = (start + n) % len(table)
-                mask[rows] = table[idx, :T]
+                mask[rows] = table[next_rows(self.cursor, layer, n, len(table)).to(key.device), :T]
             elif isinstance(e.mask_keys, torch.Tensor):
                 mask[rows] = e.mask_keys.to(key.device)[:T]
             else:
@@ -536,17 +543,13 @@ class JointAttentionRecorder(CrossAttentionRecorder):
             raise ValueError(f"{model.family} ({model.name}) has no joint-attention layer (SD3's MMDiT blocks); "
                              "FLUX's rotary double- and single-stream blocks are not captured yet")
         super().__init__(model, [], steps, **kwargs)
-        self.layers = names if layers is None else [n for n in names if (layers(n) if callable(layers) else
-                                                                          n in layers or n[:-len(".processor")] in layers)]
+        self.layers = select_layers(model, layers, names, kind="joint-attention")
         self.chunk, self.keep_padding, self.text_mask = chunk, keep_padding, text_mask
         self._cursor: dict[str, int] = {}
 
     def next_mask(self, layer: str, n: int) -> torch.Tensor:
         """The next `n` rows of text_mask for `layer` (wrapping around after N, as the pass's calls go)."""
-        start = self._cursor.get(layer, 0)
-        idx = torch.arange(start, start + n) % len(self.text_mask)
-        self._cursor[layer] = (start + n) % len(self.text_mask)
-        return self.text_mask[idx]
+        return self.text_mask[next_rows(self._cursor, layer, n, len(self.text_mask))]
 
     def __enter__(self) -> "JointAttentionRecorder":
         if self._previous is not None:

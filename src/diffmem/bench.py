@@ -221,9 +221,7 @@ class BenchMitigateConfig:
     dori_steps: int = 0  # > 0: each method that changes the model or the sampler also runs under the DoRI attack
 
     def __post_init__(self):
-        from diffmem.mitigations import get_mitigation, param_names
-
-        from diffmem.mitigations import canonical_name
+        from diffmem.mitigations import canonical_name, get_mitigation, param_names
 
         self.methods = tuple(canonical_name(m) for m in self.methods)  # the original code's spellings too
         if self.dori_steps < 0:
@@ -503,8 +501,9 @@ def bench_mitigate(model, eval_set, config: BenchMitigateConfig, out: str | Path
                "x_axis": "alignment" if any(r.get("alignment") is not None for r in rows)
                else "clip_score" if any(r.get("clip_score") is not None for r in rows) else "final_d_mean",
                "similarity_metric": primary_metric(rows), "rows": rows,
-               "dori": [dori_row(name, runs[-1], [*summaries.get(name, []), *runs[:-1]])
-                        for name, runs in dori_summaries.items()]}
+               "dori": [dori_row(entry["method"], entry["dori_steps"], dori_summaries[entry["method"]][-1],
+                                 [*summaries.get(entry["method"], []), *dori_summaries[entry["method"]][:-1]])
+                        for entry in plan["methods"] if "dori_folder" in entry]}
     if state.is_main_process:
         write_json(out / "results.json", results)
         (out / "table.md").write_text(format_mitigation_table(results))
@@ -513,15 +512,15 @@ def bench_mitigate(model, eval_set, config: BenchMitigateConfig, out: str | Path
     return results
 
 
-def dori_row(method: str, summary: dict, own: list[dict]) -> dict:
-    """One method under the DoRI attack (`summary`): the copy rate of its published setting from the prompts
-    (found among the summaries `own`: its sweep's, or its published setting's own run) and from the attack's
-    embeddings."""
+def dori_row(method: str, steps: int, summary: dict, own: list[dict]) -> dict:
+    """One method under the DoRI attack of `steps` Adam steps (`summary`): the copy rate of its published
+    setting from the prompts (found among the summaries `own`: its sweep's, or its published setting's own
+    run) and from the attack's embeddings."""
     (setting, s), = summary["results"][method].items()
-    plain = setting.rsplit(",dori=", 1)[0]
+    plain = setting.removesuffix(f",dori={steps}")
     from_prompts = next((o["results"][method][plain]["copy_rate"] for o in own
                          if plain in o.get("results", {}).get(method, {})), None)
-    return {"method": method, "setting": plain, "dori_steps": int(setting.rsplit("=", 1)[1]),
+    return {"method": method, "setting": plain, "dori_steps": steps,
             "copy_rate_prompts": from_prompts, "copy_rate_dori": s.get("copy_rate"),
             "alignment_dori": s.get("alignment_mean"), "seconds_per_prompt": s.get("seconds_per_prompt")}
 

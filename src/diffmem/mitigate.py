@@ -193,6 +193,9 @@ def mitigate_unit(model, prompts: list[str], positions: list[int], config: Mitig
     method = get_mitigation(config.method)
     check_model(config.method, model)
     params = make_params(config.method, config.params)
+    if config.dori_steps and (training is None or len(training) != len(positions)
+                              or any(len(t) == 0 for t in training)):  # before any sampling
+        raise ValueError("the DoRI attack needs each prompt's training image (a dataset with images, e.g. lab:memorized)")
     if config.method == "embedding-opt":
         config = config.resolved(model)
     with count_unet_rows(model) as rows, timed() as seconds:
@@ -242,7 +245,7 @@ def planned_unit(model, method, params, prompts: list[str], positions: list[int]
     return unit, method.plan(model, unit, params)
 
 
-def dori_conditioning(model, method, params, prompts: list[str], cond, training: list[torch.Tensor] | None,
+def dori_conditioning(model, method, params, prompts: list[str], cond, training: list[torch.Tensor],
                       positions: list[int], config: MitigationConfig, sampling: SamplingConfig, edits_model: bool = True):
     """The DoRI attack (``diffmem.dori``) on each prompt's first training image, from the conditioning the
     mitigation would sample with (P rows), against the model as the mitigation edits it: for a method that
@@ -255,8 +258,6 @@ def dori_conditioning(model, method, params, prompts: list[str], cond, training:
     from diffmem.dori import DoriConfig, dori_attack
     from diffmem.model import Conditioning
 
-    if training is None or len(training) != len(positions) or any(len(t) == 0 for t in training):
-        raise ValueError("the DoRI attack needs each prompt's training image (a dataset with images, e.g. lab:memorized)")
     if len(cond) != len(positions):
         raise ValueError(f"--method {config.method}: samples with one conditioning per generation; the DoRI attack "
                          "optimizes one per prompt")

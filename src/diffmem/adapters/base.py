@@ -4,6 +4,7 @@ conditioning and the model's identity. Family files add prompts, images and savi
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -117,28 +118,23 @@ class TransformerVAE:
     def vae_config(self):
         return self._vae_source.config if self._vae is None else self._vae.config
 
+    @contextmanager
     def encoders_on_device(self):
         """``with model.encoders_on_device(): ...``: the text encoders on the model's device inside the block,
         back on the CPU after it when offloaded (then the device's cache is emptied)."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def visit():
-            if not self.offload_text_encoders:
-                yield
-                return
-            present = [m for m in self.text_encoders if m is not None]
+        if not self.offload_text_encoders:
+            yield
+            return
+        present = [m for m in self.text_encoders if m is not None]
+        for m in present:
+            m.to(self.device)
+        try:
+            yield
+        finally:
             for m in present:
-                m.to(self.device)
-            try:
-                yield
-            finally:
-                for m in present:
-                    m.to("cpu")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-
-        return visit()
+                m.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ loaded): the figures behind the memory plan of the large transformer families (`
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -17,15 +18,7 @@ def safetensors_parameters(path: str | Path) -> int:
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
-    count = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        n = 1
-        for d in entry["shape"]:
-            n *= int(d)
-        count += n
-    return count
+    return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
 
 
 def component_parameters(folder: str | Path) -> dict[str, int]:
