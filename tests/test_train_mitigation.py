@@ -338,3 +338,85 @@ def test_agc_in_the_trainer_leaves_out_low_loss_samples(tiny_sd_folder, tmp_path
     assert rows_a[0]["left_out"] == 0.0 and rows_a[0]["loss"] == pytest.approx(rows_b[0]["loss"])
     with pytest.raises(ValueError, match="--agc-ratio 0: must be > 0"):
         TrainConfig(output_dir="x", agc_ratio=0)
+
+
+def test_ensemble_shards_deal_whole_pairs_evenly():
+    from diffmem.train import ensemble_shards, memorization_mix, pair_keys
+
+    data = memorization_mix(dataset(), ImagePairs(torch.rand(9, 3, 8, 8), [f"c{i}" for i in range(9)]),
+                            end=3, repeats=5, non_mem_ratio=0.5)
+    keys = pair_keys(data)
+    shards = ensemble_shards(keys, 4, seed=0)
+    positions = torch.cat(shards).sort().values
+    assert torch.equal(positions, torch.arange(len(data)))  # a partition of the items
+    pairs = [set(keys[s.numpy()].tolist()) for s in shards]
+    assert sum(len(p) for p in pairs) == len(set(keys.tolist()))  # no pair in two shards
+    assert max(map(len, pairs)) - min(map(len, pairs)) <= 1
+    assert [s.tolist() for s in ensemble_shards(keys, 4, seed=1)] != [s.tolist() for s in shards]
+    with pytest.raises(ValueError, match="--ensemble-shards 20: the data holds only 11 distinct pairs"):
+        ensemble_shards(keys, 20, seed=0)
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.unet.parameters()]
+
+
+def _train_tiny(folder, out, data, **kw):
+    torch.manual_seed(0)
+    model = tiny_model(folder)
+    config = TrainConfig(output_dir=str(out), train_batch_size=2, learning_rate=1e-3, log_every=1, num_threads=1,
+                         agc_ratio=1.25, **kw)
+    train(model, data, config, save_model=lambda unet, folder: None, progress=False)
+    return model
+
+
+def test_one_round_of_the_ensemble_is_the_average_of_plain_runs_on_each_shard(tiny_sd_folder, tmp_path):
+    """IET with one round: copy k is a plain run with seed k on shard k (its own optimizer and AGC means);
+    the result is the mean of the copies' weights."""
+    from diffmem.train import ensemble_shards, pair_keys
+
+    shards = ensemble_shards(pair_keys(dataset()), 2, seed=0)
+    copies = [_weights(_train_tiny(tiny_sd_folder, tmp_path / f"plain{k}", torch.utils.data.Subset(dataset(), s.tolist()),
+                                   seed=k, max_train_steps=2)) for k, s in enumerate(shards)]
+    ens = _train_tiny(tiny_sd_folder, tmp_path / "ens", dataset(), seed=0, max_train_steps=4,
+                      ensemble_shards=2, ensemble_rounds=1)
+    base = _weights(tiny_model(tiny_sd_folder))
+    assert any(not torch.equal(a, b) for a, b in zip(copies[0], base))  # the copies did learn
+    for got, a, b in zip(_weights(ens), *copies):
+        torch.testing.assert_close(got, (a + b) / 2, rtol=0, atol=1e-7)
+    rows = [json.loads(line) for line in (tmp_path / "ens" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["round"], r["copy"]) for r in rows] == [(1, 1, 0), (2, 1, 0), (3, 1, 1), (4, 1, 1)]
+
+
+def test_each_round_starts_from_the_last_average(tiny_sd_folder, tmp_path, monkeypatch):
+    import diffmem.train as train_mod
+
+    averages, starts = [], []
+    real_average, real_load = train_mod.average_weights, train_mod.TrainingRun.load_copy_state
+
+    def average(copies):
+        averages.append(real_average(copies))
+        return averages[-1]
+
+    def load(run, state):  # the weights a copy starts its turn from
+        starts.append([p.detach().clone() for p in run.weights()])
+        real_load(run, state)
+
+    monkeypatch.setattr(train_mod, "average_weights", average)
+    monkeypatch.setattr(train_mod.TrainingRun, "load_copy_state", load)
+    model = _train_tiny(tiny_sd_folder, tmp_path / "ens", dataset(), max_train_steps=8, ensemble_shards=2,
+                        ensemble_rounds=2)
+    assert len(averages) == 2 and len(starts) == 4
+    for k in (2, 3):  # round 2's copies start from round 1's average
+        assert all(torch.equal(a, b) for a, b in zip(starts[k], averages[0]))
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), averages[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(averages[0], averages[1]))
+
+
+def test_bad_ensemble_settings_are_refused():
+    with pytest.raises(ValueError, match="--max-train-steps 10: an ensemble of 4 shards x 25 rounds needs a multiple of 100"):
+        TrainConfig(output_dir="x", max_train_steps=10, ensemble_shards=4)
+    with pytest.raises(ValueError, match="need at least 2 shards"):
+        TrainConfig(output_dir="x", max_train_steps=100, ensemble_shards=1)
+    with pytest.raises(ValueError, match="is not checkpointed"):
+        TrainConfig(output_dir="x", max_train_steps=100, ensemble_shards=4, checkpointing_steps=50)

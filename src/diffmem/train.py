@@ -57,6 +57,12 @@ class TrainConfig:
     # under the running mean of the losses at their timestep (an EMA with decay agc_ema_decay, from 0)
     agc_ratio: float | None = None  # the official mem_ratio: 1.25 in its README
     agc_ema_decay: float = 0.8
+    # IET's iterative ensemble (Liu et al., ECCV 2024): the pairs dealt into this many shards, one copy of the
+    # denoiser trained per shard, the copies' weights averaged after each of ensemble_rounds rounds (FedAvg).
+    # max_train_steps counts the optimizer steps of all copies and rounds together (each copy takes
+    # max_train_steps / (shards x rounds) per round), so the run costs what a plain run of that length does.
+    ensemble_shards: int | None = None  # 4 in its README (its code's default 2)
+    ensemble_rounds: int = 25  # its README's (its code's default 5)
     prompt_aug_style: str | None = None  # e.g. "rand-word-add" (training baseline); see augment_prompt
     repeat_num: int = 1
     prompt_aug_prob: float = 1.0  # share of samples augmented (the seed: all; Somepalli et al.: 0.1)
@@ -103,6 +109,16 @@ class TrainConfig:
             raise ValueError(f"--agc-ema-decay {self.agc_ema_decay}: must be in [0, 1)")
         if self.pair_filter_min_draws < 1:
             raise ValueError(f"--pair-filter-min-draws {self.pair_filter_min_draws}: must be >= 1")
+        if self.ensemble_shards is not None:
+            K, R = self.ensemble_shards, self.ensemble_rounds
+            if K < 2 or R < 1:
+                raise ValueError(f"--ensemble-shards {K} --ensemble-rounds {R}: need at least 2 shards and 1 round")
+            if self.max_train_steps % (K * R):
+                raise ValueError(f"--max-train-steps {self.max_train_steps}: an ensemble of {K} shards x {R} rounds "
+                                 f"needs a multiple of {K * R} (each copy trains max_train_steps / {K * R} per round)")
+            if self.checkpointing_steps or self.resume_from_checkpoint:
+                raise ValueError("--checkpointing-steps / --resume-from-checkpoint: an ensemble run (--ensemble-shards) "
+                                 "is not checkpointed; give --checkpointing-steps 0")
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -483,9 +499,16 @@ class TrainingRun:
         self.null = model.empty_conditioning().detach().to(dtype=torch.float32)
         self.world, self.rank = acc.num_processes, acc.process_index
         self.global_batch = config.train_batch_size * self.world
-        self.steps_per_epoch = max(len(dataset) // self.global_batch, 1)
-        self._perm, self._perm_epoch = None, -1
+        self.draw_from(torch.arange(len(dataset)), config.seed)
+        self.tags: dict = {}  # written into every log record (an ensemble's round and copy)
         self._t0, self._losses = time.time(), []
+
+    def draw_from(self, positions: torch.Tensor, seed: int) -> None:
+        """Batches from these dataset positions (N,) long with this seed's data order and draws, as a
+        run with `seed` on ``Subset(dataset, positions)`` would draw them."""
+        self.positions, self.seed = positions, seed
+        self.steps_per_epoch = max(len(positions) // self.global_batch, 1)
+        self._perm, self._perm_epoch = None, -1
 
     # 1. Resume: accelerate's state of a complete checkpoint, when asked for.
     def resume(self) -> int:
@@ -517,13 +540,13 @@ class TrainingRun:
         config = self.config
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
-            self._perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(config.seed + epoch))
-            self._perm_epoch = epoch
+            order = torch.randperm(len(self.positions), generator=torch.Generator().manual_seed(self.seed + epoch))
+            self._perm, self._perm_epoch = self.positions[order], epoch
         idx = self._perm[k * self.global_batch + self.rank * config.train_batch_size:][: config.train_batch_size]
         items = [self.dataset[int(i)] for i in idx]
         images = torch.stack([im for im, _ in items]).to(self.accelerator.device) * 2 - 1  # (B, 3, H, W) in [-1, 1]
         captions = [c for _, c in items]
-        seed = config.seed * 1_000_003 + step * self.world + self.rank
+        seed = self.seed * 1_000_003 + step * self.world + self.rank
         rng = random.Random(seed)
         if config.caption_per_line:  # several captions of one image: one drawn for this use
             captions = [rng.choice([line for line in c.split("\n") if line.strip()] or [c]) for c in captions]
@@ -626,7 +649,7 @@ class TrainingRun:
         left_out = 1.0 - float(result.keep.float().mean())
         if acc.is_main_process and (done % config.log_every == 0 or skipped or done == config.max_train_steps):
             losses = self._losses
-            rec = {"step": done, "loss": float(np.mean(losses)) if losses else None, "lr": self.lr_sched.get_last_lr()[0],
+            rec = {"step": done, **self.tags, "loss": float(np.mean(losses)) if losses else None, "lr": self.lr_sched.get_last_lr()[0],
                    "left_out": left_out, "skipped": skipped,
                    "samples_per_s": len(losses) * self.global_batch / max(time.time() - self._t0, 1e-9)}
             if self.pairs is not None:
@@ -640,6 +663,31 @@ class TrainingRun:
             _validation_images(self.model, acc.unwrap_model(self.denoiser), config, self.out / "validation" / f"step-{done}")
         if config.checkpointing_steps and done % config.checkpointing_steps == 0 and done < config.max_train_steps:
             _checkpoint(acc, self.denoiser, self.ema, self.out / f"checkpoint-{done}", done, self.save_model, config)
+
+    # An ensemble's copies take turns in this one run: their weights and their own state swap in and out.
+    def weights(self) -> list[torch.nn.Parameter]:
+        return trainable(self.accelerator.unwrap_model(self.denoiser))
+
+    @torch.no_grad()
+    def set_weights(self, values: list[torch.Tensor]) -> None:
+        for p, v in zip(self.weights(), values):
+            p.copy_(v)
+
+    def copy_state(self) -> dict:
+        """What one copy keeps between its turns (a deep copy, on the training device): its optimizer and
+        learning-rate schedule, EMA, and the filters' running state."""
+        import copy
+
+        return copy.deepcopy({"optimizer": self.optimizer.state_dict(), "lr": self.lr_sched.state_dict(),
+                              **{k: getattr(self, k).state_dict() for k in ("ema", "agc", "pairs")
+                                 if getattr(self, k) is not None}})
+
+    def load_copy_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_sched.load_state_dict(state["lr"])
+        for k in ("ema", "agc", "pairs"):
+            if getattr(self, k) is not None:
+                getattr(self, k).load_state_dict(state[k])
 
     # 6. The final model: the EMA weights (the raw ones beside them), then the denoiser back to inference.
     def finish(self) -> Path:
@@ -671,14 +719,68 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
     run.write_config()
     bar = tqdm(total=config.max_train_steps, initial=start, desc="train", unit="step",
                disable=not (progress and run.accelerator.is_main_process))
-    for step in range(start, config.max_train_steps):
-        batch = run.batch(step)
-        result = run.learn(batch)
-        fault_point("train.step")
-        bar.update(1)
-        run.report(step + 1, result, bar)
+    if config.ensemble_shards:
+        train_ensemble(run, bar)
+    else:
+        for step in range(start, config.max_train_steps):
+            result = run.learn(run.batch(step))
+            fault_point("train.step")
+            bar.update(1)
+            run.report(step + 1, result, bar)
     bar.close()
     return run.finish()
+
+
+def ensemble_shards(keys: np.ndarray, num_shards: int, seed: int) -> list[torch.Tensor]:
+    """IET's data split: the dataset positions of each shard, (N_k,) long. The pairs (`keys`, one per
+    item, from `pair_keys`) are dealt to the shards in a seeded random order, so every repeat of a pair
+    falls in one shard and the shards hold equal numbers of pairs (to one)."""
+    pairs = np.unique(keys)
+    if len(pairs) < num_shards:
+        raise ValueError(f"--ensemble-shards {num_shards}: the data holds only {len(pairs)} distinct pairs")
+    shard_of = np.zeros(int(pairs.max()) + 1, dtype=np.int64)
+    shard_of[np.random.default_rng(seed).permutation(pairs)] = np.arange(len(pairs)) % num_shards
+    return [torch.from_numpy(np.flatnonzero(shard_of[keys] == s)) for s in range(num_shards)]
+
+
+def average_weights(copies: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """FedAvg with equal weights, as IET's server averages its clients: the element-wise mean of K
+    copies' parameter lists (each a list of tensors of the same shapes)."""
+    return [torch.stack([c.float() for c in ps]).mean(0).to(ps[0].dtype) for ps in zip(*copies)]
+
+
+def train_ensemble(run: TrainingRun, bar) -> None:
+    """IET's iterative ensemble (Liu et al., ECCV 2024; official ``diff_train_fed_acce_es.py``): each round,
+    copy k starts from the averaged weights and trains on shard k with its own optimizer, schedule and
+    filters (kept across rounds, as the official clients keep theirs), drawing as a run with seed + k on
+    that shard would; then the copies' weights are averaged. The copies take turns on this run's device.
+    With EMA, the copies' averages are averaged too. Leaves the run holding the final average."""
+    config = run.config
+    K, R = config.ensemble_shards, config.ensemble_rounds
+    per_turn = config.max_train_steps // (K * R)
+    shards = ensemble_shards(pair_keys(run.dataset), K, config.seed)
+    start = [p.detach().clone() for p in run.weights()]
+    states = [run.copy_state() for _ in range(K)]
+    done = 0
+    for r in range(R):
+        ends = []
+        for k in range(K):
+            run.set_weights(start)
+            run.load_copy_state(states[k])
+            run.draw_from(shards[k], config.seed + k)
+            run.tags = {"round": r + 1, "copy": k}
+            for j in range(per_turn):
+                result = run.learn(run.batch(r * per_turn + j))
+                fault_point("train.step")
+                done += 1
+                bar.update(1)
+                run.report(done, result, bar)
+            states[k] = run.copy_state()
+            ends.append([p.detach().clone() for p in run.weights()])
+        start = average_weights(ends)
+    run.set_weights(start)
+    if run.ema is not None:
+        run.ema.shadow = average_weights([s["ema"]["shadow"] for s in states])
 
 
 RAW_FOLDER = "raw"  # with EMA: the raw (non-EMA) weights, a loadable model in OUTPUT/raw

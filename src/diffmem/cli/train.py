@@ -35,6 +35,9 @@ TRAIN_OPTIONS = (
     ("agc_ratio", float, "IET-AGC's anti-gradient control (Liu et al. 2024): leave out samples whose loss times this "
                          "is under the running mean of the losses at their timestep (1.25 in its README)"),
     ("agc_ema_decay", float, "decay of that running mean (0.8, IET-AGC's)"),
+    ("ensemble_shards", int, "IET's iterative ensemble: deal the pairs into this many shards, train one copy of the "
+                             "denoiser per shard and average the copies after every round (4 in its README)"),
+    ("ensemble_rounds", int, "rounds of that ensemble; --max-train-steps counts all copies' steps together"),
     ("prompt_aug_style", str, "caption augmentation: rand-word-add (the original code's baseline), rand-numb-add, "
                               "rand-word-repeat, rand-word-replace"),
     ("repeat_num", int, "words or numbers the augmentation inserts (rand-word-replace: the caption's length)"),
