@@ -248,5 +248,5 @@ def test_joint_capture_is_the_text_block_of_the_processors_own_softmax(tiny_sd3_
 def test_joint_capture_refuses_a_model_without_joint_attention(tiny_sd):
     from diffmem.attention import JointAttentionRecorder
 
-    with pytest.raises(ValueError, match=r"has no joint-attention layer \(SD3's MMDiT blocks\)"):
+    with pytest.raises(ValueError, match=r"has no joint-attention layer \(SD3's MMDiT blocks, FLUX's"):
         JointAttentionRecorder(tiny_sd)

@@ -194,3 +194,47 @@ def test_memory_plan_counts_the_parameters_from_the_headers(flux_folders, dev):
     assert plan["detection_gib"] == pytest.approx(gib["transformer"] + gib["text_encoder"] + gib["text_encoder_2"])
     assert plan["offloaded_sampling_gib"] == pytest.approx(gib["transformer"])
     assert plan["generation_gib"] == pytest.approx(sum(gib.values()))
+
+
+def test_joint_capture_is_the_text_block_of_the_processors_own_softmax(dev, monkeypatch):
+    """FLUX's image-to-text attention in its double- and single-stream blocks, against the full softmax
+    recomputed in float64 from the very (normed, rotary) Q and K the diffusers processor handed to its
+    attention call, and that softmax against the call's own output. Chunked over queries; a text mask
+    zeroes padding."""
+    import diffusers.models.transformers.transformer_flux as tf
+
+    from diffmem.attention import JointAttentionRecorder, joint_attention_layers
+
+    layers = joint_attention_layers(dev)
+    assert layers == ["transformer_blocks.0.attn.processor", "single_transformer_blocks.0.attn.processor"]
+    seen = []
+    real = tf.dispatch_attention_fn
+
+    def spy(query, key, value, **kwargs):  # (B, S, heads, D), as the processor calls it
+        out = real(query, key, value, **kwargs)
+        seen.append((query.detach().double(), key.detach().double(), value.detach().double(), out.detach().double()))
+        return out
+
+    monkeypatch.setattr(tf, "dispatch_attention_fn", spy)
+    cfg = SamplingConfig(num_inference_steps=2, num_generations=1, track_steps=1, batch_size=4)
+    with JointAttentionRecorder(dev, None, steps=[0], chunk=5) as rec:
+        sample_unit(dev, [PROMPT], [0], cfg, recorders=[rec])
+    first_call = seen[:2]  # step 0: the double-stream block, then the single-stream block
+    T = rec.text_len
+    for layer, (q, k, v, out) in zip(layers, first_call):
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, heads, S, D)
+        p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        torch.testing.assert_close((p @ v).transpose(1, 2), out, atol=1e-5, rtol=1e-4)  # the call's own softmax
+        B = q.shape[0]
+        got = rec.maps[0][layer]
+        assert got.shape == (B // 2, q.shape[1], q.shape[2] - T, T)
+        torch.testing.assert_close(got.double(), p[B // 2:, :, T:, :T], atol=1e-6, rtol=1e-5)  # conditional rows
+        assert (got.sum(-1) < 1).all()  # normalised over all keys: the text's share
+
+    mask = torch.zeros(1, T, dtype=torch.bool)
+    mask[0, :4] = True
+    with JointAttentionRecorder(dev, layers[1:], steps=[0], keep_padding=False, text_mask=mask) as masked:
+        sample_unit(dev, [PROMPT], [0], cfg, recorders=[masked])
+    m = masked.maps[0][layers[1]]
+    torch.testing.assert_close(m[..., :4], rec.maps[0][layers[1]][..., :4])
+    assert (m[..., 4:] == 0).all()

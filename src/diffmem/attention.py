@@ -472,20 +472,45 @@ JOINT_SUFFIX = "attn.processor"
 
 
 def joint_attention_layers(model) -> list[str]:
-    """Names of the joint-attention layers (image and text tokens in one attention, SD3's MMDiT blocks:
-    ``transformer_blocks.i.attn``) of a model's denoiser; [] on a denoiser without them."""
+    """Names of the joint-attention layers (image and text tokens in one softmax) of a model's denoiser:
+    SD3's MMDiT blocks (``transformer_blocks.i.attn``), FLUX's double-stream blocks (the same names) and
+    single-stream blocks (``single_transformer_blocks.i.attn``); [] on a denoiser without them."""
     den = _unet(model)
-    return [n for n in den.attn_processors if n.endswith(JOINT_SUFFIX) and n.count(".") == 3
-            and getattr(den.get_submodule(n[:-len(".processor")]), "add_k_proj", None) is not None]
+    names = []
+    for n in den.attn_processors:
+        if not n.endswith(JOINT_SUFFIX) or n.count(".") != 3:
+            continue
+        module = den.get_submodule(n[:-len(".processor")])
+        if _is_flux_attention(module) or getattr(module, "add_k_proj", None) is not None:
+            names.append(n)
+    return names
+
+
+def _is_flux_attention(attn) -> bool:
+    """FLUX's attention (``FluxAttention``): rotary positions, text tokens first, and in its single-stream
+    blocks no separate text stream."""
+    return type(attn).__name__ == "FluxAttention"
+
+
+def _text_share(q: torch.Tensor, k: torch.Tensor, text: slice, chunk: int) -> torch.Tensor:
+    """(B, heads, Lq, T) float32: the softmax of queries q (B, heads, Lq, D) over ALL S keys k (B, heads, S, D)
+    at scale D^-1/2 (SDPA's default), columns `text` kept; `chunk` queries at a time, so the (Lq, S) logits of
+    a large image never exist whole."""
+    scale = q.shape[-1] ** -0.5
+    kt = k.float().transpose(-1, -2)
+    out = []
+    for i in range(0, q.shape[2], chunk):
+        logits = q[:, :, i:i + chunk].float() @ kt * scale
+        out.append((logits[..., text] - torch.logsumexp(logits, dim=-1, keepdim=True)).exp())
+    return torch.cat(out, dim=2)
 
 
 def joint_text_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                              chunk: int = 1024) -> torch.Tensor:
-    """(B, heads, L, T) float32: the attention of the L image queries on the T text keys of one joint-attention
-    layer, normalised over ALL keys (the L image keys and the T text keys, as the layer's softmax is), so a
-    row sums to the text's share of the attention, not to 1. Q, K from the layer's own projections and
-    norms, as diffusers' ``JointAttnProcessor2_0``; computed `chunk` queries at a time (the (L, L + T) logits
-    of a 1024-pixel image never exist whole)."""
+    """(B, heads, L, T) float32: the attention of the L image queries on the T text keys of one SD3 joint-
+    attention layer, normalised over ALL keys (the L image keys and the T text keys, as the layer's softmax
+    is), so a row sums to the text's share of the attention, not to 1. Q, K from the layer's own projections
+    and norms, as diffusers' ``JointAttnProcessor2_0``; `chunk` queries at a time."""
     B, heads = hidden_states.shape[0], attn.heads
 
     def split(x):
@@ -498,15 +523,41 @@ def joint_text_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_s
         k_img = attn.norm_k(k_img)
     if attn.norm_added_k is not None:
         k_txt = attn.norm_added_k(k_txt)
-    scale = q.shape[-1] ** -0.5  # SDPA's default, which the processor uses
-    k_img, k_txt = k_img.float().transpose(-1, -2), k_txt.float().transpose(-1, -2)
-    out = []
-    for i in range(0, q.shape[2], chunk):
-        qi = q[:, :, i:i + chunk].float()
-        l_img, l_txt = qi @ k_img * scale, qi @ k_txt * scale
-        norm = torch.logsumexp(torch.cat([l_img, l_txt], dim=-1), dim=-1, keepdim=True)
-        out.append((l_txt - norm).exp())
-    return torch.cat(out, dim=2)
+    L = k_img.shape[2]
+    return _text_share(q, torch.cat([k_img, k_txt], dim=2), slice(L, None), chunk)
+
+
+def flux_text_probabilities(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                            image_rotary_emb, text_len: int | None = None, chunk: int = 1024) -> torch.Tensor:
+    """(B, heads, L, T) float32: FLUX's image-to-text attention in one block, normalised over all T + L keys.
+    Double-stream block: `hidden_states` (B, L, C) the image stream, `encoder_hidden_states` (B, T, C) the
+    text stream with its own projections. Single-stream block: `hidden_states` (B, T + L, C) the joined
+    sequence, text first, `encoder_hidden_states` None and `text_len` = T. Q and K as diffusers'
+    ``FluxAttnProcessor`` forms them: per-head RMS norms, text first, the rotary embedding of the T + L
+    positions (`image_rotary_emb`, the processor's argument)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if getattr(attn, "fused_projections", False):
+        raise ValueError("FLUX attention capture reads the separate Q/K projections; unfuse them first "
+                         "(transformer.unfuse_qkv_projections())")
+
+    def heads(x):  # (B, S, heads, D), as the processor splits them
+        return x.unflatten(-1, (-1, attn.head_dim))
+
+    def normed(norm, x):
+        return x if norm is None else norm(x)
+
+    q, k = normed(attn.norm_q, heads(attn.to_q(hidden_states))), normed(attn.norm_k, heads(attn.to_k(hidden_states)))
+    if encoder_hidden_states is not None:
+        text_len = encoder_hidden_states.shape[1]
+        q = torch.cat([normed(attn.norm_added_q, heads(attn.add_q_proj(encoder_hidden_states))), q], dim=1)
+        k = torch.cat([normed(attn.norm_added_k, heads(attn.add_k_proj(encoder_hidden_states))), k], dim=1)
+    if text_len is None:
+        raise ValueError("a FLUX single-stream block needs the text length (the T5 tokens ahead of the image's)")
+    if image_rotary_emb is not None:
+        q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+        k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+    return _text_share(q[:, text_len:].transpose(1, 2), k.transpose(1, 2), slice(0, text_len), chunk)
 
 
 class JointCaptureProcessor:
@@ -518,11 +569,17 @@ class JointCaptureProcessor:
         self.name, self.original, self.sink = name, original, sink
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        if self.sink.active and encoder_hidden_states is not None:
+        flux = _is_flux_attention(attn)
+        if self.sink.active and (flux or encoder_hidden_states is not None):
             rows = _rows("cond", hidden_states.shape[0])
+            text = None if encoder_hidden_states is None else encoder_hidden_states[rows]
             with torch.no_grad() if self.sink.detach else torch.enable_grad():
-                probs = joint_text_probabilities(attn, hidden_states[rows], encoder_hidden_states[rows],
-                                                 self.sink.chunk)
+                if flux:
+                    rotary = kwargs.get("image_rotary_emb", args[0] if args else None)
+                    probs = flux_text_probabilities(attn, hidden_states[rows], text, rotary, self.sink.text_len,
+                                                    self.sink.chunk)
+                else:
+                    probs = joint_text_probabilities(attn, hidden_states[rows], text, self.sink.chunk)
             if not self.sink.keep_padding and self.sink.text_mask is not None:
                 probs = probs * self.sink.next_mask(self.name, len(probs)).to(probs)[:, None, None, :]
             self.sink.capture(self.name, attn, probs, probs.shape[-1])
@@ -530,9 +587,9 @@ class JointCaptureProcessor:
 
 
 class JointAttentionRecorder(CrossAttentionRecorder):
-    """``CrossAttentionRecorder`` for SD3's joint attention: ``maps[k][layer]`` is (N, heads, HW, T), the
-    image queries' attention on the T text tokens (CLIP's 77, then T5's), normalised over all keys (image and
-    text), chunked over queries (`chunk`). `text_mask` (N, T) bool, True at the real tokens, in the pass's row
+    """``CrossAttentionRecorder`` for joint attention (SD3's MMDiT blocks, FLUX's double- and single-stream
+    blocks): ``maps[k][layer]`` is (N, heads, HW, T), the image queries' attention on the T text tokens (SD3:
+    CLIP's 77, then T5's; FLUX: T5's), normalised over all keys (image and text), chunked over queries (`chunk`). `text_mask` (N, T) bool, True at the real tokens, in the pass's row
     order, and ``keep_padding=False``: the padding tokens' columns are zeroed (the denominators stay the
     model's, which attends to them). Layers: None = every joint-attention layer, or names / a predicate."""
 
@@ -540,12 +597,14 @@ class JointAttentionRecorder(CrossAttentionRecorder):
                  chunk: int = 1024, keep_padding: bool = True, text_mask: torch.Tensor | None = None, **kwargs):
         names = joint_attention_layers(model)
         if not names:
-            raise ValueError(f"{model.family} ({model.name}) has no joint-attention layer (SD3's MMDiT blocks); "
-                             "FLUX's rotary double- and single-stream blocks are not captured yet")
+            raise ValueError(f"{model.family} ({model.name}) has no joint-attention layer (SD3's MMDiT blocks, "
+                             "FLUX's double- and single-stream blocks)")
         super().__init__(model, [], steps, **kwargs)
         self.layers = select_layers(model, layers, names, kind="joint-attention")
         self.chunk, self.keep_padding, self.text_mask = chunk, keep_padding, text_mask
         self._cursor: dict[str, int] = {}
+        self.text_len: int | None = None  # T of the denoiser's current call (FLUX's single-stream blocks need it)
+        self._hook = None
 
     def next_mask(self, layer: str, n: int) -> torch.Tensor:
         """The next `n` rows of text_mask for `layer` (wrapping around after N, as the pass's calls go)."""
@@ -560,4 +619,15 @@ class JointAttentionRecorder(CrossAttentionRecorder):
             module = den.get_submodule(name[:-len(".processor")])
             self._previous[name] = module.processor
             module.set_processor(JointCaptureProcessor(name, module.processor, self))
+        self._hook = den.register_forward_pre_hook(self._read_text_len, with_kwargs=True)
         return self
+
+    def _read_text_len(self, module, args, kwargs) -> None:
+        text = kwargs.get("encoder_hidden_states")
+        self.text_len = None if text is None else text.shape[1]
+
+    def __exit__(self, *exc) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        super().__exit__(*exc)
