@@ -16,7 +16,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "diffmem"
-# The circles the code once had (issue 38), as pairs: neither may reach the other again, counting
+# The circles the code once had, as pairs: neither may reach the other again, counting
 # the imports inside functions too.
 UNTIED = [("diffmem.adapters.lab", "diffmem.lab.data"), ("diffmem.detect", "diffmem.detectors.asthana"),
           ("diffmem.detectors.wen", "diffmem.sampling"), ("diffmem.evaluate", "diffmem.judge"),
@@ -141,7 +141,7 @@ def test_no_import_cycles_among_module_level_imports():
     assert not found, "import cycles (module-level imports): " + "; ".join(" <-> ".join(c) for c in found)
 
 
-def test_the_cycles_of_issue_38_stay_untied_even_through_function_imports():
+def test_the_old_cycles_stay_untied_even_through_function_imports():
     graph = import_graph(in_functions=True)
     for a, b in UNTIED:
         assert a in graph and b in graph, f"{a} or {b} is no module any more: update UNTIED"
