@@ -85,11 +85,13 @@ def test_every_verb_runs_on_the_family(folders, family, tmp_path):
     rows = json.loads((tmp_path / "bm" / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows if r["status"] == "ok"] == ["none", *["rand-word-add"] * 4]
 
-    # train: two steps of the original recipe on the pairs
+    # train: the original recipe on the pairs, two steps of IET-AGC (anti-gradient control, two shards)
     assert main(["train", *model, "--dataset", str(pairs), "--non-mem-dataset", str(pairs), "--end", "2",
                  "--repeats", "2", "--non-mem-ratio", "1", "--output-dir", str(tmp_path / "ft"), "--train-batch-size",
-                 "2", "--max-train-steps", "2", "--learning-rate", "1e-4", "--center-crop"]) == 0
-    assert [r["step"] for r in read_rows(tmp_path / "ft" / "train_log.jsonl")][-1] == 2
+                 "2", "--max-train-steps", "2", "--learning-rate", "1e-4", "--center-crop", "--agc-ratio", "1.25",
+                 "--ensemble-shards", "2", "--ensemble-rounds", "1"]) == 0
+    last = read_rows(tmp_path / "ft" / "train_log.jsonl")[-1]
+    assert (last["step"], last["round"], last["copy"]) == (2, 1, 1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
