@@ -381,3 +381,14 @@ def test_the_dori_table_in_docs_is_the_benchmark():
     dori = {r["method"]: r for r in results["dori"]}
     assert dori["guard"]["copy_rate_dori"] == 0.0 and "`guard` survives it" in doc
     assert {"none", "nemo", "ren-attention", "guard", "broken-memories", "amg", "delayed-cfg"} <= set(dori)
+
+
+def test_the_training_time_dori_figures_in_docs_are_dori_json():
+    """The DoRI attack on the lab's fine-tunes, as docs/mitigation.md and docs/mitigations.md quote it."""
+    table = _load(LAB / "dori.json")
+    pages = [(ROOT / "docs" / page).read_text(encoding="utf-8") for page in ("mitigation.md", "mitigations.md")]
+    for run in ("filter-bands", "iet-agc", "iet-agc-ensemble"):
+        r = table[f"runs/ft/{run}"]
+        quoted = f"{run}: {r['copy_rate_prompt']:.3f} from the captions, {r['copy_rate_dori']:.3f} under the attack"
+        assert all(quoted in " ".join(page.split()) for page in pages), quoted
+    assert f"{table['lab']['copy_rate_dori']:.3f}" in pages[0]
