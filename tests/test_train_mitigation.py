@@ -370,16 +370,18 @@ def _train_tiny(folder, out, data, **kw):
     return model
 
 
-def test_one_round_of_the_ensemble_is_the_average_of_plain_runs_on_each_shard(tiny_sd_folder, tmp_path):
-    """IET with one round: copy k is a plain run with seed k on shard k (its own optimizer and AGC means);
-    the result is the mean of the copies' weights."""
+@pytest.mark.parametrize("use_ema", [False, True])
+def test_one_round_of_the_ensemble_is_the_average_of_plain_runs_on_each_shard(tiny_sd_folder, tmp_path, use_ema):
+    """IET with one round: copy k is a plain run with seed k on shard k (its own optimizer, AGC means and
+    EMA); the result is the mean of the copies' weights (with EMA, of their averages)."""
     from diffmem.train import ensemble_shards, pair_keys
 
     shards = ensemble_shards(pair_keys(dataset()), 2, seed=0)
     copies = [_weights(_train_tiny(tiny_sd_folder, tmp_path / f"plain{k}", torch.utils.data.Subset(dataset(), s.tolist()),
-                                   seed=k, max_train_steps=2)) for k, s in enumerate(shards)]
+                                   seed=k, max_train_steps=2, use_ema=use_ema, ema_decay=0.5))
+              for k, s in enumerate(shards)]
     ens = _train_tiny(tiny_sd_folder, tmp_path / "ens", dataset(), seed=0, max_train_steps=4,
-                      ensemble_shards=2, ensemble_rounds=1)
+                      ensemble_shards=2, ensemble_rounds=1, use_ema=use_ema, ema_decay=0.5)
     base = _weights(tiny_model(tiny_sd_folder))
     assert any(not torch.equal(a, b) for a, b in zip(copies[0], base))  # the copies did learn
     for got, a, b in zip(_weights(ens), *copies):

@@ -589,9 +589,10 @@ class JointCaptureProcessor:
 class JointAttentionRecorder(CrossAttentionRecorder):
     """``CrossAttentionRecorder`` for joint attention (SD3's MMDiT blocks, FLUX's double- and single-stream
     blocks): ``maps[k][layer]`` is (N, heads, HW, T), the image queries' attention on the T text tokens (SD3:
-    CLIP's 77, then T5's; FLUX: T5's), normalised over all keys (image and text), chunked over queries (`chunk`). `text_mask` (N, T) bool, True at the real tokens, in the pass's row
-    order, and ``keep_padding=False``: the padding tokens' columns are zeroed (the denominators stay the
-    model's, which attends to them). Layers: None = every joint-attention layer, or names / a predicate."""
+    CLIP's 77, then T5's; FLUX: T5's), normalised over all keys (image and text), chunked over queries
+    (`chunk`). `text_mask` (N, T) bool, True at the real tokens, in the pass's row order, and
+    ``keep_padding=False``: the padding tokens' columns are zeroed (the denominators stay the model's, which
+    attends to them). Layers: None = every joint-attention layer, or names / a predicate."""
 
     def __init__(self, model, layers: LayerSelection = None, steps: Iterable[int] | None = None, *,
                  chunk: int = 1024, keep_padding: bool = True, text_mask: torch.Tensor | None = None, **kwargs):

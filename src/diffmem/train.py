@@ -327,7 +327,8 @@ class EMA:
         return {"shadow": self.shadow, "decay": self.decay, "step": self.step}
 
     def load_state_dict(self, state):
-        self.shadow = [s.clone() for s in state["shadow"]]
+        """Shadows placed beside their parameters (a state may come from the CPU: accelerate loads it there)."""
+        self.shadow = [s.to(p.device, copy=True) for s, p in zip(state["shadow"], self.params)]
         self.decay, self.step = state["decay"], state["step"]
 
 
@@ -674,13 +675,12 @@ class TrainingRun:
             p.copy_(v)
 
     def copy_state(self) -> dict:
-        """What one copy keeps between its turns (a deep copy, on the training device): its optimizer and
-        learning-rate schedule, EMA, and the filters' running state."""
-        import copy
-
-        return copy.deepcopy({"optimizer": self.optimizer.state_dict(), "lr": self.lr_sched.state_dict(),
-                              **{k: getattr(self, k).state_dict() for k in ("ema", "agc", "pairs")
-                                 if getattr(self, k) is not None}})
+        """What one copy keeps between its turns, copied to the CPU (K optimizer states take no device
+        memory): its optimizer and learning-rate schedule, EMA, and the filters' running state. Loading it
+        puts each tensor back beside its parameters."""
+        return _copy_to_cpu({"optimizer": self.optimizer.state_dict(), "lr": self.lr_sched.state_dict(),
+                             **{k: getattr(self, k).state_dict() for k in ("ema", "agc", "pairs")
+                                if getattr(self, k) is not None}})
 
     def load_copy_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -729,6 +729,17 @@ def train(model, dataset, config: TrainConfig, save_model=None, progress: bool =
             run.report(step + 1, result, bar)
     bar.close()
     return run.finish()
+
+
+def _copy_to_cpu(state):
+    """A copy of a nested state (dicts, lists, tuples) whose tensors are copied to the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _copy_to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_copy_to_cpu(v) for v in state)
+    return state
 
 
 def ensemble_shards(keys: np.ndarray, num_shards: int, seed: int) -> list[torch.Tensor]:
@@ -780,7 +791,7 @@ def train_ensemble(run: TrainingRun, bar) -> None:
         start = average_weights(ends)
     run.set_weights(start)
     if run.ema is not None:
-        run.ema.shadow = average_weights([s["ema"]["shadow"] for s in states])
+        run.ema.load_state_dict({**states[0]["ema"], "shadow": average_weights([s["ema"]["shadow"] for s in states])})
 
 
 RAW_FOLDER = "raw"  # with EMA: the raw (non-EMA) weights, a loadable model in OUTPUT/raw
